@@ -1,0 +1,144 @@
+"""Download the GPT-2-tokenized FineWeb-10B shards from the Hugging Face hub.
+
+    python data/cached_fineweb10B.py                       # val + the train shards a default run reads (37)
+    python data/cached_fineweb10B.py 8                     # val + the first 8 train shards
+    python data/cached_fineweb10B.py --num_iterations 2000 # val + the train shards that run reads
+    python data/cached_fineweb10B.py 8 --local_dir /scratch/fineweb10B --repo_id me/my-mirror
+
+Files come from the dataset repo kjj0/fineweb10B-gpt2: fineweb_val_000000.bin and
+fineweb_train_000001.bin ... fineweb_train_000103.bin, each a 1024-byte header plus up to 100M uint16
+tokens (~200 MB), and land in data/fineweb10B/ (or --local_dir). A file whose header agrees with its
+size is skipped; an incomplete one is downloaded again. Set HF_ENDPOINT to use a hub mirror.
+
+If the first argument is an integer it is N, the number of train shards (0..103). Otherwise N is
+what the trainer reads: ceil(num_iterations * batch_size * sequence_length / 1e8), computed from the
+trainer's own arguments (all remaining arguments go to train_gpt2.parse_args). If those arguments
+train and validate on other data (e.g. --preset smoke), nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # to import train_gpt2 from the repo root
+
+import train_gpt2  # noqa: E402
+from huggingface_hub import constants, hf_hub_download  # noqa: E402
+from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError  # noqa: E402
+
+REPO_ID = "kjj0/fineweb10B-gpt2"
+LOCAL_DIR = Path(__file__).resolve().parent / "fineweb10B"
+MAX_TRAIN_SHARDS = 103
+TOKENS_PER_SHARD = 100_000_000
+
+
+def pop_option(args: list[str], name: str, default: str) -> str:
+    """Remove `--name VALUE` or `--name=VALUE` from args and return VALUE (or default)."""
+    for i, arg in enumerate(args):
+        if arg == name:
+            if i + 1 == len(args):
+                sys.exit(f"error: {name} needs a value")
+            value = args[i + 1]
+            del args[i : i + 2]
+            return value
+        if arg.startswith(name + "="):
+            del args[i]
+            return arg[len(name) + 1 :]
+    return default
+
+
+def num_train_shards(hp: train_gpt2.Hyperparameters) -> int:
+    """Train shards of 100M tokens that a run with these hyperparameters reads."""
+    tokens = hp.num_iterations * hp.batch_size * hp.sequence_length
+    return min(math.ceil(tokens / TOKENS_PER_SHARD), MAX_TRAIN_SHARDS)
+
+
+def reads_from(pattern: str, local_dir: Path) -> bool:
+    """Whether a trainer glob pattern points into data/fineweb10B (or into local_dir)."""
+    folder = Path(pattern).parent
+    return folder.name == "fineweb10B" or folder.resolve() == local_dir.resolve()
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line on why hf_hub_download failed (its errors wrap each other in __cause__)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return "repository not found (wrong repo id, or a private/gated repo)"
+    if any(isinstance(e, RemoteEntryNotFoundError) for e in chain):
+        return "no such file in the repository"
+    root = chain[-1]
+    lines = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def check_shard(path: Path) -> tuple[int, str | None]:
+    """(token count, None) for a complete shard, else (0, the first line of what train_gpt2 finds wrong)."""
+    try:
+        return train_gpt2.shard_token_count(str(path)), None
+    except ValueError as e:
+        return 0, str(e).splitlines()[0].removeprefix(f"{path}: ")
+
+
+def fetch(filename: str, local_dir: Path, repo_id: str) -> None:
+    """Download one shard into local_dir unless a complete copy is already there."""
+    path = local_dir / filename
+    redownload = path.exists()
+    if redownload:
+        tokens, fault = check_shard(path)
+        if fault is None:
+            print(f"skipped    {filename} (complete, {tokens:,} tokens)")
+            return
+        print(f"incomplete {filename} ({fault}); downloading it again")
+    try:  # force: else huggingface_hub may trust its own metadata in local_dir and keep the bad file
+        hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=local_dir,
+                        force_download=redownload)
+    except Exception as e:  # HTTP errors, OSError, ValueError, httpx errors: all mean "this file failed"
+        sys.exit(f"error: could not download {filename} from dataset repo {repo_id} at {constants.ENDPOINT}: "
+                 f"{failure_reason(e)}")
+    tokens, fault = check_shard(path)
+    if fault is not None:
+        sys.exit(f"error: downloaded {filename} from dataset repo {repo_id} but it is not a valid shard: {fault}")
+    print(f"downloaded {filename} ({tokens:,} tokens)")
+
+
+def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "Trainer arguments: --field value for any field of train_gpt2.Hyperparameters.")
+        return
+    args = list(argv)
+    local_dir = Path(pop_option(args, "--local_dir", str(LOCAL_DIR)))
+    repo_id = pop_option(args, "--repo_id", REPO_ID)
+    n: int | None = None
+    if args and args[0].isdigit():
+        n = int(args.pop(0))
+        if n > MAX_TRAIN_SHARDS:
+            sys.exit(f"error: N={n} but {repo_id} has only {MAX_TRAIN_SHARDS} train shards")
+    try:
+        hp = train_gpt2.parse_args(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+    need_train, need_val = reads_from(hp.input_bin, local_dir), reads_from(hp.input_val_bin, local_dir)
+    if n is not None:  # an explicit N asks for val + N train shards, whatever the data arguments say
+        need_val = True
+    elif need_train or need_val:
+        n = num_train_shards(hp) if need_train else 0
+    else:
+        print(f"nothing to download: this run reads {hp.input_bin} and {hp.input_val_bin}, not fineweb10B")
+        return
+    files = (["fineweb_val_000000.bin"] if need_val else []) + [
+        f"fineweb_train_{i:06d}.bin" for i in range(1, n + 1)
+    ]
+    print(f"fineweb10B: {'val + ' if need_val else ''}{n} train shard(s) from {repo_id} into {local_dir}")
+    local_dir.mkdir(parents=True, exist_ok=True)
+    for filename in files:
+        fetch(filename, local_dir, repo_id)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

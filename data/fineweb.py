@@ -1,0 +1,195 @@
+"""
+Tokenize FineWeb (or local text files) into GPT-2 token shards.
+
+Shard format (same as upstream modded-nanogpt / llm.c):
+    256 x int32 header: [20240520 (magic), 1 (version), token count, 0, ...]
+    then the tokens, each a uint16.
+
+Every document is prefixed with <|endoftext|> (50256). Shards hold exactly
+--shard_size tokens (the last one holds the remainder); a document that does
+not fit fills the current shard and its remainder starts the next one.
+Shard 0 is the validation shard: {name}_val_000000.bin, then
+{name}_train_000001.bin, {name}_train_000002.bin, ...
+
+Usage:
+    # FineWeb from the Hugging Face hub (needs `pip install datasets`)
+    python data/fineweb.py --version 10B
+    # local UTF-8 text files, one document per file, in sorted path order
+    python data/fineweb.py --files "corpus/*.txt" --out_dir data/mydata --name mydata
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import multiprocessing as mp
+import os
+import time
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import tiktoken
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+
+_enc: tiktoken.Encoding | None = None  # created lazily, once per process
+
+
+def get_encoder() -> tiktoken.Encoding:
+    """The GPT-2 tokenizer, loaded on first use."""
+    global _enc
+    if _enc is None:
+        _enc = tiktoken.get_encoding("gpt2")
+    return _enc
+
+
+def write_datafile(filename: str, toks: Any) -> None:
+    """Write tokens to `filename`: a 256 x int32 header, then the tokens as uint16."""
+    toks = np.asarray(toks)
+    if toks.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {toks.shape}")
+    if len(toks) >= 2**31:
+        raise ValueError(f"token count too large: {len(toks):,}")
+    if toks.dtype != np.uint16:
+        if len(toks) and not np.issubdtype(toks.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {toks.dtype}")
+        if len(toks) and (toks.min() < 0 or toks.max() >= 2**16):
+            raise ValueError("token values must be in [0, 65536) to fit in uint16")
+        toks = toks.astype(np.uint16)
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[0] = MAGIC
+    header[1] = VERSION
+    header[2] = len(toks)
+    with open(filename, "wb") as f:
+        f.write(header.tobytes())
+        f.write(toks.tobytes())
+
+
+def tokenize(doc: str) -> np.ndarray:
+    """Tokenize one document: <|endoftext|> first, then its GPT-2 tokens, as uint16."""
+    enc = get_encoder()
+    tokens = np.array([enc.eot_token] + enc.encode_ordinary(doc), dtype=np.int64)
+    if not ((0 <= tokens).all() and (tokens < 2**16).all()):
+        raise ValueError("token dictionary too large for uint16")
+    return tokens.astype(np.uint16)
+
+
+def _tokenize_file(path: str) -> np.ndarray:
+    """Pool worker: one local file is one document, read as UTF-8 bytes (no newline translation)."""
+    with open(path, "rb") as f:
+        return tokenize(f.read().decode("utf-8"))
+
+
+def _tokenize_row(row: dict) -> np.ndarray:
+    """Pool worker: one FineWeb row is one document."""
+    return tokenize(row["text"])
+
+
+def shard_path(out_dir: str, name: str, index: int) -> str:
+    """Shard 0 is val, the rest are train."""
+    split = "val" if index == 0 else "train"
+    return os.path.join(out_dir, f"{name}_{split}_{index:06d}.bin")
+
+
+def write_shards(docs: Iterable[np.ndarray], out_dir: str, name: str, shard_size: int) -> list[str]:
+    """Pack tokenized documents into shards of `shard_size` tokens; returns the written paths."""
+    if shard_size <= 0:
+        raise ValueError("shard_size must be positive")
+    buf = np.empty((shard_size,), dtype=np.uint16)  # the shard being filled
+    fill, n_docs, n_tokens, paths = 0, 0, 0, []
+    t0 = time.time()
+
+    def flush(tokens: np.ndarray) -> None:
+        path = shard_path(out_dir, name, len(paths))
+        write_datafile(path, tokens)
+        paths.append(path)
+        dt = time.time() - t0
+        print(f"wrote {len(tokens):,} tokens to {path} | {n_docs:,} docs, "
+              f"{n_tokens:,} tokens so far | {n_tokens / max(dt, 1e-9):,.0f} tok/s", flush=True)
+
+    for tokens in docs:
+        n_docs += 1
+        n_tokens += len(tokens)
+        pos = 0
+        # fill the current shard; whatever does not fit spills into the next one(s)
+        while pos < len(tokens):
+            take = min(shard_size - fill, len(tokens) - pos)
+            buf[fill:fill + take] = tokens[pos:pos + take]
+            fill += take
+            pos += take
+            if fill == shard_size:
+                flush(buf)
+                fill = 0
+    if fill > 0:  # last, partial shard
+        flush(buf[:fill])
+    return paths
+
+
+def expand_files(patterns: list[str]) -> list[str]:
+    """Expand glob patterns (or plain paths) into a sorted, de-duplicated list of files."""
+    paths = set()
+    for pattern in patterns:
+        matches = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+        if not matches:
+            raise SystemExit(f"no files match {pattern!r}")
+        paths.update(matches)
+    return sorted(paths)
+
+
+def load_fineweb(version: str) -> Any:
+    """The FineWeb sample-10BT / sample-100BT train split, via the `datasets` library."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise SystemExit("FineWeb mode needs the `datasets` library: pip install datasets")
+    remote_name = {"10B": "sample-10BT", "100B": "sample-100BT"}[version]
+    return load_dataset("HuggingFaceFW/fineweb", name=remote_name, split="train")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Tokenize FineWeb or local text files into GPT-2 token shards")
+    parser.add_argument("-v", "--version", type=str, default="10B", choices=["10B", "100B"],
+                        help="which FineWeb sample to use (ignored with --files)")
+    parser.add_argument("--files", type=str, nargs="+", default=None,
+                        help="glob(s) of local UTF-8 text files, one document per file, used instead of FineWeb")
+    parser.add_argument("--out_dir", type=str, default=None,
+                        help="output directory (default for FineWeb: data/fineweb{version} next to this script)")
+    parser.add_argument("--name", type=str, default="fineweb", help="shard file name prefix")
+    parser.add_argument("-s", "--shard_size", type=int, default=10**8, help="tokens per shard")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 2),
+                        help="tokenizer processes")
+    args = parser.parse_args(argv)
+    if args.shard_size <= 0:
+        parser.error("--shard_size must be positive")
+    if args.workers <= 0:
+        parser.error("--workers must be positive")
+
+    worker: Any
+    docs: Iterable[Any]
+    if args.files:
+        if args.out_dir is None:
+            parser.error("--out_dir is required with --files")
+        docs = expand_files(args.files)
+        worker = _tokenize_file
+        out_dir = args.out_dir
+        print(f"tokenizing {len(docs):,} files", flush=True)
+    else:
+        out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), f"fineweb{args.version}")
+        docs = load_fineweb(args.version)
+        worker = _tokenize_row
+    os.makedirs(out_dir, exist_ok=True)
+    stale = glob.glob(os.path.join(out_dir, f"{args.name}_*.bin"))
+    if stale:
+        print(f"warning: {len(stale)} existing {args.name}_*.bin shard(s) in {out_dir} may be overwritten", flush=True)
+
+    t0 = time.time()
+    with mp.Pool(args.workers) as pool:
+        tokenized: Iterator[np.ndarray] = pool.imap(worker, docs, chunksize=16)
+        paths = write_shards(tokenized, out_dir, args.name, args.shard_size)
+    print(f"done: {len(paths)} shard(s) in {out_dir} in {time.time() - t0:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Tests for data/cached_fineweb10B.py against a local fake hub (tests/hf_server.py): no network, a few seconds.
+
+The downloader runs as a subprocess with HF_ENDPOINT pointing at the fake hub, so huggingface_hub's real
+hf_hub_download (HEAD + GET on /datasets/{repo}/resolve/main/{file}) does the transfers.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+from data.fineweb import write_datafile  # noqa: E402
+from hf_server import COMMIT, HubServer  # noqa: E402
+
+SCRIPT = REPO / "data" / "cached_fineweb10B.py"
+REPO_ID = "kjj0/fineweb10B-gpt2"
+VAL = "fineweb_val_000000.bin"
+
+
+def train(i: int) -> str:
+    return f"fineweb_train_{i:06d}.bin"
+
+
+def make_shard(tmp_path: Path, name: str, ntok: int, seed: int) -> bytes:
+    path = tmp_path / "shards" / name
+    path.parent.mkdir(exist_ok=True)
+    write_datafile(str(path), np.random.default_rng(seed).integers(0, 50257, ntok))
+    return path.read_bytes()
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> dict[str, bytes]:
+    """The fake repo: a val shard and 4 train shards of a few hundred tokens, all different."""
+    files = {VAL: make_shard(tmp_path, VAL, 300, 0)}
+    for i in range(1, 5):
+        files[train(i)] = make_shard(tmp_path, train(i), 200 + 50 * i, i)
+    return files
+
+
+def run(hub: HubServer, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # no HF_HUB_OFFLINE, tokens, ...
+    base.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1",
+                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    cmd = [sys.executable, str(SCRIPT), *args, "--local_dir", str(tmp_path / "fw")]
+    return subprocess.run(cmd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def lines(out: str, word: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith(word)]
+
+
+def assert_one_error(result: subprocess.CompletedProcess, *names: str) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = lines(result.stderr, "error:")
+    assert len(errors) == 1, result.stderr
+    for name in names:
+        assert name in errors[0], errors[0]
+    return errors[0]
+
+
+def test_downloads_val_and_first_n_train_shards_then_skips(tmp_path, shards):
+    with HubServer(files={REPO_ID: shards}) as hub:
+        first = run(hub, tmp_path, "2")
+        assert first.returncode == 0, first.stderr
+        fetched = sorted(p.name for p in (tmp_path / "fw").glob("*.bin"))
+        assert fetched == [train(1), train(2), VAL]
+        for name in fetched:
+            assert (tmp_path / "fw" / name).read_bytes() == shards[name]
+        assert len(lines(first.stdout, "downloaded")) == 3
+        assert sorted(r.path.rsplit("/", 1)[-1] for r in hub.gets()) == fetched
+
+        hub.clear()
+        second = run(hub, tmp_path, "2")
+        assert second.returncode == 0, second.stderr
+        assert len(lines(second.stdout, "skipped")) == 3 and not lines(second.stdout, "downloaded")
+        assert hub.requests == []  # complete files are not even checked against the hub
+
+
+def test_incomplete_local_files_are_downloaded_again(tmp_path, shards):
+    with HubServer(files={REPO_ID: shards}) as hub:
+        assert run(hub, tmp_path, "2").returncode == 0
+        fw = tmp_path / "fw"  # damaged right after the download, while huggingface_hub's metadata still vouches for them
+        (fw / VAL).write_bytes(shards[VAL] + b"\0\0")  # longer than its header says
+        (fw / train(1)).write_bytes(shards[train(1)][:-100])  # an interrupted copy: shorter than its header says
+        hub.clear()
+        result = run(hub, tmp_path, "2")
+        assert result.returncode == 0, result.stderr
+        assert [line.split()[1] for line in lines(result.stdout, "incomplete")] == [VAL, train(1)]
+        assert [line.split()[1] for line in lines(result.stdout, "downloaded")] == [VAL, train(1)]
+        assert [line.split()[1] for line in lines(result.stdout, "skipped")] == [train(2)]
+        assert [r.path.rsplit("/", 1)[-1] for r in hub.gets()] == [VAL, train(1)]
+    for name in (VAL, train(1), train(2)):
+        assert (fw / name).read_bytes() == shards[name]
+
+
+def test_wrong_repo_id_fails_with_one_message(tmp_path, shards):
+    with HubServer(files={REPO_ID: shards}) as hub:
+        result = run(hub, tmp_path, "1", "--repo_id", "nobody/no-such-repo")
+    error = assert_one_error(result, VAL, "nobody/no-such-repo")
+    assert "repository not found" in error
+
+
+def test_missing_file_fails_with_one_message(tmp_path, shards):
+    del shards[train(2)]
+    with HubServer(files={REPO_ID: shards}) as hub:
+        result = run(hub, tmp_path, "3")
+    error = assert_one_error(result, train(2), REPO_ID)
+    assert "no such file" in error
+    assert [line.split()[1] for line in lines(result.stdout, "downloaded")] == [VAL, train(1)]
+    assert not (tmp_path / "fw" / train(3)).exists()  # stops at the first failure
+
+
+def test_offline_fails_with_one_message(tmp_path, shards):
+    with HubServer(files={REPO_ID: shards}) as hub:
+        result = run(hub, tmp_path, "1", env={"HF_HUB_OFFLINE": "1"})
+        assert hub.requests == []
+    assert_one_error(result, VAL, REPO_ID)
+
+
+def test_number_of_shards_defaults_from_trainer_args(tmp_path, shards):
+    # 400 steps * 512 sequences * 1024 tokens = 209.7M tokens -> ceil(2.097) = 3 train shards of 100M
+    with HubServer(files={REPO_ID: shards}) as hub:
+        result = run(hub, tmp_path, "--num_iterations", "400", "--batch_size", "512", "--sequence_length", "1024")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "fw").glob("*.bin")) == [train(1), train(2), train(3), VAL]
+
+
+def test_default_shard_count_matches_trainer_defaults():
+    spec = importlib.util.spec_from_file_location("cached_fineweb10B", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parse_args = module.train_gpt2.parse_args
+    assert module.num_train_shards(parse_args([])) == 37  # 7000 * 512 * 1024 tokens
+    assert module.num_train_shards(parse_args(["--num_iterations", "100000"])) == 103  # all there is
+    assert module.num_train_shards(parse_args(["--num_iterations", "40", "--batch_size", "8"])) == 1
+
+
+def test_run_on_other_data_downloads_nothing(tmp_path, shards):
+    with HubServer(files={REPO_ID: shards}) as hub:
+        result = run(hub, tmp_path, "--preset", "smoke")
+        assert hub.requests == []
+    assert result.returncode == 0, result.stderr
+    assert "nothing to download" in result.stdout
+    assert not (tmp_path / "fw").exists()
+
+
+def test_bad_file_on_the_hub_fails_after_download(tmp_path, shards):
+    with HubServer(files={REPO_ID: shards}, truncate={train(1): 1500}) as hub:
+        result = run(hub, tmp_path, "1")
+    assert_one_error(result, train(1), REPO_ID, "not a valid shard")
+
+
+def test_interrupted_download_via_cdn_redirect_is_retried(tmp_path, shards):
+    # the hub's LFS path: /resolve answers 302 to another host, the connection drops after 500 bytes once
+    with HubServer(files={REPO_ID: shards}, redirect=True, cut_after={VAL: 500}) as hub:
+        result = run(hub, tmp_path, "0")
+        assert result.returncode == 0, result.stderr
+        assert [r.path for r in hub.gets()] == [f"/cdn/{REPO_ID}/{VAL}"] * 2
+    assert (tmp_path / "fw" / VAL).read_bytes() == shards[VAL]
+    assert not list((tmp_path / "fw").glob("fineweb_train_*"))
+
+
+def test_fake_hub_speaks_the_resolve_protocol(tmp_path):
+    urlopen = urllib.request.build_opener(urllib.request.ProxyHandler({})).open  # never via a proxy
+    data = bytes(range(256)) * 4
+    with HubServer(files={REPO_ID: {"a.bin": data}}) as hub:
+        url = f"{hub.url}/datasets/{REPO_ID}/resolve/main/a.bin"
+        with urlopen(urllib.request.Request(url, method="HEAD")) as r:
+            assert r.headers["X-Repo-Commit"] == COMMIT and r.headers["ETag"].startswith('"')
+            assert int(r.headers["Content-Length"]) == len(data) and r.read() == b""
+        with urlopen(urllib.request.Request(url, headers={"Range": "bytes=1000-"})) as r:
+            assert r.status == 206 and r.headers["Content-Range"] == f"bytes 1000-1023/{len(data)}"
+            assert r.read() == data[1000:]
+        for path, code in [(f"/datasets/{REPO_ID}/resolve/main/b.bin", "EntryNotFound"),
+                           ("/datasets/x/y/resolve/main/a.bin", "RepoNotFound"),
+                           (f"/datasets/{REPO_ID}/resolve/v9/a.bin", "RevisionNotFound")]:
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urlopen(hub.url + path)
+            assert e.value.code == 404 and e.value.headers["X-Error-Code"] == code
+        hub.not_found = True
+        with pytest.raises(urllib.error.HTTPError):
+            urlopen(url)
+        assert [(r.method, r.range) for r in hub.requests][:2] == [("HEAD", None), ("GET", "bytes=1000-")]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.bin").write_bytes(data)
+    with HubServer(files={REPO_ID: tmp_path}) as hub:  # a directory works as well as a dict
+        with urlopen(f"{hub.url}/datasets/{REPO_ID}/resolve/{COMMIT}/sub/c.bin") as r:
+            assert r.read() == data
+        with pytest.raises(urllib.error.HTTPError):
+            urlopen(f"{hub.url}/datasets/{REPO_ID}/resolve/main/sub/../../x")
