@@ -208,18 +208,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _share(self) -> None:
         """All processes receive every owner's updated parameters: one all_gather of padded flat buffers."""
         mine = [[p for p in self._params() if self.owner[p] == r] for r in range(self.world)]
-        size = max(sum(p.numel() for p in ps) for ps in mine)
+        sizes = [[p.numel() for p in ps] for ps in mine]
+        size = max(sum(s) for s in sizes)
         p0 = self._params()[0]
         if self._gather_buf is None:
-            self._gather_buf = torch.empty(self.world, size, dtype=p0.dtype, device=p0.device)
+            self._gather_buf = torch.empty(self.world * size, dtype=p0.dtype, device=p0.device)
         flat = torch.zeros(size, dtype=p0.dtype, device=p0.device)
         if mine[self.rank]:
-            cat = torch.cat([p.reshape(-1) for p in mine[self.rank]])
-            flat[: cat.numel()] = cat
-        dist.all_gather_into_tensor(self._gather_buf, flat)
+            torch.cat([p.reshape(-1) for p in mine[self.rank]], out=flat[: sum(sizes[self.rank])])
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newer name first
+        all_gather(self._gather_buf, flat)
         for r, ps in enumerate(mine):
             if r != self.rank and ps:
-                chunks = torch.split(self._gather_buf[r], [p.numel() for p in ps] + [size - sum(p.numel() for p in ps)])
+                chunks = self._gather_buf[r * size: r * size + sum(sizes[r])].split(sizes[r])
                 torch._foreach_copy_(ps, [c.view_as(p) for c, p in zip(chunks, ps)])
 
 

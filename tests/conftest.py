@@ -1,0 +1,42 @@
+"""Shared fixtures: the repo on sys.path, tiny shards made by the tests themselves, a tiny model config."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from data.fineweb import write_datafile  # noqa: E402
+
+# a 2-layer, 64-wide GPT on 32-token sequences; 4 sequences a step, 2 per micro-batch on one process
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--sequence_length", "32", "--batch_size", "4",
+        "--device_batch_size", "2", "--num_iterations", "5", "--warmup_iters", "2", "--warmdown_iters", "2",
+        "--val_loss_every", "0", "--val_tokens", "256", "--compile", "0"]
+
+
+def make_shards(folder: Path, train_sizes=(3000, 2500), val_sizes=(1000,), seed: int = 0) -> tuple[str, str]:
+    """Random-token shards `t_train_00000i.bin` and `t_val_00000i.bin`; returns the two glob patterns."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(val_sizes):
+        write_datafile(str(folder / f"t_val_{i:06d}.bin"), rng.integers(0, 50257, n))
+    for i, n in enumerate(train_sizes):
+        write_datafile(str(folder / f"t_train_{i + 1:06d}.bin"), rng.integers(0, 50257, n))
+    return str(folder / "t_train_*.bin"), str(folder / "t_val_*.bin")
+
+
+@pytest.fixture
+def tiny_args(tmp_path: Path) -> list[str]:
+    """Command-line settings for a tiny run on fresh shards, writing records into tmp_path/records."""
+    train, val = make_shards(tmp_path / "shards")
+    return TINY + ["--input_bin", train, "--input_val_bin", val, "--records_dir", str(tmp_path / "records")]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    return env

@@ -1,0 +1,79 @@
+"""Model, schedule and settings: shapes, loss at init, the LR multiplier, command-line parsing."""
+import math
+
+import pytest
+import torch
+
+import train_gpt2 as t
+
+
+def test_shapes_and_parameter_count():
+    args = t.parse_args([])
+    model = t.GPT(args)
+    assert sum(p.numel() for p in model.parameters()) == 123_532_032  # GPT-2 small without position embedding
+    assert model.transformer.wte.weight is model.lm_head.weight
+    blk = model.transformer.h[0]
+    assert [p.shape for p in blk.parameters()] == [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
+    assert all(not isinstance(m, torch.nn.Linear) or m.bias is None for m in model.modules())
+    x = torch.randint(0, args.vocab_size, (2, 16))
+    h = model.transformer.wte(x)
+    assert blk(h).shape == (2, 16, 768)
+
+
+def test_loss_at_init():
+    """Logits of the tied Linear init have variance |x|^2 / (3 d) = 1/3 after the RMSNorm, so the expected loss at
+    init is ln(V) + 1/6 (the log-normal term of logsumexp), not ln(V) itself."""
+    args = t.parse_args([])
+    losses = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = t.GPT(args)
+        x, y = torch.randint(0, args.vocab_size, (2, 2, 256))
+        with torch.no_grad():
+            losses.append(model(x, y).item())
+    for loss in losses:
+        assert abs(loss - (math.log(args.vocab_size) + 1 / 6)) < 0.1, losses
+
+
+def test_rotary_and_norm():
+    x = torch.randn(2, 5, 3, 8)
+    cos, sin = t.Rotary(8)(5)
+    y = t.apply_rotary(x, cos, sin)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # a rotation
+    inv_freq = 1 / 10000 ** (torch.arange(0, 8, 2).double() / 8)
+    ang = torch.arange(5).double()[:, None] * inv_freq
+    x1, x2 = x[..., :4].double(), x[..., 4:].double()
+    c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    ref = torch.cat([x1 * c + x2 * s, -x1 * s + x2 * c], -1)
+    assert torch.allclose(y.double(), ref, atol=1e-5)
+    z = torch.randn(4, 16) * 3
+    assert torch.allclose(t.rms_norm(z), z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6), atol=1e-6)
+
+
+@pytest.mark.parametrize("it,expected", [(0, 1 / 250), (249, 1.0), (250, 1.0), (5000, 1.0), (6999, 1 / 2000)])
+def test_lr_schedule(it, expected):
+    assert t.lr_multiplier(it, t.parse_args([])) == pytest.approx(expected)
+
+
+def test_parse_args_presets_and_errors():
+    a = t.parse_args(["--num_iterations", "10", "--compile=0", "--embed_betas", "0.8,0.9"])
+    assert (a.num_iterations, a.compile, a.embed_betas, a.muon_lr) == (10, False, (0.8, 0.9), 0.018)
+    s = t.parse_args(["--device_batch_size", "2", "--preset", "smoke"])  # explicit settings win over the preset
+    assert (s.preset, s.n_layer, s.device_batch_size) == ("smoke", 2, 2)
+    with pytest.raises(SystemExit, match="did you mean --num_iterations"):
+        t.parse_args(["--num_iteration", "3"])
+    with pytest.raises(SystemExit, match="unknown preset"):
+        t.parse_args(["--preset", "fast"])
+    with pytest.raises(SystemExit, match="cannot read"):
+        t.parse_args(["--seed", "x"])
+    with pytest.raises(SystemExit, match="needs a value"):
+        t.parse_args(["--seed"])
+
+
+def test_batch_must_divide():
+    args = t.parse_args([])
+    assert t.validate_args(args, 1) == 8 and t.validate_args(args, 8) == 1
+    with pytest.raises(SystemExit, match="does not divide"):
+        t.validate_args(t.parse_args(["--device_batch_size", "48"]), 1)
+    with pytest.raises(SystemExit, match="--val_tokens"):
+        t.validate_args(t.parse_args(["--val_tokens", "1000"]), 1)

@@ -1,0 +1,41 @@
+"""Records: a smoke run on the shipped sample writes a new record whose lines parse back to the logged numbers."""
+import json
+import re
+import subprocess
+import sys
+
+import train_gpt2 as t
+from conftest import REPO, subprocess_env
+
+LINE = re.compile(r"^step:(\d+)/(\d+) (val_loss|train_loss):([\d.]+) train_time:(\d+)ms step_avg:([\d.]+|nan)ms",
+                  re.M)
+
+
+def test_smoke_run_writes_a_record(tmp_path):
+    cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--preset", "smoke", "--num_iterations", "12",
+           "--val_loss_every", "6", "--records_dir", str(tmp_path), "--label", "unit"]
+    short = cmd[:2] + ["--preset", "smoke", "--num_iterations", "1", "--val_tokens", "1024", "--records_dir",
+                       str(tmp_path)]
+    runs = [subprocess.run(c, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=300)
+            for c in (cmd, short)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-3000:]
+    records = sorted(tmp_path.glob("*.txt"))
+    assert len(records) == 2  # never overwritten
+    out, text = runs[0].stdout, next(p for p in records if p.name in runs[0].stdout).read_text()
+    assert text.startswith(t.RECORD_MARK + "\n") and open(REPO / "train_gpt2.py").read() in text
+    hyper = json.loads(re.search(r"^hyperparameters: (.*)$", text, re.M).group(1))
+    assert hyper == {**hyper, "preset": "smoke", "num_iterations": 12, "label": "unit", "n_layer": 2}
+    assert t.Hyperparameters(**{k: tuple(v) if isinstance(v, list) else v for k, v in hyper.items()}) == \
+        t.parse_args(cmd[2:])
+    assert re.search(r"^torch: \S+ cuda: \S+ python: 3\.", text, re.M)
+    assert "devices: [\"cpu\"]\nworld_size: 1\n" in text
+    logged, printed = LINE.findall(text), LINE.findall(out)
+    assert logged == printed
+    vals = [(int(s), float(v)) for s, _, kind, v, *_ in logged if kind == "val_loss"]
+    assert [s for s, _ in vals] == [0, 6, 12]
+    trains = [(int(s), float(v)) for s, _, kind, v, *_ in logged if kind == "train_loss"]
+    assert [s for s, _ in trains] == list(range(1, 13))
+    assert vals[-1][1] < vals[0][1] - 0.5  # it learns
+    assert [a for *_, a in logged][:3] == ["nan", "nan", "nan"]  # the first 10 steps are not timed
+    assert float(logged[-1][5]) > 0
+    assert text.rstrip().endswith("MiB") and "peak memory consumption:" in text.splitlines()[-1]
