@@ -488,6 +488,24 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+class Timer:
+    """Milliseconds of one region of a step: CUDA events on the GPU (no sync until read), the host clock on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        if cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        self.begin.record() if self.cuda else setattr(self, "t", time.perf_counter())
+
+    def stop(self) -> None:
+        self.end.record() if self.cuda else setattr(self, "elapsed", 1000 * (time.perf_counter() - self.t))
+
+    def ms(self) -> float:
+        return self.begin.elapsed_time(self.end) if self.cuda else self.elapsed
+
+
 def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     """Train, validate, write a record; returns the record's path on process 0 ('' elsewhere) and the model."""
     rank, world, device = setup_distributed()
@@ -523,6 +541,8 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     def sync():
         if cuda:
             torch.cuda.synchronize()
+
+    opt_timer = Timer(cuda)
 
     training_ms, t0 = 0.0, time.perf_counter()
     for step in range(args.num_iterations + 1):
@@ -562,16 +582,20 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
                 (loss / accum).backward()
             train_loss += loss.detach() / accum
         mult = lr_multiplier(step, args)
+        opt_timer.start()
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * mult
             opt.step()
+        opt_timer.stop()
         model.zero_grad(set_to_none=True)
         if world > 1:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        train_loss = train_loss.item()  # waits for the step: the timings below are complete
         now_ms = training_ms + 1000 * (time.perf_counter() - t0)
-        log(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss.item():.4f} train_time:{now_ms:.0f}ms "
-            f"step_avg:{now_ms / (step + 1 - 10) if step + 1 > 10 else float('nan'):.2f}ms")
+        log(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms "
+            f"step_avg:{now_ms / (step + 1 - 10) if step + 1 > 10 else float('nan'):.2f}ms "
+            f"opt_ms:{opt_timer.ms():.2f}")
 
     if master:
         record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else 0)
