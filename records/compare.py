@@ -1,0 +1,540 @@
+"""Compare training runs: this project's records and upstream modded-nanogpt logs, grouped, with tests of the means.
+
+    python records/compare.py                                   # every *.txt under records/ (recursively)
+    python records/compare.py records/ upstream/**/*.txt --by label --target 3.28 --plot cmp.png --since 2025-01-01
+
+Reads three formats (see `parse_record`):
+  ours          this project's records (train_gpt2.Record): RECORD_MARK, the source, RECORD_MARK,
+                `hyperparameters: {json}`, versions, devices, `world_size ..., N tokens/step`, then
+                `step:s/N val_loss:... train_time:...ms step_avg:...ms` lines, `step:s/N train_loss:...
+                train_time:...ms step_avg:...ms [opt_ms:...]` lines and `peak memory consumption: M MiB`.
+  upstream      modded-nanogpt logs since Oct 2024: any header (source, `====`, nvidia-smi), then the same `step:` lines
+                (train lines usually without train_loss; extra words such as `final_eval` are ignored) and maybe
+                `peak memory consumption: M MiB` or `peak memory allocated: M MiB reserved: R MiB`.
+  upstream_old  llm.c-style logs: `s:<step> tel:<val loss>` and `s:<step> trl:<train loss> [lr:... norm:...]`.
+
+Groups complete runs by optimizer, label or config (a hash of the hyperparameters without seed/label/records_dir) and
+prints one table with a one-sided t-test of "mean final val loss < target" per group and, with exactly two groups,
+Welch's t-test between them with a 95% interval for the difference of the means. Runs that crashed or are still
+going (ours: no peak-memory line or last step < N; upstream: no val loss at step N) are listed under the table with
+the last step reached; files that are not records are named and skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+RECORD_MARK = "=" * 40 + " train_gpt2.py record " + "=" * 40  # train_gpt2.RECORD_MARK; the tests check they agree
+CONFIG_EXCLUDE = ("seed", "label", "records_dir")  # settings that do not make a different configuration
+GROUPINGS = ("optimizer", "label", "config")
+NO_LABEL = "(no label)"
+WARMUP_STEPS = 10  # the trainers do not time the first 10 steps; opt_ms is averaged over the steps after them
+
+_STEP = re.compile(r"^step:(\d+)/(\d+)\s+(.*)$")
+_FIELD = re.compile(r"(\w+):(\S+)")
+_OLD = re.compile(r"^s:(\d+)\s+(tel|trl):(\S+)")
+_PEAK = re.compile(r"^peak memory (?:consumption|allocated):\s*(\d+)\s*MiB")
+_TOKENS = re.compile(r"^world_size \d+, device_batch \d+ x \d+, accumulation \d+, (\d+) tokens/step")
+_OUR_NAME = re.compile(r"^(\d{8}-\d{6})-")
+_SEPARATOR = re.compile(r"^={20,}\s*$")
+
+
+@dataclass
+class Run:
+    """One training run. val: (step, loss, train_time_ms or None); train: (step, loss or None, train_time_ms or None,
+    opt_ms or None). num_iterations: N of `step:s/N` (upstream_old: the last val step). final_val_loss: the val loss
+    at step N for a complete run, the last one seen for an incomplete run."""
+    path: str
+    format: str  # 'ours' | 'upstream' | 'upstream_old'
+    optimizer: str
+    label: str
+    config: str
+    hyperparameters: dict
+    val: list[tuple[int, float, float | None]]
+    train: list[tuple[int, float | None, float | None, float | None]]
+    num_iterations: int | None
+    final_val_loss: float | None
+    step_avg: float | None
+    peak_mib: int | None
+    complete: bool
+    timestamp: dt.datetime | None = None  # ours: from the file name; upstream: from the folder name; else mtime
+    meta: dict = field(default_factory=dict)  # ours: torch, devices, world_size, tokens_per_step when written
+
+    @property
+    def last_step(self) -> int:
+        steps = [v[0] for v in self.val] + [t[0] for t in self.train]
+        return max(steps, default=0)
+
+    @property
+    def train_time_ms(self) -> float | None:
+        """Training time at the last logged step (for a complete run: at the final validation)."""
+        timed = [(s, t) for s, _, t in self.val if t is not None]
+        timed += [(s, t) for s, _, t, _ in self.train if t is not None]
+        return max(timed)[1] if timed else None
+
+    @property
+    def tokens(self) -> int | None:
+        """num_iterations * batch_size * sequence_length when the record says them (ours), else None."""
+        hp = self.hyperparameters
+        if self.num_iterations is None:
+            return None
+        if "batch_size" in hp and "sequence_length" in hp:
+            return self.num_iterations * int(hp["batch_size"]) * int(hp["sequence_length"])
+        if "tokens_per_step" in self.meta:
+            return self.num_iterations * int(self.meta["tokens_per_step"])
+        return None
+
+    @property
+    def opt_ms(self) -> float | None:
+        """Mean optimizer milliseconds per step over the steps after the first WARMUP_STEPS (all, if none after)."""
+        pairs = [(s, o) for s, _, _, o in self.train if o is not None]
+        if not pairs:
+            return None
+        late = [o for s, o in pairs if s > WARMUP_STEPS] or [o for _, o in pairs]
+        return float(np.mean(late))
+
+    def key(self, by: str) -> str:
+        if by not in GROUPINGS:
+            raise ValueError(f"by must be one of {GROUPINGS}, not {by!r}")
+        return {"optimizer": self.optimizer, "label": self.label or NO_LABEL, "config": self.config}[by]
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def config_hash(hyperparameters: dict) -> str:
+    """8 hex digits of sha256 over the sorted JSON of the hyperparameters without CONFIG_EXCLUDE."""
+    kept = {k: v for k, v in hyperparameters.items() if k not in CONFIG_EXCLUDE}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _number(text: str) -> float | None:
+    text = text.removesuffix("ms")
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _step_lines(lines: list[str]):
+    """(step, N, fields) for every `step:s/N key:value ...` line."""
+    for line in lines:
+        m = _STEP.match(line)
+        if m:
+            yield int(m[1]), int(m[2]), dict(_FIELD.findall(m[3]))
+
+
+def _timestamp(path: Path, fmt: str) -> dt.datetime:
+    m = _OUR_NAME.match(path.name)
+    if m:
+        return dt.datetime.strptime(m[1], "%Y%m%d-%H%M%S")
+    if fmt != "ours":  # upstream folders: records/2024-10-13_llmc/, records/011625_Sub3Min/ (MMDDYY)
+        folder = path.parent.name
+        for pattern, form in ((r"^(\d{4}-\d{2}-\d{2})(?:_|$)", "%Y-%m-%d"), (r"^(\d{6})(?:_|$)", "%m%d%y")):
+            m = re.match(pattern, folder)
+            if m:
+                try:
+                    return dt.datetime.strptime(m[1], form)
+                except ValueError:
+                    pass
+    return dt.datetime.fromtimestamp(path.stat().st_mtime)
+
+
+def _upstream_optimizer(header: str) -> str:
+    if re.search(r"\bMuon\(", header):
+        return "upstream-muon"
+    if re.search(r"\bAdamW?\(", header):
+        return "upstream-adam"
+    return "upstream"
+
+
+def parse_record(path: str | os.PathLike) -> Run | None:
+    """Read one file; a Run for a record in one of the three formats, None for anything else."""
+    path = Path(path)
+    try:
+        text = path.read_text(errors="replace")
+    except (OSError, UnicodeError):
+        return None
+    lines = text.splitlines()
+    if lines and lines[0].rstrip() == RECORD_MARK:
+        return _parse_ours(path, lines)
+    if any(_STEP.match(line) for line in lines):
+        return _parse_upstream(path, lines)
+    if any(_OLD.match(line) for line in lines):
+        return _parse_upstream_old(path, lines)
+    return None
+
+
+def _parse_steps(lines: list[str], opt_ms: bool):
+    """val, train, the N of the last step line, the step_avg of the last line that has a number there."""
+    val, train, n_seen, step_avg = [], [], None, None
+    for step, n, f in _step_lines(lines):
+        n_seen = n
+        avg = _number(f["step_avg"]) if "step_avg" in f else None
+        if avg is not None and not math.isnan(avg):  # the first steps are untimed: step_avg:nanms
+            step_avg = avg
+        time_ms = _number(f["train_time"]) if "train_time" in f else None
+        if "val_loss" in f:
+            loss = _number(f["val_loss"])
+            if loss is not None:
+                val.append((step, loss, time_ms))
+        elif "train_time" in f or "train_loss" in f:
+            loss = _number(f["train_loss"]) if "train_loss" in f else None
+            o = _number(f["opt_ms"]) if opt_ms and "opt_ms" in f else None
+            train.append((step, loss, time_ms, o))
+    return val, train, n_seen, step_avg
+
+
+def _peak(lines: list[str]) -> int | None:
+    for line in reversed(lines):
+        m = _PEAK.match(line)
+        if m:
+            return int(m[1])
+    return None
+
+
+def _final(val, n) -> tuple[float | None, bool]:
+    """(final val loss, whether there is a val loss at step n)."""
+    at_n = [loss for s, loss, _ in val if n is not None and s == n]
+    if at_n:
+        return at_n[-1], True
+    return (val[-1][1] if val else None), False
+
+
+def _parse_ours(path: Path, lines: list[str]) -> Run:
+    marks = [i for i, line in enumerate(lines) if line.rstrip() == RECORD_MARK]
+    body = lines[marks[-1] + 1:] if len(marks) > 1 else []  # one mark only: cut off while the source was written
+    hp, meta = {}, {}
+    for line in body:
+        if line.startswith("hyperparameters: ") and not hp:
+            try:
+                hp = json.loads(line[len("hyperparameters: "):])
+            except json.JSONDecodeError:
+                hp = {}
+        elif line.startswith("torch: "):
+            meta["versions"] = line
+        elif line.startswith("devices: "):
+            try:
+                meta["devices"] = json.loads(line[len("devices: "):])
+            except json.JSONDecodeError:
+                pass
+        elif line.startswith("world_size: "):
+            meta["world_size"] = int(line.split()[1])
+        elif m := _TOKENS.match(line):
+            meta["tokens_per_step"] = int(m[1])
+    val, train, n_seen, step_avg = _parse_steps(body, opt_ms=True)
+    n = int(hp["num_iterations"]) if "num_iterations" in hp else n_seen
+    peak = _peak(body)
+    final, at_n = _final(val, n)
+    return Run(path=str(path), format="ours", optimizer=str(hp.get("optimizer", "unknown")),
+               label=str(hp.get("label", "")), config=config_hash(hp) if hp else "unknown", hyperparameters=hp,
+               val=val, train=train, num_iterations=n, final_val_loss=final, step_avg=step_avg, peak_mib=peak,
+               complete=peak is not None and at_n, timestamp=_timestamp(path, "ours"), meta=meta)
+
+
+def _parse_upstream(path: Path, lines: list[str]) -> Run:
+    first = next(i for i, line in enumerate(lines) if _STEP.match(line))
+    seps = [i for i in range(first) if _SEPARATOR.match(lines[i])]
+    header = "\n".join(lines[:seps[0]]) if seps else ""  # the source printed before the first `====` line
+    val, train, n, step_avg = _parse_steps(lines, opt_ms=False)
+    final, at_n = _final(val, n)
+    config = "upstream-" + hashlib.sha256(header.encode()).hexdigest()[:8] if header.strip() else "upstream"
+    return Run(path=str(path), format="upstream", optimizer=_upstream_optimizer(header), label=path.parent.name,
+               config=config, hyperparameters={}, val=val, train=train, num_iterations=n, final_val_loss=final,
+               step_avg=step_avg, peak_mib=_peak(lines), complete=at_n, timestamp=_timestamp(path, "upstream"))
+
+
+def _parse_upstream_old(path: Path, lines: list[str]) -> Run:
+    val, train = [], []
+    for line in lines:
+        m = _OLD.match(line)
+        if m and (x := _number(m[3])) is not None:
+            if m[2] == "tel":
+                val.append((int(m[1]), x, None))
+            else:
+                train.append((int(m[1]), x, None, None))
+    n = val[-1][0] if val else None  # these logs never say N: the last validation is taken as the end
+    return Run(path=str(path), format="upstream_old", optimizer="upstream", label=path.parent.name,
+               config="upstream_old", hyperparameters={}, val=val, train=train, num_iterations=n,
+               final_val_loss=val[-1][1] if val else None, step_avg=None, peak_mib=None, complete=bool(val),
+               timestamp=_timestamp(path, "upstream_old"))
+
+
+# ----------------------------------------------------------------------------- grouping and statistics
+
+
+def group_runs(runs: list[Run], by: str = "optimizer") -> dict[str, list[Run]]:
+    """Runs (complete and not) by their key, keys sorted; each list in the order given."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.key(by), []).append(run)
+    return dict(sorted(groups.items()))
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def one_sided_p(losses: list[float], target: float) -> float | None:
+    """p of scipy's one-sample t-test for "mean < target"; None with fewer than two runs."""
+    if len(losses) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # identical losses: scipy answers nan
+        return float(stats.ttest_1samp(losses, target, alternative="less").pvalue)
+
+
+def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
+    """One row per group over its complete runs: group, runs, incomplete, mean, std (None for one run), min, steps
+    (sorted distinct num_iterations), tokens (mean; None unknown), train_time_ms, step_avg_ms, opt_ms (None where no
+    run logged opt_ms), peak_mib (the largest), p_value (None for fewer than two runs), losses."""
+    rows = []
+    for name, runs in groups.items():
+        done = [r for r in runs if r.complete and r.final_val_loss is not None]
+        losses = [r.final_val_loss for r in done]
+        peaks = [r.peak_mib for r in done if r.peak_mib is not None]
+        rows.append(dict(
+            group=name, runs=len(done), incomplete=len(runs) - len(done), losses=losses,
+            mean=float(np.mean(losses)) if losses else None,
+            std=float(np.std(losses, ddof=1)) if len(losses) > 1 else None,
+            min=float(np.min(losses)) if losses else None,
+            steps=sorted({r.num_iterations for r in done if r.num_iterations is not None}),
+            tokens=_mean(r.tokens for r in done), train_time_ms=_mean(r.train_time_ms for r in done),
+            step_avg_ms=_mean(r.step_avg for r in done), opt_ms=_mean(r.opt_ms for r in done),
+            peak_mib=max(peaks) if peaks else None, p_value=one_sided_p(losses, target), target=target,
+        ))
+    return rows
+
+
+def welch(a: list[float], b: list[float], confidence: float = 0.95) -> dict | None:
+    """Welch's t-test of mean(a) != mean(b) (scipy) and the difference mean(a) - mean(b) with its interval on the
+    Welch-Satterthwaite degrees of freedom; None unless both have two runs or more."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_ind(a, b, equal_var=False)
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else float("nan")
+    diff = float(np.mean(a) - np.mean(b))
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+    return dict(statistic=float(res.statistic), p_value=float(res.pvalue), diff=diff, df=float(df),
+                low=diff - half, high=diff + half, confidence=confidence)
+
+
+def config_differences(groups: dict[str, list[Run]]) -> dict[str, dict]:
+    """For `--by config`: per group, the settings (of its first run with hyperparameters) whose values are not the
+    same in every group; empty dicts where no group has hyperparameters (upstream logs)."""
+    first = {name: next((r.hyperparameters for r in runs if r.hyperparameters), {}) for name, runs in groups.items()}
+    known = [hp for hp in first.values() if hp]
+    keys = sorted({k for hp in known for k in hp} - set(CONFIG_EXCLUDE))
+    differ = [k for k in keys if len({json.dumps(hp.get(k), sort_keys=True) for hp in known}) > 1]
+    return {name: {k: hp.get(k) for k in differ} if hp else {} for name, hp in first.items()}
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def _fmt(x, form: str = "{:.4f}") -> str:
+    return "-" if x is None else form.format(x)
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_table(rows: list[dict], by: str, target: float) -> str:
+    head = [by, "runs", "val_loss mean ± std", "min", "steps", "tokens", "time", "step_avg", "opt ms/step",
+            "peak MiB", f"p(mean<{target:g})"]
+    body = []
+    for r in rows:
+        steps = "-" if not r["steps"] else "/".join(str(s) for s in r["steps"])
+        mean = "-" if r["mean"] is None else f"{r['mean']:.4f}" + ("" if r["std"] is None else f" ± {r['std']:.4f}")
+        time = "-" if r["train_time_ms"] is None else f"{r['train_time_ms'] / 60000:.2f}m"
+        p = "-" if r["p_value"] is None else ("nan" if math.isnan(r["p_value"]) else f"{r['p_value']:.3g}")
+        body.append([r["group"], str(r["runs"]), mean, _fmt(r["min"]), steps, _count(r["tokens"]), time,
+                     _fmt(r["step_avg_ms"], "{:.2f}ms"), _fmt(r["opt_ms"], "{:.2f}"),
+                     _fmt(r["peak_mib"], "{:.0f}"), p])
+    widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in [head] + body]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- plotting
+
+
+def plot_runs(runs: list[Run], by: str, path: str | os.PathLike | None = None, target: float | None = None):
+    """Val loss against step, against training time (minutes) and zoomed on the last 20% of the steps; one line per
+    run in each panel (runs without times are left out of the time panel), one colour per group, dashed when
+    incomplete, a legend of groups. Draws the target as a horizontal line only when given. Saves to path if given and
+    returns the Figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    groups = group_runs(runs, by)
+    colours = plt.get_cmap("tab10").colors
+    colour = {name: colours[i % len(colours)] for i, name in enumerate(groups)}
+    fig, (ax_step, ax_time, ax_zoom) = plt.subplots(1, 3, figsize=(18, 5.5))
+    n_max = max((r.num_iterations or r.last_step for r in runs), default=0)
+    lo = 0.8 * n_max
+    zoom_losses = []
+    for name, members in groups.items():
+        for run in members:
+            style = dict(color=colour[name], linewidth=1.2, alpha=0.85, linestyle="-" if run.complete else "--",
+                         gid=run.path)
+            steps = [s for s, _, _ in run.val]
+            losses = [v for _, v, _ in run.val]
+            ax_step.plot(steps, losses, **style)
+            ax_zoom.plot(steps, losses, **style)
+            zoom_losses += [v for s, v in zip(steps, losses) if s >= lo]
+            timed = [(t / 60000, v) for _, v, t in run.val if t is not None]
+            if timed:
+                ax_time.plot(*zip(*timed), **style)
+    if n_max:
+        ax_zoom.set_xlim(lo, n_max * 1.005)
+    if zoom_losses:
+        low, high = min(zoom_losses), max(zoom_losses)
+        pad = 0.05 * (high - low) or 0.01
+        ax_zoom.set_ylim(low - pad, high + pad)
+    if target is not None:
+        for ax in (ax_step, ax_time, ax_zoom):
+            ax.axhline(target, color="grey", linestyle=":", linewidth=1, gid="target")
+    for ax, xlabel, title in ((ax_step, "step", "val loss by step"),
+                              (ax_time, "training time (min)", "val loss by training time"),
+                              (ax_zoom, "step", "last 20% of the steps")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val loss")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colour[name], label=f"{name} ({len(members)})") for name, members in groups.items()]
+    ax_step.legend(handles=handles, title=by, fontsize="small")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def find_files(items: list[str]) -> tuple[list[Path], list[str]]:
+    """Files named, *.txt under folders (recursively) and glob matches; and the items that matched nothing."""
+    found, missing = [], []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*.txt") if f.is_file())
+        elif p.is_file():
+            found.append(p)
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                missing.append(item)
+            for m in map(Path, matches):
+                found += sorted(f for f in m.rglob("*.txt") if f.is_file()) if m.is_dir() else [m]
+    seen, unique = set(), []
+    for f in found:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, missing
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%d").date()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="*", help="record files, folders (*.txt inside, recursively) or globs; "
+                                                 "default: the folder of this script")
+    parser.add_argument("--target", type=float, default=3.28, help="val loss to beat (default 3.28)")
+    parser.add_argument("--by", choices=GROUPINGS, default="optimizer", help="how to group runs")
+    parser.add_argument("--plot", metavar="PNG", help="write val-loss curves to this PNG")
+    parser.add_argument("--since", type=_date, metavar="YYYY-MM-DD", help="only runs started on or after this date")
+    args = parser.parse_args(argv)
+
+    files, missing = find_files(args.paths or [str(Path(__file__).resolve().parent)])
+    runs, skipped = [], []
+    for f in files:
+        run = parse_record(f)
+        if run is None:
+            skipped.append(f)
+        else:
+            runs.append(run)
+    left_out = 0
+    if args.since is not None:
+        kept = [r for r in runs if r.timestamp is None or r.timestamp.date() >= args.since]
+        left_out, runs = len(runs) - len(kept), kept
+
+    if runs:
+        groups = group_runs(runs, args.by)
+        rows = summarize(groups, args.target)
+        print(format_table(rows, args.by, args.target))
+        if args.by == "config":
+            diffs = config_differences(groups)
+            if any(diffs.values()):
+                print("\nconfigs differ in:")
+                for name, d in diffs.items():
+                    print(f"  {name}: " + (" ".join(f"{k}={json.dumps(v)}" for k, v in d.items()) or "(upstream)"))
+        if len(rows) == 2:
+            a, b = rows
+            w = welch(a["losses"], b["losses"])
+            if w is None:
+                print(f"\nWelch's t-test {a['group']} vs {b['group']}: needs two complete runs or more in each group")
+            else:
+                print(f"\n{a['group']} - {b['group']}: {w['diff']:+.4f}, {w['confidence']:.0%} interval "
+                      f"[{w['low']:+.4f}, {w['high']:+.4f}] (Welch t={w['statistic']:.3f}, df={w['df']:.1f}, "
+                      f"p={w['p_value']:.3g})")
+        incomplete = [r for r in runs if not r.complete]
+        if incomplete:
+            print("\nincomplete (crashed or still going):")
+            for r in incomplete:
+                n = "?" if r.num_iterations is None else r.num_iterations
+                last = "" if r.final_val_loss is None else f", last val_loss {r.final_val_loss:.4f}"
+                print(f"  {r.path} [{r.key(args.by)}]: reached step {r.last_step}/{n}{last}")
+        if args.plot:
+            plot_runs(runs, args.by, args.plot, target=args.target)
+            print(f"\nplot: {args.plot}")
+    else:
+        print("no records found")
+    if left_out:
+        print(f"\n{left_out} run(s) before {args.since} left out (--since)")
+    for f in skipped:
+        print(f"skipped {f}: not a record")
+    for item in missing:
+        print(f"skipped {item}: no such file")
+    return 0 if runs else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

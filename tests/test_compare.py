@@ -1,0 +1,375 @@
+"""records/compare.py: parsing the three log formats, grouping, statistics against scipy, the plot and the CLI."""
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import train_gpt2 as t
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "records"))
+import compare as c  # noqa: E402
+
+SOURCE = (Path(t.__file__).read_text())  # what Record writes between the two marks
+
+
+# ----------------------------------------------------------------------------- fixtures: files in the three formats
+
+
+def val_curve(step: int, n: int, final: float) -> float:
+    return round(final + (10.8 - final) * (1 - step / n) ** 3, 4)
+
+
+def write_ours(folder: Path, *, optimizer="muon", label="", seed=0, n=40, val_every=10, final=3.3, stop_at=None,
+               opt_ms=None, stamp="20250301-120000", tag="a", peak=1234, **settings) -> Path:
+    """A record as train_gpt2.Record and the training loop write it; stop_at < n: cut off after that step's lines,
+    without the peak-memory line (a crash). opt_ms: a function of the step giving the ` opt_ms:` field, or None."""
+    args = t.Hyperparameters(optimizer=optimizer, label=label, seed=seed, num_iterations=n, val_loss_every=val_every,
+                             preset="smoke", batch_size=8, device_batch_size=4, sequence_length=128, **settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stamp}-{args.preset}-{args.optimizer}-{tag:0>8}.txt"
+    B, T, accum = args.device_batch_size, args.sequence_length, 2
+    lines = [f"{t.RECORD_MARK}\n{SOURCE}\n{t.RECORD_MARK}",
+             f"hyperparameters: {json.dumps(dataclasses.asdict(args))}",
+             "torch: 2.13.0 cuda: None python: 3.11.9", f"devices: {json.dumps(['cpu'])}", "world_size: 1",
+             f"world_size 1, device_batch {B} x {T}, accumulation {accum}, {args.batch_size * T} tokens/step"]
+    for step in range(n + 1):
+        if stop_at is not None and step > stop_at:
+            break
+        timed = max(step - 10, 0)
+        training_ms = 50.0 * timed
+        if step == n or step % val_every == 0:
+            lines.append(f"step:{step}/{n} val_loss:{val_curve(step, n, final):.4f} train_time:{training_ms:.0f}ms "
+                         f"step_avg:{training_ms / timed if timed else float('nan'):.2f}ms")
+        if step == n:
+            break
+        now_ms = 50.0 * max(step + 1 - 10, 0)
+        line = (f"step:{step + 1}/{n} train_loss:{val_curve(step, n, final) + 0.01:.4f} train_time:{now_ms:.0f}ms "
+                f"step_avg:{now_ms / (step + 1 - 10) if step + 1 > 10 else float('nan'):.2f}ms")
+        if opt_ms is not None:
+            line += f" opt_ms:{opt_ms(step + 1):.2f}"
+        lines.append(line)
+    if stop_at is None:
+        lines.append(f"peak memory consumption: {peak} MiB")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+UPSTREAM_SOURCE = '''import os
+import torch
+class Muon(torch.optim.Optimizer):
+    pass
+optimizer2 = Muon(hidden_matrix_params, lr=0.05, momentum=0.95)
+print0(f"step:{step}/{train_steps} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms")
+'''
+
+NVIDIA_SMI = '''Running Python 3.12.7 (main, Jan 17 2025, 03:57:17) [GCC 13.2.0]
+Running PyTorch 2.7.0.dev20250110+cu126 compiled for CUDA 12.6
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 550.127.05             Driver Version: 550.127.05     CUDA Version: 12.6     |
+|=========================================+========================+======================|
+|   0  NVIDIA H100 80GB HBM3          On  |   00000000:61:00.0 Off |                    0 |
+| N/A   32C    P0            116W /  700W |    7746MiB /  81559MiB |      0%      Default |
++-----------------------------------------+------------------------+----------------------+
+'''
+
+
+def write_upstream(path: Path, *, n=30, final=3.27, val_every=10, peak=32296, cut=None) -> Path:
+    """A modded-nanogpt log: source, ====, versions and nvidia-smi, ====, step lines (train lines without a loss)."""
+    lines = [UPSTREAM_SOURCE, "=" * 100, NVIDIA_SMI, "=" * 100]
+    for step in range(n + 1):
+        if cut is not None and step > cut:
+            break
+        ms = 30 * step
+        if step == n or step % val_every == 0:
+            lines.append(f"step:{step}/{n} val_loss:{val_curve(step, n, final):.4f} train_time:{ms}ms "
+                         f"step_avg:{ms / max(step, 1):.2f}ms" + (" final_eval" if step == n else ""))
+        if step < n:
+            lines.append(f"step:{step + 1}/{n} train_time:{30 * (step + 1)}ms step_avg:30.00ms")
+    if cut is None:
+        lines.append(f"peak memory allocated: {peak} MiB reserved: {peak + 1000} MiB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_upstream_old(path: Path, *, n=20, final=3.29, val_every=8) -> Path:
+    lines = []
+    for step in range(n + 1):
+        if step % val_every == 0 or step == n:
+            lines.append(f"s:{step} tel:{val_curve(step, n, final):.6f}")
+        if step < n:
+            lines.append(f"s:{step} trl:{val_curve(step, n, final) + 0.02:.4f} lr:0.000100 norm:1.23")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def final_of(path: Path) -> float:
+    return c.parse_record(path).final_val_loss
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def test_record_mark_in_sync():
+    assert c.RECORD_MARK == t.RECORD_MARK
+
+
+def test_parse_ours(tmp_path):
+    path = write_ours(tmp_path, optimizer="adamw", label="base", n=40, final=3.31, opt_ms=lambda s: 2.0 + s / 100,
+                      stamp="20250302-134501")
+    run = c.parse_record(path)
+    assert run.format == "ours" and run.complete
+    assert (run.optimizer, run.label, run.num_iterations, run.peak_mib) == ("adamw", "base", 40, 1234)
+    args = t.Hyperparameters(optimizer="adamw", label="base", seed=0, num_iterations=40, val_loss_every=10,
+                             preset="smoke", batch_size=8, device_batch_size=4, sequence_length=128)
+    assert run.hyperparameters == json.loads(json.dumps(dataclasses.asdict(args)))
+    assert run.config == c.config_hash(json.loads(json.dumps(dataclasses.asdict(args))))
+    assert run.val == [(s, val_curve(s, 40, 3.31), 50.0 * max(s - 10, 0)) for s in (0, 10, 20, 30, 40)]
+    assert run.final_val_loss == val_curve(40, 40, 3.31) == 3.31
+    assert len(run.train) == 40
+    assert run.train[0] == (1, round(val_curve(0, 40, 3.31) + 0.01, 4), 0.0, 2.01)
+    assert run.train[-1] == (40, round(val_curve(39, 40, 3.31) + 0.01, 4), 1500.0, 2.4)
+    assert run.step_avg == 50.0 and run.train_time_ms == 1500.0
+    assert run.opt_ms == pytest.approx(np.mean([round(2.0 + s / 100, 2) for s in range(11, 41)]))
+    assert run.tokens == 40 * 8 * 128 and run.meta["tokens_per_step"] == 8 * 128
+    assert run.meta["devices"] == ["cpu"] and run.meta["world_size"] == 1
+    assert run.timestamp.isoformat() == "2025-03-02T13:45:01"
+    assert run.last_step == 40
+
+
+def test_parse_ours_without_opt_ms_and_truncated(tmp_path):
+    run = c.parse_record(write_ours(tmp_path, n=40, stop_at=23))
+    assert run.format == "ours" and not run.complete
+    assert run.last_step == 24 and run.num_iterations == 40 and run.peak_mib is None
+    assert run.opt_ms is None and all(o is None for *_, o in run.train)
+    assert run.final_val_loss == val_curve(20, 40, 3.3)  # the last one seen
+    # cut off before the hyperparameters were written: still a record, incomplete at step 0
+    cut = tmp_path / "cut.txt"
+    cut.write_text(f"{t.RECORD_MARK}\nimport os\n")
+    run = c.parse_record(cut)
+    assert run.format == "ours" and not run.complete and run.last_step == 0
+
+
+def test_parse_upstream(tmp_path):
+    run = c.parse_record(write_upstream(tmp_path / "011625_Sub3Min" / "c8cb.txt", n=30, final=3.27))
+    assert run.format == "upstream" and run.complete
+    assert (run.optimizer, run.label, run.num_iterations, run.peak_mib) == ("upstream-muon", "011625_Sub3Min", 30,
+                                                                           32296)
+    assert run.val == [(s, val_curve(s, 30, 3.27), 30.0 * s) for s in (0, 10, 20, 30)]
+    assert run.final_val_loss == 3.27 and run.step_avg == 30.0 and run.train_time_ms == 900.0
+    assert run.train[:2] == [(1, None, 30.0, None), (2, None, 60.0, None)] and len(run.train) == 30
+    assert run.config.startswith("upstream-") and run.tokens is None and run.opt_ms is None
+    assert run.timestamp.date().isoformat() == "2025-01-16"  # from the folder name, MMDDYY
+    cut = c.parse_record(write_upstream(tmp_path / "2024-11-03_X" / "cut.txt", cut=17))
+    assert not cut.complete and cut.last_step == 18 and cut.num_iterations == 30
+    assert cut.timestamp.date().isoformat() == "2024-11-03"
+
+
+def test_parse_upstream_old(tmp_path):
+    run = c.parse_record(write_upstream_old(tmp_path / "2024-06-06_AdamW" / "f66d.log", n=20, final=3.29))
+    assert run.format == "upstream_old" and run.complete
+    assert run.val == [(s, val_curve(s, 20, 3.29), None) for s in (0, 8, 16, 20)]
+    assert run.train[3] == (3, round(val_curve(3, 20, 3.29) + 0.02, 4), None, None) and len(run.train) == 20
+    assert (run.num_iterations, run.final_val_loss, run.label, run.optimizer) == (20, 3.29, "2024-06-06_AdamW",
+                                                                                 "upstream")
+    assert run.train_time_ms is None and run.step_avg is None and run.peak_mib is None
+
+
+def test_not_records(tmp_path):
+    (tmp_path / "notes.txt").write_text("step 3: remember to check the lr\nval loss looked fine\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 4)
+    for name in ("notes.txt", "empty.txt", "bin.txt"):
+        assert c.parse_record(tmp_path / name) is None
+
+
+# ----------------------------------------------------------------------------- grouping and statistics
+
+
+def test_group_runs(tmp_path):
+    paths = [write_ours(tmp_path, optimizer="muon", label="x", seed=0, tag="1"),
+             write_ours(tmp_path, optimizer="muon", label="y", seed=1, tag="2"),
+             write_ours(tmp_path, optimizer="muon", label="x", seed=2, muon_lr=0.02, tag="3"),
+             write_ours(tmp_path, optimizer="adamw", label="", tag="4"),
+             write_upstream(tmp_path / "up" / "u.txt")]
+    runs = [c.parse_record(p) for p in paths]
+    by_opt = c.group_runs(runs, "optimizer")
+    assert list(by_opt) == ["adamw", "muon", "upstream-muon"]
+    assert [r.path for r in by_opt["muon"]] == [str(p) for p in paths[:3]]
+    by_label = c.group_runs(runs, "label")
+    assert {k: len(v) for k, v in by_label.items()} == {c.NO_LABEL: 1, "up": 1, "x": 2, "y": 1}
+    by_config = c.group_runs(runs, "config")
+    assert runs[0].config == runs[1].config != runs[2].config  # seed and label do not count, muon_lr does
+    assert sorted(len(v) for v in by_config.values()) == [1, 1, 1, 2]
+    with pytest.raises(ValueError):
+        c.group_runs(runs, "colour")
+
+
+def test_summarize_matches_scipy(tmp_path):
+    finals = {"muon": [3.2712, 3.2790, 3.2755, 3.2801], "adamw": [3.3012, 3.2950, 3.3101], "solo": [3.2700]}
+    runs = []
+    for opt, losses in finals.items():
+        for i, loss in enumerate(losses):
+            runs.append(c.parse_record(write_ours(tmp_path, optimizer=opt, seed=i, final=loss, tag=f"{opt}{i}",
+                                                  peak=1000 + i, opt_ms=lambda s: 3.0)))
+    runs.append(c.parse_record(write_ours(tmp_path, optimizer="muon", final=3.0, stop_at=12, tag="crash")))
+    rows = {r["group"]: r for r in c.summarize(c.group_runs(runs, "optimizer"), target=3.28)}
+    assert [r.final_val_loss for r in runs[:4]] == finals["muon"]  # parsed numbers equal the written ones
+    for opt, losses in finals.items():
+        row = rows[opt]
+        assert row["runs"] == len(losses) and row["losses"] == losses
+        assert row["mean"] == pytest.approx(np.mean(losses)) and row["min"] == min(losses)
+        assert row["steps"] == [40] and row["tokens"] == 40 * 8 * 128 and row["opt_ms"] == 3.0
+        assert row["peak_mib"] == 1000 + len(losses) - 1
+        assert row["train_time_ms"] == 1500.0 and row["step_avg_ms"] == 50.0
+        if len(losses) > 1:
+            assert row["std"] == pytest.approx(np.std(losses, ddof=1))
+            assert row["p_value"] == pytest.approx(stats.ttest_1samp(losses, 3.28, alternative="less").pvalue,
+                                                   rel=1e-12)
+        else:
+            assert row["std"] is None and row["p_value"] is None
+    assert rows["muon"]["incomplete"] == 1  # the crashed run is counted apart, not in the statistics
+
+
+def test_welch_matches_scipy():
+    a, b = [3.2712, 3.2790, 3.2755, 3.2801], [3.3012, 3.2950, 3.3101]
+    w = c.welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert w["statistic"] == pytest.approx(ref.statistic, rel=1e-12)
+    assert w["p_value"] == pytest.approx(ref.pvalue, rel=1e-12)
+    assert w["df"] == pytest.approx(ref.df, rel=1e-12)
+    assert w["diff"] == pytest.approx(np.mean(a) - np.mean(b))
+    ci = ref.confidence_interval(confidence_level=0.95)
+    assert (w["low"], w["high"]) == (pytest.approx(ci.low, rel=1e-10), pytest.approx(ci.high, rel=1e-10))
+    assert c.welch(a, b[:1]) is None
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def test_plot_one_line_per_run_and_colour_per_group(tmp_path):
+    paths = [write_ours(tmp_path, optimizer="muon", seed=0, final=3.27, tag="1"),
+             write_ours(tmp_path, optimizer="muon", seed=1, final=3.28, tag="2"),
+             write_ours(tmp_path, optimizer="adamw", final=3.31, tag="3"),
+             write_ours(tmp_path, optimizer="adamw", final=3.0, stop_at=25, tag="4"),
+             write_upstream(tmp_path / "up" / "u.txt", n=40)]
+    runs = [c.parse_record(p) for p in paths]
+    out = tmp_path / "cmp.png"
+    fig = c.plot_runs(runs, "optimizer", out)
+    assert out.stat().st_size > 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(fig.axes) == 3
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        assert len(lines) == len(runs)
+        colour = {line.get_gid(): line.get_color() for line in lines}
+        assert colour[str(paths[0])] == colour[str(paths[1])]
+        assert colour[str(paths[2])] == colour[str(paths[3])]
+        assert len({colour[str(paths[0])], colour[str(paths[2])], colour[str(paths[4])]}) == 3
+    step_lines = {line.get_gid(): line for line in fig.axes[0].get_lines()}
+    assert list(step_lines[str(paths[0])].get_xdata()) == [0, 10, 20, 30, 40]
+    assert step_lines[str(paths[3])].get_linestyle() == "--"  # incomplete
+    time_lines = {line.get_gid(): line for line in fig.axes[1].get_lines()}
+    assert list(time_lines[str(paths[0])].get_xdata()) == pytest.approx([0, 0, 500 / 60000, 1000 / 60000,
+                                                                         1500 / 60000])
+    assert fig.axes[2].get_xlim()[0] == pytest.approx(32)  # the last 20% of 40 steps
+    legend = fig.axes[0].get_legend()
+    assert [x.get_text() for x in legend.get_texts()] == ["adamw (2)", "muon (2)", "upstream-muon (1)"]
+    # old logs have no times: in the step panels, not in the time panel; a target adds one line per panel
+    runs.append(c.parse_record(write_upstream_old(tmp_path / "old" / "main.log", n=40)))
+    fig = c.plot_runs(runs, "optimizer", None, target=3.28)
+    assert [len(ax.get_lines()) for ax in fig.axes] == [len(runs) + 1, len(runs), len(runs) + 1]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_main_table_incomplete_skipped(tmp_path, capsys):
+    recs = tmp_path / "records"
+    for i, loss in enumerate([3.271, 3.279, 3.275]):
+        write_ours(recs, optimizer="muon", seed=i, final=loss, tag=f"m{i}")
+    for i, loss in enumerate([3.301, 3.296]):
+        write_ours(recs / "sub", optimizer="adamw", seed=i, final=loss, tag=f"a{i}")
+    crashed = write_ours(recs, optimizer="muon", stop_at=23, tag="crash")
+    (recs / "notes.txt").write_text("not a record\n")
+    png = tmp_path / "out.png"
+    assert c.main([str(recs), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    table = out.split("\n\n")[0].splitlines()
+    assert table[0].split()[:2] == ["optimizer", "runs"] and "p(mean<3.28)" in table[0]
+    adamw, muon = table[2].split(), table[3].split()
+    assert adamw[:2] == ["adamw", "2"] and muon[:2] == ["muon", "3"]
+    p = stats.ttest_1samp([3.271, 3.279, 3.275], 3.28, alternative="less").pvalue
+    assert muon[-1] == f"{p:.3g}"
+    w = c.welch([3.301, 3.296], [3.271, 3.279, 3.275])
+    assert f"adamw - muon: {w['diff']:+.4f}, 95% interval [{w['low']:+.4f}, {w['high']:+.4f}]" in out
+    assert f"{crashed} [muon]: reached step 24/40" in out
+    assert f"skipped {recs / 'notes.txt'}: not a record" in out
+    assert png.exists()
+
+
+def test_main_globs_formats_and_since(tmp_path, capsys):
+    write_ours(tmp_path, optimizer="muon", stamp="20250101-090000", tag="old")
+    write_ours(tmp_path, optimizer="muon", stamp="20250315-090000", tag="new1")
+    write_ours(tmp_path, optimizer="muon", stamp="20250316-090000", tag="new2", seed=1)
+    old_log = write_upstream_old(tmp_path / "up" / "main.log")
+    assert c.main([str(tmp_path / "*.txt"), str(old_log), "--since", "2025-03-15", "--by", "label"]) == 0
+    out = capsys.readouterr().out
+    rows = out.split("\n\n")[0].splitlines()[2:]
+    assert [r.split()[:3] for r in rows] == [["(no", "label)", "2"], ["up", "1", f"{3.29:.4f}"]]
+    assert "1 run(s) before 2025-03-15 left out (--since)" in out
+    # mtime decides for files without a timestamp in their name
+    stale = write_upstream(tmp_path / "logs" / "stale.txt")
+    os.utime(stale, (time.time() - 400 * 86400,) * 2)
+    assert c.main([str(stale), "--since", time.strftime("%Y-%m-%d")]) == 1
+    assert "no records found" in capsys.readouterr().out
+    assert c.main([str(tmp_path / "nothing*.txt")]) == 1
+    assert f"skipped {tmp_path / 'nothing*.txt'}: no such file" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        c.main(["--since", "15/03/2025"])
+
+
+def test_default_folder_is_next_to_script():
+    files, missing = c.find_files([str(Path(c.__file__).resolve().parent)])
+    assert not missing and all(f.suffix == ".txt" for f in files)
+
+
+def test_config_differences(tmp_path, capsys):
+    runs = [c.parse_record(write_ours(tmp_path, optimizer="muon", seed=0, tag="1")),
+            c.parse_record(write_ours(tmp_path, optimizer="muon", seed=1, tag="2")),
+            c.parse_record(write_ours(tmp_path, optimizer="muon", muon_lr=0.02, tag="3")),
+            c.parse_record(write_upstream(tmp_path / "up" / "u.txt"))]
+    groups = c.group_runs(runs, "config")
+    diffs = c.config_differences(groups)
+    assert diffs[runs[0].config] == {"muon_lr": 0.018} and diffs[runs[2].config] == {"muon_lr": 0.02}
+    assert diffs[runs[3].config] == {}
+    c.main([str(tmp_path), "--by", "config"])
+    assert f"  {runs[2].config}: muon_lr=0.02" in capsys.readouterr().out
+
+
+def test_reads_a_record_written_by_the_trainer(tiny_args, tmp_path):
+    """The parser and the real writer agree: a tiny CPU run of train_gpt2.train, then parse_record on its record."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 2-layer model: threads only add overhead
+    try:
+        path, _ = t.train(t.parse_args(tiny_args + ["--val_loss_every", "2", "--label", "tiny", "--optimizer",
+                                                    "adamw"]))
+    finally:
+        torch.set_num_threads(threads)
+    run = c.parse_record(path)
+    if " opt_ms:" in Path(path).read_text():  # the trainer's optional field, when it writes it
+        assert all(o is not None and o >= 0 for *_, o in run.train) and run.opt_ms is not None
+    assert run.format == "ours" and run.complete and (run.optimizer, run.label) == ("adamw", "tiny")
+    assert run.num_iterations == 5 and [s for s, *_ in run.val] == [0, 2, 4, 5]
+    assert [s for s, *_ in run.train] == [1, 2, 3, 4, 5] and all(loss is not None for _, loss, *_ in run.train)
+    assert run.peak_mib == 0 and run.tokens == 5 * 4 * 32 and run.meta["tokens_per_step"] == 4 * 32
+    assert run.hyperparameters["label"] == "tiny" and run.timestamp is not None
+    assert math.isfinite(run.final_val_loss)
