@@ -14,6 +14,7 @@ import glob
 import json
 import math
 import os
+import resource
 import sys
 import time
 import uuid
@@ -62,6 +63,30 @@ class Hyperparameters:
     adamw_lr: float = 0.0018
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     adamw_weight_decay: float = 0.0
+    polargrad_lr: float = 0.05  # placeholder: the step is ||M||_* O, so the right lr depends on the gradient scale
+    polargrad_momentum: float = 0.95
+    polargrad_nesterov: bool = False
+    polargrad_weight_decay: float = 0.0
+    polargrad_nuclear: str = "exact"  # exact | inner  (see nuclear_norm)
+    soap_lr: float = 0.0018
+    soap_betas: tuple[float, float] = (0.95, 0.95)
+    soap_shampoo_beta: float = -1.0  # < 0: use soap_betas[1]
+    soap_eps: float = 1e-8
+    soap_weight_decay: float = 0.0
+    soap_precondition_frequency: int = 10
+    soap_max_precond_dim: int = 10000
+    # feature-gram optimizers (newton_muon uses the muon_* settings too): C = X^T X / n_tokens of each layer's input
+    gram: str = "full"  # full | block | diag
+    gram_block: int = 128  # block size of gram = block
+    gram_every: int = 8  # steps between refreshes of C (and at step 0)
+    gram_beta: float = 0.0  # C <- beta C + (1 - beta) C_new; 0: replace
+    gram_damping: float = 0.2  # Newton-Muon: gamma = gram_damping * tr(C) / d
+    gram_f: str = "solve"  # Newton-Muon: solve, G (C + gamma I)^-1 | inverse_sqrt, G (C + gamma I)^(-1/2)
+    locoprop_lr: float = 1.0  # eta
+    locoprop_lambda: float = 1.0  # lambda of C + lambda I
+    locoprop_steps: int = 0  # 0: the exact minimizer; K: K inner gradient steps of size locoprop_nu
+    locoprop_nu: float = 0.5
+    locoprop_momentum: float = 0.0  # heavy-ball momentum on G; 0: none
     # run
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
     records_dir: str = "records"
@@ -144,6 +169,15 @@ NS_COEFFS: dict[str, tuple[list[tuple[float, float, float]], float]] = {
         (3.3184196573706015, -2.488488024314874, 0.51004894012372)]]
         + [(2.300652019954817, -1.6689039845747493, 0.4188073119525673)], 1.01),
 }
+# Where orthogonalize(G) puts the singular values: if every singular value of G is >= x0 ||G||_F, every singular value
+# of the bf16 result lies in NS_BANDS[set][x0] (measured: the scalar polynomial in float64 over x in [x0, 1], widened by
+# the bf16 noise seen on random 768x3072 matrices of many spectra; tests/test_optimizers.py checks it). Smaller singular
+# values come out smaller: roughly x (a1 a2 ... a5) for x << x0, e.g. 487 x for "simple".
+NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
+    "simple": {1e-2: (0.67, 1.15), 2e-3: (0.67, 1.22)},
+    "quintic": {1e-2: (0.96, 1.05), 2e-3: (0.84, 1.16)},
+    "polar_express": {1e-2: (0.85, 1.15), 2e-3: (0.85, 1.15)},
+}
 
 
 def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
@@ -163,6 +197,17 @@ def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
 
 
 _orthogonalize = orthogonalize  # replaced by a compiled version on CUDA (see main)
+
+
+def nuclear_norm(M: torch.Tensor, mode: str = "exact", O: torch.Tensor | None = None) -> torch.Tensor:
+    """||M||_* = sum_i s_i(M) per matrix, batched over leading dims, in fp32 (fp64 for fp64 M):
+    exact: sum_i sqrt(max(l_i, 0)) over l = eigvalsh of the smaller Gram, M^T M or M M^T;
+    inner: <O, M> = sum_ij O_ij M_ij with O = orthogonalize(M) ~ U V^T, as <U V^T, U S V^T> = tr S (off by NS_BANDS)."""
+    M = M.to(torch.promote_types(M.dtype, torch.float32))
+    if mode == "inner":
+        return (O.to(M.dtype) * M).sum(dim=(-2, -1))
+    gram = M.mT @ M if M.size(-2) >= M.size(-1) else M @ M.mT
+    return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(-1)
 
 
 class MatrixOptimizer(torch.optim.Optimizer):
@@ -192,6 +237,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def update(self, params: list[torch.Tensor], group: dict) -> None:
         """Apply the rule in place to `params`, all of one shape and one group, with their .grad."""
         raise NotImplementedError
+
+    def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """The gradients the rule starts from (a subclass may precondition them)."""
+        return [p.grad for p in params]
 
     @torch.no_grad()
     def step(self) -> None:
@@ -234,7 +283,7 @@ class Muon(MatrixOptimizer):
 
     def update(self, params, group):
         m = group["momentum"]
-        grads = [p.grad for p in params]
+        grads = self.gradients(params, group)
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
         torch._foreach_mul_(bufs, m)
         torch._foreach_add_(bufs, grads)
@@ -245,27 +294,368 @@ class Muon(MatrixOptimizer):
         torch._foreach_add_(params, list(O.unbind(0)), alpha=-group["lr"] * scale)
 
 
+class PolarGrad(MatrixOptimizer):
+    """PolarGrad (Lau, Long & Su 2025, arXiv:2505.21799) as merged in NVIDIA Emerging-Optimizers: Muon's direction
+    scaled by its nuclear norm (steepest descent in the spectral norm rather than its LMO):
+    M = b M + (1 - b) G;  D = b M + (1 - b) G (Nesterov) or M;  O = orthogonalize(D);
+    p = (1 - lr wd) p - lr ||D||_* O,  ||D||_* = nuclear_norm(D, nuclear, O)."""
+
+    def __init__(self, params, lr: float = 0.05, momentum: float = 0.95, nesterov: bool = False,
+                 weight_decay: float = 0.0, nuclear: str = "exact", coeffs: str = "simple"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      nuclear=nuclear, coeffs=coeffs))
+
+    def update(self, params, group):
+        b, lr = group["momentum"], group["lr"]
+        grads = [p.grad for p in params]
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - b)
+        D = torch.stack(torch._foreach_lerp(grads, bufs, b) if group["nesterov"] else bufs)
+        O = _orthogonalize(D, group["coeffs"])
+        scale = nuclear_norm(D, group["nuclear"], O)
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(params, list((O.to(scale.dtype) * scale[:, None, None]).unbind(0)), alpha=-lr)
+
+
+def eigenbasis(P: torch.Tensor) -> torch.Tensor:
+    """Q of P = Q diag(l) Q^T for symmetric P (batched), columns by descending l; fp64 if fp32 eigh fails."""
+    try:
+        return torch.linalg.eigh(P).eigenvectors.flip(-1)
+    except torch.linalg.LinAlgError:
+        return torch.linalg.eigh(P.double()).eigenvectors.flip(-1).to(P.dtype)
+
+
+def refresh_basis(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One power iteration towards the eigenvectors of P from the basis Q (batched), sorted by the eigenvalue
+    estimates: order = argsort(diag(Q^T P Q), descending);  Q' = qr((P Q)[:, order]).Q.  Returns Q', order."""
+    PQ = P @ Q
+    order = torch.argsort((Q * PQ).sum(-2), dim=-1, descending=True)
+    return torch.linalg.qr(PQ.gather(-1, order[..., None, :].expand_as(PQ))).Q, order
+
+
+def _rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None, back: bool = False) -> torch.Tensor:
+    """Q_L^T X Q_R (into the eigenbasis) or Q_L X Q_R^T (back); a missing side (None) is the identity."""
+    if QL is not None:
+        X = (QL if back else QL.mT) @ X
+    if QR is not None:
+        X = X @ (QR.mT if back else QR)
+    return X
+
+
+class SOAP(MatrixOptimizer):
+    """SOAP (Vyas et al. 2024, arXiv:2409.11321): Adam in the eigenbasis of Shampoo's preconditioner, following
+    nikhilvyas/SOAP soap.py (commit f42d296, the class with project/project_back). As there, the first moment m lives
+    in the eigenbasis; the reference maps it back and forth at every step, the identity except when the basis changes,
+    so here m is carried over only then: m <- Q_L'^T (Q_L m Q_R^T) Q_R'. Per matrix, with s = shampoo_beta (b2 if < 0):
+      first step: L = (1-s) G G^T, R = (1-s) G^T G, (Q_L, Q_R) = eigenbasis(L, R); no update, so G never
+        preconditions itself;
+      step t = 1, 2, ...: G~ = Q_L^T G Q_R;  m = b1 m + (1-b1) G~;  v = b2 v + (1-b2) G~^2;
+        p = p - lr sqrt(1-b2^t)/(1-b1^t) Q_L (m / (sqrt(v) + eps)) Q_R^T;  p = p - lr wd p;
+        L = s L + (1-s) G G^T;  R = s R + (1-s) G^T G;
+        t % precondition_frequency == 0: (Q_L, o_L) = refresh_basis(L, Q_L); (Q_R, o_R) = refresh_basis(R, Q_R);
+        v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m carried over as above.
+    A side longer than max_precond_dim gets no preconditioner (Q = I). All state and math in fp32 (fp64 for fp64
+    parameters); the matrices of one shape are stacked, so eigh, QR and the rotations run batched."""
+
+    def __init__(self, params, lr: float = 0.0018, betas: tuple[float, float] = (0.95, 0.95),
+                 shampoo_beta: float = -1.0, eps: float = 1e-8, weight_decay: float = 0.0,
+                 precondition_frequency: int = 10, max_precond_dim: int = 10000):
+        super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
+                                      weight_decay=weight_decay, precondition_frequency=precondition_frequency,
+                                      max_precond_dim=max_precond_dim))
+
+    def update(self, params, group):
+        steps = {self.state[p].get("step", -1) for p in params}
+        if len(steps) > 1:  # matrices that missed a step (no grad) are batched apart
+            for t in steps:
+                self.update([p for p in params if self.state[p].get("step", -1) == t], group)
+            return
+        (b1, b2), lr = group["betas"], group["lr"]
+        s = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
+        states = [self.state[p] for p in params]
+        G = torch.stack([p.grad for p in params]).to(torch.promote_types(params[0].dtype, torch.float32))
+        if "step" not in states[0]:
+            t = 0
+            S = {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
+            for side, n in (("L", G.size(-2)), ("R", G.size(-1))):
+                if n <= group["max_precond_dim"]:
+                    S[side] = G.new_zeros(len(params), n, n)
+        else:
+            t = states[0]["step"] + 1
+            S = {k: torch.stack([st[k] for st in states]) for k in states[0] if k != "step"}
+            QL, QR = S.get("QL"), S.get("QR")
+            Gr = _rotate(G, QL, QR)
+            S["exp_avg"].lerp_(Gr, 1 - b1)
+            S["exp_avg_sq"].mul_(b2).addcmul_(Gr, Gr, value=1 - b2)
+            U = _rotate(S["exp_avg"] / (S["exp_avg_sq"].sqrt() + group["eps"]), QL, QR, back=True)
+            torch._foreach_add_(params, list(U.unbind(0)), alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        if "L" in S:
+            S["L"].lerp_(G @ G.mT, 1 - s)
+        if "R" in S:
+            S["R"].lerp_(G.mT @ G, 1 - s)
+        if t == 0:
+            S.update({"Q" + side: eigenbasis(S[side]) for side in ("L", "R") if side in S})
+        elif t % group["precondition_frequency"] == 0:
+            m = _rotate(S["exp_avg"], S.get("QL"), S.get("QR"), back=True)
+            if "L" in S:
+                S["QL"], o = refresh_basis(S["L"], S["QL"])
+                S["exp_avg_sq"] = S["exp_avg_sq"].gather(-2, o[..., :, None].expand_as(G))
+            if "R" in S:
+                S["QR"], o = refresh_basis(S["R"], S["QR"])
+                S["exp_avg_sq"] = S["exp_avg_sq"].gather(-1, o[..., None, :].expand_as(G))
+            S["exp_avg"] = _rotate(m, S.get("QL"), S.get("QR"))
+        for i, st in enumerate(states):
+            st.update({k: v[i] for k, v in S.items()}, step=t)
+
+
+def gram_factor(C: torch.Tensor, gamma: float, mode: str, f: str = "solve") -> torch.Tensor:
+    """The right preconditioner of A = C + gamma I, computed once per refresh and cached. C: full (d, d), block
+    (d/b, b, b) (the blocks batched), diag (d,). solve: L = cholesky(A), with 10x, 100x, 1000x gamma where it fails;
+    inverse_sqrt: A^(-1/2) = V diag(l + gamma)^(-1/2) V^T from eigh(C); diag: 1 / (diag(C) + gamma)."""
+    if mode == "diag":
+        return 1 / (C + gamma)
+    eye = torch.eye(C.size(-1), device=C.device, dtype=C.dtype)
+    if f == "inverse_sqrt":
+        l, V = torch.linalg.eigh(C)
+        return (V * (l.clamp(min=0) + gamma).rsqrt().unsqueeze(-2)) @ V.mT
+    for boost in (1, 10, 100, 1000):
+        L, info = torch.linalg.cholesky_ex(C + boost * gamma * eye)
+        if not (info > 0).any():
+            return L
+    raise torch.linalg.LinAlgError(f"Cholesky of C + 1000 gamma I failed (gamma {gamma}): C is not finite")
+
+
+def right_precondition(G: torch.Tensor, factor: torch.Tensor, mode: str, f: str = "solve") -> torch.Tensor:
+    """G (C + gamma I)^-1 for G (out, d) from gram_factor's factor: full: cholesky_solve; block: the same per block of
+    b columns; diag: G / (diag(C) + gamma); f = inverse_sqrt: G (C + gamma I)^(-1/2). In fp32 (fp64 for fp64), returned
+    as G's dtype."""
+    if mode == "diag":
+        return (G * factor).to(G.dtype)
+    out, d = G.shape
+    X = G.to(torch.promote_types(G.dtype, torch.float32))
+    if mode == "block":  # (out, d) -> (d/b, out, b)
+        X = X.view(out, factor.size(0), -1).transpose(0, 1)
+    X = X @ factor if f == "inverse_sqrt" else torch.cholesky_solve(X.mT, factor).mT
+    if mode == "block":
+        X = X.transpose(0, 1).reshape(out, d)
+    return X.to(G.dtype)
+
+
+class FeatureGram(MatrixOptimizer):
+    """Base of the feature-gram optimizers: each block matrix W (out x d) is preconditioned on the right by the Gram
+    matrix of its layer's input X, C = X^T X / n_tokens (full, block-diagonal or diagonal), which the model collects on
+    refresh steps (GPT.collect_gram). On a refresh, refresh_gram averages the collected sums over processes (one
+    all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the factor of C + gamma I for the
+    matrices this process owns. Before the first refresh the preconditioner is the identity."""
+
+    def __init__(self, params, layers: list[nn.Module], defaults: dict):
+        super().__init__(params, defaults)
+        self.layers = dict(zip([id(p) for p in params], layers))
+        assert all(self.layers[id(p)].weight is p for p in self._params())
+
+    def damping(self, C: torch.Tensor, group: dict) -> float:
+        """gamma of C + gamma I: relative (Newton-Muon) or absolute (LocoProp-S)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def refresh_gram(self, n_tokens: int) -> None:
+        """Take the Gram sums the model collected over n_tokens tokens (all processes): C, then the cached factors."""
+        grams = [self.layers[id(p)].gram for p in self._params()]
+        if self.world > 1:
+            flat = torch.cat([g.reshape(-1) for g in grams])
+            dist.all_reduce(flat)
+            torch._foreach_copy_(grams, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grams]), grams)])
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.owner[p] != self.rank:
+                    continue
+                st, new = self.state[p], self.layers[id(p)].gram / n_tokens
+                st["gram"] = new.clone() if "gram" not in st else st["gram"].lerp_(new, 1 - group["gram_beta"])
+                st["factor"] = gram_factor(st["gram"], self.damping(st["gram"], group), group["gram"], group["f"])
+
+    def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """G (C + gamma I)^-1 for each matrix that has a factor; G itself before the first refresh."""
+        return [right_precondition(p.grad, self.state[p]["factor"], group["gram"], group["f"])
+                if "factor" in self.state[p] else p.grad for p in params]
+
+
+def trace_over_d(C: torch.Tensor, mode: str) -> torch.Tensor:
+    """tr(C) / d for C full (d, d), block (d/b, b, b) or diag (d,)."""
+    if mode == "diag":
+        return C.mean()
+    return C.diagonal(dim1=-2, dim2=-1).mean()
+
+
+class NewtonMuon(FeatureGram):
+    """Newton-Muon (arXiv:2604.01472): Muon on the right-preconditioned gradient,
+    G~ = G (C + gamma I)^-1 with gamma = damping tr(C)/d;  buf = m buf + G~;  p -= lr msign(G~ + m buf) (Nesterov).
+    With C = c I it is Muon (msign is scale-free)."""
+
+    def __init__(self, params, layers, lr: float = 0.018, momentum: float = 0.95, nesterov: bool = True,
+                 coeffs: str = "simple", gram: str = "full", damping: float = 0.2, gram_beta: float = 0.0,
+                 f: str = "solve"):
+        super().__init__(params, layers, dict(lr=lr, momentum=momentum, nesterov=nesterov, coeffs=coeffs,
+                                              shape_scale=False, gram=gram, damping=damping, gram_beta=gram_beta,
+                                              f=f))
+
+    def damping(self, C, group):
+        return group["damping"] * trace_over_d(C, group["gram"]).item()
+
+    update = Muon.update  # on self.gradients, the preconditioned G
+
+
+class LocoPropS(FeatureGram):
+    """LocoProp-S (Amid, Anil & Warmuth, AISTATS 2022), square-loss local problems: the layer's local loss
+    1/2 ||X W^T - (X W0^T - eta dY)||^2 + lam/2 ||W - W0||^2 (means over tokens) has gradient
+    (W - W0)(C + lam I) + eta G, so with A = C + lam I its minimizer is dW = -eta G A^-1 (steps = 0), and K inner
+    gradient steps of size nu from W0 give dW = -nu eta G sum_{j<K} (I - nu A)^j (steps = K). G may first go through
+    heavy-ball momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
+
+    def __init__(self, params, layers, lr: float = 1.0, lam: float = 1.0, steps: int = 0, nu: float = 0.5,
+                 momentum: float = 0.0, gram: str = "full", gram_beta: float = 0.0):
+        super().__init__(params, layers, dict(lr=lr, damping=lam, steps=steps, nu=nu, momentum=momentum, gram=gram,
+                                              gram_beta=gram_beta, f="solve"))
+
+    def damping(self, C, group):
+        return group["damping"]
+
+    @torch.no_grad()
+    def refresh_gram(self, n_tokens: int) -> None:
+        super().refresh_gram(n_tokens)
+        for group in self.param_groups:
+            if group["steps"] == 0:
+                continue
+            for p in group["params"]:
+                if self.owner[p] == self.rank:  # the K-step polynomial replaces the Cholesky factor
+                    st = self.state[p]
+                    st["factor"] = inner_steps_polynomial(st["gram"], group["damping"], group["nu"], group["steps"],
+                                                          group["gram"])
+
+    def update(self, params, group):
+        grads = [p.grad for p in params]
+        if group["momentum"]:
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            grads = bufs
+        apply = right_precondition if group["steps"] == 0 else apply_polynomial  # A^-1 or the cached P_K
+        dirs = [apply(g, self.state[p]["factor"], group["gram"]) if "factor" in self.state[p] else g
+                for p, g in zip(params, grads)]  # the identity before the first refresh
+        torch._foreach_add_(params, dirs, alpha=-group["lr"])
+
+
+def inner_steps_polynomial(C: torch.Tensor, lam: float, nu: float, K: int, mode: str) -> torch.Tensor:
+    """P_K = nu sum_{j<K} (I - nu (C + lam I))^j (full/block: matrices; diag: a vector), by P <- nu I + (I - nu A) P."""
+    if mode == "diag":
+        B = 1 - nu * (C + lam)
+        P = torch.zeros_like(C)
+        for _ in range(K):
+            P = nu + B * P
+        return P
+    eye = torch.eye(C.size(-1), device=C.device, dtype=C.dtype)
+    B = eye - nu * (C + lam * eye)
+    P = torch.zeros_like(C)
+    for _ in range(K):
+        P = nu * eye + B @ P
+    return P
+
+
+def apply_polynomial(G: torch.Tensor, P: torch.Tensor, mode: str) -> torch.Tensor:
+    """G P for P full (d, d), block (d/b, b, b) or diag (d,)."""
+    if mode == "diag":
+        return G * P
+    X = G.to(P.dtype)
+    if mode == "full":
+        return (X @ P).to(G.dtype)
+    out, d = G.shape
+    X = X.view(out, P.size(0), -1).transpose(0, 1) @ P
+    return X.transpose(0, 1).reshape(out, d).to(G.dtype)
+
+
 def build_optimizers(model: nn.Module, args: Hyperparameters) -> list[torch.optim.Optimizer]:
-    """AdamW on the tied embedding/head; `args.optimizer` on every matrix inside the blocks."""
+    """AdamW on the tied embedding/head; OPTIMIZERS[args.optimizer] on every matrix inside the blocks."""
     fused = next(model.parameters()).is_cuda
     embed = torch.optim.AdamW([model.lm_head.weight], lr=args.embed_lr, betas=args.embed_betas, weight_decay=0.0,
                               fused=fused)
-    matrices = [p for p in model.transformer.h.parameters()]
-    if args.optimizer == "muon":
-        blocks = Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, nesterov=args.muon_nesterov,
-                      coeffs=args.ns_coeffs, shape_scale=args.muon_shape_scale)
-    elif args.optimizer == "adamw":
-        blocks = torch.optim.AdamW(matrices, lr=args.adamw_lr, betas=args.adamw_betas,
-                                   weight_decay=args.adamw_weight_decay, fused=fused)
-    else:
+    if args.optimizer not in OPTIMIZERS:
         raise SystemExit(f"--optimizer: unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if args.optimizer in ("newton_muon", "locoprop"):  # these also need each matrix's layer, which collects its C
+        model.setup_gram(args.gram, args.gram_block)
+        layers = model.gram_layers()
+        blocks = OPTIMIZERS[args.optimizer]([m.weight for m in layers], args, layers)
+    else:
+        blocks = OPTIMIZERS[args.optimizer](list(model.transformer.h.parameters()), args, fused)
     for opt in (embed, blocks):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
     return [embed, blocks]
 
 
-OPTIMIZERS = ("muon", "adamw")
+# name -> (block matrices, settings, fused) -> optimizer; `--optimizer` takes these names
+OPTIMIZERS = {
+    "muon": lambda ps, a, fused: Muon(ps, lr=a.muon_lr, momentum=a.muon_momentum, nesterov=a.muon_nesterov,
+                                      coeffs=a.ns_coeffs, shape_scale=a.muon_shape_scale),
+    "polargrad": lambda ps, a, fused: PolarGrad(ps, lr=a.polargrad_lr, momentum=a.polargrad_momentum,
+                                                nesterov=a.polargrad_nesterov, weight_decay=a.polargrad_weight_decay,
+                                                nuclear=a.polargrad_nuclear, coeffs=a.ns_coeffs),
+    "soap": lambda ps, a, fused: SOAP(ps, lr=a.soap_lr, betas=a.soap_betas, shampoo_beta=a.soap_shampoo_beta,
+                                      eps=a.soap_eps, weight_decay=a.soap_weight_decay,
+                                      precondition_frequency=a.soap_precondition_frequency,
+                                      max_precond_dim=a.soap_max_precond_dim),
+    "newton_muon": lambda ps, a, layers: NewtonMuon(ps, layers, lr=a.muon_lr, momentum=a.muon_momentum,
+                                                    nesterov=a.muon_nesterov, coeffs=a.ns_coeffs, gram=a.gram,
+                                                    damping=a.gram_damping, gram_beta=a.gram_beta, f=a.gram_f),
+    "locoprop": lambda ps, a, layers: LocoPropS(ps, layers, lr=a.locoprop_lr, lam=a.locoprop_lambda,
+                                                steps=a.locoprop_steps, nu=a.locoprop_nu,
+                                                momentum=a.locoprop_momentum, gram=a.gram, gram_beta=a.gram_beta),
+    "adamw": lambda ps, a, fused: torch.optim.AdamW(ps, lr=a.adamw_lr, betas=a.adamw_betas,
+                                                    weight_decay=a.adamw_weight_decay, fused=fused),
+}
+
+
+def check_optimizer_args(args: Hyperparameters) -> None:
+    """Refuse optimizer settings out of range: lr, eps in (0, inf); momentum, betas in [0, 1); weight decay >= 0;
+    soap_shampoo_beta < 1 (negative: soap_betas[1]); frequency, max dim >= 1; polargrad_nuclear exact | inner."""
+    def bad(name: str, want: str):
+        raise SystemExit(f"--{name}: must be {want}, got {getattr(args, name)!r}")
+
+    for name in ("embed_lr", "muon_lr", "adamw_lr", "polargrad_lr", "soap_lr", "soap_eps"):
+        if not 0 < getattr(args, name) < math.inf:
+            bad(name, "positive and finite")
+    for name in ("muon_momentum", "polargrad_momentum"):
+        if not 0 <= getattr(args, name) < 1:
+            bad(name, "in [0, 1)")
+    for name in ("embed_betas", "adamw_betas", "soap_betas"):
+        if len(getattr(args, name)) != 2 or not all(0 <= b < 1 for b in getattr(args, name)):
+            bad(name, "two numbers in [0, 1), e.g. 0.9,0.95")
+    for name in ("adamw_weight_decay", "polargrad_weight_decay", "soap_weight_decay"):
+        if not 0 <= getattr(args, name) < math.inf:
+            bad(name, ">= 0")
+    if not args.soap_shampoo_beta < 1:
+        bad("soap_shampoo_beta", "in [0, 1), or negative for soap_betas[1]")
+    for name in ("soap_precondition_frequency", "soap_max_precond_dim"):
+        if getattr(args, name) < 1:
+            bad(name, ">= 1")
+    if args.polargrad_nuclear not in ("exact", "inner"):
+        bad("polargrad_nuclear", "exact or inner")
+    if args.gram not in ("full", "block", "diag"):
+        bad("gram", "full, block or diag")
+    if args.gram == "block" and (args.gram_block < 1 or args.n_embd % args.gram_block):
+        bad("gram_block", f"a divisor of every layer's input width ({args.n_embd} and {4 * args.n_embd})")
+    if args.gram_f not in ("solve", "inverse_sqrt"):
+        bad("gram_f", "solve or inverse_sqrt")
+    for name in ("gram_every", "locoprop_steps"):
+        if getattr(args, name) < (1 if name == "gram_every" else 0):
+            bad(name, ">= 1" if name == "gram_every" else ">= 0")
+    for name in ("gram_beta", "locoprop_momentum"):
+        if not 0 <= getattr(args, name) < 1:
+            bad(name, "in [0, 1)")
+    for name in ("gram_damping", "locoprop_lr", "locoprop_lambda", "locoprop_nu"):
+        if not 0 < getattr(args, name) < math.inf:
+            bad(name, "positive and finite")
 
 # ----------------------------------------------------------------------------- model
 
@@ -274,6 +664,37 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + 1e-6), in fp32, no weight."""
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(x)
+
+
+def gram_accumulate(gram: torch.Tensor, x: torch.Tensor, mode: str) -> None:
+    """gram += X^T X over the rows of x (..., d), accumulated in fp32: full (d, d); block (d/b, b, b), the diagonal
+    blocks; diag (d,), the column sums of x^2. On CUDA the bf16 products come out of the matmul in fp32."""
+    x = x.detach().reshape(-1, x.size(-1))
+    if mode == "diag":
+        gram += x.float().square().sum(0)
+        return
+    if mode == "block":
+        x = x.view(x.size(0), gram.size(0), -1).transpose(0, 1)  # (d/b, n, b)
+    if x.is_cuda and x.dtype == torch.bfloat16:
+        gram += (torch.bmm if x.dim() == 3 else torch.mm)(x.mT, x, out_dtype=torch.float32)
+    else:
+        x = x.float()
+        gram += x.mT @ x
+
+
+class Linear(nn.Linear):
+    """Bias-free nn.Linear that, while `collect` is on, also adds the Gram matrix X^T X of its input into its `gram`
+    buffer (GPT.setup_gram makes it; see gram_accumulate). With `collect` off it is nn.Linear: no extra kernels."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out, bias=False)
+        self.collect, self.gram_mode = False, "full"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.collect:
+            with torch.no_grad():
+                gram_accumulate(self.gram, x, self.gram_mode)
+        return super().forward(x)
 
 
 class Rotary(nn.Module):
@@ -300,8 +721,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int):
         super().__init__()
         self.n_head = n_head
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.c_attn = Linear(n_embd, 3 * n_embd)  # q, k and v share one input, so one Gram matrix
+        self.c_proj = Linear(n_embd, n_embd)
         self.rotary = Rotary(n_embd // n_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,8 +737,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, n_embd: int):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+        self.c_fc = Linear(n_embd, 4 * n_embd)
+        self.c_proj = Linear(4 * n_embd, n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x)))
@@ -348,6 +769,26 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as upstream: the Linear's init wins
+
+    def gram_layers(self) -> list[Linear]:
+        """The block matrices' layers, in parameter order; each one's input Gram matrix preconditions its weight."""
+        return [m for m in self.transformer.h.modules() if isinstance(m, Linear)]
+
+    def setup_gram(self, mode: str, block: int) -> None:
+        """A zeroed fp32 `gram` buffer on every block layer: (d, d) full, (d/block, block, block) block, (d,) diag.
+        Not persistent: collected C lives in the optimizer's state."""
+        for m in self.gram_layers():
+            d = m.in_features
+            shape = {"full": (d, d), "block": (d // block, block, block), "diag": (d,)}[mode]
+            m.register_buffer("gram", torch.zeros(shape, device=m.weight.device), persistent=False)
+            m.gram_mode = mode
+
+    def collect_gram(self, on: bool) -> None:
+        """Turn collection on (after zeroing the buffers) or off, for every block layer."""
+        for m in self.gram_layers():
+            if on:
+                m.gram.zero_()
+            m.collect = on
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over all tokens, logits in fp32."""
@@ -433,19 +874,23 @@ class DataLoader:
         return x, y
 
 
-def val_batches(files: list[str], args: Hyperparameters, rank: int, world: int, device: torch.device):
-    """The first val_tokens (+1) tokens of the val shards, split into batches of device_batch_size sequences; process r
-    takes batches r, r + W, ...: the same tokens whatever W."""
-    need, parts = args.val_tokens + 1, []
+def load_val_tokens(files: list[str], val_tokens: int, vocab_size: int) -> np.ndarray:
+    """The first val_tokens + 1 tokens of the val shards, in order (read once per run)."""
+    parts, have = [], 0
     for f in files:
-        parts.append(load_shard(f, args.vocab_size)[: need - sum(len(p) for p in parts)])
-        if sum(len(p) for p in parts) == need:
+        parts.append(np.array(load_shard(f, vocab_size)[: val_tokens + 1 - have]))
+        have += len(parts[-1])
+        if have == val_tokens + 1:
             break
-    tokens = np.concatenate(parts)
-    bt = args.device_batch_size * args.sequence_length
-    for i in range(rank, args.val_tokens // bt, world):
-        buf = torch.from_numpy(tokens[i * bt: (i + 1) * bt + 1].astype(np.int64)).to(device)
-        yield buf[:-1].view(args.device_batch_size, -1), buf[1:].view(args.device_batch_size, -1)
+    return np.concatenate(parts)
+
+
+def val_batches(tokens: np.ndarray, B: int, T: int, rank: int, world: int, device: torch.device):
+    """Batches of B sequences of `tokens`; process r takes batches r, r + W, ...: the same tokens whatever W."""
+    for i in range(rank, (len(tokens) - 1) // (B * T), world):
+        buf = torch.from_numpy(tokens[i * B * T: (i + 1) * B * T + 1].astype(np.int64)).to(device)
+        yield buf[:-1].view(B, T), buf[1:].view(B, T)
+
 
 # ----------------------------------------------------------------------------- training loop
 
@@ -454,6 +899,7 @@ def validate_args(args: Hyperparameters, world: int) -> int:
     """Refuse bad settings before any model is built; returns the gradient accumulation steps."""
     if args.optimizer not in OPTIMIZERS:
         raise SystemExit(f"--optimizer: unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    check_optimizer_args(args)
     if args.ns_coeffs not in NS_COEFFS:
         raise SystemExit(f"--ns_coeffs: unknown set {args.ns_coeffs!r}; choose one of {', '.join(NS_COEFFS)}")
     for name in ("batch_size", "device_batch_size", "sequence_length", "num_iterations", "val_tokens", "n_layer",
@@ -519,21 +965,21 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         raise ShardError(args.input_val_bin, f"val shards hold {have} tokens, fewer than --val_tokens "
                                              f"{args.val_tokens} + 1", fix=f"pass --val_tokens <= {have - 1} "
                                              f"(a multiple of {world * B * T})")
+    val_tokens = load_val_tokens(val_files, args.val_tokens, args.vocab_size)
     cuda = device.type == "cuda"
     record = Record(args, world, device) if master else None
     log = record.log if master else (lambda *a, **k: None)
     log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, {args.batch_size * T} tokens/step")
 
     torch.manual_seed(args.seed)
-    model = GPT(args).to(device)
-    raw_model = model
+    model = raw_model = GPT(args).to(device)
+    optimizers = build_optimizers(raw_model, args)  # before compiling: feature-gram optimizers add buffers
     if cuda and args.compile:
         global _orthogonalize
         _orthogonalize = torch.compile(orthogonalize)
         model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if cuda else None)
-    optimizers = build_optimizers(raw_model, args)
+    if world > 1:  # buffers (the Gram sums) stay per process until refresh_gram reduces them
+        model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
     x, y = loader.next_batch()
@@ -557,7 +1003,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             model.eval()
             val_loss, n = torch.zeros((), device=device), 0
             with torch.no_grad():
-                for vx, vy in val_batches(val_files, args, rank, world, device):
+                for vx, vy in val_batches(val_tokens, B, T, rank, world, device):
                     with autocast:
                         val_loss += model(vx, vy)
                     n += 1
@@ -573,6 +1019,9 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             break
 
         train_loss = torch.zeros((), device=device)
+        refresh = isinstance(optimizers[-1], FeatureGram) and step % args.gram_every == 0
+        if refresh:  # this step's forward passes also collect each layer's input Gram matrix
+            raw_model.collect_gram(True)
         for micro in range(accum):
             no_sync = model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
             with no_sync:
@@ -583,6 +1032,9 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             train_loss += loss.detach() / accum
         mult = lr_multiplier(step, args)
         opt_timer.start()
+        if refresh:
+            raw_model.collect_gram(False)
+            optimizers[-1].refresh_gram(n_tokens=args.batch_size * T)
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * mult
@@ -598,7 +1050,8 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             f"opt_ms:{opt_timer.ms():.2f}")
 
     if master:
-        record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else 0)
+        record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # on CPU: the process's peak RSS
+                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     if dist.is_initialized():
         dist.destroy_process_group()
     return (record.path if master else ""), raw_model

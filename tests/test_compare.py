@@ -370,6 +370,6 @@ def test_reads_a_record_written_by_the_trainer(tiny_args, tmp_path):
     assert run.format == "ours" and run.complete and (run.optimizer, run.label) == ("adamw", "tiny")
     assert run.num_iterations == 5 and [s for s, *_ in run.val] == [0, 2, 4, 5]
     assert [s for s, *_ in run.train] == [1, 2, 3, 4, 5] and all(loss is not None for _, loss, *_ in run.train)
-    assert run.peak_mib == 0 and run.tokens == 5 * 4 * 32 and run.meta["tokens_per_step"] == 4 * 32
+    assert run.peak_mib > 0 and run.tokens == 5 * 4 * 32 and run.meta["tokens_per_step"] == 4 * 32
     assert run.hyperparameters["label"] == "tiny" and run.timestamp is not None
     assert math.isfinite(run.final_val_loss)

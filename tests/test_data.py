@@ -114,9 +114,10 @@ def test_same_tokens_per_step_for_any_world_size(tmp_path, world):
 def test_val_tokens_are_the_same_for_any_world_size(tmp_path):
     _, val = make_shards(tmp_path, val_sizes=(200, 300))  # val spans two shards
     files = sorted(t.check_shards(val, 0, "val"))
-    args = t.parse_args(["--device_batch_size", "2", "--sequence_length", "16", "--val_tokens", "384"])
-    one = [x for x, _ in t.val_batches(files, args, 0, 1, CPU)]
-    two = [[x for x, _ in t.val_batches(files, args, r, 2, CPU)] for r in range(2)]
+    tokens = t.load_val_tokens(files, 384, 50257)
+    assert len(tokens) == 385
+    one = [x for x, _ in t.val_batches(tokens, 2, 16, 0, 1, CPU)]
+    two = [[x for x, _ in t.val_batches(tokens, 2, 16, r, 2, CPU)] for r in range(2)]
     assert len(one) == 12 and len(two[0]) == len(two[1]) == 6
     assert torch.equal(torch.stack(one), torch.stack([two[i % 2][i // 2] for i in range(12)]))
     expect = np.concatenate([t.load_shard(f, 50257) for f in files])[:384]
