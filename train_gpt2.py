@@ -305,9 +305,9 @@ class PolarGrad(MatrixOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       nuclear=nuclear, coeffs=coeffs))
 
-    def update(self, params, group):
+    def update(self, params: list[torch.Tensor], group: dict) -> None:
         b, lr = group["momentum"], group["lr"]
-        grads = [p.grad for p in params]
+        grads = self.gradients(params, group)
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - b)
         D = torch.stack(torch._foreach_lerp(grads, bufs, b) if group["nesterov"] else bufs)
@@ -365,7 +365,7 @@ class SOAP(MatrixOptimizer):
                                       weight_decay=weight_decay, precondition_frequency=precondition_frequency,
                                       max_precond_dim=max_precond_dim))
 
-    def update(self, params, group):
+    def update(self, params: list[torch.Tensor], group: dict) -> None:
         steps = {self.state[p].get("step", -1) for p in params}
         if len(steps) > 1:  # matrices that missed a step (no grad) are batched apart
             for t in steps:
@@ -374,7 +374,7 @@ class SOAP(MatrixOptimizer):
         (b1, b2), lr = group["betas"], group["lr"]
         s = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
         states = [self.state[p] for p in params]
-        G = torch.stack([p.grad for p in params]).to(torch.promote_types(params[0].dtype, torch.float32))
+        G = torch.stack(self.gradients(params, group)).to(torch.promote_types(params[0].dtype, torch.float32))
         if "step" not in states[0]:
             t = 0
             S = {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
