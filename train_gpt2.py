@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ----------------------------------------------------------------------------- settings
 
@@ -67,7 +68,8 @@ class Hyperparameters:
     polargrad_momentum: float = 0.95
     polargrad_nesterov: bool = False
     polargrad_weight_decay: float = 0.0
-    polargrad_nuclear: str = "exact"  # exact | inner  (see nuclear_norm)
+    polargrad_nuclear: str = "inner"  # inner | exact  (see nuclear_norm; README: inner is within ~5% with polar_express)
+    polargrad_ns_coeffs: str = "polar_express"  # PolarGrad's own set: <O, M> needs O close to U V^T
     soap_lr: float = 0.0018
     soap_betas: tuple[float, float] = (0.95, 0.95)
     soap_shampoo_beta: float = -1.0  # < 0: use soap_betas[1]
@@ -87,6 +89,9 @@ class Hyperparameters:
     locoprop_steps: int = 0  # 0: the exact minimizer; K: K inner gradient steps of size locoprop_nu
     locoprop_nu: float = 0.5
     locoprop_momentum: float = 0.0  # heavy-ball momentum on G; 0: none
+    # speed (the math stays the same)
+    loss_chunk: int = 8192  # rows of logits at a time in the fused loss (LinearCrossEntropy); 0: whole fp32 logits
+    attention: str = "auto"  # scaled_dot_product_attention backend: auto | cudnn | flash | efficient | math
     # run
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
     records_dir: str = "records"
@@ -100,6 +105,9 @@ PRESETS: dict[str, dict] = {
         input_bin="data/sample/sample_train_*.bin", input_val_bin="data/sample/sample_val_*.bin",
         n_layer=2, n_head=2, n_embd=128, batch_size=8, device_batch_size=4, sequence_length=128,
         num_iterations=60, warmup_iters=5, warmdown_iters=20, val_loss_every=20, val_tokens=16384,
+    ),
+    "bench": dict(  # the record's model and batch for 50 steps (10 untimed + 40 timed), one validation at the end:
+        num_iterations=50, warmup_iters=10, warmdown_iters=10, val_loss_every=0, val_tokens=1048576,  # the benchmark
     ),
 }
 
@@ -146,6 +154,13 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     return Hyperparameters(**values)
 
 
+def flops_per_token(args: Hyperparameters) -> int:
+    """Forward + backward FLOPs of one token: 6 N + 6 L T d, N = 12 L d^2 + V d matmul weights (qkv 3 d^2, proj d^2,
+    MLP 8 d^2 per layer, the head V d), causal attention 6 L T d (half of 12 L T d). GPT-124M, T = 1024: 0.798 GFLOP."""
+    L, d = args.n_layer, args.n_embd
+    return 6 * (12 * L * d * d + args.vocab_size * d) + 6 * L * args.sequence_length * d
+
+
 def lr_multiplier(it: int, args: Hyperparameters) -> float:
     """(it+1)/warmup for it < warmup; 1 until num_iterations - warmdown; then (num_iterations - it)/warmdown."""
     if it < args.warmup_iters:
@@ -182,7 +197,8 @@ NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
 
 def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     """msign(G) ~ U V^T for G = U S V^T, batched over leading dims, in bf16:
-    X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; B = A X; X = a X + b B + c A B}."""
+    X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; X = a X + (b A + c A A) X}
+    (= a X + b B + c A B with B = A X, the record's form, in 4mmn + 2mmm flops instead of 6mmn for m x n)."""
     steps, f = NS_COEFFS[coeffs]
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * f + 1e-7)
@@ -191,12 +207,8 @@ def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
         X = X.mT
     for a, b, c in steps:
         A = X @ X.mT
-        B = A @ X
-        X = a * X + b * B + c * (A @ B)
+        X = a * X + (b * A + c * (A @ A)) @ X  # = a X + b A X + c A A X, with the small A A instead of A (A X)
     return X.mT if transpose else X
-
-
-_orthogonalize = orthogonalize  # replaced by a compiled version on CUDA (see main)
 
 
 def nuclear_norm(M: torch.Tensor, mode: str = "exact", O: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,6 +237,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             r = min(range(self.world), key=lambda i: load[i])
             self.owner[p], load[r] = r, load[r] + self.cost(p)
         self._gather_buf: torch.Tensor | None = None
+        self._lr: dict[tuple, torch.Tensor] = {}
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -241,6 +254,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """The gradients the rule starts from (a subclass may precondition them)."""
         return [p.grad for p in params]
+
+    def lr_tensor(self, group: dict, like: torch.Tensor) -> torch.Tensor:
+        """group["lr"] as a 0-dim tensor of like's device and dtype, refilled in place each step (compiled steps take
+        it as data, so the schedule never recompiles them)."""
+        key = (id(group), like.device, like.dtype)
+        if key not in self._lr:
+            self._lr[key] = torch.empty((), device=like.device, dtype=like.dtype)
+        return self._lr[key].fill_(group["lr"])
 
     @torch.no_grad()
     def step(self) -> None:
@@ -273,6 +294,33 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 torch._foreach_copy_(ps, [c.view_as(p) for c, p in zip(chunks, ps)])
 
 
+def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
+              momentum: float, nesterov: bool, coeffs: str, scale: float) -> None:
+    """Muon on same-shape matrices: buf = m buf + G; p -= lr scale orthogonalize(G + m buf (Nesterov) or buf).
+    One graph per shape on CUDA (lr a tensor, so the schedule never recompiles)."""
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, grads)
+    g = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
+    O = orthogonalize(torch.stack(g), coeffs)
+    torch._foreach_add_(params, list((O.to(params[0].dtype) * (-scale * lr)).unbind(0)))
+
+
+def polargrad_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
+                   momentum: float, nesterov: bool, weight_decay: float, nuclear: str, coeffs: str) -> None:
+    """PolarGrad on same-shape matrices: M = b M + (1 - b) G; D = b M + (1 - b) G (Nesterov) or M;
+    p = (1 - lr wd) p - lr ||D||_* orthogonalize(D)."""
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    D = torch.stack(torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs)
+    O = orthogonalize(D, coeffs)
+    scale = nuclear_norm(D, nuclear, O)
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_add_(params, list((O.to(scale.dtype) * (-lr * scale)[:, None, None]).to(params[0].dtype).unbind(0)))
+
+
+_muon_step, _polargrad_step = muon_step, polargrad_step  # replaced by compiled versions on CUDA (see train)
+
+
 class Muon(MatrixOptimizer):
     """buf = m buf + G; G' = G + m buf (Nesterov) or buf; p -= lr * s * orthogonalize(G'), s = max(1, rows/cols)^0.5 or 1."""
 
@@ -282,16 +330,12 @@ class Muon(MatrixOptimizer):
                                       shape_scale=shape_scale))
 
     def update(self, params, group):
-        m = group["momentum"]
         grads = self.gradients(params, group)
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-        torch._foreach_mul_(bufs, m)
-        torch._foreach_add_(bufs, grads)
-        g = torch._foreach_add(grads, bufs, alpha=m) if group["nesterov"] else bufs
-        O = _orthogonalize(torch.stack(g), group["coeffs"])
         rows, cols = params[0].shape
         scale = max(1.0, rows / cols) ** 0.5 if group["shape_scale"] else 1.0
-        torch._foreach_add_(params, list(O.unbind(0)), alpha=-group["lr"] * scale)
+        _muon_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
+                   group["nesterov"], group["coeffs"], scale)
 
 
 class PolarGrad(MatrixOptimizer):
@@ -301,21 +345,15 @@ class PolarGrad(MatrixOptimizer):
     p = (1 - lr wd) p - lr ||D||_* O,  ||D||_* = nuclear_norm(D, nuclear, O)."""
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.95, nesterov: bool = False,
-                 weight_decay: float = 0.0, nuclear: str = "exact", coeffs: str = "simple"):
+                 weight_decay: float = 0.0, nuclear: str = "inner", coeffs: str = "polar_express"):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       nuclear=nuclear, coeffs=coeffs))
 
     def update(self, params: list[torch.Tensor], group: dict) -> None:
-        b, lr = group["momentum"], group["lr"]
         grads = self.gradients(params, group)
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - b)
-        D = torch.stack(torch._foreach_lerp(grads, bufs, b) if group["nesterov"] else bufs)
-        O = _orthogonalize(D, group["coeffs"])
-        scale = nuclear_norm(D, group["nuclear"], O)
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_add_(params, list((O.to(scale.dtype) * scale[:, None, None]).unbind(0)), alpha=-lr)
+        _polargrad_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
+                        group["nesterov"], group["weight_decay"], group["nuclear"], group["coeffs"])
 
 
 def eigenbasis(P: torch.Tensor) -> torch.Tensor:
@@ -411,54 +449,66 @@ class SOAP(MatrixOptimizer):
             st.update({k: v[i] for k, v in S.items()}, step=t)
 
 
-def gram_factor(C: torch.Tensor, gamma: float, mode: str, f: str = "solve") -> torch.Tensor:
-    """The right preconditioner of A = C + gamma I, computed once per refresh and cached. C: full (d, d), block
-    (d/b, b, b) (the blocks batched), diag (d,). solve: L = cholesky(A), with 10x, 100x, 1000x gamma where it fails;
-    inverse_sqrt: A^(-1/2) = V diag(l + gamma)^(-1/2) V^T from eigh(C); diag: 1 / (diag(C) + gamma)."""
+def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve") -> torch.Tensor:
+    """The cached right preconditioner R of A = C + gamma I (computed once per refresh), batched over leading dims;
+    C: full (..., d, d), block (..., d/b, b, b), diag (..., d); gamma: a number or one per matrix (...).
+    solve: R = A^-1 = cholesky_inverse(cholesky(A)), each matrix (or block) whose Cholesky fails retried with 10x,
+    100x, 1000x gamma; inverse_sqrt: R = A^(-1/2) = V diag(l + gamma)^(-1/2) V^T from eigh(C); diag: R = 1 / (diag(C) + gamma)."""
+    gamma = torch.as_tensor(gamma, dtype=C.dtype, device=C.device)
+    gamma = gamma.reshape(gamma.shape + (1,) * (C.dim() - gamma.dim()))  # one per matrix, broadcast over its entries
     if mode == "diag":
         return 1 / (C + gamma)
-    eye = torch.eye(C.size(-1), device=C.device, dtype=C.dtype)
     if f == "inverse_sqrt":
         l, V = torch.linalg.eigh(C)
-        return (V * (l.clamp(min=0) + gamma).rsqrt().unsqueeze(-2)) @ V.mT
-    for boost in (1, 10, 100, 1000):
-        L, info = torch.linalg.cholesky_ex(C + boost * gamma * eye)
-        if not (info > 0).any():
-            return L
-    raise torch.linalg.LinAlgError(f"Cholesky of C + 1000 gamma I failed (gamma {gamma}): C is not finite")
+        return (V * (l.clamp(min=0) + gamma.squeeze(-1)).rsqrt().unsqueeze(-2)) @ V.mT
+    eye = torch.eye(C.size(-1), device=C.device, dtype=C.dtype)
+    L, info = torch.linalg.cholesky_ex(C + gamma * eye)
+    for boost in (10, 100, 1000):
+        failed = info > 0  # one flag per Cholesky (per matrix, or per block)
+        if not failed.any():
+            break
+        L2, info2 = torch.linalg.cholesky_ex(C + boost * gamma * eye)
+        L, info = torch.where(failed[..., None, None], L2, L), torch.where(failed, info2, info)
+    if (info > 0).any():
+        raise torch.linalg.LinAlgError("Cholesky of C + 1000 gamma I failed: C is not finite")
+    return torch.cholesky_inverse(L)
 
 
-def right_precondition(G: torch.Tensor, factor: torch.Tensor, mode: str, f: str = "solve") -> torch.Tensor:
-    """G (C + gamma I)^-1 for G (out, d) from gram_factor's factor: full: cholesky_solve; block: the same per block of
-    b columns; diag: G / (diag(C) + gamma); f = inverse_sqrt: G (C + gamma I)^(-1/2). In fp32 (fp64 for fp64), returned
-    as G's dtype."""
+def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str, low_precision: bool | None = None) -> torch.Tensor:
+    """G R for G (out, d) and gram_factor's R: full G @ R; block: each b-column block of G times its (b, b) block;
+    diag: G * R. In fp32 (fp64 for fp64), or with bf16 operands (low_precision; default: on CUDA, where R's
+    application then costs a bf16 matmul like the model's own), returned in G's dtype."""
     if mode == "diag":
-        return (G * factor).to(G.dtype)
-    out, d = G.shape
-    X = G.to(torch.promote_types(G.dtype, torch.float32))
-    if mode == "block":  # (out, d) -> (d/b, out, b)
-        X = X.view(out, factor.size(0), -1).transpose(0, 1)
-    X = X @ factor if f == "inverse_sqrt" else torch.cholesky_solve(X.mT, factor).mT
-    if mode == "block":
-        X = X.transpose(0, 1).reshape(out, d)
-    return X.to(G.dtype)
+        return (G * R).to(G.dtype)
+    low = G.is_cuda if low_precision is None else low_precision
+    dtype = torch.bfloat16 if low else torch.promote_types(G.dtype, torch.float32)
+    X, R = G.to(dtype), R.to(dtype)
+    if mode == "block":  # (out, d) -> (d/b, out, b) @ (d/b, b, b) -> (out, d)
+        out, d = G.shape
+        return (X.view(out, R.size(0), -1).transpose(0, 1) @ R).transpose(0, 1).reshape(out, d).to(G.dtype)
+    return (X @ R).to(G.dtype)
 
 
 class FeatureGram(MatrixOptimizer):
     """Base of the feature-gram optimizers: each block matrix W (out x d) is preconditioned on the right by the Gram
     matrix of its layer's input X, C = X^T X / n_tokens (full, block-diagonal or diagonal), which the model collects on
     refresh steps (GPT.collect_gram). On a refresh, refresh_gram averages the collected sums over processes (one
-    all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the factor of C + gamma I for the
-    matrices this process owns. Before the first refresh the preconditioner is the identity."""
+    all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the right preconditioner
+    (gram_factor, batched over the matrices of one shape) for the matrices this process owns; each step then costs
+    one matmul per matrix (right_precondition). Before the first refresh the preconditioner is the identity."""
 
     def __init__(self, params, layers: list[nn.Module], defaults: dict):
         super().__init__(params, defaults)
         self.layers = dict(zip([id(p) for p in params], layers))
         assert all(self.layers[id(p)].weight is p for p in self._params())
 
-    def damping(self, C: torch.Tensor, group: dict) -> float:
-        """gamma of C + gamma I: relative (Newton-Muon) or absolute (LocoProp-S)."""
+    def damping(self, C: torch.Tensor, group: dict) -> torch.Tensor | float:
+        """gamma of C + gamma I, for C batched over its first dim: relative (Newton-Muon) or absolute (LocoProp-S)."""
         raise NotImplementedError
+
+    def factor(self, C: torch.Tensor, group: dict) -> torch.Tensor:
+        """The cached right preconditioner for a batch of C's of one shape."""
+        return gram_factor(C, self.damping(C, group), group["gram"], group["f"])
 
     @torch.no_grad()
     def refresh_gram(self, n_tokens: int) -> None:
@@ -469,24 +519,28 @@ class FeatureGram(MatrixOptimizer):
             dist.all_reduce(flat)
             torch._foreach_copy_(grams, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grams]), grams)])
         for group in self.param_groups:
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if self.owner[p] != self.rank:
-                    continue
-                st, new = self.state[p], self.layers[id(p)].gram / n_tokens
-                st["gram"] = new.clone() if "gram" not in st else st["gram"].lerp_(new, 1 - group["gram_beta"])
-                st["factor"] = gram_factor(st["gram"], self.damping(st["gram"], group), group["gram"], group["f"])
+                if self.owner[p] == self.rank:
+                    st, new = self.state[p], self.layers[id(p)].gram / n_tokens
+                    st["gram"] = new.clone() if "gram" not in st else st["gram"].lerp_(new, 1 - group["gram_beta"])
+                    by_shape.setdefault(st["gram"].shape, []).append(p)
+            for ps in by_shape.values():
+                for p, R in zip(ps, self.factor(torch.stack([self.state[p]["gram"] for p in ps]), group)):
+                    self.state[p]["factor"] = R
 
     def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """G (C + gamma I)^-1 for each matrix that has a factor; G itself before the first refresh."""
-        return [right_precondition(p.grad, self.state[p]["factor"], group["gram"], group["f"])
+        return [right_precondition(p.grad, self.state[p]["factor"], group["gram"])
                 if "factor" in self.state[p] else p.grad for p in params]
 
 
 def trace_over_d(C: torch.Tensor, mode: str) -> torch.Tensor:
-    """tr(C) / d for C full (d, d), block (d/b, b, b) or diag (d,)."""
+    """tr(C) / d per matrix for C full (..., d, d), block (..., d/b, b, b) or diag (..., d)."""
     if mode == "diag":
-        return C.mean()
-    return C.diagonal(dim1=-2, dim2=-1).mean()
+        return C.mean(-1)
+    D = C.diagonal(dim1=-2, dim2=-1)
+    return D.flatten(-2).mean(-1) if mode == "block" else D.mean(-1)
 
 
 class NewtonMuon(FeatureGram):
@@ -502,7 +556,7 @@ class NewtonMuon(FeatureGram):
                                               f=f))
 
     def damping(self, C, group):
-        return group["damping"] * trace_over_d(C, group["gram"]).item()
+        return group["damping"] * trace_over_d(C, group["gram"])
 
     update = Muon.update  # on self.gradients, the preconditioned G
 
@@ -522,17 +576,10 @@ class LocoPropS(FeatureGram):
     def damping(self, C, group):
         return group["damping"]
 
-    @torch.no_grad()
-    def refresh_gram(self, n_tokens: int) -> None:
-        super().refresh_gram(n_tokens)
-        for group in self.param_groups:
-            if group["steps"] == 0:
-                continue
-            for p in group["params"]:
-                if self.owner[p] == self.rank:  # the K-step polynomial replaces the Cholesky factor
-                    st = self.state[p]
-                    st["factor"] = inner_steps_polynomial(st["gram"], group["damping"], group["nu"], group["steps"],
-                                                          group["gram"])
+    def factor(self, C, group):  # A^-1 (steps = 0) or the K-step polynomial P_K
+        if group["steps"] == 0:
+            return super().factor(C, group)
+        return inner_steps_polynomial(C, group["damping"], group["nu"], group["steps"], group["gram"])
 
     def update(self, params, group):
         grads = [p.grad for p in params]
@@ -541,14 +588,14 @@ class LocoPropS(FeatureGram):
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, grads)
             grads = bufs
-        apply = right_precondition if group["steps"] == 0 else apply_polynomial  # A^-1 or the cached P_K
-        dirs = [apply(g, self.state[p]["factor"], group["gram"]) if "factor" in self.state[p] else g
+        dirs = [right_precondition(g, self.state[p]["factor"], group["gram"]) if "factor" in self.state[p] else g
                 for p, g in zip(params, grads)]  # the identity before the first refresh
         torch._foreach_add_(params, dirs, alpha=-group["lr"])
 
 
 def inner_steps_polynomial(C: torch.Tensor, lam: float, nu: float, K: int, mode: str) -> torch.Tensor:
-    """P_K = nu sum_{j<K} (I - nu (C + lam I))^j (full/block: matrices; diag: a vector), by P <- nu I + (I - nu A) P."""
+    """P_K = nu sum_{j<K} (I - nu (C + lam I))^j (full/block: matrices; diag: a vector; batched over leading dims),
+    by P <- nu I + (I - nu A) P; applied like A^-1 (right_precondition)."""
     if mode == "diag":
         B = 1 - nu * (C + lam)
         P = torch.zeros_like(C)
@@ -561,18 +608,6 @@ def inner_steps_polynomial(C: torch.Tensor, lam: float, nu: float, K: int, mode:
     for _ in range(K):
         P = nu * eye + B @ P
     return P
-
-
-def apply_polynomial(G: torch.Tensor, P: torch.Tensor, mode: str) -> torch.Tensor:
-    """G P for P full (d, d), block (d/b, b, b) or diag (d,)."""
-    if mode == "diag":
-        return G * P
-    X = G.to(P.dtype)
-    if mode == "full":
-        return (X @ P).to(G.dtype)
-    out, d = G.shape
-    X = X.view(out, P.size(0), -1).transpose(0, 1) @ P
-    return X.transpose(0, 1).reshape(out, d).to(G.dtype)
 
 
 def build_optimizers(model: nn.Module, args: Hyperparameters) -> list[torch.optim.Optimizer]:
@@ -600,7 +635,7 @@ OPTIMIZERS = {
                                       coeffs=a.ns_coeffs, shape_scale=a.muon_shape_scale),
     "polargrad": lambda ps, a, fused: PolarGrad(ps, lr=a.polargrad_lr, momentum=a.polargrad_momentum,
                                                 nesterov=a.polargrad_nesterov, weight_decay=a.polargrad_weight_decay,
-                                                nuclear=a.polargrad_nuclear, coeffs=a.ns_coeffs),
+                                                nuclear=a.polargrad_nuclear, coeffs=a.polargrad_ns_coeffs),
     "soap": lambda ps, a, fused: SOAP(ps, lr=a.soap_lr, betas=a.soap_betas, shampoo_beta=a.soap_shampoo_beta,
                                       eps=a.soap_eps, weight_decay=a.soap_weight_decay,
                                       precondition_frequency=a.soap_precondition_frequency,
@@ -682,6 +717,60 @@ def gram_accumulate(gram: torch.Tensor, x: torch.Tensor, mode: str) -> None:
         gram += x.mT @ x
 
 
+def _ce_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float):
+    """One chunk of linear_cross_entropy: z = x W^T in fp32; (sum_i lse(z_i) - z_i[t_i], dz W, dz^T x) with
+    dz = scale (softmax(z) - onehot(t)) in x's dtype."""
+    z = (x @ w.mT).float()
+    lse = z.logsumexp(-1, keepdim=True)
+    hit = torch.arange(z.size(-1), device=z.device) == t[:, None]
+    loss = (lse.squeeze(-1) - z.masked_fill(~hit, 0).sum(-1)).sum()
+    dz = ((z - lse).exp() - hit.float()).mul(scale).to(x.dtype)
+    return loss, dz @ w, dz.mT @ x
+
+
+_ce_chunk_compiled = _ce_chunk  # replaced by a compiled version on CUDA (see train)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(x_i W^T, t_i) for x (N, d), W (V, d) without the N x V logits: `chunk` rows at a time, the forward
+    also forms dL/dx and dL/dW (operands in x's dtype, bf16 under autocast, logits and softmax in fp32, dL/dW summed in
+    fp32), and the backward scales them by the incoming gradient. Under no_grad only the loss is computed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+        xc, wc, N = x.to(dtype), w.to(dtype), x.size(0)
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss = torch.zeros((), device=x.device)
+        dx = torch.empty_like(xc) if grads else None
+        dw = torch.zeros(w.shape, device=w.device) if grads else None
+        with torch.autocast(x.device.type, enabled=False):
+            for s in range(0, N, chunk):
+                if grads:
+                    l, dxs, dws = _ce_chunk_compiled(xc[s: s + chunk], wc, t[s: s + chunk], 1.0 / N)
+                    dx[s: s + chunk] = dxs
+                    dw += dws
+                else:
+                    z = (xc[s: s + chunk] @ wc.mT).float()
+                    l = F.cross_entropy(z, t[s: s + chunk], reduction="sum")
+                loss += l
+        if grads:
+            ctx.save_for_backward(dx, dw)
+            ctx.dtypes = x.dtype, w.dtype
+        return loss / N
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dx, dw = ctx.saved_tensors
+        return dx.to(ctx.dtypes[0]) * grad, (dw * grad).to(ctx.dtypes[1]), None, None
+
+
+@torch.compiler.disable  # a graph break: the chunk loop runs eagerly, each chunk's math compiled on its own
+def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
+    """mean_i CE(x_i W^T, t_i), `chunk` rows of logits at a time (LinearCrossEntropy)."""
+    return LinearCrossEntropy.apply(x, w, t, chunk)
+
+
 class Linear(nn.Linear):
     """Bias-free nn.Linear that, while `collect` is on, also adds the Gram matrix X^T X of its input into its `gram`
     buffer (GPT.setup_gram makes it; see gram_accumulate). With `collect` off it is nn.Linear: no extra kernels."""
@@ -715,6 +804,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     d = x.size(3) // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], 3).type_as(x)
+
+
+# --attention: the scaled_dot_product_attention kernel (None: PyTorch's own choice, flash on Hopper in bf16)
+ATTENTION_BACKENDS = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 class CausalSelfAttention(nn.Module):
@@ -769,6 +863,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as upstream: the Linear's init wins
+        self.loss_chunk = args.loss_chunk
 
     def gram_layers(self) -> list[Linear]:
         """The block matrices' layers, in parameter order; each one's input Gram matrix preconditions its weight."""
@@ -795,7 +890,11 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(rms_norm(x)).float()
+        x = rms_norm(x)
+        if self.loss_chunk:  # the same loss without the (B T) x V logits
+            return linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1),
+                                        self.loss_chunk)
+        logits = self.lm_head(x).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 # ----------------------------------------------------------------------------- data
@@ -900,8 +999,13 @@ def validate_args(args: Hyperparameters, world: int) -> int:
     if args.optimizer not in OPTIMIZERS:
         raise SystemExit(f"--optimizer: unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     check_optimizer_args(args)
-    if args.ns_coeffs not in NS_COEFFS:
-        raise SystemExit(f"--ns_coeffs: unknown set {args.ns_coeffs!r}; choose one of {', '.join(NS_COEFFS)}")
+    if args.attention not in ATTENTION_BACKENDS:
+        raise SystemExit(f"--attention: unknown backend {args.attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if args.loss_chunk < 0:
+        raise SystemExit(f"--loss_chunk: must be >= 0 (0: whole logits), got {args.loss_chunk}")
+    for name in ("ns_coeffs", "polargrad_ns_coeffs"):
+        if getattr(args, name) not in NS_COEFFS:
+            raise SystemExit(f"--{name}: unknown set {getattr(args, name)!r}; choose one of {', '.join(NS_COEFFS)}")
     for name in ("batch_size", "device_batch_size", "sequence_length", "num_iterations", "val_tokens", "n_layer",
                  "n_head", "n_embd", "vocab_size"):
         if getattr(args, name) <= 0:
@@ -975,12 +1079,16 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     model = raw_model = GPT(args).to(device)
     optimizers = build_optimizers(raw_model, args)  # before compiling: feature-gram optimizers add buffers
     if cuda and args.compile:
-        global _orthogonalize
-        _orthogonalize = torch.compile(orthogonalize)
+        global _ce_chunk_compiled, _muon_step, _polargrad_step
+        _muon_step = torch.compile(muon_step, dynamic=False)  # one graph per shape, no dynamic kernels
+        _polargrad_step = torch.compile(polargrad_step, dynamic=False)
+        _ce_chunk_compiled = torch.compile(_ce_chunk, dynamic=False)
         model = torch.compile(model)
     if world > 1:  # buffers (the Gram sums) stay per process until refresh_gram reduces them
         model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    backend = ATTENTION_BACKENDS[args.attention]
+    attention = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
     loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
     x, y = loader.next_batch()
 
@@ -1004,7 +1112,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             val_loss, n = torch.zeros((), device=device), 0
             with torch.no_grad():
                 for vx, vy in val_batches(val_tokens, B, T, rank, world, device):
-                    with autocast:
+                    with autocast, attention():
                         val_loss += model(vx, vy)
                     n += 1
             val_loss /= n
@@ -1025,7 +1133,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         for micro in range(accum):
             no_sync = model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
             with no_sync:
-                with autocast:
+                with autocast, attention():
                     loss = model(x, y)
                 x, y = loader.next_batch()  # the next batch is read while the GPU works
                 (loss / accum).backward()
@@ -1049,6 +1157,10 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             f"step_avg:{now_ms / (step + 1 - 10) if step + 1 > 10 else float('nan'):.2f}ms "
             f"opt_ms:{opt_timer.ms():.2f}")
 
+    timed = args.num_iterations - 10
+    if timed > 0:  # model FLOPs over the timed steps (training_ms holds them: the loop ended on a validation)
+        log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
+            f"{flops_per_token(args) * args.batch_size * T * timed / training_ms / 1e9:.1f} TFLOP/s")
     if master:
         record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # on CPU: the process's peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)

@@ -135,14 +135,14 @@ def test_locoprop_inner_steps():
     C, eta, lam, nu = X.T @ X / n, 0.7, 0.5, 0.3
     # K = 1: scaled SGD
     P1 = t.inner_steps_polynomial(C, lam, nu, 1, "full")
-    torch.testing.assert_close(-eta * t.apply_polynomial(G, P1, "full"), -nu * eta * G)
+    torch.testing.assert_close(-eta * t.right_precondition(G, P1, "full"), -nu * eta * G)
     # K steps of size nu on the local loss from W0 give -nu eta G sum_{j<K} (I - nu A)^j
     K, W = 5, W0.clone()
     target = X @ W0.T - eta * n * dY
     for _ in range(K):
         W -= nu * ((X @ W.T - target).T @ X / n + lam * (W - W0))
     PK = t.inner_steps_polynomial(C, lam, nu, K, "full")
-    torch.testing.assert_close(-eta * t.apply_polynomial(G, PK, "full"), W - W0)
+    torch.testing.assert_close(-eta * t.right_precondition(G, PK, "full"), W - W0)
     Pd = t.inner_steps_polynomial(torch.diag(C), lam, nu, K, "diag")
     A = torch.diag(C) + lam
     torch.testing.assert_close(Pd, nu * sum((1 - nu * A) ** j for j in range(K)))

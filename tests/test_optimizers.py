@@ -123,7 +123,7 @@ def one_thread():
 @pytest.fixture
 def float64_ns(monkeypatch):
     """train_gpt2's bf16 orthogonalization replaced by ns64, so the rest of each rule can be checked exactly."""
-    monkeypatch.setattr(t, "_orthogonalize", lambda G, coeffs: torch.stack([ns64(g, coeffs) for g in G.double()]))
+    monkeypatch.setattr(t, "orthogonalize", lambda G, coeffs: torch.stack([ns64(g, coeffs) for g in G.double()]))
 
 
 class RefMuon:
@@ -146,7 +146,8 @@ class RefPolarGrad:
     """M = b M + (1-b) G; D = b M + (1-b) G (Nesterov) or M; O = ns64(D); s = <O, D> (inner) or the sum of D's
     singular values by SVD (exact); p = (1 - lr wd) p - lr s O. nuclear="one" (s = 1) is a wrong variant."""
 
-    def __init__(self, lr=1e-3, momentum=0.95, nesterov=False, weight_decay=0.0, nuclear="exact", coeffs="simple"):
+    def __init__(self, lr=1e-3, momentum=0.95, nesterov=False, weight_decay=0.0, nuclear="inner",
+                 coeffs="polar_express"):
         self.lr, self.b, self.nesterov, self.wd, self.nuclear, self.coeffs = lr, momentum, nesterov, weight_decay, \
             nuclear, coeffs
         self.M = 0.0
@@ -319,7 +320,8 @@ def test_polargrad_rule_exact(float64_ns, kw, wrongs):
         assert wrong_error(a, RefPolarGrad, gs, p0, **{**kw, **wrong}) > 1e-3, wrong
 
 
-@pytest.mark.parametrize("kw", [dict(nuclear="exact"), dict(nuclear="inner", nesterov=True, weight_decay=5.0)])
+@pytest.mark.parametrize("kw", [dict(nuclear="exact", coeffs="simple"),
+                                dict(nuclear="inner", nesterov=True, weight_decay=5.0, coeffs="simple")])
 def test_polargrad_matches_float64_within_bf16(kw):
     p0, gs = init_params(SMALL), grads(SMALL, 20, scale=1e-2)
     a = run_impl(lambda ps: t.PolarGrad(ps, lr=1e-3, **kw), gs, p0)
@@ -504,9 +506,12 @@ def test_settings_defaults_and_build():
         assert embed.param_groups[0]["params"] == [model.lm_head.weight]
         assert (embed.param_groups[0]["lr"], embed.param_groups[0]["betas"]) == (0.0018, (0.9, 0.95))
         assert blocks.param_groups[0]["params"] == list(model.transformer.h.parameters())
-    args = t.parse_args(["--optimizer", "polargrad", "--polargrad_nuclear", "inner", "--ns_coeffs", "quintic"] + tiny)
+    group = t.build_optimizers(model, t.parse_args(["--optimizer", "polargrad"] + tiny))[1].param_groups[0]
+    assert (group["nuclear"], group["coeffs"]) == ("inner", "polar_express")
+    args = t.parse_args(["--optimizer", "polargrad", "--polargrad_nuclear", "exact", "--polargrad_ns_coeffs", "quintic",
+                         "--polargrad_lr", "0.5"] + tiny)
     group = t.build_optimizers(model, args)[1].param_groups[0]
-    assert (group["nuclear"], group["coeffs"], group["lr"]) == ("inner", "quintic", 0.05)
+    assert (group["nuclear"], group["coeffs"], group["lr"]) == ("exact", "quintic", 0.5)
     with pytest.raises(SystemExit, match="unknown optimizer"):
         t.build_optimizers(model, t.parse_args(["--optimizer", "sgd"]))
 
