@@ -64,7 +64,7 @@ class Hyperparameters:
     adamw_lr: float = 0.0018
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     adamw_weight_decay: float = 0.0
-    polargrad_lr: float = 0.05  # placeholder: the step is ||M||_* O, so the right lr depends on the gradient scale
+    polargrad_lr: float = 0.3  # the step is lr ||M||_* O: swept on the stand-in data (README), best of 0.03 ... 3
     polargrad_momentum: float = 0.95
     polargrad_nesterov: bool = False
     polargrad_weight_decay: float = 0.0
@@ -344,7 +344,7 @@ class PolarGrad(MatrixOptimizer):
     M = b M + (1 - b) G;  D = b M + (1 - b) G (Nesterov) or M;  O = orthogonalize(D);
     p = (1 - lr wd) p - lr ||D||_* O,  ||D||_* = nuclear_norm(D, nuclear, O)."""
 
-    def __init__(self, params, lr: float = 0.05, momentum: float = 0.95, nesterov: bool = False,
+    def __init__(self, params, lr: float = 0.3, momentum: float = 0.95, nesterov: bool = False,
                  weight_decay: float = 0.0, nuclear: str = "inner", coeffs: str = "polar_express"):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       nuclear=nuclear, coeffs=coeffs))
@@ -1165,6 +1165,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # on CPU: the process's peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     if dist.is_initialized():
+        dist.barrier()  # no process tears the group down while another still uses it
         dist.destroy_process_group()
     return (record.path if master else ""), raw_model
 

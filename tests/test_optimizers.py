@@ -490,9 +490,9 @@ def test_state_dict_round_trip(name):
 def test_settings_defaults_and_build():
     a = t.parse_args([])
     assert {"muon", "polargrad", "soap", "adamw"} <= set(t.OPTIMIZERS)
-    assert (a.polargrad_lr, a.polargrad_momentum, a.polargrad_nesterov, a.polargrad_weight_decay) == (0.05, 0.95,
+    assert (a.polargrad_lr, a.polargrad_momentum, a.polargrad_nesterov, a.polargrad_weight_decay) == (0.3, 0.95,
                                                                                                         False, 0.0)
-    assert a.polargrad_nuclear in ("exact", "inner")
+    assert (a.polargrad_nuclear, a.polargrad_ns_coeffs, a.ns_coeffs) == ("inner", "polar_express", "simple")
     assert (a.soap_lr, a.soap_betas, a.soap_shampoo_beta, a.soap_eps, a.soap_weight_decay,
             a.soap_precondition_frequency, a.soap_max_precond_dim) == (0.0018, (0.95, 0.95), -1.0, 1e-8, 0.0, 10, 10000)
     t.check_optimizer_args(a)
@@ -507,7 +507,7 @@ def test_settings_defaults_and_build():
         assert (embed.param_groups[0]["lr"], embed.param_groups[0]["betas"]) == (0.0018, (0.9, 0.95))
         assert blocks.param_groups[0]["params"] == list(model.transformer.h.parameters())
     group = t.build_optimizers(model, t.parse_args(["--optimizer", "polargrad"] + tiny))[1].param_groups[0]
-    assert (group["nuclear"], group["coeffs"]) == ("inner", "polar_express")
+    assert (group["nuclear"], group["coeffs"], group["lr"]) == ("inner", "polar_express", 0.3)
     args = t.parse_args(["--optimizer", "polargrad", "--polargrad_nuclear", "exact", "--polargrad_ns_coeffs", "quintic",
                          "--polargrad_lr", "0.5"] + tiny)
     group = t.build_optimizers(model, args)[1].param_groups[0]
