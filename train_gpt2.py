@@ -92,6 +92,7 @@ class Hyperparameters:
     # speed (the math stays the same)
     loss_chunk: int = 8192  # rows of logits at a time in the fused loss (LinearCrossEntropy); 0: whole fp32 logits
     attention: str = "auto"  # scaled_dot_product_attention backend: auto | cudnn | flash | efficient | math
+    activation_budget: float = 1.0  # < 1: torch.compile recomputes activations to keep about this fraction (memory)
     # run
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
     records_dir: str = "records"
@@ -1001,6 +1002,8 @@ def validate_args(args: Hyperparameters, world: int) -> int:
     check_optimizer_args(args)
     if args.attention not in ATTENTION_BACKENDS:
         raise SystemExit(f"--attention: unknown backend {args.attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if not 0 < args.activation_budget <= 1:
+        raise SystemExit(f"--activation_budget: must be in (0, 1], got {args.activation_budget}")
     if args.loss_chunk < 0:
         raise SystemExit(f"--loss_chunk: must be >= 0 (0: whole logits), got {args.loss_chunk}")
     for name in ("ns_coeffs", "polargrad_ns_coeffs"):
@@ -1080,6 +1083,8 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     optimizers = build_optimizers(raw_model, args)  # before compiling: feature-gram optimizers add buffers
     if cuda and args.compile:
         global _ce_chunk_compiled, _muon_step, _polargrad_step
+        if args.activation_budget < 1:  # the partitioner saves less and recomputes the rest in the backward
+            torch._functorch.config.activation_memory_budget = args.activation_budget
         _muon_step = torch.compile(muon_step, dynamic=False)  # one graph per shape, no dynamic kernels
         _polargrad_step = torch.compile(polargrad_step, dynamic=False)
         _ce_chunk_compiled = torch.compile(_ce_chunk, dynamic=False)
