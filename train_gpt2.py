@@ -950,9 +950,13 @@ def validate_args(args: Hyperparameters, world: int) -> int:
 
 
 def check_run_args(args: Hyperparameters) -> None:
-    """Refuse a schedule or checkpoint setting out of range: warmup, warmdown >= 0 with warmup + warmdown <=
-    num_iterations; val_loss_every, save_every >= 0; keep_checkpoints >= 1; a --resume checkpoint that exists, is
+    """Refuse a schedule or checkpoint setting out of range: learning rates below the float32 maximum; warmup,
+    warmdown >= 0 with warmup + warmdown <= num_iterations; val_loss_every, save_every >= 0; keep_checkpoints >= 1; a --resume checkpoint that exists, is
     complete, and was saved with the same settings except RESUME_MAY_CHANGE."""
+    f32_max = torch.finfo(torch.float32).max
+    for name in (f.name for f in fields(Hyperparameters) if f.name.endswith("_lr")):
+        if not getattr(args, name) < f32_max:  # check_optimizer_args refuses the non-positive ones
+            raise SystemExit(f"--{name}: must be below {f32_max:.4g} (the float32 maximum), got {getattr(args, name)}")
     for name in ("warmup_iters", "warmdown_iters", "val_loss_every", "save_every"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name}: must be >= 0, got {getattr(args, name)}")
