@@ -951,8 +951,9 @@ def validate_args(args: Hyperparameters, world: int) -> int:
 
 def check_run_args(args: Hyperparameters) -> None:
     """Refuse a schedule or checkpoint setting out of range: learning rates below the float32 maximum; warmup,
-    warmdown >= 0 with warmup + warmdown <= num_iterations; val_loss_every, save_every >= 0; keep_checkpoints >= 1; a --resume checkpoint that exists, is
-    complete, and was saved with the same settings except RESUME_MAY_CHANGE."""
+    warmdown >= 0 with warmup + warmdown <= num_iterations; val_loss_every, save_every >= 0; keep_checkpoints >= 1;
+    a --resume checkpoint that exists, is complete, has its record, and was saved with the same settings except
+    RESUME_MAY_CHANGE."""
     f32_max = torch.finfo(torch.float32).max
     for name in (f.name for f in fields(Hyperparameters) if f.name.endswith("_lr")):
         if not getattr(args, name) < f32_max:  # check_optimizer_args refuses the non-positive ones
@@ -1010,8 +1011,10 @@ class Timer:
 
 # checkpoints: <checkpoint_dir>/<record name>/step_<n>/ after n optimizer steps (see Checkpoints)
 CHECKPOINT_FORMAT = 1
-# what a resumed run may change: where and how often it saves, how it runs; every other setting is the checkpoint's
-RESUME_MAY_CHANGE = ("resume", "save_every", "keep_checkpoints", "checkpoint_dir", "compile", "device_batch_size")
+# what a resumed run may change: where and how often it saves, how it runs, where the same shards are (checked by name
+# and token count) and where records go (it continues its own); every other setting is the checkpoint's
+RESUME_MAY_CHANGE = ("resume", "save_every", "keep_checkpoints", "checkpoint_dir", "compile", "device_batch_size",
+                     "input_bin", "input_val_bin", "records_dir")
 # Tests only: "after:K" makes every process SIGKILL itself right after step K (and its save, if any); "save:K" during
 # step K's save, once every file is written into step_<K>.tmp/ but before the rename (a kill in the middle of a save).
 TEST_KILL_ENV = "TRAIN_GPT2_TEST_KILL"
@@ -1078,8 +1081,8 @@ def checkpoint_settings(path: str) -> Hyperparameters:
     saved, kinds = read_checkpoint_meta(path)["args"], {f.name: str(f.type) for f in fields(Hyperparameters)}
     unknown = sorted(set(saved) - set(kinds))
     if unknown:
-        raise SystemExit(f"--resume {path}: saved with settings this train_gpt2.py does not have ({', '.join(unknown)}); "
-                         f"resume it with the version that saved it")
+        raise SystemExit(f"--resume {path}: saved with settings this train_gpt2.py does not have "
+                         f"({', '.join(unknown)}); resume it with the version that saved it")
     return Hyperparameters(**{k: tuple(v) if kinds[k].startswith("tuple") else v for k, v in saved.items()})
 
 
@@ -1125,12 +1128,17 @@ def _save_synced(obj, path: str) -> None:
         os.fsync(f.fileno())
 
 
+def shard_list(files: list[str]) -> list[list]:
+    """[name, token count] of each shard: what a resume checks the shards by."""
+    return [[os.path.basename(f), shard_token_count(f)] for f in files]
+
+
 def _flat_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The parameters in the order of opt.state_dict()'s indices."""
     return [p for g in opt.param_groups for p in g["params"]]
 
 
-def test_kill(when: str, step: int) -> None:
+def maybe_test_kill(when: str, step: int) -> None:
     """Tests only: SIGKILL this process if TEST_KILL_ENV names this point ("after:K" or "save:K")."""
     if os.environ.get(TEST_KILL_ENV) == f"{when}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -1139,7 +1147,7 @@ def test_kill(when: str, step: int) -> None:
 class Checkpoints:
     """A run's checkpoints: <folder>/step_<n>/ after n optimizer steps, each written into step_<n>.tmp/ and renamed
     once complete, so a kill in the middle of a save leaves the previous checkpoint valid. Inside:
-      meta.json   step, settings, world size, record path, train shards: resume reads it before building anything
+      meta.json   step, settings, world size, record path, train and val shards: resume reads it before building
       main.pt     the model; every optimizer's param groups (lr, base_lr, ...); the data loader's position; the
                   training time, timed steps and train losses so far
       rank<r>.pt  the optimizer state process r holds (the block matrices it owns; rank 0: AdamW's) and its RNG states
@@ -1148,10 +1156,10 @@ class Checkpoints:
 
     def __init__(self, folder: str, args: Hyperparameters, rank: int, world: int, device: torch.device,
                  model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DataLoader, record_path: str,
-                 train_files: list[str]):
+                 train_files: list[str], val_files: list[str]):
         self.folder, self.args, self.rank, self.world, self.device = folder, args, rank, world, device
         self.model, self.optimizers, self.loader, self.record_path = model, optimizers, loader, record_path
-        self.train_files = train_files
+        self.shards = {"train_files": shard_list(train_files), "val_files": shard_list(val_files)}
         self.last = args.resume or ""  # the newest valid checkpoint of this run
 
     def _holds(self, opt: torch.optim.Optimizer, p: torch.Tensor, writing: bool) -> bool:
@@ -1178,7 +1186,8 @@ class Checkpoints:
         states = []
         for opt in self.optimizers:
             params = _flat_params(opt)
-            states.append({i: s for i, s in opt.state_dict()["state"].items() if s and self._holds(opt, params[i], True)})
+            states.append({i: s for i, s in opt.state_dict()["state"].items()
+                           if s and self._holds(opt, params[i], writing=True)})
         _save_synced({"optimizers": states, "rng": rng_state(self.device)}, os.path.join(tmp, f"rank{self.rank}.pt"))
         if self.rank == 0:
             _save_synced({"model": self.model.state_dict(), "loader": self.loader.state(), "progress": progress,
@@ -1186,14 +1195,13 @@ class Checkpoints:
                          os.path.join(tmp, "main.pt"))
             meta = {"format": CHECKPOINT_FORMAT, "step": step, "num_iterations": self.args.num_iterations,
                     "world_size": self.world, "record": os.path.abspath(self.record_path), "saved_at": time.time(),
-                    "torch": torch.__version__, "args": dataclasses.asdict(self.args),
-                    "train_files": [[os.path.basename(f), shard_token_count(f)] for f in self.train_files]}
+                    "torch": torch.__version__, "args": dataclasses.asdict(self.args), **self.shards}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
         self._barrier()
-        test_kill("save", step)
+        maybe_test_kill("save", step)
         if self.rank == 0:
             if os.path.exists(final):  # a step saved before, on a branch of the run that a resume abandoned
                 shutil.rmtree(final)
@@ -1220,7 +1228,7 @@ class Checkpoints:
             part = torch.load(os.path.join(path, f"rank{r}.pt"), map_location="cpu", weights_only=True)
             for opt, saved, mine in zip(self.optimizers, part["optimizers"], states):
                 params = _flat_params(opt)
-                mine.update({i: s for i, s in saved.items() if self._holds(opt, params[i], False)})
+                mine.update({i: s for i, s in saved.items() if self._holds(opt, params[i], writing=False)})
             if r == self.rank % meta["world_size"]:
                 rng = part["rng"]
         for opt, state, groups in zip(self.optimizers, states, main["param_groups"]):
@@ -1240,15 +1248,16 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # Python takes signals in the main thread only
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+                signal.siginterrupt(s, False)  # restart system calls it interrupts (gloo's sockets), not EINTR
         return self
 
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.signum:
             raise KeyboardInterrupt
         self.signum = self.signum or signum
-        print(f"{signal.Signals(signum).name}: stopping with a checkpoint at the end of this step", file=sys.stderr,
-              flush=True)
+        os.write(2, f"{signal.Signals(signum).name}: stopping with a checkpoint at the end of this step\n".encode())
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._old.items():
@@ -1291,10 +1300,12 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
                                              f"(a multiple of {world * B * T})")
     resume = find_checkpoint(args.resume, checkpoint_root(args)) if args.resume else ""
     if resume:
-        saved = read_checkpoint_meta(resume)["train_files"]
-        if saved != [[os.path.basename(f), shard_token_count(f)] for f in train_files]:
-            raise ShardError(args.input_bin, f"the train shards (names and token counts) differ from the {len(saved)} "
-                                             f"the checkpoint {resume} was saved with", fix="resume on the same shards")
+        meta = read_checkpoint_meta(resume)
+        for pattern, files, what in ((args.input_bin, train_files, "train"), (args.input_val_bin, val_files, "val")):
+            if meta[f"{what}_files"] != shard_list(files):
+                raise ShardError(pattern, f"the {what} shards (names and token counts) differ from the "
+                                          f"{len(meta[what + '_files'])} the checkpoint {resume} was saved with",
+                                 fix="resume on the same shards")
     val_tokens = load_val_tokens(val_files, args.val_tokens, args.vocab_size)
     cuda = device.type == "cuda"
     record = Record(args, world, device, resume) if master else None
@@ -1312,7 +1323,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
     loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
     checkpoints = Checkpoints(os.path.dirname(resume) if resume else os.path.join(checkpoint_root(args), run_name[0]),
                               args, rank, world, device, raw_model, optimizers, loader,
-                              record.path if master else "", train_files)
+                              record.path if master else "", train_files, val_files)
     progress = checkpoints.load(resume) if resume else dict(step=0, training_ms=0.0, timed_steps=0, losses=[])
     if cuda and args.compile:
         global _orthogonalize
@@ -1390,16 +1401,17 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         opt_timer.stop()
         model.zero_grad(set_to_none=True)
         stats = train_loss.view(1)
+        stop = signals.signum > 0  # read once: a signal arriving after this counts at the next step
         if world > 1:  # one all-reduce: the mean train loss, and whether any process failed a refresh or got a signal
             flags[0].fill_(float(bool(refresh_error)))
-            flags[1].fill_(float(signals.signum > 0))
+            flags[1].fill_(float(stop))
             stats = torch.cat([stats, flags])
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
         finite = torch.stack(torch._foreach_norm(params, float("inf"))).isfinite().all()  # identical on every process
         stats = torch.cat([stats, finite.view(1).float()]).tolist()  # waits for the step: the timings are complete
-        train_loss, refresh_failed, stop = stats[0], bool(refresh_error), signals.signum > 0
-        if world > 1:
-            refresh_failed, stop = refresh_failed or stats[1] > 0, stop or stats[2] > 0
+        train_loss, refresh_failed = stats[0], bool(refresh_error)
+        if world > 1:  # every process decides on the all-reduced flags alone, so all stop (or go on) together
+            refresh_failed, stop = stats[1] > 0, stats[2] > 0
         if not (math.isfinite(train_loss) and stats[-1] == 1.0) or refresh_failed:
             stop_diverged(step + 1, train_loss, refresh_error or ("a Gram refresh failed on another process"
                                                                   if refresh_failed else ""),
@@ -1418,7 +1430,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
             path = checkpoints.save(done, dict(step=done, training_ms=training_ms, timed_steps=timed, losses=losses))
             log(f"checkpoint: step:{done}/{args.num_iterations} {path}")
             t0 = time.perf_counter()
-        test_kill("after", done)
+        maybe_test_kill("after", done)
         if stop:
             how = signal.Signals(signals.signum).name if signals.signum else "a signal to another process"
             log(f"stopped: step:{done}/{args.num_iterations} by {how}; continue with --resume {checkpoints.last}")

@@ -15,10 +15,10 @@ Reads three formats (see `parse_record`):
                 `peak memory consumption: M MiB` or `peak memory allocated: M MiB reserved: R MiB`.
   upstream_old  llm.c-style logs: `s:<step> tel:<val loss>` and `s:<step> trl:<train loss> [lr:... norm:...]`.
 
-Groups complete runs by optimizer, label or config (a hash of the hyperparameters without seed/label/records_dir) and
+Groups complete runs by optimizer, label or config (a hash of the hyperparameters without CONFIG_EXCLUDE) and
 prints one table with a one-sided t-test of "mean final val loss < target" per group and, with exactly two groups,
-Welch's t-test between them with a 95% interval for the difference of the means. Runs that crashed, diverged or are still
-going (ours: no peak-memory line, a `diverged:` line or last step < N; upstream: no val loss at step N) are listed
+Welch's t-test between them with a 95% interval for the difference of the means. Runs that crashed, diverged or are
+still going (ours: no peak-memory line, a `diverged:` line or last step < N; upstream: no val loss at step N) are listed
 under the table with the last step reached (diverged: the step and the last good step); files that are not records
 are named and skipped.
 """

@@ -137,3 +137,23 @@ def test_command_line_refuses_before_building_anything(tmp_path):
     assert r.stderr.strip() == ("--warmup_iters 41 + --warmdown_iters 20 = 61 is longer than the run "
                                 "(--num_iterations 60): their sum must be <= 60")
     assert not Path(tmp_path / "rec").exists()
+
+
+def test_resume_checks_the_shards_not_their_paths(checkpoint, tmp_path, monkeypatch):
+    """The same shards elsewhere resume; other shards (here: one 100 tokens shorter) are refused before the model."""
+    saved = t.checkpoint_settings(checkpoint["RESUME"])
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in [*Path(saved.input_bin).parent.glob("t_*.bin")]:
+        (moved / f.name).write_bytes(f.read_bytes())
+    other_train, _ = make_shards(tmp_path / "other", train_sizes=(3000, 2400), vocab=SMALL_VOCAB)
+    built = []
+    monkeypatch.setattr(t.GPT, "__init__", lambda self, *a, **k: built.append(1))
+    with pytest.raises(t.ShardError, match="the train shards .names and token counts. differ from the 2 the"):
+        t.train(t.parse_args(["--resume", checkpoint["RESUME"], "--input_bin", other_train]))
+    assert not built
+    monkeypatch.undo()
+    record = t.train(t.parse_args(["--resume", checkpoint["RESUME"], "--input_bin", str(moved / "t_train_*.bin"),
+                                   "--input_val_bin", str(moved / "t_val_*.bin")]))[0]
+    (resumed,) = [line for line in Path(record).read_text().splitlines() if line.startswith("resumed: ")]
+    assert f'changed: {{"input_bin": "{moved}/t_train_*.bin", "input_val_bin": "{moved}/t_val_*.bin"}}' in resumed
