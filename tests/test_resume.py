@@ -8,6 +8,7 @@ step K; "save:K": during step K's save, once its files are written, before the r
 import concurrent.futures
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,3 +217,29 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes_exactly(tiny_args, tmp_pa
     assert_bitwise(final_state(tmp_path / "ref", 16), final_state(tmp_path / "stopped", 16))
     assert losses(str(record)) == losses(str(reference))
     assert compare.parse_record(record).resumed_at == [step]
+
+
+def test_training_time_continues_across_a_resume(small_vocab_args, tmp_path):
+    """Resumed at step 15 of 30: train_time goes on from the checkpoint's; the 10 steps after the start are warm-up
+    again (untimed: train_time stays, step_avg over the 5 timed steps before), then it is timed as before."""
+    records = tmp_path / "records"
+    train_here(small_vocab_args + ["--num_iterations", "30", "--warmup_iters", "2", "--warmdown_iters", "2",
+                                   "--save_every", "15", "--keep_checkpoints", "3", "--records_dir", str(records)])
+    (run,) = (records / "checkpoints").iterdir()
+    saved_ms = torch.load(run / "step_000015" / "main.pt", weights_only=True)["progress"]["training_ms"]
+    record = train_here(["--resume", str(run / "step_000015")])
+    text = Path(record).read_text().split("resumed: step:15/30")
+    before = {int(s): (int(ms), float(avg)) for s, ms, avg in
+              re.findall(r"^step:(\d+)/30 train_loss:\S+ train_time:(\d+)ms step_avg:(\S+)ms", text[0], re.M)}
+    after = {int(s): (int(ms), float(avg)) for s, ms, avg in
+             re.findall(r"^step:(\d+)/30 train_loss:\S+ train_time:(\d+)ms step_avg:(\S+)ms", text[1], re.M)}
+    assert sorted(after) == list(range(16, 31))
+    assert before[15][0] <= round(saved_ms) and before[15][1] == pytest.approx(before[15][0] / 5, abs=0.11)
+    for s in range(16, 26):  # warm-up after the start: nothing timed
+        assert after[s] == (round(saved_ms), pytest.approx(saved_ms / 5, abs=0.01))
+    times = [after[s][0] for s in range(25, 31)]
+    assert times == sorted(times) and times[-1] > times[0]
+    for s in range(26, 31):
+        assert after[s][1] == pytest.approx(after[s][0] / (5 + s - 25), abs=0.2)  # train_time is rounded to 1 ms
+    final = compare.parse_record(record)
+    assert final.complete and final.train_time_ms >= times[-1]
