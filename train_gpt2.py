@@ -14,8 +14,12 @@ import glob
 import json
 import math
 import os
+import random
 import resource
+import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, fields
@@ -98,6 +102,11 @@ class Hyperparameters:
     records_dir: str = "records"
     label: str = ""
     preset: str = "speedrun"
+    # checkpoints (README: Checkpoints, resume, divergence): always saved at the end and on SIGTERM/SIGINT
+    save_every: int = 0  # also every this many steps; 0: never in between
+    keep_checkpoints: int = 2  # the newest this many checkpoints of a run are kept
+    checkpoint_dir: str = ""  # "": <records_dir>/checkpoints; one folder per record inside
+    resume: str = ""  # a checkpoint folder, a run's folder of checkpoints, or "latest" (under checkpoint_dir)
 
 
 PRESETS: dict[str, dict] = {
@@ -130,7 +139,8 @@ def _parse_value(name: str, kind, text: str):
 
 
 def parse_args(argv: list[str]) -> Hyperparameters:
-    """`--field value` for every Hyperparameters field; `--preset name` applies a named set first, explicit fields win."""
+    """`--field value` for every Hyperparameters field; `--preset name` applies a named set first, explicit fields win.
+    With `--resume`, the checkpoint's settings are the base and only RESUME_MAY_CHANGE may differ (resume_settings)."""
     kinds = {f.name: f.type for f in fields(Hyperparameters)}
     given: dict[str, str] = {}
     i = 0
@@ -151,7 +161,10 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     if preset not in PRESETS:
         raise SystemExit(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[preset], preset=preset)
-    values.update({k: _parse_value(k, kinds[k], v) for k, v in given.items()})
+    typed = {k: _parse_value(k, kinds[k], v) for k, v in given.items()}
+    values.update(typed)
+    if typed.get("resume"):  # the checkpoint's settings, with the few given ones that may change
+        return resume_settings(Hyperparameters(**values), typed)
     return Hyperparameters(**values)
 
 
@@ -958,11 +971,25 @@ class DataLoader:
         self.span = B * T * world * accum
         self.shard, self.tokens = 0, load_shard(files[0], vocab_size)
         self.pos, self.micro = 0, 0
+        self.last = dict(shard=0, pos=0, micro=0)
+
+    def state(self) -> dict[str, int]:
+        """Where the batch last returned was read: load_state(state()) makes next_batch() return it again."""
+        return dict(self.last)
+
+    def load_state(self, state: dict[str, int]) -> None:
+        """Continue from a state() (of a loader over the same files; micro 0 if the world size differs)."""
+        if not 0 <= state["shard"] < len(self.files) or state["micro"] >= self.accum:
+            raise ValueError(f"data loader state {state} does not fit {len(self.files)} shards, accumulation "
+                             f"{self.accum}")
+        self.shard, self.pos, self.micro = state["shard"], state["pos"], state["micro"]
+        self.tokens = load_shard(self.files[self.shard], self.vocab_size)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.micro == 0 and self.pos + self.span + 1 > len(self.tokens):
             self.shard = (self.shard + 1) % len(self.files)
             self.tokens, self.pos = load_shard(self.files[self.shard], self.vocab_size), 0
+        self.last = dict(shard=self.shard, pos=self.pos, micro=self.micro)
         start = self.pos + (self.micro * self.world + self.rank) * self.B * self.T
         buf = torch.from_numpy(self.tokens[start: start + self.B * self.T + 1].astype(np.int64))
         self.micro += 1
@@ -1025,7 +1052,37 @@ def validate_args(args: Hyperparameters, world: int) -> int:
                          f"= {val_bt}")
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
         raise SystemExit(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head} with an even head dim")
+    check_run_args(args)
     return args.batch_size // per_micro
+
+
+def check_run_args(args: Hyperparameters) -> None:
+    """Refuse a schedule or checkpoint setting out of range: learning rates below the float32 maximum; warmup,
+    warmdown >= 0 with warmup + warmdown <= num_iterations; val_loss_every, save_every >= 0; keep_checkpoints >= 1;
+    a --resume checkpoint that exists, is complete, has its record, and was saved with the same settings except
+    RESUME_MAY_CHANGE."""
+    f32_max = torch.finfo(torch.float32).max
+    for name in (f.name for f in fields(Hyperparameters) if f.name.endswith("_lr")):
+        if not getattr(args, name) < f32_max:  # check_optimizer_args refuses the non-positive ones
+            raise SystemExit(f"--{name}: must be below {f32_max:.4g} (the float32 maximum), got {getattr(args, name)}")
+    for name in ("warmup_iters", "warmdown_iters", "val_loss_every", "save_every"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name}: must be >= 0, got {getattr(args, name)}")
+    if args.warmup_iters + args.warmdown_iters > args.num_iterations:
+        raise SystemExit(f"--warmup_iters {args.warmup_iters} + --warmdown_iters {args.warmdown_iters} = "
+                         f"{args.warmup_iters + args.warmdown_iters} is longer than the run (--num_iterations "
+                         f"{args.num_iterations}): their sum must be <= {args.num_iterations}")
+    if args.keep_checkpoints < 1:
+        raise SystemExit(f"--keep_checkpoints: must be >= 1, got {args.keep_checkpoints}")
+    if args.resume:
+        path = find_checkpoint(args.resume, checkpoint_root(args))
+        saved = checkpoint_settings(path)
+        record = read_checkpoint_meta(path)["record"]
+        if not os.path.isfile(record):
+            raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it back")
+        for f in fields(Hyperparameters):
+            if f.name not in RESUME_MAY_CHANGE and getattr(args, f.name) != getattr(saved, f.name):
+                refuse_resume_change(f.name, getattr(saved, f.name), getattr(args, f.name), path)
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -1059,8 +1116,284 @@ class Timer:
         return self.begin.elapsed_time(self.end) if self.cuda else self.elapsed
 
 
+# checkpoints: <checkpoint_dir>/<record name>/step_<n>/ after n optimizer steps (see Checkpoints)
+CHECKPOINT_FORMAT = 1
+# what a resumed run may change: where and how often it saves, how it runs, where the same shards are (checked by name
+# and token count) and where records go (it continues its own); every other setting is the checkpoint's
+RESUME_MAY_CHANGE = ("resume", "save_every", "keep_checkpoints", "checkpoint_dir", "compile", "device_batch_size",
+                     "loss_chunk", "attention", "activation_budget", "input_bin", "input_val_bin", "records_dir")
+# Tests only: "after:K" makes every process SIGKILL itself right after step K (and its save, if any); "save:K" during
+# step K's save, once every file is written into step_<K>.tmp/ but before the rename (a kill in the middle of a save).
+TEST_KILL_ENV = "TRAIN_GPT2_TEST_KILL"
+
+
+def checkpoint_root(args: Hyperparameters) -> str:
+    """The folder of the runs' checkpoint folders: --checkpoint_dir, or <records_dir>/checkpoints."""
+    return args.checkpoint_dir or os.path.join(args.records_dir, "checkpoints")
+
+
+def _saved_at(path: str) -> float:
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return float(json.load(f)["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return os.path.getmtime(os.path.join(path, "meta.json"))
+
+
+def checkpoints_in(folder: str) -> list[str]:
+    """The complete checkpoints in a run's folder (step_<n>/ with meta.json, never the step_<n>.tmp/ of an unfinished
+    save), oldest save first."""
+    found = [p for p in glob.glob(os.path.join(glob.escape(folder), "step_*"))
+             if not p.endswith(".tmp") and os.path.isfile(os.path.join(p, "meta.json"))]
+    return sorted(found, key=lambda p: (_saved_at(p), p))
+
+
+def find_checkpoint(spec: str, root: str) -> str:
+    """The absolute path of the checkpoint `spec` names: "latest" (the newest save in any run folder under root), a
+    checkpoint folder, or a run's folder of checkpoints (its newest)."""
+    if spec == "latest":
+        found = [c for run in glob.glob(os.path.join(glob.escape(root), "*")) for c in checkpoints_in(run)]
+        if not found:
+            raise SystemExit(f"--resume latest: no checkpoint under {root} (folders <run>/step_<n>/ with meta.json); "
+                             f"pass the --checkpoint_dir (or --records_dir) the run used, or a checkpoint folder")
+        return os.path.abspath(max(found, key=lambda p: (_saved_at(p), p)))
+    if os.path.isfile(os.path.join(spec, "meta.json")):
+        return os.path.abspath(spec)
+    found = checkpoints_in(spec) if os.path.isdir(spec) else []
+    if not found:
+        raise SystemExit(f"--resume {spec}: not a checkpoint (a step_<n>/ folder with meta.json), nor a run's folder "
+                         f"of them, nor 'latest'")
+    return os.path.abspath(found[-1])
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    """meta.json of a checkpoint folder, checked: this format, and main.pt plus one rank<r>.pt per saving process."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--resume {path}: cannot read its meta.json ({e})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"--resume {path}: checkpoint format {meta.get('format')!r}; this train_gpt2.py reads format "
+                         f"{CHECKPOINT_FORMAT}")
+    missing = [n for n in ["main.pt"] + [f"rank{r}.pt" for r in range(meta["world_size"])]
+               if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        raise SystemExit(f"--resume {path}: incomplete checkpoint, missing {', '.join(missing)}")
+    return meta
+
+
+def checkpoint_settings(path: str) -> Hyperparameters:
+    """The settings a checkpoint was saved with."""
+    saved, kinds = read_checkpoint_meta(path)["args"], {f.name: str(f.type) for f in fields(Hyperparameters)}
+    unknown = sorted(set(saved) - set(kinds))
+    if unknown:
+        raise SystemExit(f"--resume {path}: saved with settings this train_gpt2.py does not have "
+                         f"({', '.join(unknown)}); resume it with the version that saved it")
+    return Hyperparameters(**{k: tuple(v) if kinds[k].startswith("tuple") else v for k, v in saved.items()})
+
+
+def refuse_resume_change(name: str, saved, given, path: str):
+    raise SystemExit(f"--{name}: the checkpoint {path} was saved with {saved!r}, got {given!r}; a resumed run keeps "
+                     f"the checkpoint's model, optimizer and schedule: leave --{name} out (or start a new run). Only "
+                     f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])} may change on resume")
+
+
+def resume_settings(base: Hyperparameters, given: dict) -> Hyperparameters:
+    """The settings of the checkpoint that given["resume"] names (looked up under base's checkpoint root), plus the
+    given RESUME_MAY_CHANGE settings; any other given setting must equal the checkpoint's."""
+    path = find_checkpoint(given["resume"], checkpoint_root(base))
+    saved = checkpoint_settings(path)
+    for name, value in given.items():
+        if name not in RESUME_MAY_CHANGE and value != getattr(saved, name):
+            refuse_resume_change(name, getattr(saved, name), value, path)
+    return dataclasses.replace(saved, resume=path, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE[1:]})
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random generator of this process: torch (CPU, and this CUDA device), numpy, python's random."""
+    name, keys, *rest = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest], "python": random.getstate()}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what rng_state returned."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def _save_synced(obj, path: str) -> None:
+    """torch.save, flushed to the disk before returning."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def shard_list(files: list[str]) -> list[list]:
+    """[name, token count] of each shard: what a resume checks the shards by."""
+    return [[os.path.basename(f), shard_token_count(f)] for f in files]
+
+
+def _flat_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters in the order of opt.state_dict()'s indices."""
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def maybe_test_kill(when: str, step: int) -> None:
+    """Tests only: SIGKILL this process if TEST_KILL_ENV names this point ("after:K" or "save:K")."""
+    if os.environ.get(TEST_KILL_ENV) == f"{when}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Checkpoints:
+    """A run's checkpoints: <folder>/step_<n>/ after n optimizer steps, each written into step_<n>.tmp/ and renamed
+    once complete, so a kill in the middle of a save leaves the previous checkpoint valid. Inside:
+      meta.json   step, settings, world size, record path, train and val shards: resume reads it before building
+      main.pt     the model; every optimizer's param groups (lr, base_lr, ...); the data loader's position; the
+                  training time, timed steps and train losses so far
+      rank<r>.pt  the optimizer state process r holds (the block matrices it owns; rank 0: AdamW's) and its RNG states
+    save() and load() are collective. load() with another world size redistributes: each process reads every
+    rank<r>.pt and keeps the state of the matrices it owns now (RNG states: those of rank r mod the old world size)."""
+
+    def __init__(self, folder: str, args: Hyperparameters, rank: int, world: int, device: torch.device,
+                 model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DataLoader, record_path: str,
+                 train_files: list[str], val_files: list[str]):
+        self.folder, self.args, self.rank, self.world, self.device = folder, args, rank, world, device
+        self.model, self.optimizers, self.loader, self.record_path = model, optimizers, loader, record_path
+        self.shards = {"train_files": shard_list(train_files), "val_files": shard_list(val_files)}
+        self.last = args.resume or ""  # the newest valid checkpoint of this run
+
+    def _holds(self, opt: torch.optim.Optimizer, p: torch.Tensor, writing: bool) -> bool:
+        """Whether this process saves (writing) or needs (loading) p's state: the owner of a block matrix; for other
+        optimizers, which every process runs whole, rank 0 saves and every process loads."""
+        if isinstance(opt, MatrixOptimizer):
+            return opt.owner[p] == self.rank
+        return self.rank == 0 or not writing
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def save(self, step: int, progress: dict) -> str:
+        """Write step_<step>/ (all processes), remove the oldest beyond --keep_checkpoints; returns its path."""
+        final = os.path.join(self.folder, f"step_{step:06d}")
+        tmp = final + ".tmp"
+        if self.rank == 0:
+            os.makedirs(self.folder, exist_ok=True)
+            for stale in glob.glob(os.path.join(glob.escape(self.folder), "step_*.tmp")):  # saves cut by a kill
+                shutil.rmtree(stale)
+            os.makedirs(tmp)
+        self._barrier()
+        states = []
+        for opt in self.optimizers:
+            params = _flat_params(opt)
+            states.append({i: s for i, s in opt.state_dict()["state"].items()
+                           if s and self._holds(opt, params[i], writing=True)})
+        _save_synced({"optimizers": states, "rng": rng_state(self.device)}, os.path.join(tmp, f"rank{self.rank}.pt"))
+        if self.rank == 0:
+            _save_synced({"model": self.model.state_dict(), "loader": self.loader.state(), "progress": progress,
+                          "param_groups": [opt.state_dict()["param_groups"] for opt in self.optimizers]},
+                         os.path.join(tmp, "main.pt"))
+            meta = {"format": CHECKPOINT_FORMAT, "step": step, "num_iterations": self.args.num_iterations,
+                    "world_size": self.world, "record": os.path.abspath(self.record_path), "saved_at": time.time(),
+                    "torch": torch.__version__, "args": dataclasses.asdict(self.args), **self.shards}
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+        self._barrier()
+        maybe_test_kill("save", step)
+        if self.rank == 0:
+            if os.path.exists(final):  # a step saved before, on a branch of the run that a resume abandoned
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fd = os.open(self.folder, os.O_RDONLY)  # make the rename itself durable
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for old in checkpoints_in(self.folder)[:-self.args.keep_checkpoints]:
+                shutil.rmtree(old)
+        self._barrier()
+        self.last = final
+        return final
+
+    def load(self, path: str) -> dict:
+        """Restore model, optimizers, data loader and RNGs from a checkpoint (all processes); returns its progress:
+        step, training_ms, timed_steps, losses."""
+        meta = read_checkpoint_meta(path)
+        main = torch.load(os.path.join(path, "main.pt"), map_location="cpu", weights_only=True)
+        self.model.load_state_dict(main["model"])
+        states: list[dict] = [{} for _ in self.optimizers]
+        for r in range(meta["world_size"]):
+            part = torch.load(os.path.join(path, f"rank{r}.pt"), map_location="cpu", weights_only=True)
+            for opt, saved, mine in zip(self.optimizers, part["optimizers"], states):
+                params = _flat_params(opt)
+                mine.update({i: s for i, s in saved.items() if self._holds(opt, params[i], writing=False)})
+            if r == self.rank % meta["world_size"]:
+                rng = part["rng"]
+        for opt, state, groups in zip(self.optimizers, states, main["param_groups"]):
+            opt.load_state_dict({"state": state, "param_groups": groups})
+        self.loader.load_state(main["loader"])
+        set_rng_state(rng, self.device)
+        return main["progress"]
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT ask the run to stop: the training loop all-reduces the request with the train
+    loss, so every process saves a checkpoint at the end of the same step, then exits with 128 + the signal number.
+    A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum, self._old = 0, {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python takes signals in the main thread only
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+                signal.siginterrupt(s, False)  # restart system calls it interrupts (gloo's sockets), not EINTR
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.signum:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+        os.write(2, f"{signal.Signals(signum).name}: stopping with a checkpoint at the end of this step\n".encode())
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def first_nonfinite_parameter(model: nn.Module, optimizers: list[torch.optim.Optimizer], optimizer: str) -> str:
+    """'name (shape), updated by <optimizer>' of the first parameter, in model order, with a non-finite value; ''."""
+    owner = {p: "the embedding/head AdamW" if i == 0 else optimizer
+             for i, opt in enumerate(optimizers) for p in _flat_params(opt)}
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"{name} {tuple(p.shape)}, updated by {owner.get(p, '?')}"
+    return ""
+
+
 def train(args: Hyperparameters) -> tuple[str, nn.Module]:
-    """Train, validate, write a record; returns the record's path on process 0 ('' elsewhere) and the model."""
+    """Train, validate, write a record and checkpoints; returns the record's path on process 0 ('' elsewhere) and the
+    model. Stops early on SIGTERM/SIGINT with a checkpoint (exit code 128 + the signal), and when the train loss or a
+    parameter stops being finite, without one (exit code 1; the record says diverged)."""
+    with StopSignals() as signals:  # first: a signal during start-up stops the run after its first step
+        try:
+            return _train(args, signals)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]:
     rank, world, device = setup_distributed()
     master = rank == 0
     accum = validate_args(args, world)
@@ -1072,15 +1405,33 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         raise ShardError(args.input_val_bin, f"val shards hold {have} tokens, fewer than --val_tokens "
                                              f"{args.val_tokens} + 1", fix=f"pass --val_tokens <= {have - 1} "
                                              f"(a multiple of {world * B * T})")
+    resume = find_checkpoint(args.resume, checkpoint_root(args)) if args.resume else ""
+    if resume:
+        meta = read_checkpoint_meta(resume)
+        for pattern, files, what in ((args.input_bin, train_files, "train"), (args.input_val_bin, val_files, "val")):
+            if meta[f"{what}_files"] != shard_list(files):
+                raise ShardError(pattern, f"the {what} shards (names and token counts) differ from the "
+                                          f"{len(meta[what + '_files'])} the checkpoint {resume} was saved with",
+                                 fix="resume on the same shards")
     val_tokens = load_val_tokens(val_files, args.val_tokens, args.vocab_size)
     cuda = device.type == "cuda"
-    record = Record(args, world, device) if master else None
+    record = Record(args, world, device, resume) if master else None
     log = record.log if master else (lambda *a, **k: None)
     log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, {args.batch_size * T} tokens/step")
+    run_name = [os.path.splitext(os.path.basename(record.path))[0] if master else ""]
+    if world > 1:
+        dist.broadcast_object_list(run_name, src=0)
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # and numpy's and python's, so that a checkpoint's RNG states are reproducible
+    np.random.seed(args.seed)
+    random.seed(args.seed)
     model = raw_model = GPT(args).to(device)
     optimizers = build_optimizers(raw_model, args)  # before compiling: feature-gram optimizers add buffers
+    loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
+    checkpoints = Checkpoints(os.path.dirname(resume) if resume else os.path.join(checkpoint_root(args), run_name[0]),
+                              args, rank, world, device, raw_model, optimizers, loader,
+                              record.path if master else "", train_files, val_files)
+    progress = checkpoints.load(resume) if resume else dict(step=0, training_ms=0.0, timed_steps=0, losses=[])
     if cuda and args.compile:
         global _ce_chunk_compiled, _muon_step, _polargrad_step
         if args.activation_budget < 1:  # the partitioner saves less and recomputes the rest in the backward
@@ -1094,7 +1445,6 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     backend = ATTENTION_BACKENDS[args.attention]
     attention = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
-    loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
     x, y = loader.next_batch()
 
     def sync():
@@ -1102,17 +1452,22 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             torch.cuda.synchronize()
 
     opt_timer = Timer(cuda)
+    params = list(raw_model.parameters())
+    flags = torch.zeros(2, device=device)  # this process's [a Gram refresh failed, a stop signal came], all-reduced
 
-    training_ms, t0 = 0.0, time.perf_counter()
-    for step in range(args.num_iterations + 1):
+    start, training_ms, timed_before, losses = (progress[k] for k in ("step", "training_ms", "timed_steps", "losses"))
+    warm_until = start + 10  # the first 10 steps of each start (compile warm-up) are not timed
+    t0 = time.perf_counter()
+    for step in range(start, args.num_iterations + 1):
         last = step == args.num_iterations
-        if step == 10:  # the first 10 steps (compile warm-up) are not timed
+        if step == warm_until:
             sync()
-            training_ms, t0 = 0.0, time.perf_counter()
-        timed = max(step - 10, 0)
+            t0 = time.perf_counter()
+        timed = timed_before + max(step - warm_until, 0)
         if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
             sync()
-            training_ms += 1000 * (time.perf_counter() - t0)
+            if step >= warm_until:
+                training_ms += 1000 * (time.perf_counter() - t0)
             model.eval()
             val_loss, n = torch.zeros((), device=device), 0
             with torch.no_grad():
@@ -1145,43 +1500,99 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             train_loss += loss.detach() / accum
         mult = lr_multiplier(step, args)
         opt_timer.start()
+        refresh_error = ""
         if refresh:
             raw_model.collect_gram(False)
-            optimizers[-1].refresh_gram(n_tokens=args.batch_size * T)
+            try:
+                optimizers[-1].refresh_gram(n_tokens=args.batch_size * T)
+            except torch.linalg.LinAlgError as e:  # C is not finite: a divergence, reported after this step
+                refresh_error = str(e)
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * mult
             opt.step()
         opt_timer.stop()
         model.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-        train_loss = train_loss.item()  # waits for the step: the timings below are complete
-        now_ms = training_ms + 1000 * (time.perf_counter() - t0)
-        log(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms "
-            f"step_avg:{now_ms / (step + 1 - 10) if step + 1 > 10 else float('nan'):.2f}ms "
+        stats = train_loss.view(1)
+        stop = signals.signum > 0  # read once: a signal arriving after this counts at the next step
+        if world > 1:  # one all-reduce: the mean train loss, and whether any process failed a refresh or got a signal
+            flags[0].fill_(float(bool(refresh_error)))
+            flags[1].fill_(float(stop))
+            stats = torch.cat([stats, flags])
+            dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+        finite = torch.stack(torch._foreach_norm(params, float("inf"))).isfinite().all()  # identical on every process
+        stats = torch.cat([stats, finite.view(1).float()]).tolist()  # waits for the step: the timings are complete
+        train_loss, refresh_failed = stats[0], bool(refresh_error)
+        if world > 1:  # every process decides on the all-reduced flags alone, so all stop (or go on) together
+            refresh_failed, stop = stats[1] > 0, stats[2] > 0
+        if not (math.isfinite(train_loss) and stats[-1] == 1.0) or refresh_failed:
+            stop_diverged(step + 1, train_loss, refresh_error or ("a Gram refresh failed on another process"
+                                                                  if refresh_failed else ""),
+                          raw_model, optimizers, args, record, checkpoints.last)
+        losses.append(train_loss)
+        done = step + 1
+        now_ms = training_ms + (1000 * (time.perf_counter() - t0) if step >= warm_until else 0.0)
+        timed = timed_before + max(done - warm_until, 0)
+        log(f"step:{done}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms "
+            f"step_avg:{now_ms / timed if timed else float('nan'):.2f}ms "
             f"opt_ms:{opt_timer.ms():.2f}")
+        if stop or done == args.num_iterations or (args.save_every and done % args.save_every == 0):
+            sync()
+            if step >= warm_until:  # saving is not training time
+                training_ms += 1000 * (time.perf_counter() - t0)
+            path = checkpoints.save(done, dict(step=done, training_ms=training_ms, timed_steps=timed, losses=losses))
+            log(f"checkpoint: step:{done}/{args.num_iterations} {path}")
+            t0 = time.perf_counter()
+        maybe_test_kill("after", done)
+        if stop:
+            how = signal.Signals(signals.signum).name if signals.signum else "a signal to another process"
+            log(f"stopped: step:{done}/{args.num_iterations} by {how}; continue with --resume {checkpoints.last}")
+            if master:
+                record.file.close()
+            raise SystemExit(128 + (signals.signum or signal.SIGTERM))
 
-    timed = args.num_iterations - 10
-    if timed > 0:  # model FLOPs over the timed steps (training_ms holds them: the loop ended on a validation)
+    if timed > 0:  # model FLOPs over the timed steps (the loop ended on a validation: training_ms holds them all)
         log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
             f"{flops_per_token(args) * args.batch_size * T * timed / training_ms / 1e9:.1f} TFLOP/s")
     if master:
         record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # on CPU: the process's peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
-    if dist.is_initialized():
-        dist.barrier()  # no process tears the group down while another still uses it
-        dist.destroy_process_group()
     return (record.path if master else ""), raw_model
+
+
+def stop_diverged(step: int, loss: float, refresh_error: str, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                  args: Hyperparameters, record: Record | None, checkpoint: str) -> None:
+    """End the run at a non-finite train loss or parameter: name the step, the optimizer and the first non-finite
+    parameter, mark the record diverged with its last good step (the last checkpoint stays), exit with code 1."""
+    bad = first_nonfinite_parameter(model, optimizers, args.optimizer)
+    what = "; ".join(filter(None, [f"train loss {loss}", refresh_error and f"Gram refresh: {refresh_error}",
+                                   f"first non-finite parameter: {bad}" if bad else "all parameters finite"]))
+    message = (f"diverged at step {step}/{args.num_iterations} (optimizer {args.optimizer}): {what}. Last good step "
+               f"{step - 1}; last checkpoint: {checkpoint or 'none'} (kept)")
+    if record is not None:
+        record.log(f"diverged: step:{step}/{args.num_iterations} last_good_step:{step - 1} optimizer:{args.optimizer} "
+                   f"{what}")
+        record.file.close()
+    raise SystemExit(message if record is not None else 1)
 
 # ----------------------------------------------------------------------------- records
 
 
 class Record:
     """records/<time>-<preset>-<optimizer>-<id>.txt: the source, the settings as JSON, versions and devices, then
-    modded-nanogpt's `step:s/N val_loss:... train_time:...ms step_avg:...ms` lines, train-loss lines, peak memory."""
+    modded-nanogpt's `step:s/N val_loss:... train_time:...ms step_avg:...ms` lines, train-loss lines, peak memory.
+    Also `checkpoint: step:s/N PATH` after each save, `resumed: step:s/N from PATH ...` where a resumed run continues
+    (lines of steps after s above it were redone), `stopped: step:s/N by SIGTERM; ...` and
+    `diverged: step:s/N last_good_step:g optimizer:NAME ...` where a run ended early."""
 
-    def __init__(self, args: Hyperparameters, world: int, device: torch.device):
+    def __init__(self, args: Hyperparameters, world: int, device: torch.device, resume: str = ""):
+        if resume:  # continue the checkpoint's record: a `resumed:` line, then the lines of the steps after it
+            meta = read_checkpoint_meta(resume)
+            self.path, self.file = meta["record"], open(meta["record"], "a")
+            changed = {k: getattr(args, k) for k in RESUME_MAY_CHANGE[1:] if getattr(args, k) != meta["args"][k]}
+            self.log(f"resumed: step:{meta['step']}/{args.num_iterations} from {resume} world_size:{world} "
+                     f"(saved with {meta['world_size']})" + (f" changed: {json.dumps(changed)}" if changed else ""))
+            return
         os.makedirs(args.records_dir, exist_ok=True)
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}-{args.optimizer}-{uuid.uuid4().hex[:8]}.txt"
         self.path = os.path.join(args.records_dir, name)
@@ -1210,8 +1621,21 @@ class Record:
 RECORD_MARK = "=" * 40 + " train_gpt2.py record " + "=" * 40
 
 
+def exit_now(code: int | str | None) -> None:
+    """Print a SystemExit-style message, flush, and leave without the interpreter's teardown: with torch 2.13 on gloo,
+    threads a distributed run leaves behind abort a normal exit (SIGABRT) about one time in three."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1 if code else 0)
+
+
 if __name__ == "__main__":
     try:
         train(parse_args(sys.argv[1:]))
     except ShardError as e:
-        raise SystemExit(f"data error: {e}") from None
+        exit_now(f"data error: {e}")
+    except SystemExit as e:  # refused settings, a divergence, a stop signal
+        exit_now(e.code)
+    exit_now(0)

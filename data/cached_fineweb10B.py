@@ -8,7 +8,11 @@
 Files come from the dataset repo kjj0/fineweb10B-gpt2: fineweb_val_000000.bin and
 fineweb_train_000001.bin ... fineweb_train_000103.bin, each a 1024-byte header plus up to 100M uint16
 tokens (~200 MB), and land in data/fineweb10B/ (or --local_dir). A file whose header agrees with its
-size is skipped; an incomplete one is downloaded again. Set HF_ENDPOINT to use a hub mirror.
+size is skipped; one whose size disagrees is reported, deleted and downloaded again (and so is a
+download that comes out so: twice, then it is an error). Bytes arrive in <name>.<etag>.part, which an
+interrupted download (a cut connection, a killed job) leaves behind: the next attempt or run asks for
+the rest only (HTTP Range). A failure (no network, 404, wrong repo id, offline mode) ends with one
+`error:` line and exit status 1. Set HF_ENDPOINT to use a hub mirror.
 
 If the first argument is an integer it is N, the number of train shards (0..103). Otherwise N is
 what the trainer reads: ceil(num_iterations * batch_size * sequence_length / 1e8), computed from the
@@ -18,21 +22,28 @@ train and validate on other data (e.g. --preset smoke), nothing is downloaded.
 
 from __future__ import annotations
 
+import glob
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # to import train_gpt2 from the repo root
 
+import httpx2  # noqa: E402  (huggingface_hub's HTTP client)
 import train_gpt2  # noqa: E402
-from huggingface_hub import constants, hf_hub_download  # noqa: E402
-from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError  # noqa: E402
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url  # noqa: E402
+from huggingface_hub.errors import (HfHubHTTPError, OfflineModeIsEnabled, RemoteEntryNotFoundError,  # noqa: E402
+                                    RepositoryNotFoundError)
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status  # noqa: E402
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 LOCAL_DIR = Path(__file__).resolve().parent / "fineweb10B"
 MAX_TRAIN_SHARDS = 103
 TOKENS_PER_SHARD = 100_000_000
+RETRIES = 3  # attempts in a row that bring no new byte before a download fails (waits of 1 s, 2 s between them)
 
 
 def pop_option(args: list[str], name: str, default: str) -> str:
@@ -71,6 +82,11 @@ def failure_reason(error: BaseException) -> str:
         return "repository not found (wrong repo id, or a private/gated repo)"
     if any(isinstance(e, RemoteEntryNotFoundError) for e in chain):
         return "no such file in the repository"
+    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        return "offline mode is on (unset HF_HUB_OFFLINE)"
+    if any(isinstance(e, (httpx2.ConnectError, httpx2.ConnectTimeout)) for e in chain):
+        return f"cannot reach the hub (no network, or a wrong HF_ENDPOINT): {type(chain[-1]).__name__}: " + (
+            str(chain[-1]).strip().splitlines() or [""])[0]
     root = chain[-1]
     lines = str(root).strip().splitlines()
     return f"{type(root).__name__}: {lines[0] if lines else ''}".rstrip(": ")
@@ -84,26 +100,86 @@ def check_shard(path: Path) -> tuple[int, str | None]:
         return 0, str(e).splitlines()[0].removeprefix(f"{path}: ")
 
 
+def transient(error: Exception) -> bool:
+    """Worth another attempt: the connection failed or dropped, or the server had a 5xx moment."""
+    if isinstance(error, HfHubHTTPError):
+        return error.response is not None and error.response.status_code >= 500
+    return isinstance(error, httpx2.TransportError)
+
+
+def download(filename: str, local_dir: Path, repo_id: str) -> None:
+    """local_dir/filename from the dataset repo, through local_dir/<filename>.<etag>.part: each attempt asks the hub
+    for the file's size, etag and location (HEAD; signed CDN urls expire), then GETs the bytes past the part file's
+    length (Range: bytes=<length>-), appending them as they arrive; a complete part is renamed into place. A cut
+    connection or 5xx is retried at once after progress, else up to RETRIES attempts in a row; a part of another
+    version of the file (other etag) or longer than the file is deleted."""
+    url, stalled = hf_hub_url(repo_id, filename, repo_type="dataset"), 0
+    while True:
+        part, have = None, 0
+        try:
+            meta = get_hf_file_metadata(url)
+            part = local_dir / f"{filename}.{(meta.etag or 'no-etag')[:16]}.part"
+            for other in glob.glob(glob.escape(str(local_dir / filename)) + ".*.part"):
+                if Path(other) != part:
+                    os.remove(other)
+            have = part.stat().st_size if part.exists() else 0
+            if meta.size is not None and have > meta.size:
+                part.unlink()
+                have = 0
+            if meta.size is None or have < meta.size:
+                if have:
+                    print(f"resuming  {filename} at byte {have:,} of {meta.size:,}")
+                headers = {**build_hf_headers(), "Accept-Encoding": "identity"}
+                if have:
+                    headers["Range"] = f"bytes={have}-"
+                with get_session().stream("GET", meta.location, headers=headers, follow_redirects=True,
+                                          timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+                    hf_raise_for_status(response)
+                    # unbuffered: every byte received is in the file even if this process is killed
+                    with open(part, "ab" if response.status_code == 206 else "wb", buffering=0) as f:
+                        for chunk in response.iter_bytes():
+                            f.write(chunk)
+            if meta.size is None or part.stat().st_size == meta.size:
+                os.replace(part, local_dir / filename)
+                return
+            raise httpx2.RemoteProtocolError(f"the response ended at byte {part.stat().st_size:,} of {meta.size:,}")
+        except Exception as e:
+            if not transient(e):
+                raise
+            got = part.stat().st_size if part is not None and part.exists() else 0
+            stalled = 0 if got > have else stalled + 1
+            if stalled == RETRIES:
+                raise
+            print(f"interrupted {filename} at byte {got:,} ({type(e).__name__}); trying again")
+            time.sleep(stalled)
+
+
 def fetch(filename: str, local_dir: Path, repo_id: str) -> None:
-    """Download one shard into local_dir unless a complete copy is already there."""
+    """Download one shard into local_dir unless a complete copy is already there; a copy whose size disagrees with
+    its header (before or after downloading) is reported, deleted and fetched again."""
     path = local_dir / filename
-    redownload = path.exists()
-    if redownload:
+    if path.exists():
         tokens, fault = check_shard(path)
         if fault is None:
             print(f"skipped    {filename} (complete, {tokens:,} tokens)")
             return
-        print(f"incomplete {filename} ({fault}); downloading it again")
-    try:  # force: else huggingface_hub may trust its own metadata in local_dir and keep the bad file
-        hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=local_dir,
-                        force_download=redownload)
-    except Exception as e:  # HTTP errors, OSError, ValueError, httpx errors: all mean "this file failed"
-        sys.exit(f"error: could not download {filename} from dataset repo {repo_id} at {constants.ENDPOINT}: "
-                 f"{failure_reason(e)}")
-    tokens, fault = check_shard(path)
-    if fault is not None:
-        sys.exit(f"error: downloaded {filename} from dataset repo {repo_id} but it is not a valid shard: {fault}")
-    print(f"downloaded {filename} ({tokens:,} tokens)")
+        print(f"incomplete {filename} ({fault}); deleted, downloading it again")
+        path.unlink()
+    for attempt in (1, 2):
+        try:
+            download(filename, local_dir, repo_id)
+        except Exception as e:  # HTTP errors, OSError, httpx errors: all mean "this file failed"
+            sys.exit(f"error: could not download {filename} from dataset repo {repo_id} at {constants.ENDPOINT}: "
+                     f"{failure_reason(e)}")
+        tokens, fault = check_shard(path)
+        if fault is None:
+            print(f"downloaded {filename} ({tokens:,} tokens)")
+            return
+        path.unlink()
+        if attempt == 1:
+            print(f"bad        {filename} as downloaded ({fault}); deleted, downloading it again")
+    sys.exit(f"error: downloaded {filename} from dataset repo {repo_id} twice but it is not a valid shard: {fault} "
+             f"(deleted)")
 
 
 def main(argv: list[str]) -> None:

@@ -7,17 +7,20 @@ Reads three formats (see `parse_record`):
   ours          this project's records (train_gpt2.Record): RECORD_MARK, the source, RECORD_MARK,
                 `hyperparameters: {json}`, versions, devices, `world_size ..., N tokens/step`, then
                 `step:s/N val_loss:... train_time:...ms step_avg:...ms` lines, `step:s/N train_loss:...
-                train_time:...ms step_avg:...ms [opt_ms:...]` lines and `peak memory consumption: M MiB`.
+                train_time:...ms step_avg:...ms [opt_ms:...]` lines and `peak memory consumption: M MiB`; a resumed
+                run continues its record after `resumed: step:s/N ...` (the lines of steps after s before it were
+                redone and are dropped), a diverged one ends with `diverged: step:s/N last_good_step:g ...`.
   upstream      modded-nanogpt logs since Oct 2024: any header (source, `====`, nvidia-smi), then the same `step:` lines
                 (train lines usually without train_loss; extra words such as `final_eval` are ignored) and maybe
                 `peak memory consumption: M MiB` or `peak memory allocated: M MiB reserved: R MiB`.
   upstream_old  llm.c-style logs: `s:<step> tel:<val loss>` and `s:<step> trl:<train loss> [lr:... norm:...]`.
 
-Groups complete runs by optimizer, label or config (a hash of the hyperparameters without seed/label/records_dir) and
+Groups complete runs by optimizer, label or config (a hash of the hyperparameters without CONFIG_EXCLUDE) and
 prints one table with a one-sided t-test of "mean final val loss < target" per group and, with exactly two groups,
-Welch's t-test between them with a 95% interval for the difference of the means. Runs that crashed or are still
-going (ours: no peak-memory line or last step < N; upstream: no val loss at step N) are listed under the table with
-the last step reached; files that are not records are named and skipped.
+Welch's t-test between them with a 95% interval for the difference of the means. Runs that crashed, diverged or are
+still going (ours: no peak-memory line, a `diverged:` line or last step < N; upstream: no val loss at step N) are listed
+under the table with the last step reached (diverged: the step and the last good step); files that are not records
+are named and skipped.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ import numpy as np
 from scipy import stats
 
 RECORD_MARK = "=" * 40 + " train_gpt2.py record " + "=" * 40  # train_gpt2.RECORD_MARK; the tests check they agree
-CONFIG_EXCLUDE = ("seed", "label", "records_dir")  # settings that do not make a different configuration
+# settings that do not make a different configuration
+CONFIG_EXCLUDE = ("seed", "label", "records_dir", "save_every", "keep_checkpoints", "checkpoint_dir", "resume")
 GROUPINGS = ("optimizer", "label", "config")
 NO_LABEL = "(no label)"
 WARMUP_STEPS = 10  # the trainers do not time the first 10 steps; opt_ms is averaged over the steps after them
@@ -50,6 +54,8 @@ _PEAK = re.compile(r"^peak memory (?:consumption|allocated):\s*(\d+)\s*MiB")
 _TOKENS = re.compile(r"^world_size \d+, device_batch \d+ x \d+, accumulation \d+, (\d+) tokens/step")
 _OUR_NAME = re.compile(r"^(\d{8}-\d{6})-")
 _SEPARATOR = re.compile(r"^={20,}\s*$")
+_RESUMED = re.compile(r"^resumed: step:(\d+)/(\d+)")
+_DIVERGED = re.compile(r"^diverged: step:(\d+)/(\d+) last_good_step:(\d+)")
 
 
 @dataclass
@@ -72,6 +78,9 @@ class Run:
     complete: bool
     timestamp: dt.datetime | None = None  # ours: from the file name; upstream: from the folder name; else mtime
     meta: dict = field(default_factory=dict)  # ours: torch, devices, world_size, tokens_per_step when written
+    resumed_at: list[int] = field(default_factory=list)  # ours: the step of each resume, in order
+    diverged_at: int | None = None  # ours: the step whose loss or update was not finite (the run ended there)
+    last_good_step: int | None = None  # ours, diverged: the last step with a finite loss and parameters
 
     @property
     def last_step(self) -> int:
@@ -214,9 +223,33 @@ def _final(val, n) -> tuple[float | None, bool]:
     return (val[-1][1] if val else None), False
 
 
+def _after_resumes(body: list[str]) -> tuple[list[str], list[int]]:
+    """The lines that stand once each `resumed: step:s/N` has superseded what the abandoned branch logged before it
+    (val lines of steps >= s, train lines of steps > s, stop/diverged/peak lines), and the resume steps."""
+    kept, resumed = [], []
+    for line in body:
+        m = _RESUMED.match(line)
+        if m:
+            s = int(m[1])
+            resumed.append(s)
+            keep = []
+            for old in kept:
+                st = _STEP.match(old)
+                if st:
+                    if int(st[1]) < s or (int(st[1]) == s and "val_loss:" not in st[3]):
+                        keep.append(old)
+                elif not (_DIVERGED.match(old) or _PEAK.match(old) or old.startswith("stopped: ")):
+                    keep.append(old)
+            kept = keep
+        kept.append(line)
+    return kept, resumed
+
+
 def _parse_ours(path: Path, lines: list[str]) -> Run:
     marks = [i for i, line in enumerate(lines) if line.rstrip() == RECORD_MARK]
     body = lines[marks[-1] + 1:] if len(marks) > 1 else []  # one mark only: cut off while the source was written
+    body, resumed = _after_resumes(body)
+    diverged = next((m for m in map(_DIVERGED.match, body) if m), None)
     hp, meta = {}, {}
     for line in body:
         if line.startswith("hyperparameters: ") and not hp:
@@ -242,7 +275,9 @@ def _parse_ours(path: Path, lines: list[str]) -> Run:
     return Run(path=str(path), format="ours", optimizer=str(hp.get("optimizer", "unknown")),
                label=str(hp.get("label", "")), config=config_hash(hp) if hp else "unknown", hyperparameters=hp,
                val=val, train=train, num_iterations=n, final_val_loss=final, step_avg=step_avg, peak_mib=peak,
-               complete=peak is not None and at_n, timestamp=_timestamp(path, "ours"), meta=meta)
+               complete=peak is not None and at_n and diverged is None, timestamp=_timestamp(path, "ours"), meta=meta,
+               resumed_at=resumed, diverged_at=int(diverged[1]) if diverged else None,
+               last_good_step=int(diverged[3]) if diverged else None)
 
 
 def _parse_upstream(path: Path, lines: list[str]) -> Run:
@@ -517,11 +552,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"p={w['p_value']:.3g})")
         incomplete = [r for r in runs if not r.complete]
         if incomplete:
-            print("\nincomplete (crashed or still going):")
+            print("\nincomplete (crashed, diverged or still going):")
             for r in incomplete:
                 n = "?" if r.num_iterations is None else r.num_iterations
                 last = "" if r.final_val_loss is None else f", last val_loss {r.final_val_loss:.4f}"
-                print(f"  {r.path} [{r.key(args.by)}]: reached step {r.last_step}/{n}{last}")
+                how = (f"diverged at step {r.diverged_at}/{n}, last good step {r.last_good_step}"
+                       if r.diverged_at is not None else f"reached step {r.last_step}/{n}")
+                print(f"  {r.path} [{r.key(args.by)}]: {how}{last}")
         if args.plot:
             plot_runs(runs, args.by, args.plot, target=args.target)
             print(f"\nplot: {args.plot}")

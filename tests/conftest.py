@@ -18,15 +18,20 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--sequence_length"
         "--val_loss_every", "0", "--val_tokens", "256", "--compile", "0"]
 
 
-def make_shards(folder: Path, train_sizes=(3000, 2500), val_sizes=(1000,), seed: int = 0) -> tuple[str, str]:
-    """Random-token shards `t_train_00000i.bin` and `t_val_00000i.bin`; returns the two glob patterns."""
+def make_shards(folder: Path, train_sizes=(3000, 2500), val_sizes=(1000,), seed: int = 0,
+                vocab: int = 50257) -> tuple[str, str]:
+    """Random-token shards `t_train_00000i.bin` and `t_val_00000i.bin` (ids < vocab); returns the two glob patterns."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i, n in enumerate(val_sizes):
-        write_datafile(str(folder / f"t_val_{i:06d}.bin"), rng.integers(0, 50257, n))
+        write_datafile(str(folder / f"t_val_{i:06d}.bin"), rng.integers(0, vocab, n))
     for i, n in enumerate(train_sizes):
-        write_datafile(str(folder / f"t_train_{i + 1:06d}.bin"), rng.integers(0, 50257, n))
+        write_datafile(str(folder / f"t_train_{i + 1:06d}.bin"), rng.integers(0, vocab, n))
     return str(folder / "t_train_*.bin"), str(folder / "t_val_*.bin")
+
+
+# TINY with a 256-token vocabulary (shards from make_shards(..., vocab=256)): the head no longer dominates a step
+SMALL_VOCAB = 256
 
 
 @pytest.fixture
@@ -34,6 +39,13 @@ def tiny_args(tmp_path: Path) -> list[str]:
     """Command-line settings for a tiny run on fresh shards, writing records into tmp_path/records."""
     train, val = make_shards(tmp_path / "shards")
     return TINY + ["--input_bin", train, "--input_val_bin", val, "--records_dir", str(tmp_path / "records")]
+
+
+@pytest.fixture
+def small_vocab_args(tmp_path: Path) -> list[str]:
+    """TINY on fresh shards of SMALL_VOCAB token ids, --vocab_size SMALL_VOCAB; no --records_dir."""
+    train, val = make_shards(tmp_path / "shards", vocab=SMALL_VOCAB)
+    return TINY + ["--vocab_size", str(SMALL_VOCAB), "--input_bin", train, "--input_val_bin", val]
 
 
 def subprocess_env() -> dict:

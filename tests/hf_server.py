@@ -32,12 +32,14 @@ Usage:
 Failure knobs (all optional, changeable between runs through the attributes of the same name):
     not_found=True          every request gets 404 RepoNotFound
     cut_after={name: k}     a content GET of `name` sends all headers, then only k bytes, then closes the
-                            connection; only the first `cut_times` (default 1) such GETs are cut, so
-                            huggingface_hub's retry then succeeds. Note: 2.4.0 reads the body in 10 MiB
-                            chunks and resumes with `Range: bytes=<bytes written>-`, so a cut below 10 MiB
-                            re-fetches from 0 (no Range); and it deletes its partial file when the call
-                            fails, so there is no resume across processes.
-    truncate={name: k}      the hub "holds" only the first k bytes of `name` (headers agree with that)
+                            connection; only the first `cut_times` (default 1) such GETs are cut, so a
+                            retry then succeeds. (hf_hub_download 2.4.0 itself reads the body in 10 MiB
+                            chunks, so a cut below 10 MiB re-fetches from 0, and it deletes its partial
+                            file when the call fails; data/cached_fineweb10B.py keeps every byte.)
+    stall_after={name: k}   the first content GET of `name` sends all headers and k bytes, then hangs until
+                            the server stops (a download to kill mid-file)
+    truncate={name: k}      the hub "holds" only the first k bytes of `name` (headers agree with that), for
+                            the first `truncate_times` content GETs of it (default: all; HEADs follow suit)
 `files` maps repo_id to either {filename: bytes} or a directory whose files are served.
 """
 
@@ -71,7 +73,9 @@ class HubServer:
         not_found: bool = False,
         cut_after: dict[str, int] | None = None,
         cut_times: int = 1,
+        stall_after: dict[str, int] | None = None,
         truncate: dict[str, int] | None = None,
+        truncate_times: int | None = None,
     ) -> None:
         self.files = files or {}
         self.prefix = PREFIXES[repo_type]
@@ -79,9 +83,14 @@ class HubServer:
         self.not_found = not_found
         self.cut_after = dict(cut_after or {})
         self.cut_times = cut_times
+        self.stall_after = dict(stall_after or {})
         self.truncate = dict(truncate or {})
+        self.truncate_times = truncate_times
         self.requests: list[Request] = []
         self._cuts: dict[str, int] = {}
+        self._stalls: set[str] = set()
+        self._truncated: dict[str, int] = {}
+        self._stop = threading.Event()
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
 
@@ -99,6 +108,7 @@ class HubServer:
 
     def __exit__(self, *exc: object) -> None:
         assert self._httpd is not None
+        self._stop.set()  # lets stalled responses end
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -124,8 +134,9 @@ class HubServer:
         self.requests.clear()
 
     # -- content -------------------------------------------------------------------------------
-    def content(self, repo_id: str, filename: str) -> bytes | None:
-        """The bytes served for a file (after `truncate`), or None if the file does not exist."""
+    def content(self, repo_id: str, filename: str, count: bool = False) -> bytes | None:
+        """The bytes served for a file (after `truncate`), or None if the file does not exist; count: this is a
+        content GET (it uses up one of `truncate_times`)."""
         repo = self.files[repo_id]
         if isinstance(repo, dict):
             data = repo.get(filename)
@@ -134,7 +145,11 @@ class HubServer:
             path = (root / filename).resolve()
             data = path.read_bytes() if path.is_file() and root in path.parents else None
         if data is not None and filename in self.truncate:
-            data = data[: self.truncate[filename]]
+            with self._lock:
+                done = self._truncated.get(filename, 0)
+                if self.truncate_times is None or done < self.truncate_times:
+                    data = data[: self.truncate[filename]]
+                    self._truncated[filename] = done + count
         return data
 
     def _take_cut(self, filename: str) -> int | None:
@@ -144,6 +159,14 @@ class HubServer:
                 return None
             self._cuts[filename] = self._cuts.get(filename, 0) + 1
             return self.cut_after[filename]
+
+    def _take_stall(self, filename: str) -> int | None:
+        """Bytes to send before hanging this GET of `filename`, or None."""
+        with self._lock:
+            if filename not in self.stall_after or filename in self._stalls:
+                return None
+            self._stalls.add(filename)
+            return self.stall_after[filename]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -171,7 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, body, {"Content-Type": "application/json"}, send_body)
         if path.startswith("/cdn/"):  # /cdn/{repo_id}/{filename}, the target of `redirect=True`
             repo_id, _, filename = unquote(path[len("/cdn/"):]).rpartition("/")
-            data = hub.content(repo_id, filename) if repo_id in hub.files else None
+            data = hub.content(repo_id, filename, count=send_body) if repo_id in hub.files else None
             if data is None:
                 return self._error(404, None, "Not found")
             return self._send_file(data, filename, send_body, {})
@@ -183,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "RepoNotFound", "Repository not found")
         if revision not in ("main", COMMIT):
             return self._error(404, "RevisionNotFound", "Invalid rev id: " + revision)
-        data = hub.content(repo_id, filename)
+        data = hub.content(repo_id, filename, count=send_body and not hub.redirect)
         if data is None:
             return self._error(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": COMMIT})
         etag = hashlib.sha256(data).hexdigest()
@@ -218,7 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
         body = data[start:end]
-        cut = self.server_hub._take_cut(filename) if send_body else None
+        stall = self.server_hub._take_stall(filename) if send_body else None
+        cut = stall if stall is not None else self.server_hub._take_cut(filename) if send_body else None
         if cut is None or cut >= len(body):
             return self._send(status, body, headers, send_body)
         # promise the whole body, send `cut` bytes, then drop the connection (an interrupted download)
@@ -228,6 +252,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body[:cut])
         self.wfile.flush()
+        if stall is not None:
+            self.server_hub._stop.wait(60)
         self.close_connection = True
 
     def _error(self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None) -> None:

@@ -373,3 +373,54 @@ def test_reads_a_record_written_by_the_trainer(tiny_args, tmp_path):
     assert run.peak_mib > 0 and run.tokens == 5 * 4 * 32 and run.meta["tokens_per_step"] == 4 * 32
     assert run.hyperparameters["label"] == "tiny" and run.timestamp is not None
     assert math.isfinite(run.final_val_loss)
+
+
+# ----------------------------------------------------------------------------- resumed and diverged records
+
+
+def step_of(line: str) -> int:
+    return int(line.split("/")[0][len("step:"):])
+
+
+def resumed_tail(whole: Path, s: int) -> list[str]:
+    """What a run resumed from its checkpoint of step s logs: a `resumed:` line, then the lines of an uninterrupted
+    record from the val line of step s on (the train line of step s was logged before that save)."""
+    lines = whole.read_text().splitlines()
+    return ([f"resumed: step:{s}/40 from /ckpt/step_{s:06d} world_size:1 (saved with 1)",
+             "world_size 1, device_batch 4 x 128, accumulation 2, 1024 tokens/step"]
+            + [x for x in lines if x.startswith("step:") and step_of(x) >= s and not x.startswith(f"step:{s}/40 train")]
+            + [lines[-1]])
+
+
+def test_parse_resumed_record(tmp_path, capsys):
+    """Killed after step 27 with a checkpoint at 20 (its val line logged after the save): the resumed branch replaces
+    the abandoned lines from step 21 (train) and 20 (val) on, whatever they said."""
+    whole = write_ours(tmp_path / "whole", n=40, final=3.3)
+    path = write_ours(tmp_path, n=40, stop_at=27, final=3.3)
+    abandoned = [x.replace("train_loss:", "train_loss:9") if x.startswith("step:") and step_of(x) > 20 else x
+                 for x in path.read_text().splitlines()]  # other losses on the abandoned branch
+    path.write_text("\n".join(abandoned + resumed_tail(whole, 20)) + "\n")
+    run, ref = c.parse_record(path), c.parse_record(whole)
+    assert "train_loss:93." in path.read_text()
+    assert run.complete and run.resumed_at == [20] and run.diverged_at is None
+    assert c.config_hash({**ref.hyperparameters, "save_every": 500, "keep_checkpoints": 3, "checkpoint_dir": "/c",
+                          "resume": "/c/step_000020"}) == ref.config  # checkpointing is not a configuration
+    assert run.val == ref.val and run.train == ref.train and [s for s, *_ in run.train] == list(range(1, 41))
+    assert c.main([str(path)]) == 0 and "incomplete" not in capsys.readouterr().out
+
+
+def test_parse_diverged_record_and_list_it(tmp_path, capsys):
+    path = write_ours(tmp_path, n=40, stop_at=23, tag="div")
+    path.write_text(path.read_text() + "diverged: step:24/40 last_good_step:23 optimizer:muon train loss nan; first "
+                    "non-finite parameter: transformer.wte.weight (50257, 768), updated by the embedding/head AdamW\n")
+    run = c.parse_record(path)
+    assert (run.diverged_at, run.last_good_step, run.last_step, run.complete) == (24, 23, 24, False)
+    done = [write_ours(tmp_path, seed=i, tag=f"ok{i}") for i in range(2)]
+    rows = c.summarize(c.group_runs([c.parse_record(p) for p in done + [path]]))
+    assert (rows[0]["runs"], rows[0]["incomplete"]) == (2, 1)  # counted apart, never dropped
+    assert c.main([str(tmp_path)]) == 0
+    assert f"{path} [muon]: diverged at step 24/40, last good step 23, last val_loss" in capsys.readouterr().out
+    # resumed from the checkpoint of step 20 and finished: complete, no longer diverged
+    path.write_text(path.read_text() + "\n".join(resumed_tail(write_ours(tmp_path / "whole", n=40), 20)) + "\n")
+    run = c.parse_record(path)
+    assert run.complete and run.diverged_at is None and run.resumed_at == [20] and run.last_step == 40

@@ -6,8 +6,12 @@ hf_hub_download (HEAD + GET on /datasets/{repo}/resolve/main/{file}) does the tr
 
 import importlib.util
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -96,6 +100,7 @@ def test_incomplete_local_files_are_downloaded_again(tmp_path, shards):
         result = run(hub, tmp_path, "2")
         assert result.returncode == 0, result.stderr
         assert [line.split()[1] for line in lines(result.stdout, "incomplete")] == [VAL, train(1)]
+        assert all("deleted, downloading it again" in line for line in lines(result.stdout, "incomplete"))
         assert [line.split()[1] for line in lines(result.stdout, "downloaded")] == [VAL, train(1)]
         assert [line.split()[1] for line in lines(result.stdout, "skipped")] == [train(2)]
         assert [r.path.rsplit("/", 1)[-1] for r in hub.gets()] == [VAL, train(1)]
@@ -157,17 +162,77 @@ def test_run_on_other_data_downloads_nothing(tmp_path, shards):
 def test_bad_file_on_the_hub_fails_after_download(tmp_path, shards):
     with HubServer(files={REPO_ID: shards}, truncate={train(1): 1500}) as hub:
         result = run(hub, tmp_path, "1")
-    assert_one_error(result, train(1), REPO_ID, "not a valid shard")
+        assert len(hub.gets(train(1))) == 2  # fetched again once
+    assert_one_error(result, train(1), REPO_ID, "twice but it is not a valid shard", "truncated or corrupt")
+    assert not (tmp_path / "fw" / train(1)).exists()  # deleted: never left for the trainer
 
 
-def test_interrupted_download_via_cdn_redirect_is_retried(tmp_path, shards):
-    # the hub's LFS path: /resolve answers 302 to another host, the connection drops after 500 bytes once
-    with HubServer(files={REPO_ID: shards}, redirect=True, cut_after={VAL: 500}) as hub:
+def test_truncated_download_is_reported_deleted_and_fetched_again(tmp_path, shards):
+    # the first transfer of the shard stops at 1500 bytes with every header agreeing: only its own header tells
+    with HubServer(files={REPO_ID: shards}, truncate={train(1): 1500}, truncate_times=1) as hub:
+        result = run(hub, tmp_path, "1")
+        assert result.returncode == 0, result.stderr
+        assert [r.range for r in hub.gets(train(1))] == [None, None]
+    (bad,) = lines(result.stdout, "bad")
+    assert train(1) in bad and "header says" in bad and "deleted, downloading it again" in bad
+    assert lines(result.stdout, "downloaded")[-1].split()[1] == train(1)
+    assert (tmp_path / "fw" / train(1)).read_bytes() == shards[train(1)]
+
+
+@pytest.mark.parametrize("redirect", [False, True])
+def test_cut_connection_resumes_where_it_stopped(tmp_path, shards, redirect):
+    # every GET of the val shard (1624 bytes) is cut after 500 bytes, three times; with redirect, the hub's LFS path:
+    # /resolve answers 302 to a CDN url on another host
+    with HubServer(files={REPO_ID: shards}, redirect=redirect, cut_after={VAL: 500}, cut_times=3) as hub:
         result = run(hub, tmp_path, "0")
         assert result.returncode == 0, result.stderr
-        assert [r.path for r in hub.gets()] == [f"/cdn/{REPO_ID}/{VAL}"] * 2
+        gets = hub.gets(VAL)
+    assert [r.range for r in gets] == [None, "bytes=500-", "bytes=1000-", "bytes=1500-"]
+    assert all(r.path.startswith("/cdn/") == redirect for r in gets)
+    assert [line.split()[1] for line in lines(result.stdout, "interrupted")] == [VAL] * 3
     assert (tmp_path / "fw" / VAL).read_bytes() == shards[VAL]
-    assert not list((tmp_path / "fw").glob("fineweb_train_*"))
+    assert sorted(p.name for p in (tmp_path / "fw").iterdir()) == [VAL]  # no .part left
+
+
+def test_killed_download_resumes_in_the_next_run(tmp_path, shards):
+    """A job killed mid-file leaves <name>.<etag>.part; the next run asks only for the rest."""
+    with HubServer(files={REPO_ID: shards}, stall_after={train(1): 700}) as hub:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env = dict(base, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1",
+                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "1", "--local_dir", str(tmp_path / "fw")], env=env,
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not [p for p in (tmp_path / "fw").glob(f"{train(1)}.*.part") if p.stat().st_size == 700]:
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        (part,) = (tmp_path / "fw").glob(f"{train(1)}.*.part")
+        assert part.read_bytes() == shards[train(1)][:700]
+        result = run(hub, tmp_path, "1")
+        assert result.returncode == 0, result.stderr
+        assert [r.range for r in hub.gets(train(1))] == [None, "bytes=700-"]
+    assert f"resuming  {train(1)} at byte 700 of {len(shards[train(1)]):,}" in result.stdout
+    assert (tmp_path / "fw" / train(1)).read_bytes() == shards[train(1)] and not part.exists()
+
+
+def test_404_everywhere_fails_with_one_message(tmp_path, shards):
+    with HubServer(files={REPO_ID: shards}, not_found=True) as hub:
+        result = run(hub, tmp_path, "1")
+        assert [r.method for r in hub.requests if "/resolve/" in r.path] == ["HEAD"]  # no retries on a 404
+    assert "repository not found" in assert_one_error(result, VAL, REPO_ID)
+
+
+def test_no_network_fails_with_one_message(tmp_path, shards):
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nowhere = types.SimpleNamespace(url=f"http://127.0.0.1:{port}")  # all that run() reads of a hub
+    result = run(nowhere, tmp_path, "1")
+    assert "cannot reach the hub (no network, or a wrong HF_ENDPOINT): ConnectError" in assert_one_error(
+        result, VAL, REPO_ID, f"http://127.0.0.1:{port}")
+    assert len(lines(result.stdout, "interrupted")) == 2  # RETRIES attempts
 
 
 def test_fake_hub_speaks_the_resolve_protocol(tmp_path):

@@ -13,9 +13,9 @@ LINE = re.compile(r"^step:(\d+)/(\d+) (val_loss|train_loss):([\d.]+) train_time:
 
 def test_smoke_run_writes_a_record(tmp_path):
     cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--preset", "smoke", "--num_iterations", "12",
-           "--val_loss_every", "6", "--records_dir", str(tmp_path), "--label", "unit"]
-    short = cmd[:2] + ["--preset", "smoke", "--num_iterations", "1", "--val_tokens", "1024", "--records_dir",
-                       str(tmp_path)]
+           "--warmdown_iters", "6", "--val_loss_every", "6", "--records_dir", str(tmp_path), "--label", "unit"]
+    short = cmd[:2] + ["--preset", "smoke", "--num_iterations", "1", "--warmup_iters", "1", "--warmdown_iters", "0",
+                       "--val_tokens", "1024", "--records_dir", str(tmp_path)]
     runs = [subprocess.run(c, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=300)
             for c in (cmd, short)]
     assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-3000:]

@@ -1,0 +1,253 @@
+"""Checkpoints and resume: a run killed with SIGKILL after a step, or in the middle of writing a checkpoint, then
+resumed, ends bitwise identical (CPU, fp32) to an uninterrupted run, for every optimizer, with 1 process (both kills
+in one chain) and 2 processes (one of the two kills per optimizer);
+SIGINT/SIGTERM save a checkpoint and stop every process at the same step; a checkpoint resumes with another world size.
+
+The kills come from train_gpt2's test hook TRAIN_GPT2_TEST_KILL ("after:K": every process SIGKILLs itself right after
+step K; "save:K": during step K's save, once its files are written, before the rename); the signals come from here.
+"""
+import concurrent.futures
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt2 as t
+from conftest import REPO, SMALL_VOCAB, TINY, make_shards, subprocess_env
+
+sys.path.insert(0, str(REPO / "records"))
+import compare  # noqa: E402
+
+N = 8  # steps; checkpoints every 2, the newest 2 kept
+# settings that put a state refresh between a checkpoint and the kill after it: SOAP's bases every 3 steps, the
+# feature-gram C and its factor every 3 steps (at steps 0, 3, 6), LocoProp with a momentum buffer
+OPTIMIZERS = {"muon": [], "polargrad": [], "soap": ["--soap_precondition_frequency", "3"],
+              "newton_muon": ["--gram_every", "3"], "locoprop": ["--gram_every", "3", "--locoprop_momentum", "0.5"],
+              "adamw": []}
+
+
+def launch(nproc: int, args: list[str], kill: str = "", timeout: int = 120) -> subprocess.CompletedProcess:
+    """train_gpt2.py as a command, alone or under torchrun (gloo), with the test kill hook set to `kill`."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    env = dict(subprocess_env(), **({t.TEST_KILL_ENV: kill} if kill else {}))
+    return subprocess.run(launcher + [str(REPO / "train_gpt2.py")] + args, capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)
+
+
+def train_here(args: list[str]) -> str:
+    """One process, in this one: train and return the record's path (one thread, as the commands run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return t.train(t.parse_args(args))[0]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def saved(records: Path) -> list[str]:
+    """What the single run folder under records/checkpoints holds."""
+    (run,) = (records / "checkpoints").iterdir()
+    return sorted(p.name for p in run.iterdir())
+
+
+def final_state(records: Path, step: int = N) -> dict:
+    """Every .pt of the run's step_<step> checkpoint; from main.pt's progress only what must not depend on timing."""
+    (run,) = (records / "checkpoints").iterdir()
+    files = {p.stem: torch.load(p, weights_only=True) for p in (run / f"step_{step:06d}").glob("*.pt")}
+    progress = files["main"].pop("progress")
+    files["main"]["progress"] = {"step": progress["step"], "losses": progress["losses"]}
+    return files
+
+
+def assert_bitwise(a, b, where: str = "") -> None:
+    """Same structure, same values; tensors of the same dtype and shape with the same bits."""
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_bitwise(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), (where, a, b)
+
+
+def losses(record: str) -> tuple[list, list]:
+    """(step, train loss) and (step, val loss) as records/compare.py reads them from a record."""
+    run = compare.parse_record(record)
+    return [(s, v) for s, v, *_ in run.train], [(s, v) for s, v, _ in run.val]
+
+
+def kill_chain(nproc: int, args: list[str], chain: Path, kills: list[str]) -> list[subprocess.CompletedProcess]:
+    """A run killed at kills[0] (from scratch, saving every 2 steps), then one resumed from the latest checkpoint and
+    killed at kills[1], ...; then, with 2 processes, one resumed to the end (with 1 process the caller runs it)."""
+    runs, resume = [], ["--resume", "latest", "--records_dir", str(chain)]
+    for kill in kills:
+        runs.append(launch(nproc, resume if runs else args + ["--records_dir", str(chain)], kill=kill))
+        if runs[-1].returncode == 0:  # not killed: check_kills says so
+            return runs
+    return runs + [launch(nproc, resume)] if nproc > 1 else runs
+
+
+def check_kills(runs: list[subprocess.CompletedProcess], kills: list[str], nproc: int) -> None:
+    """Each run died where its kill said: "after:5" right after step 5's line, "save:6" during step 6's save."""
+    for run, kill, resumed in zip(runs, kills, [False, True]):
+        out = run.stdout
+        assert run.returncode == (-signal.SIGKILL if nproc == 1 else 1), out[-1500:] + run.stderr[-3000:]
+        assert ("resumed: step:4/8" in out) == resumed and "peak memory" not in out
+        if kill == "after:5":
+            assert "step:5/8 train_loss" in out and "step:6/8" not in out, out[-1500:]
+        else:
+            assert "step:6/8 train_loss" in out and "checkpoint: step:6/8" not in out, out[-1500:]
+        if nproc > 1:  # torchrun reports the killed workers
+            assert "SIGKILL" in run.stderr
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_killed_and_resumed_run_is_bitwise_identical(small_vocab_args, tmp_path, optimizer):
+    args = small_vocab_args + ["--num_iterations", str(N), "--save_every", "2", "--optimizer", optimizer,
+                               *OPTIMIZERS[optimizer]]
+    reference = train_here(args + ["--records_dir", str(tmp_path / "ref")])
+    chain, kills = tmp_path / "chain", ["after:5", "save:6"]
+    runs = kill_chain(1, args, chain, kills)
+    check_kills(runs, kills, 1)
+    assert len(runs) == 2
+    assert saved(chain) == ["step_000002", "step_000004", "step_000006.tmp"]  # the cut save left the old ones valid
+    assert t.find_checkpoint("latest", str(chain / "checkpoints")).endswith("step_000004")
+    record = train_here(["--resume", "latest", "--records_dir", str(chain)])
+    assert saved(chain) == ["step_000006", "step_000008"]  # --keep_checkpoints 2; the unfinished save is gone
+    assert_bitwise(final_state(tmp_path / "ref"), final_state(chain))
+    assert losses(record) == losses(reference) and len(losses(record)[0]) == N
+    run = compare.parse_record(record)
+    assert run.complete and run.resumed_at == [4, 4]
+
+
+# with 2 processes, each optimizer's run is killed once (half of them right after step 5, half in the middle of saving
+# step 6), then resumed: 3 launches of torchrun per optimizer instead of 4 keep the file's time down
+TWO_PROCESS_KILL = {"muon": "after:5", "polargrad": "save:6", "soap": "after:5", "newton_muon": "save:6",
+                    "locoprop": "after:5", "adamw": "save:6"}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """For every optimizer, with 2 processes: an uninterrupted run and the kill chain, all optimizers at once."""
+    root = tmp_path_factory.mktemp("two")
+    train, val = make_shards(root / "shards", vocab=SMALL_VOCAB)
+    base = TINY + ["--vocab_size", str(SMALL_VOCAB), "--input_bin", train, "--input_val_bin", val,
+                   "--num_iterations", str(N), "--save_every", "2"]
+
+    def both(optimizer):
+        args = base + ["--optimizer", optimizer, *OPTIMIZERS[optimizer]]
+        ref = launch(2, args + ["--records_dir", str(root / optimizer / "ref")])
+        return args, ref, kill_chain(2, args, root / optimizer / "chain", [TWO_PROCESS_KILL[optimizer]])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        done = dict(zip(OPTIMIZERS, pool.map(both, OPTIMIZERS)))
+    return root, done
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_two_processes_killed_and_resumed_is_bitwise_identical(two_process_runs, optimizer):
+    root, done = two_process_runs
+    args, ref, runs = done[optimizer]
+    assert ref.returncode == 0, ref.stdout[-1500:] + ref.stderr[-3000:]
+    check_kills(runs, [TWO_PROCESS_KILL[optimizer]], 2)
+    assert len(runs) == 2 and runs[1].returncode == 0, runs[-1].stdout[-1500:] + runs[-1].stderr[-3000:]
+    chain = root / optimizer / "chain"
+    assert saved(chain) == ["step_000006", "step_000008"]
+    ours, theirs = final_state(root / optimizer / "ref"), final_state(chain)
+    assert set(ours) == {"main", "rank0", "rank1"}  # each process saved the optimizer state it owns
+    assert_bitwise(ours, theirs)
+    (ref_record,), (record,) = (root / optimizer / "ref").glob("*.txt"), chain.glob("*.txt")
+    assert losses(str(record)) == losses(str(ref_record)) and compare.parse_record(record).resumed_at == [4]
+
+    # another world size: 1 process resumes the 2-process checkpoint of step 6 (each matrix's state now on rank 0)
+    (run,) = (chain / "checkpoints").iterdir()
+    train_here(["--resume", str(run / "step_000006")])
+    one = final_state(chain)["main"]
+    for name, p in ours["main"]["model"].items():  # 2 processes vs 1 with accumulation: equal up to rounding
+        torch.testing.assert_close(one["model"][name], p, rtol=1e-4, atol=1e-5)
+    assert one["progress"]["losses"] == pytest.approx(ours["main"]["progress"]["losses"], abs=1e-5)
+    assert "world_size:1 (saved with 2)" in record.read_text()
+
+
+def run_until_signal(cmd: list[str], sig: int) -> tuple[int, str]:
+    """Start cmd, send sig to it once step 2 is logged; (exit code, everything it printed)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+                            cwd=REPO)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("step:2/"):
+                proc.send_signal(sig)
+                break
+        out.append(proc.communicate(timeout=120)[0])
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(out)
+
+
+@pytest.mark.parametrize("nproc,sig", [(1, signal.SIGINT), (2, signal.SIGTERM)])
+def test_signal_saves_a_checkpoint_and_the_run_resumes_exactly(tiny_args, tmp_path, nproc, sig):
+    """SIGINT to the process, or SIGTERM to torchrun (which passes it to every process): each process finishes its
+    step, all save the same step, the record says stopped, the exit code is 128 + the signal; resuming gives the
+    uninterrupted run. The full vocabulary makes steps slow enough (~80 ms) for the signal to land mid-run."""
+    args = tiny_args + ["--num_iterations", "16", "--records_dir", str(tmp_path / "stopped")]
+    prefix = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+              if nproc > 1 else [sys.executable])
+    code, out = run_until_signal(prefix + [str(REPO / "train_gpt2.py")] + args, sig)
+    stopped = [line for line in out.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1 and f"by {signal.Signals(sig).name}" in stopped[0], out[-3000:]
+    step = int(stopped[0].split("step:")[1].split("/")[0])
+    assert 2 <= step < 16 and saved(tmp_path / "stopped") == [f"step_{step:06d}"]
+    assert set(final_state(tmp_path / "stopped", step)) == {"main"} | {f"rank{r}" for r in range(nproc)}
+    assert code == (128 + sig if nproc == 1 else 1)  # torchrun itself exits 1 when signalled
+    resume = ["--resume", "latest", "--records_dir", str(tmp_path / "stopped")]
+    if nproc == 1:
+        record = train_here(resume)
+        reference = train_here(tiny_args + ["--num_iterations", "16", "--records_dir", str(tmp_path / "ref")])
+    else:
+        done, ref = launch(2, resume), launch(2, args[:-1] + [str(tmp_path / "ref")])
+        assert done.returncode == 0 and ref.returncode == 0, done.stderr[-3000:] + ref.stderr[-3000:]
+        (record,), (reference,) = (tmp_path / "stopped").glob("*.txt"), (tmp_path / "ref").glob("*.txt")
+    assert_bitwise(final_state(tmp_path / "ref", 16), final_state(tmp_path / "stopped", 16))
+    assert losses(str(record)) == losses(str(reference))
+    assert compare.parse_record(record).resumed_at == [step]
+
+
+def test_training_time_continues_across_a_resume(small_vocab_args, tmp_path):
+    """Resumed at step 15 of 30: train_time goes on from the checkpoint's; the 10 steps after the start are warm-up
+    again (untimed: train_time stays, step_avg over the 5 timed steps before), then it is timed as before."""
+    records = tmp_path / "records"
+    train_here(small_vocab_args + ["--num_iterations", "30", "--warmup_iters", "2", "--warmdown_iters", "2",
+                                   "--save_every", "15", "--keep_checkpoints", "3", "--records_dir", str(records)])
+    (run,) = (records / "checkpoints").iterdir()
+    saved_ms = torch.load(run / "step_000015" / "main.pt", weights_only=True)["progress"]["training_ms"]
+    record = train_here(["--resume", str(run / "step_000015")])
+    text = Path(record).read_text().split("resumed: step:15/30")
+    before = {int(s): (int(ms), float(avg)) for s, ms, avg in
+              re.findall(r"^step:(\d+)/30 train_loss:\S+ train_time:(\d+)ms step_avg:(\S+)ms", text[0], re.M)}
+    after = {int(s): (int(ms), float(avg)) for s, ms, avg in
+             re.findall(r"^step:(\d+)/30 train_loss:\S+ train_time:(\d+)ms step_avg:(\S+)ms", text[1], re.M)}
+    assert sorted(after) == list(range(16, 31))
+    assert before[15][0] <= round(saved_ms) and before[15][1] == pytest.approx(before[15][0] / 5, abs=0.11)
+    for s in range(16, 26):  # warm-up after the start: nothing timed
+        assert after[s] == (round(saved_ms), pytest.approx(saved_ms / 5, abs=0.01))
+    times = [after[s][0] for s in range(25, 31)]
+    assert times == sorted(times) and times[-1] > times[0]
+    for s in range(26, 31):
+        assert after[s][1] == pytest.approx(after[s][0] / (5 + s - 25), abs=0.2)  # train_time is rounded to 1 ms
+    final = compare.parse_record(record)
+    assert final.complete and final.train_time_ms >= times[-1]
