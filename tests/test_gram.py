@@ -171,17 +171,6 @@ def test_locoprop_optimizer_step(mode):
                                atol=1e-6)
 
 
-def ns_float64(G: torch.Tensor, coeffs) -> torch.Tensor:
-    """X = G / ||G||_F; per (a, b, c): X = a X + b (X X^T) X + c (X X^T)^2 X, on the wide orientation, in float64."""
-    X = G.double() / G.double().norm()
-    tall = X.size(0) > X.size(1)
-    X = X.T if tall else X
-    for a, b, c in coeffs:
-        A = X @ X.T
-        X = a * X + b * A @ X + c * A @ A @ X
-    return X.T if tall else X
-
-
 @pytest.mark.parametrize("mode", ["full", "block", "diag"])
 def test_newton_muon_step_is_msign_of_the_preconditioned_gradient(mode):
     args, model, opts = tiny_model(mode, "newton_muon", ["--ns_coeffs", "quintic"])

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt2 as t
+from test_optimizers import ns64  # the record's Newton-Schulz form, in any dtype
 
 
 @pytest.mark.parametrize("N,chunk", [(300, 7), (300, 128), (300, 300), (300, 1000)])
@@ -41,32 +42,6 @@ def test_model_loss_and_gradients_with_and_without_fused_loss():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def record_form_ns(G: torch.Tensor, coeffs: str) -> torch.Tensor:
-    """The record's Newton-Schulz: per step A = X X^T; B = A X; X = a X + b B + c A B (bf16)."""
-    steps, f = t.NS_COEFFS[coeffs]
-    X = G.bfloat16()
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * f + 1e-7)
-    tall = G.size(-2) > G.size(-1)
-    X = X.mT if tall else X
-    for a, b, c in steps:
-        A = X @ X.mT
-        B = A @ X
-        X = a * X + b * B + c * (A @ B)
-    return X.mT if tall else X
-
-
-def ns_float64(G: torch.Tensor, coeffs: str) -> torch.Tensor:
-    """The same polynomial in float64: X = a X + b (X X^T) X + c (X X^T)^2 X on the wide orientation."""
-    steps, f = t.NS_COEFFS[coeffs]
-    X = G.double() / (G.double().norm() * f + 1e-7)
-    tall = X.size(0) > X.size(1)
-    X = X.T if tall else X
-    for a, b, c in steps:
-        A = X @ X.T
-        X = a * X + b * A @ X + c * A @ A @ X
-    return X.T if tall else X
-
-
 @pytest.mark.parametrize("coeffs", list(t.NS_COEFFS))
 def test_orthogonalize_is_as_close_to_float64_as_the_record_form(coeffs):
     """X = a X + (b A + c A A) X is the record's a X + b A X + c A (A X) rearranged: in bf16 it is at least as close to
@@ -74,9 +49,9 @@ def test_orthogonalize_is_as_close_to_float64_as_the_record_form(coeffs):
     torch.manual_seed(1)
     for shape in ((96, 384), (384, 96), (128, 128), (256, 1024)):
         G = torch.randn(*shape) @ torch.diag(torch.logspace(-2, 0, shape[1]))
-        ref = ns_float64(G, coeffs)
+        ref = ns64(G.double(), coeffs)  # the record's form in float64 and, below, in bf16
         ours = ((t.orthogonalize(G, coeffs).double() - ref).norm() / ref.norm()).item()
-        rec = ((record_form_ns(G, coeffs).double() - ref).norm() / ref.norm()).item()
+        rec = ((ns64(G.bfloat16(), coeffs).double() - ref).norm() / ref.norm()).item()
         assert ours < 1.1 * rec + 2e-3 and ours < 0.05, (shape, ours, rec)
 
 
