@@ -424,8 +424,9 @@ class SOAP(MatrixOptimizer):
         t % precondition_frequency == 0: (Q_L, o_L) = refresh_basis(L, Q_L); (Q_R, o_R) = refresh_basis(R, Q_R);
         v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m carried over as above.
     A side longer than max_precond_dim gets no preconditioner (Q = I). All state and math in fp32 (fp64 for fp64
-    parameters; the refresh's QR in fp64); the matrices of one shape are stacked, so eigh, QR and the rotations
-    run batched."""
+    parameters; the refresh's QR in fp64). The matrices of one shape keep each state entry stacked, one tensor updated
+    in place, so eigh, QR and the rotations run batched without copying the state each step; self.state[p][name] is
+    a view of p's slice, so state dicts stay per matrix (state not made here, e.g. loaded, is restacked once)."""
 
     def __init__(self, params, lr: float = 0.0018, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1.0, eps: float = 1e-8, weight_decay: float = 0.0,
@@ -433,51 +434,70 @@ class SOAP(MatrixOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                                       weight_decay=weight_decay, precondition_frequency=precondition_frequency,
                                       max_precond_dim=max_precond_dim))
+        # ids of a batch's params -> (stacked state, the per-matrix views handed to self.state)
+        self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
+
+    def _stacked(self, params: list[torch.Tensor], G: torch.Tensor, max_dim: int) -> dict[str, torch.Tensor]:
+        """The state of `params` (same shape and step) as one tensor per entry, made the first time (zeros), or by
+        stacking when self.state no longer holds the views made here (a loaded state dict, another batching)."""
+        key, states = tuple(map(id, params)), [self.state[p] for p in params]
+        S, views = self._stacks.get(key, (None, []))
+        if S is not None and all(st.get(k) is v for st, vs in zip(states, views) for k, v in vs.items()):
+            return S
+        if "step" in states[0]:
+            S = {k: torch.stack([st[k] for st in states]).to(G.dtype) for k in states[0] if k != "step"}
+        else:
+            S = {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
+            for side, n in (("L", G.size(-2)), ("R", G.size(-1))):
+                if n <= max_dim:
+                    S[side], S["Q" + side] = G.new_zeros(len(params), n, n), G.new_zeros(len(params), n, n)
+        views = [{k: v[i] for k, v in S.items()} for i in range(len(params))]
+        for st, vs in zip(states, views):
+            st.update(vs)
+        self._stacks = {k: v for k, v in self._stacks.items() if not set(k) & set(key)}  # superseded stacks
+        self._stacks[key] = S, views
+        return S
 
     def update(self, params: list[torch.Tensor], group: dict) -> None:
-        steps = {self.state[p].get("step", -1) for p in params}
-        if len(steps) > 1:  # matrices that missed a step (no grad) are batched apart
-            for t in steps:
-                self.update([p for p in params if self.state[p].get("step", -1) == t], group)
+        by_step: dict[int, list[torch.Tensor]] = {}
+        for p in params:
+            by_step.setdefault(self.state[p].get("step", -1), []).append(p)
+        if len(by_step) > 1:  # matrices that missed a step (no grad) are batched apart, each once
+            for ps in by_step.values():
+                self.update(ps, group)
             return
         (b1, b2), lr = group["betas"], group["lr"]
         s = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
-        states = [self.state[p] for p in params]
         G = torch.stack(self.gradients(params, group)).to(torch.promote_types(params[0].dtype, torch.float32))
-        if "step" not in states[0]:
-            t = 0
-            S = {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
-            for side, n in (("L", G.size(-2)), ("R", G.size(-1))):
-                if n <= group["max_precond_dim"]:
-                    S[side] = G.new_zeros(len(params), n, n)
-        else:
-            t = states[0]["step"] + 1
-            S = {k: torch.stack([st[k] for st in states]) for k in states[0] if k != "step"}
-            QL, QR = S.get("QL"), S.get("QR")
+        S = self._stacked(params, G, group["max_precond_dim"])
+        t = next(iter(by_step)) + 1
+        QL, QR = S.get("QL"), S.get("QR")
+        if t > 0:
             Gr = _rotate(G, QL, QR)
             S["exp_avg"].lerp_(Gr, 1 - b1)
             S["exp_avg_sq"].mul_(b2).addcmul_(Gr, Gr, value=1 - b2)
-            U = _rotate(S["exp_avg"] / (S["exp_avg_sq"].sqrt() + group["eps"]), QL, QR, back=True)
+            U = _rotate(S["exp_avg"] / S["exp_avg_sq"].sqrt().add_(group["eps"]), QL, QR, back=True)
             torch._foreach_add_(params, list(U.unbind(0)), alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        if "L" in S:
-            S["L"].lerp_(G @ G.mT, 1 - s)
-        if "R" in S:
-            S["R"].lerp_(G.mT @ G, 1 - s)
+        for side, X in (("L", G), ("R", G.mT)):
+            if side in S:  # L = s L + (1-s) G G^T, R = s R + (1-s) G^T G, the EMA in the matmul's epilogue
+                S[side].baddbmm_(X, X.mT, beta=s, alpha=1 - s)
         if t == 0:
-            S.update({"Q" + side: eigenbasis(S[side]) for side in ("L", "R") if side in S})
+            for side in ("L", "R"):
+                if side in S:
+                    S["Q" + side].copy_(eigenbasis(S[side]))
         elif t % group["precondition_frequency"] == 0:
-            m = _rotate(S["exp_avg"], S.get("QL"), S.get("QR"), back=True)
-            if "L" in S:
-                S["QL"], o = refresh_basis(S["L"], S["QL"])
-                S["exp_avg_sq"] = S["exp_avg_sq"].gather(-2, o[..., :, None].expand_as(G))
-            if "R" in S:
-                S["QR"], o = refresh_basis(S["R"], S["QR"])
-                S["exp_avg_sq"] = S["exp_avg_sq"].gather(-1, o[..., None, :].expand_as(G))
-            S["exp_avg"] = _rotate(m, S.get("QL"), S.get("QR"))
-        for i, st in enumerate(states):
-            st.update({k: v[i] for k, v in S.items()}, step=t)
+            m = _rotate(S["exp_avg"], QL, QR, back=True)
+            for side in ("L", "R"):
+                if side in S:
+                    Q, o = refresh_basis(S[side], S["Q" + side])
+                    S["Q" + side].copy_(Q)
+                    o = o[..., :, None] if side == "L" else o[..., None, :]  # v's rows (L) or columns (R)
+                    S["exp_avg_sq"].copy_(S["exp_avg_sq"].gather(-2 if side == "L" else -1, o.expand_as(G)))
+            S["exp_avg"].copy_(_rotate(m, QL, QR))  # QL, QR: the stacked tensors, now the new bases
+        for p in params:
+            self.state[p]["step"] = t
 
 
 def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve") -> torch.Tensor:

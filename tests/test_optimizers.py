@@ -344,7 +344,7 @@ def test_polargrad_exact_scale_is_the_svd_nuclear_norm():
 
 def soap_bases(store: list):
     """keep= hook of run_impl: after the first step, check each matrix's bases are eigenbases of L ~ G G^T and
-    R ~ G^T G with descending eigenvalues, and store them for the reference (None: a side without a basis)."""
+    R ~ G^T G with descending eigenvalues, and store copies for the reference (None: a side without a basis)."""
     def keep(opt, ps):
         for p in ps:
             st, G = opt.state[p], p.grad.double()
@@ -356,7 +356,8 @@ def soap_bases(store: list):
                 D = Q.T @ P @ Q
                 assert (D - torch.diag(torch.diag(D))).norm() < 1e-5 * P.norm()
                 assert (torch.diag(D).diff() <= 1e-5 * P.norm()).all()
-            store.append((st.get("QL"), st.get("QR")))
+            store.append(tuple(None if q is None else q.clone() for q in (st.get("QL"), st.get("QR"))))  # state is
+            # updated in place (views of the stacked state): a copy of this step's bases
     return keep
 
 
@@ -387,6 +388,57 @@ def test_soap_fp32_matches_float64():
     assert all(st.dtype == torch.float32 for q in bases for st in q)
     assert displacement_error(a, run_ref(RefSOAP, gs, p0, initial_bases=list(bases)), p0) < 3e-3
 
+
+def test_soap_state_is_stacked_and_updated_in_place():
+    """The state of one shape's matrices is one tensor per entry, updated in place: self.state[p][name] are views of
+    it whose storage stays put over plain and refresh steps (no per-step copies); a loaded state dict is restacked
+    once, then stays put too. A matrix without a gradient for a step is batched apart (restacked), and every matrix
+    still moves exactly as when each has an optimizer of its own (float64)."""
+    shapes = [SMALL[1]] * 3 + [SMALL[3]]
+    p0, gs = init_params(shapes), grads(shapes, 8, seed=6)
+    ps = [torch.nn.Parameter(p.clone().double()) for p in p0]
+    opt = t.SOAP(ps, precondition_frequency=3)
+
+    def storage(o, params):
+        return {(i, k): v.data_ptr() for i, p in enumerate(params) for k, v in o.state[p].items() if k != "step"}
+    for i, step in enumerate(gs[:7]):  # refreshes at t = 3, 6
+        for p, g in zip(ps, step):
+            p.grad = g.clone().double()
+        opt.step()
+        if i == 0:
+            first = storage(opt, ps)
+            assert set(k for _, k in first) == {"exp_avg", "exp_avg_sq", "L", "R", "QL", "QR"}
+            assert all(opt.state[ps[0]][k]._base is opt.state[ps[2]][k]._base is not None for k in ("L", "QR"))
+        assert storage(opt, ps) == first, i
+    fresh_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    fresh = t.SOAP(fresh_ps, precondition_frequency=3)
+    fresh.load_state_dict(io_round_trip(opt.state_dict()))
+    for k in range(2):
+        for p, g in zip(fresh_ps, gs[7]):
+            p.grad = g.clone().double()
+        fresh.step()
+        loaded = storage(fresh, fresh_ps) if k == 0 else loaded
+    assert storage(fresh, fresh_ps) == loaded
+
+    gs = grads(shapes, 8, seed=7)
+    gs[4][1] = None  # matrix 1 misses step 4: from then on a step behind the others of its shape
+    batched = [torch.nn.Parameter(p.clone().double()) for p in p0]
+    alone = [torch.nn.Parameter(p.clone().double()) for p in p0]
+    opts = [t.SOAP(batched, precondition_frequency=3)] + [t.SOAP([p], precondition_frequency=3) for p in alone]
+    for step in gs:
+        for p, q, g in zip(batched, alone, step):
+            p.grad = q.grad = None if g is None else g.clone().double()
+        for o in opts:
+            o.step()
+    assert max(rel(p - p0_, q - p0_) for p, q, p0_ in zip(batched, alone, p0)) < 1e-12
+
+
+def io_round_trip(state_dict: dict) -> dict:
+    """state_dict through torch.save / torch.load."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf)
 
 def ema_gram(n: int, k: int, steps: int, rank: int, noise: float, g: torch.Generator, keep: int = -1):
     """SOAP's L after `steps` gradients G (n x k) = (slowly rotating rank-`rank` U) diag(i^-1) V^T + noise:
