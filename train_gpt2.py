@@ -77,6 +77,7 @@ class Hyperparameters:
     soap_weight_decay: float = 0.0
     soap_precondition_frequency: int = 10
     soap_max_precond_dim: int = 10000
+    soap_tf32: bool = False  # SOAP's fp32 matmuls on TF32 tensor cores (CUDA, within its step; the QR stays fp64)
     # feature-gram optimizers (newton_muon uses the muon_* settings too): C = X^T X / n_tokens of each layer's input
     gram: str = "full"  # full | block | diag
     gram_block: int = 128  # block size of gram = block
@@ -411,6 +412,23 @@ def _rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None, b
     return X
 
 
+@contextlib.contextmanager
+def tf32_matmuls(on: bool = True):
+    """Within: CUDA fp32 matmuls may use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 = True); on exit the
+    flag and its fp32_precision spelling are as they were, even after an exception. No-op if off or already allowed."""
+    mm = torch.backends.cuda.matmul
+    if not on or mm.allow_tf32:
+        yield
+        return
+    spelling = mm.fp32_precision  # "none" (never set) reads as allow_tf32 False, but setting False spells it "ieee"
+    mm.allow_tf32 = True  # the legacy setter sets both spellings (a new-API "tf32" alone would make matmuls raise)
+    try:
+        yield
+    finally:
+        mm.allow_tf32 = False
+        mm.fp32_precision = spelling
+
+
 class SOAP(MatrixOptimizer):
     """SOAP (Vyas et al. 2024, arXiv:2409.11321): Adam in the eigenbasis of Shampoo's preconditioner, following
     nikhilvyas/SOAP soap.py (commit f42d296, the class with project/project_back). As there, the first moment m lives
@@ -424,16 +442,18 @@ class SOAP(MatrixOptimizer):
         t % precondition_frequency == 0: (Q_L, o_L) = refresh_basis(L, Q_L); (Q_R, o_R) = refresh_basis(R, Q_R);
         v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m carried over as above.
     A side longer than max_precond_dim gets no preconditioner (Q = I). All state and math in fp32 (fp64 for fp64
-    parameters; the refresh's QR in fp64). The matrices of one shape keep each state entry stacked, one tensor updated
-    in place, so eigh, QR and the rotations run batched without copying the state each step; self.state[p][name] is
-    a view of p's slice, so state dicts stay per matrix (state not made here, e.g. loaded, is restacked once)."""
+    parameters; the refresh's QR in fp64); tf32: the step's fp32 matmuls on TF32 tensor cores (CUDA; ~1e-3 relative
+    rounding in the rotations, L, R and the power iteration). The matrices of one shape keep each state entry
+    stacked, one tensor updated in place, so eigh, QR and the rotations run batched without copying the state each
+    step; self.state[p][name] is a view of p's slice, so state dicts stay per matrix (state not made here, e.g.
+    loaded, is restacked once)."""
 
     def __init__(self, params, lr: float = 0.0018, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1.0, eps: float = 1e-8, weight_decay: float = 0.0,
-                 precondition_frequency: int = 10, max_precond_dim: int = 10000):
+                 precondition_frequency: int = 10, max_precond_dim: int = 10000, tf32: bool = False):
         super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                                       weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-                                      max_precond_dim=max_precond_dim))
+                                      max_precond_dim=max_precond_dim, tf32=tf32))
         # ids of a batch's params -> (stacked state, the per-matrix views handed to self.state)
         self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
 
@@ -472,30 +492,31 @@ class SOAP(MatrixOptimizer):
         S = self._stacked(params, G, group["max_precond_dim"])
         t = next(iter(by_step)) + 1
         QL, QR = S.get("QL"), S.get("QR")
-        if t > 0:
-            Gr = _rotate(G, QL, QR)
-            S["exp_avg"].lerp_(Gr, 1 - b1)
-            S["exp_avg_sq"].mul_(b2).addcmul_(Gr, Gr, value=1 - b2)
-            U = _rotate(S["exp_avg"] / S["exp_avg_sq"].sqrt().add_(group["eps"]), QL, QR, back=True)
-            torch._foreach_add_(params, list(U.unbind(0)), alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))
-            if group["weight_decay"]:
-                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        for side, X in (("L", G), ("R", G.mT)):
-            if side in S:  # L = s L + (1-s) G G^T, R = s R + (1-s) G^T G, the EMA in the matmul's epilogue
-                S[side].baddbmm_(X, X.mT, beta=s, alpha=1 - s)
-        if t == 0:
-            for side in ("L", "R"):
-                if side in S:
-                    S["Q" + side].copy_(eigenbasis(S[side]))
-        elif t % group["precondition_frequency"] == 0:
-            m = _rotate(S["exp_avg"], QL, QR, back=True)
-            for side in ("L", "R"):
-                if side in S:
-                    Q, o = refresh_basis(S[side], S["Q" + side])
-                    S["Q" + side].copy_(Q)
-                    o = o[..., :, None] if side == "L" else o[..., None, :]  # v's rows (L) or columns (R)
-                    S["exp_avg_sq"].copy_(S["exp_avg_sq"].gather(-2 if side == "L" else -1, o.expand_as(G)))
-            S["exp_avg"].copy_(_rotate(m, QL, QR))  # QL, QR: the stacked tensors, now the new bases
+        with tf32_matmuls(group["tf32"]):
+            if t > 0:
+                Gr = _rotate(G, QL, QR)
+                S["exp_avg"].lerp_(Gr, 1 - b1)
+                S["exp_avg_sq"].mul_(b2).addcmul_(Gr, Gr, value=1 - b2)
+                U = _rotate(S["exp_avg"] / S["exp_avg_sq"].sqrt().add_(group["eps"]), QL, QR, back=True)
+                torch._foreach_add_(params, list(U.unbind(0)), alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))
+                if group["weight_decay"]:
+                    torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            for side, X in (("L", G), ("R", G.mT)):
+                if side in S:  # L = s L + (1-s) G G^T, R = s R + (1-s) G^T G, the EMA in the matmul's epilogue
+                    S[side].baddbmm_(X, X.mT, beta=s, alpha=1 - s)
+            if t == 0:
+                for side in ("L", "R"):
+                    if side in S:
+                        S["Q" + side].copy_(eigenbasis(S[side]))
+            elif t % group["precondition_frequency"] == 0:
+                m = _rotate(S["exp_avg"], QL, QR, back=True)
+                for side in ("L", "R"):
+                    if side in S:
+                        Q, o = refresh_basis(S[side], S["Q" + side])
+                        S["Q" + side].copy_(Q)
+                        o = o[..., :, None] if side == "L" else o[..., None, :]  # v's rows (L) or columns (R)
+                        S["exp_avg_sq"].copy_(S["exp_avg_sq"].gather(-2 if side == "L" else -1, o.expand_as(G)))
+                S["exp_avg"].copy_(_rotate(m, QL, QR))  # QL, QR: the stacked tensors, now the new bases
         for p in params:
             self.state[p]["step"] = t
 
@@ -690,7 +711,7 @@ OPTIMIZERS = {
     "soap": lambda ps, a, fused: SOAP(ps, lr=a.soap_lr, betas=a.soap_betas, shampoo_beta=a.soap_shampoo_beta,
                                       eps=a.soap_eps, weight_decay=a.soap_weight_decay,
                                       precondition_frequency=a.soap_precondition_frequency,
-                                      max_precond_dim=a.soap_max_precond_dim),
+                                      max_precond_dim=a.soap_max_precond_dim, tf32=a.soap_tf32),
     "newton_muon": lambda ps, a, layers: NewtonMuon(ps, layers, lr=a.muon_lr, momentum=a.muon_momentum,
                                                     nesterov=a.muon_nesterov, coeffs=a.ns_coeffs, gram=a.gram,
                                                     damping=a.gram_damping, gram_beta=a.gram_beta, f=a.gram_f),
@@ -704,7 +725,8 @@ OPTIMIZERS = {
 
 def check_optimizer_args(args: Hyperparameters) -> None:
     """Refuse optimizer settings out of range: lr, eps in (0, inf); momentum, betas in [0, 1); weight decay >= 0;
-    soap_shampoo_beta < 1 (negative: soap_betas[1]); frequency, max dim >= 1; polargrad_nuclear exact | inner."""
+    soap_shampoo_beta < 1 (negative: soap_betas[1]); frequency, max dim >= 1; soap_tf32 a bool; polargrad_nuclear
+    exact | inner."""
     def bad(name: str, want: str):
         raise SystemExit(f"--{name}: must be {want}, got {getattr(args, name)!r}")
 
@@ -725,6 +747,8 @@ def check_optimizer_args(args: Hyperparameters) -> None:
     for name in ("soap_precondition_frequency", "soap_max_precond_dim"):
         if getattr(args, name) < 1:
             bad(name, ">= 1")
+    if not isinstance(args.soap_tf32, bool):
+        bad("soap_tf32", "a bool (0 or 1)")
     if args.polargrad_nuclear not in ("exact", "inner"):
         bad("polargrad_nuclear", "exact or inner")
     if args.gram not in ("full", "block", "diag"):

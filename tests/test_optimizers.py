@@ -11,6 +11,7 @@ SOAP's first step takes eigenbases of L = G G^T, R = G^T G, which for a non-squa
 their null space is arbitrary (it differs between fp32 and fp64 eigh) and changes every later step, so the reference
 starts from the implementation's first-step bases, after checking they are eigenbases of L and R in descending order.
 """
+import dataclasses
 import functools
 import io
 import math
@@ -439,6 +440,46 @@ def io_round_trip(state_dict: dict) -> dict:
     torch.save(state_dict, buf)
     buf.seek(0)
     return torch.load(buf)
+
+def test_soap_tf32_is_scoped_to_the_step(monkeypatch):
+    """tf32=True: SOAP's matmuls run with torch.backends.cuda.matmul.allow_tf32 on, and after each step the flag and
+    its fp32_precision spelling are what they were (off, or already on), also when the step raises; tf32=False leaves
+    it off. On CPU the flag changes nothing: the parameters come out bit for bit as with tf32=False."""
+    mm, seen = torch.backends.cuda.matmul, []
+    before = (mm.allow_tf32, mm.fp32_precision)
+    rotate = t._rotate
+    monkeypatch.setattr(t, "_rotate", lambda *a, **k: (seen.append(mm.allow_tf32), rotate(*a, **k))[1])
+    p0, gs = init_params(SMALL[:2]), grads(SMALL[:2], 4)
+    try:
+        runs = {}
+        for tf32 in (False, True):
+            seen.clear()
+            runs[tf32] = run_impl(lambda ps: t.SOAP(ps, precondition_frequency=3, tf32=tf32), gs, p0)
+            assert seen and set(seen) == {tf32} and (mm.allow_tf32, mm.fp32_precision) == before, tf32
+        assert all(torch.equal(a, b) for x, y in zip(runs[False], runs[True]) for a, b in zip(x, y))
+        mm.allow_tf32 = True  # already on: stays on
+        run_impl(lambda ps: t.SOAP(ps, tf32=True), gs[:2], p0)
+        assert mm.allow_tf32 and mm.fp32_precision == "tf32"
+        mm.allow_tf32, mm.fp32_precision = before
+        monkeypatch.setattr(t, "_rotate", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            run_impl(lambda ps: t.SOAP(ps, tf32=True), gs[:2], p0)
+        assert (mm.allow_tf32, mm.fp32_precision) == before
+    finally:
+        mm.allow_tf32, mm.fp32_precision = before
+
+
+def test_soap_tf32_setting():
+    assert t.parse_args([]).soap_tf32 is False
+    tiny = ["--optimizer", "soap", "--n_layer", "1", "--n_embd", "64", "--n_head", "2", "--vocab_size", "100"]
+    for text, value in (("1", True), ("true", True), ("off", False)):
+        args = t.parse_args(tiny + ["--soap_tf32", text])
+        t.check_optimizer_args(args)
+        assert t.build_optimizers(t.GPT(args), args)[1].param_groups[0]["tf32"] is value
+    with pytest.raises(SystemExit, match="--soap_tf32: cannot read 'maybe' as bool"):
+        t.parse_args(["--soap_tf32", "maybe"])
+    with pytest.raises(SystemExit, match="--soap_tf32: must be a bool"):
+        t.check_optimizer_args(dataclasses.replace(t.parse_args([]), soap_tf32="yes"))
 
 def ema_gram(n: int, k: int, steps: int, rank: int, noise: float, g: torch.Generator, keep: int = -1):
     """SOAP's L after `steps` gradients G (n x k) = (slowly rotating rank-`rank` U) diag(i^-1) V^T + noise:
