@@ -81,6 +81,7 @@ class Hyperparameters:
     soap_weight_decay: float = 0.0
     soap_precondition_frequency: int = 10
     soap_max_precond_dim: int = 10000
+    soap_tf32: bool = False  # SOAP's fp32 matmuls on TF32 tensor cores (CUDA, within its step; the QR stays fp64)
     # feature-gram optimizers (newton_muon uses the muon_* settings too): C = X^T X / n_tokens of each layer's input
     gram: str = "full"  # full | block | diag
     gram_block: int = 128  # block size of gram = block
@@ -378,12 +379,42 @@ def eigenbasis(P: torch.Tensor) -> torch.Tensor:
         return torch.linalg.eigh(P.double()).eigenvectors.flip(-1).to(P.dtype)
 
 
+def orthonormalize(A: torch.Tensor) -> torch.Tensor:
+    """Q of A = Q R with diag(R) > 0 (batched; A square or tall, full column rank), by column-scaled CholeskyQR2 in
+    float64: X = A diag(1/||a_j||); twice {R = chol(X^T X), upper; X = X R^-1}. Then X = A T with T upper triangular
+    and X^T X = I, which makes X the unique Q (Householder's up to column signs; exact in exact arithmetic). Rounding:
+    the first pass leaves X^T X - I ~ 1e-16 kappa^2 (kappa = cond of the scaled A), the second ~1e-16, for kappa up to
+    ~1e8 (then Q is ~1e-8 from exact, where fp32 Householder is ~1e-7 kappa off); SOAP's A = P Q_prev is near
+    Q_prev diag(l), so its scaled columns are near-orthogonal. A matrix whose Cholesky fails, or whose second Gram
+    (the first pass's X^T X, computed anyway) is off I by >= 0.5 in Frobenius norm, gets torch.linalg.qr(A).Q
+    instead (one host sync per call to decide).
+    Cost per n x n matrix: 2 (2n^3 Gram + n^3/3 Cholesky + n^3 triangular solve) = 6.7 n^3 flops, Householder's
+    geqrf + orgqr 2.7 n^3; but here 6 batched calls per shape (2 matmuls, 2 Cholesky, 2 triangular solves: BLAS-3,
+    fp64 tensor cores on H100 as fast as plain fp32) and ~12 small elementwise kernels, where torch.linalg.qr loops
+    over the matrices, each a chain of n/32-column panel factorizations (BLAS-2, latency bound)."""
+    X = A.double()
+    X = X / X.norm(dim=-2, keepdim=True)
+    ok = torch.ones(A.shape[:-2], dtype=torch.bool, device=A.device)
+    for second in (False, True):
+        gram = X.mT @ X
+        if second:  # NaN (a zero column, a failed first pass) compares False
+            ok &= torch.linalg.matrix_norm(gram - torch.eye(A.size(-1), dtype=X.dtype, device=X.device)) < 0.5
+        R, info = torch.linalg.cholesky_ex(gram, upper=True)
+        ok &= info == 0
+        X = torch.linalg.solve_triangular(R, X, upper=True, left=False)
+    Q = X.to(A.dtype)
+    if not ok.all():
+        Q[~ok] = torch.linalg.qr(A[~ok]).Q
+    return Q
+
+
 def refresh_basis(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One power iteration towards the eigenvectors of P from the basis Q (batched), sorted by the eigenvalue
-    estimates: order = argsort(diag(Q^T P Q), descending);  Q' = qr((P Q)[:, order]).Q.  Returns Q', order."""
+    estimates: order = argsort(diag(Q^T P Q), descending);  Q' = qr((P Q)[:, order]).Q (by orthonormalize, so up to
+    column signs, to which SOAP is invariant).  Returns Q', order."""
     PQ = P @ Q
     order = torch.argsort((Q * PQ).sum(-2), dim=-1, descending=True)
-    return torch.linalg.qr(PQ.gather(-1, order[..., None, :].expand_as(PQ))).Q, order
+    return orthonormalize(PQ.gather(-1, order[..., None, :].expand_as(PQ))), order
 
 
 def _rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None, back: bool = False) -> torch.Tensor:
@@ -393,6 +424,23 @@ def _rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None, b
     if QR is not None:
         X = X @ (QR.mT if back else QR)
     return X
+
+
+@contextlib.contextmanager
+def tf32_matmuls(on: bool = True):
+    """Within: CUDA fp32 matmuls may use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 = True); on exit the
+    flag and its fp32_precision spelling are as they were, even after an exception. No-op if off or already allowed."""
+    mm = torch.backends.cuda.matmul
+    if not on or mm.allow_tf32:
+        yield
+        return
+    spelling = mm.fp32_precision  # "none" (never set) reads as allow_tf32 False, but setting False spells it "ieee"
+    mm.allow_tf32 = True  # the legacy setter sets both spellings (a new-API "tf32" alone would make matmuls raise)
+    try:
+        yield
+    finally:
+        mm.allow_tf32 = False
+        mm.fp32_precision = spelling
 
 
 class SOAP(MatrixOptimizer):
@@ -408,59 +456,83 @@ class SOAP(MatrixOptimizer):
         t % precondition_frequency == 0: (Q_L, o_L) = refresh_basis(L, Q_L); (Q_R, o_R) = refresh_basis(R, Q_R);
         v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m carried over as above.
     A side longer than max_precond_dim gets no preconditioner (Q = I). All state and math in fp32 (fp64 for fp64
-    parameters); the matrices of one shape are stacked, so eigh, QR and the rotations run batched."""
+    parameters; the refresh's QR in fp64); tf32: the step's fp32 matmuls on TF32 tensor cores (CUDA; ~1e-3 relative
+    rounding in the rotations, L, R and the power iteration). The matrices of one shape keep each state entry
+    stacked, one tensor updated in place, so eigh, QR and the rotations run batched without copying the state each
+    step; self.state[p][name] is a view of p's slice, so state dicts stay per matrix (state not made here, e.g.
+    loaded, is restacked once)."""
 
     def __init__(self, params, lr: float = 0.0018, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1.0, eps: float = 1e-8, weight_decay: float = 0.0,
-                 precondition_frequency: int = 10, max_precond_dim: int = 10000):
+                 precondition_frequency: int = 10, max_precond_dim: int = 10000, tf32: bool = False):
         super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                                       weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-                                      max_precond_dim=max_precond_dim))
+                                      max_precond_dim=max_precond_dim, tf32=tf32))
+        # ids of a batch's params -> (stacked state, the per-matrix views handed to self.state)
+        self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
+
+    def _stacked(self, params: list[torch.Tensor], G: torch.Tensor, max_dim: int) -> dict[str, torch.Tensor]:
+        """The state of `params` (same shape and step) as one tensor per entry, made the first time (zeros), or by
+        stacking when self.state no longer holds the views made here (a loaded state dict, another batching)."""
+        key, states = tuple(map(id, params)), [self.state[p] for p in params]
+        S, views = self._stacks.get(key, (None, []))
+        if S is not None and all(st.get(k) is v for st, vs in zip(states, views) for k, v in vs.items()):
+            return S
+        if "step" in states[0]:
+            S = {k: torch.stack([st[k] for st in states]).to(G.dtype) for k in states[0] if k != "step"}
+        else:
+            S = {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
+            for side, n in (("L", G.size(-2)), ("R", G.size(-1))):
+                if n <= max_dim:
+                    S[side], S["Q" + side] = G.new_zeros(len(params), n, n), G.new_zeros(len(params), n, n)
+        views = [{k: v[i] for k, v in S.items()} for i in range(len(params))]
+        for st, vs in zip(states, views):
+            st.update(vs)
+        self._stacks = {k: v for k, v in self._stacks.items() if not set(k) & set(key)}  # superseded stacks
+        self._stacks[key] = S, views
+        return S
 
     def update(self, params: list[torch.Tensor], group: dict) -> None:
-        steps = {self.state[p].get("step", -1) for p in params}
-        if len(steps) > 1:  # matrices that missed a step (no grad) are batched apart
-            for t in steps:
-                self.update([p for p in params if self.state[p].get("step", -1) == t], group)
+        by_step: dict[int, list[torch.Tensor]] = {}
+        for p in params:
+            by_step.setdefault(self.state[p].get("step", -1), []).append(p)
+        if len(by_step) > 1:  # matrices that missed a step (no grad) are batched apart, each once
+            for ps in by_step.values():
+                self.update(ps, group)
             return
         (b1, b2), lr = group["betas"], group["lr"]
         s = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
-        states = [self.state[p] for p in params]
         G = torch.stack(self.gradients(params, group)).to(torch.promote_types(params[0].dtype, torch.float32))
-        if "step" not in states[0]:
-            t = 0
-            S = {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
-            for side, n in (("L", G.size(-2)), ("R", G.size(-1))):
-                if n <= group["max_precond_dim"]:
-                    S[side] = G.new_zeros(len(params), n, n)
-        else:
-            t = states[0]["step"] + 1
-            S = {k: torch.stack([st[k] for st in states]) for k in states[0] if k != "step"}
-            QL, QR = S.get("QL"), S.get("QR")
-            Gr = _rotate(G, QL, QR)
-            S["exp_avg"].lerp_(Gr, 1 - b1)
-            S["exp_avg_sq"].mul_(b2).addcmul_(Gr, Gr, value=1 - b2)
-            U = _rotate(S["exp_avg"] / (S["exp_avg_sq"].sqrt() + group["eps"]), QL, QR, back=True)
-            torch._foreach_add_(params, list(U.unbind(0)), alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))
-            if group["weight_decay"]:
-                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        if "L" in S:
-            S["L"].lerp_(G @ G.mT, 1 - s)
-        if "R" in S:
-            S["R"].lerp_(G.mT @ G, 1 - s)
-        if t == 0:
-            S.update({"Q" + side: eigenbasis(S[side]) for side in ("L", "R") if side in S})
-        elif t % group["precondition_frequency"] == 0:
-            m = _rotate(S["exp_avg"], S.get("QL"), S.get("QR"), back=True)
-            if "L" in S:
-                S["QL"], o = refresh_basis(S["L"], S["QL"])
-                S["exp_avg_sq"] = S["exp_avg_sq"].gather(-2, o[..., :, None].expand_as(G))
-            if "R" in S:
-                S["QR"], o = refresh_basis(S["R"], S["QR"])
-                S["exp_avg_sq"] = S["exp_avg_sq"].gather(-1, o[..., None, :].expand_as(G))
-            S["exp_avg"] = _rotate(m, S.get("QL"), S.get("QR"))
-        for i, st in enumerate(states):
-            st.update({k: v[i] for k, v in S.items()}, step=t)
+        S = self._stacked(params, G, group["max_precond_dim"])
+        t = next(iter(by_step)) + 1
+        QL, QR = S.get("QL"), S.get("QR")
+        with tf32_matmuls(group["tf32"]):
+            if t > 0:
+                Gr = _rotate(G, QL, QR)
+                S["exp_avg"].lerp_(Gr, 1 - b1)
+                S["exp_avg_sq"].mul_(b2).addcmul_(Gr, Gr, value=1 - b2)
+                U = _rotate(S["exp_avg"] / S["exp_avg_sq"].sqrt().add_(group["eps"]), QL, QR, back=True)
+                torch._foreach_add_(params, list(U.unbind(0)), alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))
+                if group["weight_decay"]:
+                    torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            for side, X in (("L", G), ("R", G.mT)):
+                if side in S:  # L = s L + (1-s) G G^T, R = s R + (1-s) G^T G, the EMA in the matmul's epilogue
+                    S[side].baddbmm_(X, X.mT, beta=s, alpha=1 - s)
+            if t == 0:
+                for side in ("L", "R"):
+                    if side in S:
+                        S["Q" + side].copy_(eigenbasis(S[side]))
+            elif t % group["precondition_frequency"] == 0:
+                m = _rotate(S["exp_avg"], QL, QR, back=True)
+                for side in ("L", "R"):
+                    if side in S:
+                        Q, o = refresh_basis(S[side], S["Q" + side])
+                        S["Q" + side].copy_(Q)
+                        o = o[..., :, None] if side == "L" else o[..., None, :]  # v's rows (L) or columns (R)
+                        S["exp_avg_sq"].copy_(S["exp_avg_sq"].gather(-2 if side == "L" else -1, o.expand_as(G)))
+                S["exp_avg"].copy_(_rotate(m, QL, QR))  # QL, QR: the stacked tensors, now the new bases
+        for p in params:
+            self.state[p]["step"] = t
 
 
 def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve") -> torch.Tensor:
@@ -653,7 +725,7 @@ OPTIMIZERS = {
     "soap": lambda ps, a, fused: SOAP(ps, lr=a.soap_lr, betas=a.soap_betas, shampoo_beta=a.soap_shampoo_beta,
                                       eps=a.soap_eps, weight_decay=a.soap_weight_decay,
                                       precondition_frequency=a.soap_precondition_frequency,
-                                      max_precond_dim=a.soap_max_precond_dim),
+                                      max_precond_dim=a.soap_max_precond_dim, tf32=a.soap_tf32),
     "newton_muon": lambda ps, a, layers: NewtonMuon(ps, layers, lr=a.muon_lr, momentum=a.muon_momentum,
                                                     nesterov=a.muon_nesterov, coeffs=a.ns_coeffs, gram=a.gram,
                                                     damping=a.gram_damping, gram_beta=a.gram_beta, f=a.gram_f),
@@ -667,7 +739,8 @@ OPTIMIZERS = {
 
 def check_optimizer_args(args: Hyperparameters) -> None:
     """Refuse optimizer settings out of range: lr, eps in (0, inf); momentum, betas in [0, 1); weight decay >= 0;
-    soap_shampoo_beta < 1 (negative: soap_betas[1]); frequency, max dim >= 1; polargrad_nuclear exact | inner."""
+    soap_shampoo_beta < 1 (negative: soap_betas[1]); frequency, max dim >= 1; soap_tf32 a bool; polargrad_nuclear
+    exact | inner."""
     def bad(name: str, want: str):
         raise SystemExit(f"--{name}: must be {want}, got {getattr(args, name)!r}")
 
@@ -688,6 +761,8 @@ def check_optimizer_args(args: Hyperparameters) -> None:
     for name in ("soap_precondition_frequency", "soap_max_precond_dim"):
         if getattr(args, name) < 1:
             bad(name, ">= 1")
+    if not isinstance(args.soap_tf32, bool):
+        bad("soap_tf32", "a bool (0 or 1)")
     if args.polargrad_nuclear not in ("exact", "inner"):
         bad("polargrad_nuclear", "exact or inner")
     if args.gram not in ("full", "block", "diag"):
