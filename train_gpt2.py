@@ -237,6 +237,16 @@ def nuclear_norm(M: torch.Tensor, mode: str = "exact", O: torch.Tensor | None = 
     return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(-1)
 
 
+def assign_owners(costs: list[float], world: int) -> list[int]:
+    """The process that owns each matrix: largest cost first, each to the least-loaded process (ties: lowest rank), so
+    the busiest process carries at most sum(costs)/W + max(costs). Deterministic: the same on every process."""
+    load, owner = [0.0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: costs[i], reverse=True):  # stable sort
+        r = min(range(world), key=lambda j: load[j])
+        owner[i], load[r] = r, load[r] + costs[i]
+    return owner
+
+
 class MatrixOptimizer(torch.optim.Optimizer):
     """Base of the block-matrix optimizers. Each matrix is owned by one process (greedy by `cost`); the owner runs the
     update rule on all its matrices of one shape as a batch, then one all_gather shares the new parameters, so every
@@ -246,11 +256,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        load = [0.0] * self.world
-        self.owner: dict[torch.Tensor, int] = {}
-        for p in sorted(self._params(), key=self.cost, reverse=True):  # stable: same order on every process
-            r = min(range(self.world), key=lambda i: load[i])
-            self.owner[p], load[r] = r, load[r] + self.cost(p)
+        self.owner: dict[torch.Tensor, int] = dict(zip(self._params(), assign_owners(
+            [self.cost(p) for p in self._params()], self.world)))
         self._gather_buf: torch.Tensor | None = None
         self._lr: dict[tuple, torch.Tensor] = {}
 

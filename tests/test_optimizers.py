@@ -685,18 +685,21 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_equal_one(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+@pytest.mark.parametrize("world", [2, 4])
+def test_processes_equal_one(tmp_path, world):
+    """W processes (gloo), each running the rule on the matrices it owns and sharing them, end every step with the
+    parameters 1 process computes, bit for bit (same gradients on every process)."""
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     one = run_all_matrix_optimizers()  # one thread, as the workers (fixture one_thread)
     for name in DIST_MAKERS:
         owners = ranks[0][name][1]
-        assert set(owners) == {0, 1} and ranks[1][name][1] == owners
+        assert set(owners) == set(range(world)) and all(ranks[r][name][1] == owners for r in range(world))
         # some shapes are split between the processes: their batches differ from the 1-process batches
         assert any(len({o for o, s in zip(owners, DIST_SHAPES) if s == shape}) == 2 for shape in TINY)
         assert set(one[name][1]) == {0}
-        for p0, p1, p in zip(ranks[0][name][0], ranks[1][name][0], one[name][0]):
-            assert torch.equal(p0, p1) and torch.equal(p0, p), name
+        for i, p in enumerate(one[name][0]):
+            assert all(torch.equal(ranks[r][name][0][i], p) for r in range(world)), name
 
 # ----------------------------------------------------------------------------- state dict
 
