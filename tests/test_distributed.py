@@ -73,12 +73,12 @@ def test_four_processes_equal_one_within_rounding_noise(tiny_args, tmp_path):
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_optimizer_work_splits_evenly_over_processes(world):
     """GPT-124M's 48 block matrices over W processes: the busiest process's share of the optimizer cost (m n min(m, n)
-    per matrix) is within 10% of 1/W, so the optimizer time per step falls about W-fold."""
+    per matrix) is within 1% of 1/W, so the optimizer time per step falls about W-fold."""
     import train_gpt2 as t
     model = t.GPT(t.parse_args(["--vocab_size", "64"]))
     costs = [t.MatrixOptimizer.cost(p) for p in model.transformer.h.parameters()]
     owner = t.assign_owners(costs, world)
     loads = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(world)]
     assert len(costs) == 48 and set(owner) == set(range(world))
-    assert max(loads) <= 1.10 * sum(costs) / world, loads
+    assert max(loads) <= 1.01 * sum(costs) / world, loads  # measured: exactly 1/W for W = 1, 2, 4, 8
     assert owner == t.assign_owners(costs, world)  # deterministic
