@@ -237,6 +237,11 @@ def nuclear_norm(M: torch.Tensor, mode: str = "exact", O: torch.Tensor | None = 
     return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(-1)
 
 
+def optimizer_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """opt's parameters in the order of its state_dict()'s indices."""
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
 def assign_owners(costs: list[float], world: int) -> list[int]:
     """The process that owns each matrix: largest cost first, each to the least-loaded process (ties: lowest rank), so
     the busiest process carries at most sum(costs)/W + max(costs). Deterministic: the same on every process."""
@@ -262,7 +267,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._lr: dict[tuple, torch.Tensor] = {}
 
     def _params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
+        return optimizer_params(self)
 
     @staticmethod
     def cost(p: torch.Tensor) -> float:
@@ -1162,9 +1167,7 @@ def check_run_args(args: Hyperparameters) -> None:
         record = read_checkpoint_meta(path)["record"]
         if not os.path.isfile(record):
             raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it back")
-        for f in fields(Hyperparameters):
-            if f.name not in RESUME_MAY_CHANGE and getattr(args, f.name) != getattr(saved, f.name):
-                refuse_resume_change(f.name, getattr(saved, f.name), getattr(args, f.name), path)
+        refuse_resume_changes(path, saved, {f.name: getattr(args, f.name) for f in fields(Hyperparameters)})
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -1275,10 +1278,14 @@ def checkpoint_settings(path: str) -> Hyperparameters:
     return Hyperparameters(**{k: tuple(v) if kinds[k].startswith("tuple") else v for k, v in saved.items()})
 
 
-def refuse_resume_change(name: str, saved, given, path: str):
-    raise SystemExit(f"--{name}: the checkpoint {path} was saved with {saved!r}, got {given!r}; a resumed run keeps "
-                     f"the checkpoint's model, optimizer and schedule: leave --{name} out (or start a new run). Only "
-                     f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])} may change on resume")
+def refuse_resume_changes(path: str, saved: Hyperparameters, values: dict) -> None:
+    """Refuse any setting in `values` (name -> value) outside RESUME_MAY_CHANGE that differs from the checkpoint's."""
+    for name, value in values.items():
+        if name not in RESUME_MAY_CHANGE and value != getattr(saved, name):
+            raise SystemExit(f"--{name}: the checkpoint {path} was saved with {getattr(saved, name)!r}, got {value!r}; "
+                             f"a resumed run keeps the checkpoint's model, optimizer and schedule: leave --{name} out "
+                             f"(or start a new run). Only {', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])} may "
+                             f"change on resume")
 
 
 def resume_settings(base: Hyperparameters, given: dict) -> Hyperparameters:
@@ -1286,9 +1293,7 @@ def resume_settings(base: Hyperparameters, given: dict) -> Hyperparameters:
     given RESUME_MAY_CHANGE settings; any other given setting must equal the checkpoint's."""
     path = find_checkpoint(given["resume"], checkpoint_root(base))
     saved = checkpoint_settings(path)
-    for name, value in given.items():
-        if name not in RESUME_MAY_CHANGE and value != getattr(saved, name):
-            refuse_resume_change(name, getattr(saved, name), value, path)
+    refuse_resume_changes(path, saved, given)
     return dataclasses.replace(saved, resume=path, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE[1:]})
 
 
@@ -1320,11 +1325,6 @@ def _save_synced(obj, path: str) -> None:
 def shard_list(files: list[str]) -> list[list]:
     """[name, token count] of each shard: what a resume checks the shards by."""
     return [[os.path.basename(f), shard_token_count(f)] for f in files]
-
-
-def _flat_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The parameters in the order of opt.state_dict()'s indices."""
-    return [p for g in opt.param_groups for p in g["params"]]
 
 
 def maybe_test_kill(when: str, step: int) -> None:
@@ -1374,7 +1374,7 @@ class Checkpoints:
         self._barrier()
         states = []
         for opt in self.optimizers:
-            params = _flat_params(opt)
+            params = optimizer_params(opt)
             states.append({i: s for i, s in opt.state_dict()["state"].items()
                            if s and self._holds(opt, params[i], writing=True)})
         _save_synced({"optimizers": states, "rng": rng_state(self.device)}, os.path.join(tmp, f"rank{self.rank}.pt"))
@@ -1416,7 +1416,7 @@ class Checkpoints:
         for r in range(meta["world_size"]):
             part = torch.load(os.path.join(path, f"rank{r}.pt"), map_location="cpu", weights_only=True)
             for opt, saved, mine in zip(self.optimizers, part["optimizers"], states):
-                params = _flat_params(opt)
+                params = optimizer_params(opt)
                 mine.update({i: s for i, s in saved.items() if self._holds(opt, params[i], writing=False)})
             if r == self.rank % meta["world_size"]:
                 rng = part["rng"]
@@ -1456,7 +1456,7 @@ class StopSignals:
 def first_nonfinite_parameter(model: nn.Module, optimizers: list[torch.optim.Optimizer], optimizer: str) -> str:
     """'name (shape), updated by <optimizer>' of the first parameter, in model order, with a non-finite value; ''."""
     owner = {p: "the embedding/head AdamW" if i == 0 else optimizer
-             for i, opt in enumerate(optimizers) for p in _flat_params(opt)}
+             for i, opt in enumerate(optimizers) for p in optimizer_params(opt)}
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             return f"{name} {tuple(p.shape)}, updated by {owner.get(p, '?')}"
