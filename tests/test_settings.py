@@ -157,3 +157,12 @@ def test_resume_checks_the_shards_not_their_paths(checkpoint, tmp_path, monkeypa
                                    "--input_val_bin", str(moved / "t_val_*.bin")]))[0]
     (resumed,) = [line for line in Path(record).read_text().splitlines() if line.startswith("resumed: ")]
     assert f'changed: {{"input_bin": "{moved}/t_train_*.bin", "input_val_bin": "{moved}/t_val_*.bin"}}' in resumed
+
+
+@pytest.mark.parametrize("preset", list(t.PRESETS))
+@pytest.mark.parametrize("world", [1, 2])
+def test_every_preset_is_a_valid_setting(preset, world):
+    """Each preset passes the same checks as a hand-written command line, on 1 and 2 processes (the smoke batch of 8 sequences allows at most 2 processes of 4)."""
+    args = t.parse_args(["--preset", preset])
+    assert args.preset == preset and all(getattr(args, k) == v for k, v in t.PRESETS[preset].items())
+    assert t.validate_args(args, world) == args.batch_size // (world * args.device_batch_size)
