@@ -395,25 +395,32 @@ def eigenbasis(P: torch.Tensor) -> torch.Tensor:
 
 
 def orthonormalize(A: torch.Tensor) -> torch.Tensor:
-    """Q of A = Q R with diag(R) > 0 (batched; A square or tall, full column rank), by column-scaled CholeskyQR2 in
-    float64: X = A diag(1/||a_j||); twice {R = chol(X^T X), upper; X = X R^-1}. Then X = A T with T upper triangular
-    and X^T X = I, which makes X the unique Q (Householder's up to column signs; exact in exact arithmetic). Rounding:
-    the first pass leaves X^T X - I ~ 1e-16 kappa^2 (kappa = cond of the scaled A), the second ~1e-16, for kappa up to
-    ~1e8 (then Q is ~1e-8 from exact, where fp32 Householder is ~1e-7 kappa off); SOAP's A = P Q_prev is near
-    Q_prev diag(l), so its scaled columns are near-orthogonal. A matrix whose Cholesky fails, or whose second Gram
-    (the first pass's X^T X, computed anyway) is off I by >= 0.5 in Frobenius norm, gets torch.linalg.qr(A).Q
-    instead (one host sync per call to decide).
-    Cost per n x n matrix: 2 (2n^3 Gram + n^3/3 Cholesky + n^3 triangular solve) = 6.7 n^3 flops, Householder's
-    geqrf + orgqr 2.7 n^3; but here 6 batched calls per shape (2 matmuls, 2 Cholesky, 2 triangular solves: BLAS-3,
-    fp64 tensor cores on H100 as fast as plain fp32) and ~12 small elementwise kernels, where torch.linalg.qr loops
-    over the matrices, each a chain of n/32-column panel factorizations (BLAS-2, latency bound)."""
+    """Q of A = Q R with diag(R) > 0 (batched; A square or tall, full column rank), by column-scaled shifted
+    CholeskyQR3 in float64 (Fukaya et al. 2020, SIAM J. Sci. Comput. 42(1)): X = A diag(1/||a_j||); then
+    {R = chol(X^T X + s I), upper; X = X R^-1} with s = 11 (mn + n(n+1)) u ||X||_F^2 (u = 2^-53; ||X||_F^2 = n bounds
+    ||X||_2^2), then twice more with s = 0. Then X = A T with T upper triangular and X^T X = I, which makes X the unique
+    Q (Householder's up to column signs). The shift keeps the first Cholesky alive for cond(scaled A) up to ~1/u and
+    leaves cond(X) <~ sqrt(n/s) (~1e4 at n = 3072), which the two plain passes bring to X^T X - I ~ 1e-16. SOAP needs
+    this: the power step P Q of a rank-deficient L (the 3072-wide side of an MLP matrix) has fp32-noise columns, and
+    condition numbers of 1e10 .. 1e11 (measured on this model's gradients) that plain CholeskyQR2 cannot factor.
+    A matrix whose Cholesky still fails (a zero column) or whose third Gram is off I by >= 0.5 in Frobenius norm
+    gets torch.linalg.qr(A).Q instead (one host sync per call to decide).
+    Cost per n x n matrix: 3 (2n^3 Gram + n^3/3 Cholesky + n^3 triangular solve) = 10 n^3 flops, Householder's
+    geqrf + orgqr 2.7 n^3; but here 9 batched BLAS-3 calls per shape (fp64 tensor cores on H100 as fast as plain
+    fp32) and a few elementwise kernels, where torch.linalg.qr loops over the matrices, each a chain of n/32-column
+    panel factorizations (BLAS-2, latency bound)."""
     X = A.double()
-    X = X / X.norm(dim=-2, keepdim=True)
+    X = X / X.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)  # a zero column stays zero
+    m, n = X.shape[-2:]
+    eye = torch.eye(n, dtype=X.dtype, device=X.device)
+    shift = 11 * (m * n + n * (n + 1)) * 2.0**-53 * n
     ok = torch.ones(A.shape[:-2], dtype=torch.bool, device=A.device)
-    for second in (False, True):
+    for k in range(3):
         gram = X.mT @ X
-        if second:  # NaN (a zero column, a failed first pass) compares False
-            ok &= torch.linalg.matrix_norm(gram - torch.eye(A.size(-1), dtype=X.dtype, device=X.device)) < 0.5
+        if k == 0:
+            gram.diagonal(dim1=-2, dim2=-1).add_(shift)
+        if k == 2:  # NaN (a failed earlier pass) compares False
+            ok &= torch.linalg.matrix_norm(gram - eye) < 0.5
         R, info = torch.linalg.cholesky_ex(gram, upper=True)
         ok &= info == 0
         X = torch.linalg.solve_triangular(R, X, upper=True, left=False)
