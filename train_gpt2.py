@@ -46,6 +46,7 @@ class Hyperparameters:
     sequence_length: int = 1024
     # schedule
     num_iterations: int = 7000
+    stop_at: int = 0  # > 0: stop after this many steps of the schedule (val, checkpoint; --resume goes on); 0: the end
     warmup_iters: int = 250
     warmdown_iters: int = 2000
     val_loss_every: int = 125  # 0: only at the end
@@ -1162,13 +1163,16 @@ def check_run_args(args: Hyperparameters) -> None:
     for name in (f.name for f in fields(Hyperparameters) if f.name.endswith("_lr")):
         if not getattr(args, name) < f32_max:  # check_optimizer_args refuses the non-positive ones
             raise SystemExit(f"--{name}: must be below {f32_max:.4g} (the float32 maximum), got {getattr(args, name)}")
-    for name in ("warmup_iters", "warmdown_iters", "val_loss_every", "save_every"):
+    for name in ("warmup_iters", "warmdown_iters", "val_loss_every", "save_every", "stop_at"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name}: must be >= 0, got {getattr(args, name)}")
     if args.warmup_iters + args.warmdown_iters > args.num_iterations:
         raise SystemExit(f"--warmup_iters {args.warmup_iters} + --warmdown_iters {args.warmdown_iters} = "
                          f"{args.warmup_iters + args.warmdown_iters} is longer than the run (--num_iterations "
                          f"{args.num_iterations}): their sum must be <= {args.num_iterations}")
+    if args.stop_at >= args.num_iterations:
+        raise SystemExit(f"--stop_at {args.stop_at}: must be below --num_iterations {args.num_iterations} (0: run to "
+                         f"the end)")
     if args.keep_checkpoints < 1:
         raise SystemExit(f"--keep_checkpoints: must be >= 1, got {args.keep_checkpoints}")
     if args.resume:
@@ -1178,6 +1182,9 @@ def check_run_args(args: Hyperparameters) -> None:
         if not os.path.isfile(record):
             raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it back")
         refuse_resume_changes(path, saved, {f.name: getattr(args, f.name) for f in fields(Hyperparameters)})
+        step = read_checkpoint_meta(path)["step"]
+        if 0 < args.stop_at <= step:
+            raise SystemExit(f"--stop_at {args.stop_at}: {path} is at step {step} already; stop later (0: the end)")
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -1213,10 +1220,11 @@ class Timer:
 
 # checkpoints: <checkpoint_dir>/<record name>/step_<n>/ after n optimizer steps (see Checkpoints)
 CHECKPOINT_FORMAT = 1
-# what a resumed run may change: where and how often it saves, how it runs, where the same shards are (checked by name
-# and token count) and where records go (it continues its own); every other setting is the checkpoint's
-RESUME_MAY_CHANGE = ("resume", "save_every", "keep_checkpoints", "checkpoint_dir", "compile", "device_batch_size",
-                     "loss_chunk", "attention", "activation_budget", "input_bin", "input_val_bin", "records_dir")
+# what a resumed run may change: where it stops, where and how often it saves, how it runs, where the same shards are
+# (checked by name and token count) and where records go (it continues its own); every other setting is the checkpoint's
+RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir", "compile",
+                     "device_batch_size", "loss_chunk", "attention", "activation_budget", "input_bin", "input_val_bin",
+                     "records_dir")
 # Tests only: "after:K" makes every process SIGKILL itself right after step K (and its save, if any); "save:K" during
 # step K's save, once every file is written into step_<K>.tmp/ but before the rename (a kill in the middle of a save).
 TEST_KILL_ENV = "TRAIN_GPT2_TEST_KILL"
@@ -1300,11 +1308,13 @@ def refuse_resume_changes(path: str, saved: Hyperparameters, values: dict) -> No
 
 def resume_settings(base: Hyperparameters, given: dict) -> Hyperparameters:
     """The settings of the checkpoint that given["resume"] names (looked up under base's checkpoint root), plus the
-    given RESUME_MAY_CHANGE settings; any other given setting must equal the checkpoint's."""
+    given RESUME_MAY_CHANGE settings; any other given setting must equal the checkpoint's. stop_at is 0 (run to the
+    end) unless given again."""
     path = find_checkpoint(given["resume"], checkpoint_root(base))
     saved = checkpoint_settings(path)
     refuse_resume_changes(path, saved, given)
-    return dataclasses.replace(saved, resume=path, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE[1:]})
+    return dataclasses.replace(saved, resume=path, **({"stop_at": 0} | {k: v for k, v in given.items()
+                                                                       if k in RESUME_MAY_CHANGE[1:]}))
 
 
 def rng_state(device: torch.device) -> dict:
@@ -1551,7 +1561,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
     warm_until = start + 10  # the first 10 steps of each start (compile warm-up) are not timed
     t0 = time.perf_counter()
     for step in range(start, args.num_iterations + 1):
-        last = step == args.num_iterations
+        last = step == args.num_iterations or step == args.stop_at > 0
         if step == warm_until:
             sync()
             t0 = time.perf_counter()
@@ -1628,7 +1638,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         log(f"step:{done}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms "
             f"step_avg:{now_ms / timed if timed else float('nan'):.2f}ms "
             f"opt_ms:{opt_timer.ms():.2f}")
-        if stop or done == args.num_iterations or (args.save_every and done % args.save_every == 0):
+        if stop or done in (args.num_iterations, args.stop_at) or (args.save_every and done % args.save_every == 0):
             sync()
             if step >= warm_until:  # saving is not training time
                 training_ms += 1000 * (time.perf_counter() - t0)
@@ -1643,6 +1653,8 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
                 record.file.close()
             raise SystemExit(128 + (signals.signum or signal.SIGTERM))
 
+    if step == args.stop_at > 0:
+        log(f"stopped: step:{step}/{args.num_iterations} by --stop_at; continue with --resume {checkpoints.last}")
     if timed > 0:  # model FLOPs over the timed steps (the loop ended on a validation: training_ms holds them all)
         log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
             f"{flops_per_token(args) * args.batch_size * T * timed / training_ms / 1e9:.1f} TFLOP/s")
@@ -1681,7 +1693,8 @@ class Record:
         if resume:  # continue the checkpoint's record: a `resumed:` line, then the lines of the steps after it
             meta = read_checkpoint_meta(resume)
             self.path, self.file = meta["record"], open(meta["record"], "a")
-            changed = {k: getattr(args, k) for k in RESUME_MAY_CHANGE[1:] if getattr(args, k) != meta["args"][k]}
+            saved = checkpoint_settings(resume)
+            changed = {k: getattr(args, k) for k in RESUME_MAY_CHANGE[1:] if getattr(args, k) != getattr(saved, k)}
             self.log(f"resumed: step:{meta['step']}/{args.num_iterations} from {resume} world_size:{world} "
                      f"(saved with {meta['world_size']})" + (f" changed: {json.dumps(changed)}" if changed else ""))
             return

@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"p={w['p_value']:.3g})")
         incomplete = [r for r in runs if not r.complete]
         if incomplete:
-            print("\nincomplete (crashed, diverged or still going):")
+            print("\nincomplete (stopped, crashed, diverged or still going):")
             for r in incomplete:
                 n = "?" if r.num_iterations is None else r.num_iterations
                 last = "" if r.final_val_loss is None else f", last val_loss {r.final_val_loss:.4f}"
