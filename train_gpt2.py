@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import glob
 import json
 import math
@@ -395,6 +396,24 @@ def eigenbasis(P: torch.Tensor) -> torch.Tensor:
         return torch.linalg.eigh(P.double()).eigenvectors.flip(-1).to(P.dtype)
 
 
+# matrices at least this wide get torch.linalg's Cholesky, triangular solve and Cholesky inverse one at a time (per
+# device type): on CUDA torch sends a batch to cuSOLVER potrfBatched / cuBLAS trsmBatched, kernels made for many
+# small matrices, and a single matrix to the blocked, GEMM-based ones
+PER_MATRIX_FROM = {"cuda": 512}
+
+
+def per_matrix(fn, *xs: torch.Tensor):
+    """fn(*xs) on batches of matrices (..., n, n) sharing their batch dims: one batched call, or one call per matrix
+    (stacked back; a tuple result as a tuple of stacks) where n >= PER_MATRIX_FROM[device type]."""
+    x = xs[0]
+    if x.dim() < 3 or x.size(-1) < PER_MATRIX_FROM.get(x.device.type, 1 << 62):
+        return fn(*xs)
+    batch = x.shape[:-2]
+    outs = [fn(*(y.reshape(-1, *y.shape[len(batch):])[i] for y in xs)) for i in range(math.prod(batch))]
+    stack = lambda ts: torch.stack(ts).reshape(*batch, *ts[0].shape)
+    return tuple(map(stack, zip(*outs))) if isinstance(outs[0], tuple) else stack(outs)
+
+
 def orthonormalize(A: torch.Tensor) -> torch.Tensor:
     """Q of A = Q R with diag(R) > 0 (batched; A square or tall, full column rank), by column-scaled shifted
     CholeskyQR3 in float64 (Fukaya et al. 2020, SIAM J. Sci. Comput. 42(1)): X = A diag(1/||a_j||); then
@@ -422,9 +441,9 @@ def orthonormalize(A: torch.Tensor) -> torch.Tensor:
             gram.diagonal(dim1=-2, dim2=-1).add_(shift)
         if k == 2:  # NaN (a failed earlier pass) compares False
             ok &= torch.linalg.matrix_norm(gram - eye) < 0.5
-        R, info = torch.linalg.cholesky_ex(gram, upper=True)
+        R, info = per_matrix(functools.partial(torch.linalg.cholesky_ex, upper=True), gram)
         ok &= info == 0
-        X = torch.linalg.solve_triangular(R, X, upper=True, left=False)
+        X = per_matrix(functools.partial(torch.linalg.solve_triangular, upper=True, left=False), R, X)
     Q = X.to(A.dtype)
     if not ok.all():
         Q[~ok] = torch.linalg.qr(A[~ok]).Q
@@ -571,16 +590,16 @@ def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve") -> torch.Te
         l, V = torch.linalg.eigh(C)
         return (V * (l.clamp(min=0) + gamma.squeeze(-1)).rsqrt().unsqueeze(-2)) @ V.mT
     eye = torch.eye(C.size(-1), device=C.device, dtype=C.dtype)
-    L, info = torch.linalg.cholesky_ex(C + gamma * eye)
+    L, info = per_matrix(torch.linalg.cholesky_ex, C + gamma * eye)
     for boost in (10, 100, 1000):
         failed = info > 0  # one flag per Cholesky (per matrix, or per block)
         if not failed.any():
             break
-        L2, info2 = torch.linalg.cholesky_ex(C + boost * gamma * eye)
+        L2, info2 = per_matrix(torch.linalg.cholesky_ex, C + boost * gamma * eye)
         L, info = torch.where(failed[..., None, None], L2, L), torch.where(failed, info2, info)
     if (info > 0).any():
         raise torch.linalg.LinAlgError("Cholesky of C + 1000 gamma I failed: C is not finite")
-    return torch.cholesky_inverse(L)
+    return per_matrix(torch.cholesky_inverse, L)
 
 
 def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str, low_precision: bool | None = None) -> torch.Tensor:

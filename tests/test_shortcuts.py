@@ -119,3 +119,30 @@ def test_bf16_preconditioner_application_is_within_bf16_of_fp32(mode):
     assert low.dtype == G.dtype
     assert ((low - exact).norm() / exact.norm()).item() < 1e-2
     assert (low != exact).any()  # the low-precision path really ran
+
+
+@pytest.mark.parametrize("what", ["orthonormalize", "gram_factor", "gram_factor_with_boost"])
+def test_per_matrix_linalg_equals_the_batched_call(monkeypatch, what):
+    """per_matrix (one Cholesky, triangular solve or Cholesky inverse per matrix, what CUDA gets from 512 columns)
+    gives bit for bit what the batched call gives, in SOAP's orthonormalize and the feature-gram factor (including
+    the per-matrix damping boost where a Cholesky fails), over two batch dims; per_matrix really loops."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 3, 48, 48, generator=g)
+    gamma = torch.full((2, 3), 1e-3)
+    if what == "orthonormalize":
+        A[0, 1, :, 5] = A[0, 1, :, 2]  # one matrix falls back to Householder
+        run = lambda: t.orthonormalize(A)
+    else:
+        C = (A @ A.mT).double() / 48
+        if what == "gram_factor_with_boost":
+            C[1, 2] -= 0.005 * torch.eye(48, dtype=torch.float64)  # fails with gamma, not with 10 gamma
+        run = lambda: t.gram_factor(C, gamma.double(), "full")
+    batched = run()
+    calls = []
+    chol = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda M, **k: (calls.append(M.shape), chol(M, **k))[1])
+    monkeypatch.setattr(t, "PER_MATRIX_FROM", {"cpu": 2})
+    looped = run()
+    cholesky_calls = {"orthonormalize": 3 * 6, "gram_factor": 6, "gram_factor_with_boost": 6 + 6}[what]  # 6 matrices
+    assert len(calls) == cholesky_calls and all(shape == (48, 48) for shape in calls), calls
+    assert torch.equal(batched, looped)
