@@ -31,8 +31,12 @@ def reference_gram(x: torch.Tensor, mode: str, block: int = 16) -> torch.Tensor:
     return torch.stack([C[i * block:(i + 1) * block, i * block:(i + 1) * block] for i in range(k)])
 
 
-@pytest.mark.parametrize("mode", ["full", "block", "diag"])
-def test_collected_gram_equals_hooked_inputs(mode):
+@pytest.mark.parametrize("mode,triangle", [("full", False), ("full", True), ("block", False), ("diag", False)])
+def test_collected_gram_equals_hooked_inputs(mode, triangle, monkeypatch):
+    """triangle: full C summed as its upper block triangle and mirrored at the end (what the 3072-wide input gets),
+    here for every width (64 and 256)."""
+    if triangle:
+        monkeypatch.setattr(t, "GRAM_TRIANGLE_FROM", 64)
     args, model, _ = tiny_model(mode)
     seen = {m: [] for m in model.gram_layers()}
     hooks = [m.register_forward_hook(lambda m, inp, out: seen[m].append(inp[0].detach())) for m in seen]
@@ -52,11 +56,14 @@ def test_collected_gram_equals_hooked_inputs(mode):
     assert widths == [64, 256]  # attention in/out and MLP in are 64 wide, the MLP hidden 256
 
 
-@pytest.mark.parametrize("mode", ["full", "block", "diag"])
-def test_two_processes_gram_equals_one_process(tmp_path, mode):
+@pytest.mark.parametrize("mode,triangle", [("full", False), ("full", True), ("block", False), ("diag", False)])
+def test_two_processes_gram_equals_one_process(tmp_path, mode, triangle, monkeypatch):
     out = tmp_path / "grams.pt"
+    if triangle:
+        monkeypatch.setattr(t, "GRAM_TRIANGLE_FROM", 64)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(REPO / "tests" / "gram_driver.py"), mode], capture_output=True, text=True,
+                        str(REPO / "tests" / "gram_driver.py"), mode, str(t.GRAM_TRIANGLE_FROM)],
+                       capture_output=True, text=True,
                        env=dict(subprocess_env(), GRAMS=str(out)), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     two = torch.load(out)
@@ -64,6 +71,7 @@ def test_two_processes_gram_equals_one_process(tmp_path, mode):
     idx = torch.randint(0, args.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
     model.collect_gram(True)
     model(idx, idx)
+    model.collect_gram(False)
     for m, c in zip(model.gram_layers(), two):
         torch.testing.assert_close(c, m.gram / idx.numel(), rtol=1e-5, atol=1e-6)
 
