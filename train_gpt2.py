@@ -837,10 +837,15 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 GRAM_TRIANGLE_FROM, GRAM_SPLIT = 1024, 4
 
 
+def gram_triangle(mode: str, d: int) -> bool:
+    """Whether a d-wide input's C is summed as its upper block triangle (full mode, d >= GRAM_TRIANGLE_FROM)."""
+    return mode == "full" and d >= GRAM_TRIANGLE_FROM and d % GRAM_SPLIT == 0
+
+
 def gram_accumulate(gram: torch.Tensor, x: torch.Tensor, mode: str) -> None:
     """gram += X^T X over the rows of x (..., d), accumulated in fp32: full (d, d); block (d/b, b, b), the diagonal
-    blocks; diag (d,), the column sums of x^2. On CUDA the bf16 products come out of the matmul in fp32. Full, d >=
-    GRAM_TRIANGLE_FROM: only the blocks on and above the block diagonal (syrk-style); symmetric_gram completes it."""
+    blocks; diag (d,), the column sums of x^2. On CUDA the bf16 products come out of the matmul in fp32. Where
+    gram_triangle: only the blocks on and above the block diagonal (syrk-style); symmetric_gram completes it."""
     x = x.detach().reshape(-1, x.size(-1))
     if mode == "diag":
         gram += x.float().square().sum(0)
@@ -852,7 +857,7 @@ def gram_accumulate(gram: torch.Tensor, x: torch.Tensor, mode: str) -> None:
         x = x.float()
     gram_mm = lambda a, b: (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32) if low else a @ b
     d = x.size(-1)
-    if mode == "full" and d >= GRAM_TRIANGLE_FROM and d % GRAM_SPLIT == 0:
+    if gram_triangle(mode, d):
         b = d // GRAM_SPLIT
         for i in range(0, d, b):  # row block i: columns i.. (its diagonal block and the blocks right of it)
             gram[i:i + b, i:] += gram_mm(x[:, i:i + b].mT, x[:, i:])
@@ -862,7 +867,7 @@ def gram_accumulate(gram: torch.Tensor, x: torch.Tensor, mode: str) -> None:
 
 def symmetric_gram(gram: torch.Tensor, mode: str) -> None:
     """Complete what gram_accumulate summed as an upper block triangle: gram = triu(gram) + triu(gram, 1)^T."""
-    if mode == "full" and gram.size(-1) >= GRAM_TRIANGLE_FROM and gram.size(-1) % GRAM_SPLIT == 0:
+    if gram_triangle(mode, gram.size(-1)):
         gram.copy_(gram.triu() + gram.triu(1).mT)
 
 
