@@ -1222,12 +1222,11 @@ def check_run_args(args: Hyperparameters) -> None:
         raise SystemExit(f"--keep_checkpoints: must be >= 1, got {args.keep_checkpoints}")
     if args.resume:
         path = find_checkpoint(args.resume, checkpoint_root(args))
-        saved = checkpoint_settings(path)
-        record = read_checkpoint_meta(path)["record"]
+        saved, meta = checkpoint_settings(path), read_checkpoint_meta(path)
+        record, step = meta["record"], meta["step"]
         if not os.path.isfile(record):
             raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it back")
         refuse_resume_changes(path, saved, {f.name: getattr(args, f.name) for f in fields(Hyperparameters)})
-        step = read_checkpoint_meta(path)["step"]
         if 0 < args.stop_at <= step:
             raise SystemExit(f"--stop_at {args.stop_at}: {path} is at step {step} already; stop later (0: the end)")
 
