@@ -122,8 +122,9 @@ PRESETS: dict[str, dict] = {
     "bench": dict(  # the record's model and batch for 50 steps (10 untimed + 40 timed), one validation at the end:
         num_iterations=50, warmup_iters=10, warmdown_iters=10, val_loss_every=0, val_tokens=1048576,  # the benchmark
     ),
-    "compare": dict(  # the optimizer-comparison protocol: the record's model and batch, its schedule scaled to 400 steps
-        num_iterations=400, warmup_iters=15, warmdown_iters=115, val_loss_every=100, val_tokens=4194304,
+    "compare": dict(  # the optimizer-comparison protocol: the record's model, one 64 x 1024 micro-batch a step (26.2M
+        batch_size=64, num_iterations=400, warmup_iters=15, warmdown_iters=115,  # tokens, one pass), the record's
+        val_loss_every=100, val_tokens=4194304,                                  # schedule scaled to 400 steps
     ),
 }
 
