@@ -91,7 +91,7 @@ class Hyperparameters:
     gram_beta: float = 0.0  # C <- beta C + (1 - beta) C_new; 0: replace
     gram_damping: float = 0.2  # Newton-Muon: gamma = gram_damping * tr(C) / d
     gram_f: str = "solve"  # Newton-Muon: solve, G (C + gamma I)^-1 | inverse_sqrt, G (C + gamma I)^(-1/2)
-    locoprop_lr: float = 1.0  # eta
+    locoprop_lr: float = 0.3  # eta: best of 0.3 / 1 / 3 in the 400-step sweep on the stand-in data (README)
     locoprop_lambda: float = 1.0  # lambda of C + lambda I
     locoprop_steps: int = 0  # 0: the exact minimizer; K: K inner gradient steps of size locoprop_nu
     locoprop_nu: float = 0.5
@@ -697,7 +697,7 @@ class LocoPropS(FeatureGram):
     gradient steps of size nu from W0 give dW = -nu eta G sum_{j<K} (I - nu A)^j (steps = K). G may first go through
     heavy-ball momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
 
-    def __init__(self, params, layers, lr: float = 1.0, lam: float = 1.0, steps: int = 0, nu: float = 0.5,
+    def __init__(self, params, layers, lr: float = 0.3, lam: float = 1.0, steps: int = 0, nu: float = 0.5,
                  momentum: float = 0.0, gram: str = "full", gram_beta: float = 0.0):
         super().__init__(params, layers, dict(lr=lr, damping=lam, steps=steps, nu=nu, momentum=momentum, gram=gram,
                                               gram_beta=gram_beta, f="solve"))

@@ -18,7 +18,8 @@ Reads three formats (see `parse_record`):
 Groups complete runs by optimizer, label or config (a hash of the hyperparameters without CONFIG_EXCLUDE) and
 prints one table with a one-sided t-test of "mean final val loss < target" per group and, with exactly two groups,
 Welch's t-test between them with a 95% interval for the difference of the means. Runs that crashed, diverged or are
-still going (ours: no peak-memory line, a `diverged:` line or last step < N; upstream: no val loss at step N) are listed
+still going (ours: no peak-memory line, a `diverged:` line or last step < N, where a run that `--stop_at K` ended
+counts as complete at K; upstream: no val loss at step N) are listed
 under the table with the last step reached (diverged: the step and the last good step); files that are not records
 are named and skipped.
 """
@@ -56,13 +57,15 @@ _OUR_NAME = re.compile(r"^(\d{8}-\d{6})-")
 _SEPARATOR = re.compile(r"^={20,}\s*$")
 _RESUMED = re.compile(r"^resumed: step:(\d+)/(\d+)")
 _DIVERGED = re.compile(r"^diverged: step:(\d+)/(\d+) last_good_step:(\d+)")
+_STOP_AT = re.compile(r"^stopped: step:(\d+)/(\d+) by --stop_at")
 
 
 @dataclass
 class Run:
     """One training run. val: (step, loss, train_time_ms or None); train: (step, loss or None, train_time_ms or None,
-    opt_ms or None). num_iterations: N of `step:s/N` (upstream_old: the last val step). final_val_loss: the val loss
-    at step N for a complete run, the last one seen for an incomplete run."""
+    opt_ms or None). num_iterations: N of `step:s/N` (upstream_old: the last val step). stopped_at: K of a run that
+    `--stop_at K` ended (the first K steps of the N-step schedule, complete at K), else None. final_val_loss: the val
+    loss at the run's end (K, else N) for a complete run, the last one seen for an incomplete run."""
     path: str
     format: str  # 'ours' | 'upstream' | 'upstream_old'
     optimizer: str
@@ -81,6 +84,12 @@ class Run:
     resumed_at: list[int] = field(default_factory=list)  # ours: the step of each resume, in order
     diverged_at: int | None = None  # ours: the step whose loss or update was not finite (the run ended there)
     last_good_step: int | None = None  # ours, diverged: the last step with a finite loss and parameters
+    stopped_at: int | None = None  # ours: K when `--stop_at K` ended the run there
+
+    @property
+    def end_step(self) -> int | None:
+        """The step the run was meant to end at: stopped_at, else num_iterations."""
+        return self.stopped_at or self.num_iterations
 
     @property
     def last_step(self) -> int:
@@ -96,14 +105,14 @@ class Run:
 
     @property
     def tokens(self) -> int | None:
-        """num_iterations * batch_size * sequence_length when the record says them (ours), else None."""
+        """end_step * batch_size * sequence_length when the record says them (ours), else None."""
         hp = self.hyperparameters
-        if self.num_iterations is None:
+        if self.end_step is None:
             return None
         if "batch_size" in hp and "sequence_length" in hp:
-            return self.num_iterations * int(hp["batch_size"]) * int(hp["sequence_length"])
+            return self.end_step * int(hp["batch_size"]) * int(hp["sequence_length"])
         if "tokens_per_step" in self.meta:
-            return self.num_iterations * int(self.meta["tokens_per_step"])
+            return self.end_step * int(self.meta["tokens_per_step"])
         return None
 
     @property
@@ -271,13 +280,16 @@ def _parse_ours(path: Path, lines: list[str]) -> Run:
     val, train, n_seen, step_avg = _parse_steps(body, opt_ms=True)
     n = int(hp["num_iterations"]) if "num_iterations" in hp else n_seen
     peak = _peak(body)
-    final, at_n = _final(val, n)
+    stop = next((int(m[1]) for m in map(_STOP_AT.match, body) if m), None)  # resumed past it: dropped with its branch
+    final, at_n = _final(val, stop or n)
+    # the config of what ran: stop_at as the run ended (a stopped-then-resumed run is the uninterrupted run's config)
+    config = config_hash(dict(hp, stop_at=stop or 0) if "stop_at" in hp else hp) if hp else "unknown"
     return Run(path=str(path), format="ours", optimizer=str(hp.get("optimizer", "unknown")),
-               label=str(hp.get("label", "")), config=config_hash(hp) if hp else "unknown", hyperparameters=hp,
+               label=str(hp.get("label", "")), config=config, hyperparameters=hp,
                val=val, train=train, num_iterations=n, final_val_loss=final, step_avg=step_avg, peak_mib=peak,
                complete=peak is not None and at_n and diverged is None, timestamp=_timestamp(path, "ours"), meta=meta,
                resumed_at=resumed, diverged_at=int(diverged[1]) if diverged else None,
-               last_good_step=int(diverged[3]) if diverged else None)
+               last_good_step=int(diverged[3]) if diverged else None, stopped_at=stop)
 
 
 def _parse_upstream(path: Path, lines: list[str]) -> Run:
@@ -335,8 +347,8 @@ def one_sided_p(losses: list[float], target: float) -> float | None:
 
 def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
     """One row per group over its complete runs: group, runs, incomplete, mean, std (None for one run), min, steps
-    (sorted distinct num_iterations), tokens (mean; None unknown), train_time_ms, step_avg_ms, opt_ms (None where no
-    run logged opt_ms), peak_mib (the largest), p_value (None for fewer than two runs), losses."""
+    (sorted distinct end steps: K of --stop_at K, else N), tokens (mean; None unknown), train_time_ms, step_avg_ms,
+    opt_ms (None where no run logged opt_ms), peak_mib (the largest), p_value (None for fewer than two runs), losses."""
     rows = []
     for name, runs in groups.items():
         done = [r for r in runs if r.complete and r.final_val_loss is not None]
@@ -347,7 +359,7 @@ def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
             mean=float(np.mean(losses)) if losses else None,
             std=float(np.std(losses, ddof=1)) if len(losses) > 1 else None,
             min=float(np.min(losses)) if losses else None,
-            steps=sorted({r.num_iterations for r in done if r.num_iterations is not None}),
+            steps=sorted({r.end_step for r in done if r.end_step is not None}),
             tokens=_mean(r.tokens for r in done), train_time_ms=_mean(r.train_time_ms for r in done),
             step_avg_ms=_mean(r.step_avg for r in done), opt_ms=_mean(r.opt_ms for r in done),
             peak_mib=max(peaks) if peaks else None, p_value=one_sided_p(losses, target), target=target,

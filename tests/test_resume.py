@@ -257,8 +257,8 @@ def test_stop_at_saves_and_the_resumed_run_is_the_whole_schedule(small_vocab_arg
     """--stop_at 3 of an 8-step schedule: the run validates at step 3, saves step_000003, says `stopped: ... by
     --stop_at` with the resume command, ends with exit status 0 and its peak memory, and the LR schedule is the 8-step
     one (step 3's multiplier is that of the 8-step run). --resume latest (stop_at back to 0) runs steps 4..8 and ends
-    bitwise identical to an uninterrupted run; compare.py reads the stopped record as incomplete at step 3, the
-    resumed one as complete."""
+    bitwise identical to an uninterrupted run; compare.py reads the stopped record as a complete 3-step run (its own
+    config), the resumed one as the complete 8-step run with the uninterrupted run's config."""
     args = small_vocab_args + ["--num_iterations", str(N), "--warmup_iters", "4", "--warmdown_iters", "2",
                                "--optimizer", "soap", "--soap_precondition_frequency", "3"]
     reference = train_here(args + ["--records_dir", str(tmp_path / "ref")])
@@ -270,11 +270,15 @@ def test_stop_at_saves_and_the_resumed_run_is_the_whole_schedule(small_vocab_arg
     assert re.search(r"^stopped: step:3/8 by --stop_at; continue with --resume \S+step_000003$", text, re.M)
     assert saved(tmp_path / "stopped") == ["step_000003"]
     stopped = compare.parse_record(record)
-    assert not stopped.complete and stopped.last_step == 3 and stopped.peak_mib is not None
+    assert stopped.complete and stopped.stopped_at == stopped.end_step == stopped.last_step == 3
+    assert stopped.peak_mib is not None and stopped.final_val_loss == float(re.search(r"^step:3/8 val_loss:(\S+)",
+                                                                                       text, re.M)[1])
+    assert stopped.config != compare.parse_record(reference).config
     assert losses(record)[0] == losses(reference)[0][:3]  # the 8-step schedule's first 3 steps
     resumed = train_here(["--resume", "latest", "--records_dir", str(tmp_path / "stopped")])
     assert resumed == record and 'changed: {"stop_at": 0}' in Path(record).read_text()
     assert_bitwise(final_state(tmp_path / "ref"), final_state(tmp_path / "stopped"))
     assert losses(record) == losses(reference)
     run = compare.parse_record(record)
-    assert run.complete and run.resumed_at == [3]
+    assert run.complete and run.resumed_at == [3] and run.stopped_at is None and run.end_step == 8
+    assert run.config == compare.parse_record(reference).config
