@@ -124,6 +124,25 @@ class Run:
         late = [o for s, o in pairs if s > WARMUP_STEPS] or [o for _, o in pairs]
         return float(np.mean(late))
 
+    @property
+    def collect_ms(self) -> float | None:
+        """Feature-gram runs (ours, with `gram_every` E): the cost of collecting C, per step averaged over a refresh
+        period, from the training time the optimizer timer leaves out: (mean of dt - opt_ms over refresh steps - the
+        same over plain steps) / E, dt the train_time difference of consecutive steps after the first WARMUP_STEPS
+        (the trainer stops its clock for validation and checkpoints; step s, logged as s + 1, refreshes when
+        s % E == 0). None for other runs or without both kinds of step."""
+        every = self.hyperparameters.get("gram_every")
+        if self.hyperparameters.get("optimizer") not in ("newton_muon", "locoprop") or not every:
+            return None
+        timed = {s: (t, o) for s, _, t, o in self.train if t is not None and o is not None}
+        cost: dict[bool, list[float]] = {True: [], False: []}
+        for s, (t, o) in timed.items():
+            if s - 1 > WARMUP_STEPS and s - 1 in timed:
+                cost[(s - 1) % int(every) == 0].append(t - timed[s - 1][0] - o)
+        if not cost[True] or not cost[False]:
+            return None
+        return (float(np.mean(cost[True])) - float(np.mean(cost[False]))) / int(every)
+
     def key(self, by: str) -> str:
         if by not in GROUPINGS:
             raise ValueError(f"by must be one of {GROUPINGS}, not {by!r}")
@@ -348,7 +367,7 @@ def one_sided_p(losses: list[float], target: float) -> float | None:
 def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
     """One row per group over its complete runs: group, runs, incomplete, mean, std (None for one run), min, steps
     (sorted distinct end steps: K of --stop_at K, else N), tokens (mean; None unknown), train_time_ms, step_avg_ms,
-    opt_ms (None where no run logged opt_ms), peak_mib (the largest), p_value (None for fewer than two runs), losses."""
+    opt_ms (None where no run logged opt_ms), collect_ms (feature-gram runs, else None), peak_mib (the largest), p_value (None for fewer than two runs), losses."""
     rows = []
     for name, runs in groups.items():
         done = [r for r in runs if r.complete and r.final_val_loss is not None]
@@ -362,6 +381,7 @@ def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
             steps=sorted({r.end_step for r in done if r.end_step is not None}),
             tokens=_mean(r.tokens for r in done), train_time_ms=_mean(r.train_time_ms for r in done),
             step_avg_ms=_mean(r.step_avg for r in done), opt_ms=_mean(r.opt_ms for r in done),
+            collect_ms=_mean(r.collect_ms for r in done),
             peak_mib=max(peaks) if peaks else None, p_value=one_sided_p(losses, target), target=target,
         ))
     return rows
@@ -411,8 +431,9 @@ def _count(n: float | None) -> str:
 
 
 def format_table(rows: list[dict], by: str, target: float) -> str:
+    collect = any(r.get("collect_ms") is not None for r in rows)  # a column only where a feature-gram run is
     head = [by, "runs", "val_loss mean ± std", "min", "steps", "tokens", "time", "step_avg", "opt ms/step",
-            "peak MiB", f"p(mean<{target:g})"]
+            *(["collect ms/step"] if collect else []), "peak MiB", f"p(mean<{target:g})"]
     body = []
     for r in rows:
         steps = "-" if not r["steps"] else "/".join(str(s) for s in r["steps"])
@@ -421,7 +442,7 @@ def format_table(rows: list[dict], by: str, target: float) -> str:
         p = "-" if r["p_value"] is None else ("nan" if math.isnan(r["p_value"]) else f"{r['p_value']:.3g}")
         body.append([r["group"], str(r["runs"]), mean, _fmt(r["min"]), steps, _count(r["tokens"]), time,
                      _fmt(r["step_avg_ms"], "{:.2f}ms"), _fmt(r["opt_ms"], "{:.2f}"),
-                     _fmt(r["peak_mib"], "{:.0f}"), p])
+                     *([_fmt(r.get("collect_ms"), "{:.2f}")] if collect else []), _fmt(r["peak_mib"], "{:.0f}"), p])
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
            for row in [head] + body]

@@ -27,9 +27,10 @@ def val_curve(step: int, n: int, final: float) -> float:
 
 
 def write_ours(folder: Path, *, optimizer="muon", label="", seed=0, n=40, val_every=10, final=3.3, stop_at=None,
-               opt_ms=None, stamp="20250301-120000", tag="a", peak=1234, **settings) -> Path:
+               opt_ms=None, step_ms=lambda s: 50.0, stamp="20250301-120000", tag="a", peak=1234, **settings) -> Path:
     """A record as train_gpt2.Record and the training loop write it; stop_at < n: cut off after that step's lines,
-    without the peak-memory line (a crash). opt_ms: a function of the step giving the ` opt_ms:` field, or None."""
+    without the peak-memory line (a crash). opt_ms: a function of the step giving the ` opt_ms:` field, or None;
+    step_ms: the training time of logged step s (the first 10 are untimed)."""
     args = t.Hyperparameters(optimizer=optimizer, label=label, seed=seed, num_iterations=n, val_loss_every=val_every,
                              preset="smoke", batch_size=8, device_batch_size=4, sequence_length=128, **settings)
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,17 +40,20 @@ def write_ours(folder: Path, *, optimizer="muon", label="", seed=0, n=40, val_ev
              f"hyperparameters: {json.dumps(dataclasses.asdict(args))}",
              "torch: 2.13.0 cuda: None python: 3.11.9", f"devices: {json.dumps(['cpu'])}", "world_size: 1",
              f"world_size 1, device_batch {B} x {T}, accumulation {accum}, {args.batch_size * T} tokens/step"]
+    elapsed = [0.0]  # training time at logged step s
+    for s in range(1, n + 1):
+        elapsed.append(elapsed[-1] + (step_ms(s) if s > 10 else 0.0))
     for step in range(n + 1):
         if stop_at is not None and step > stop_at:
             break
         timed = max(step - 10, 0)
-        training_ms = 50.0 * timed
+        training_ms = elapsed[step]
         if step == n or step % val_every == 0:
             lines.append(f"step:{step}/{n} val_loss:{val_curve(step, n, final):.4f} train_time:{training_ms:.0f}ms "
                          f"step_avg:{training_ms / timed if timed else float('nan'):.2f}ms")
         if step == n:
             break
-        now_ms = 50.0 * max(step + 1 - 10, 0)
+        now_ms = elapsed[step + 1]
         line = (f"step:{step + 1}/{n} train_loss:{val_curve(step, n, final) + 0.01:.4f} train_time:{now_ms:.0f}ms "
                 f"step_avg:{now_ms / (step + 1 - 10) if step + 1 > 10 else float('nan'):.2f}ms")
         if opt_ms is not None:
@@ -424,3 +428,20 @@ def test_parse_diverged_record_and_list_it(tmp_path, capsys):
     path.write_text(path.read_text() + "\n".join(resumed_tail(write_ours(tmp_path / "whole", n=40), 20)) + "\n")
     run = c.parse_record(path)
     assert run.complete and run.diverged_at is None and run.resumed_at == [20] and run.last_step == 40
+
+
+def test_collect_ms_of_a_feature_gram_run(tmp_path):
+    """The collection cost: refresh steps (step s logged as s + 1, s % gram_every == 0) take 24 ms more training time
+    than plain ones, of which the optimizer timer holds 10 ms more: (24 - 10) / 4 = 3.5 ms a step; none for Muon."""
+    refresh = lambda s: (s - 1) % 4 == 0
+    path = write_ours(tmp_path, optimizer="newton_muon", n=40, gram_every=4, tag="nm",
+                      step_ms=lambda s: 150.0 + 24.0 * refresh(s), opt_ms=lambda s: 6.0 + 10.0 * refresh(s))
+    run = c.parse_record(path)
+    assert run.collect_ms == pytest.approx(3.5)
+    muon = c.parse_record(write_ours(tmp_path, optimizer="muon", n=40, gram_every=4, tag="mu", opt_ms=lambda s: 6.0))
+    assert muon.collect_ms is None
+    rows = c.summarize(c.group_runs([run, muon], "optimizer"))
+    assert [r["collect_ms"] for r in rows] == [None, pytest.approx(3.5)]
+    table = c.format_table(rows, "optimizer", 3.28)
+    assert "collect ms/step" in table.splitlines()[0] and "3.50" in table.splitlines()[3]
+    assert "collect" not in c.format_table(rows[:1], "optimizer", 3.28)  # no feature-gram run: no such column
