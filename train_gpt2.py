@@ -102,6 +102,7 @@ class Hyperparameters:
     activation_budget: float = 1.0  # < 1: torch.compile recomputes activations to keep about this fraction (memory)
     # run
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
+    compile_mode: str = "default"  # the model's torch.compile mode: default | max-autotune-no-cudagraphs (COMPILE_MODES)
     records_dir: str = "records"
     label: str = ""
     preset: str = "speedrun"
@@ -1171,6 +1172,8 @@ def validate_args(args: Hyperparameters, world: int) -> int:
     if args.optimizer not in OPTIMIZERS:
         raise SystemExit(f"--optimizer: unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     check_optimizer_args(args)
+    if args.compile_mode not in COMPILE_MODES:
+        raise SystemExit(f"--compile_mode: unknown mode {args.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     if args.attention not in ATTENTION_BACKENDS:
         raise SystemExit(f"--attention: unknown backend {args.attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
     if not 0 < args.activation_budget <= 1:
@@ -1268,7 +1271,8 @@ CHECKPOINT_FORMAT = 1
 # what a resumed run may change: where it stops, where and how often it saves, how it runs, where the same shards are
 # (checked by name and token count) and where records go (it continues its own); every other setting is the checkpoint's
 RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir", "compile",
-                     "device_batch_size", "loss_chunk", "attention", "activation_budget", "input_bin", "input_val_bin",
+                     "device_batch_size", "loss_chunk", "attention", "activation_budget", "compile_mode", "input_bin",
+                     "input_val_bin",
                      "records_dir")
 # Tests only: "after:K" makes every process SIGKILL itself right after step K (and its save, if any); "save:K" during
 # step K's save, once every file is written into step_<K>.tmp/ but before the rename (a kill in the middle of a save).
@@ -1528,6 +1532,17 @@ def first_nonfinite_parameter(model: nn.Module, optimizers: list[torch.optim.Opt
     return ""
 
 
+# --compile_mode: torch.compile's mode for the model. max-autotune-no-cudagraphs benchmarks Triton matmul templates
+# against cuBLAS per shape and can fuse pointwise epilogues (GELU, casts) into the chosen matmul; CUDA graphs stay off
+# (the Gram buffers are mutated on refresh steps).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_model(model: nn.Module, args: Hyperparameters) -> nn.Module:
+    """torch.compile(model) in args.compile_mode (torch's own default mode for "default")."""
+    return torch.compile(model) if args.compile_mode == "default" else torch.compile(model, mode=args.compile_mode)
+
+
 def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     """Train, validate, write a record and checkpoints; returns the record's path on process 0 ('' elsewhere) and the
     model. Stops early on SIGTERM/SIGINT with a checkpoint (exit code 128 + the signal), and when the train loss or a
@@ -1586,7 +1601,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         _muon_step = torch.compile(muon_step, dynamic=False)  # one graph per shape, no dynamic kernels
         _polargrad_step = torch.compile(polargrad_step, dynamic=False)
         _ce_chunk_compiled = torch.compile(_ce_chunk, dynamic=False)
-        model = torch.compile(model)
+        model = compile_model(model, args)
     if world > 1:  # buffers (the Gram sums) stay per process until refresh_gram reduces them
         model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()

@@ -49,6 +49,8 @@ CASES = [
      ["--gram_block", "a divisor of every layer's input width (64 and 256)", "got 48"]),
     ("zero gram block", GRAM + ["--gram_block", "0"], 1, ["--gram_block", "a divisor"]),
     ("unknown gram mode", ["--gram", "svd"], 1, ["--gram", "full, block or diag"]),
+    ("unknown compile mode", ["--compile_mode", "reduce-overhead"], 1,
+     ["--compile_mode", "'reduce-overhead'", "choose one of default, max-autotune-no-cudagraphs"]),
     ("heads not dividing the width", ["--n_head", "3"], 1, ["--n_embd 64", "multiple of --n_head 3"]),
     ("unknown Newton-Schulz set", ["--ns_coeffs", "cubic"], 1, ["--ns_coeffs", "choose one of simple"]),
     ("negative save_every", ["--save_every", "-1"], 1, ["--save_every", "must be >= 0"]),
@@ -176,3 +178,13 @@ def test_every_preset_is_a_valid_setting(preset, world):
     args = t.parse_args(["--preset", preset] + extra)
     assert args.preset == preset and all(getattr(args, k) == v for k, v in t.PRESETS[preset].items())
     assert t.validate_args(args, world) == args.batch_size // (world * args.device_batch_size)
+
+
+@pytest.mark.parametrize("mode", t.COMPILE_MODES)
+def test_compile_mode_reaches_torch_compile(mode, monkeypatch):
+    """--compile_mode is the mode torch.compile gets for the model (torch's own default for "default")."""
+    calls = []
+    monkeypatch.setattr(t.torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    assert t.compile_model(model, t.parse_args(["--compile_mode", mode])) is model
+    assert calls == [{} if mode == "default" else {"mode": mode}]
