@@ -102,7 +102,7 @@ class Hyperparameters:
     activation_budget: float = 1.0  # < 1: torch.compile recomputes activations to keep about this fraction (memory)
     # run
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
-    compile_mode: str = "default"  # the model's torch.compile mode: default | max-autotune-no-cudagraphs (COMPILE_MODES)
+    compile_mode: str = "default"  # the model's torch.compile mode: default | max-autotune-no-cudagraphs
     records_dir: str = "records"
     label: str = ""
     preset: str = "speedrun"
@@ -1173,7 +1173,7 @@ def validate_args(args: Hyperparameters, world: int) -> int:
         raise SystemExit(f"--optimizer: unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     check_optimizer_args(args)
     if args.compile_mode not in COMPILE_MODES:
-        raise SystemExit(f"--compile_mode: unknown mode {args.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        raise SystemExit(f"--compile_mode: unknown {args.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     if args.attention not in ATTENTION_BACKENDS:
         raise SystemExit(f"--attention: unknown backend {args.attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
     if not 0 < args.activation_budget <= 1:
@@ -1270,9 +1270,8 @@ class Timer:
 CHECKPOINT_FORMAT = 1
 # what a resumed run may change: where it stops, where and how often it saves, how it runs, where the same shards are
 # (checked by name and token count) and where records go (it continues its own); every other setting is the checkpoint's
-RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir", "compile",
-                     "device_batch_size", "loss_chunk", "attention", "activation_budget", "compile_mode", "input_bin",
-                     "input_val_bin",
+RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir", "compile", "compile_mode",
+                     "device_batch_size", "loss_chunk", "attention", "activation_budget", "input_bin", "input_val_bin",
                      "records_dir")
 # Tests only: "after:K" makes every process SIGKILL itself right after step K (and its save, if any); "save:K" during
 # step K's save, once every file is written into step_<K>.tmp/ but before the rename (a kill in the middle of a save).
@@ -1539,8 +1538,8 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def compile_model(model: nn.Module, args: Hyperparameters) -> nn.Module:
-    """torch.compile(model) in args.compile_mode (torch's own default mode for "default")."""
-    return torch.compile(model) if args.compile_mode == "default" else torch.compile(model, mode=args.compile_mode)
+    """torch.compile(model) in args.compile_mode."""
+    return torch.compile(model, mode=args.compile_mode)
 
 
 def train(args: Hyperparameters) -> tuple[str, nn.Module]:

@@ -367,7 +367,8 @@ def one_sided_p(losses: list[float], target: float) -> float | None:
 def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
     """One row per group over its complete runs: group, runs, incomplete, mean, std (None for one run), min, steps
     (sorted distinct end steps: K of --stop_at K, else N), tokens (mean; None unknown), train_time_ms, step_avg_ms,
-    opt_ms (None where no run logged opt_ms), collect_ms (feature-gram runs, else None), peak_mib (the largest), p_value (None for fewer than two runs), losses."""
+    opt_ms (None where no run logged opt_ms), collect_ms (feature-gram runs, else None), peak_mib (the largest),
+    p_value (None for fewer than two runs), losses."""
     rows = []
     for name, runs in groups.items():
         done = [r for r in runs if r.complete and r.final_val_loss is not None]

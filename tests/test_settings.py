@@ -182,9 +182,9 @@ def test_every_preset_is_a_valid_setting(preset, world):
 
 @pytest.mark.parametrize("mode", t.COMPILE_MODES)
 def test_compile_mode_reaches_torch_compile(mode, monkeypatch):
-    """--compile_mode is the mode torch.compile gets for the model (torch's own default for "default")."""
+    """--compile_mode is the mode torch.compile gets for the model."""
     calls = []
     monkeypatch.setattr(t.torch, "compile", lambda model, **kw: calls.append(kw) or model)
     model = torch.nn.Linear(2, 2)
     assert t.compile_model(model, t.parse_args(["--compile_mode", mode])) is model
-    assert calls == [{} if mode == "default" else {"mode": mode}]
+    assert calls == [{"mode": mode}]
