@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import functools
 import glob
 import json
 import math
@@ -219,17 +218,21 @@ NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
 
 def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     """msign(G) ~ U V^T for G = U S V^T, batched over leading dims, in bf16:
-    X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; X = a X + (b A + c A A) X}
-    (= a X + b B + c A B with B = A X, the record's form, in 4mmn + 2mmm flops instead of 6mmn for m x n)."""
+    X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; B = b A + c A A; X = a X + B X}
+    (= a X + b A X + c A (A X), the record's form, in 4mmn + 2mmm flops instead of 6mmn for m x n; B and X each one
+    baddbmm, the sums in the GEMM's epilogue)."""
     steps, f = NS_COEFFS[coeffs]
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * f + 1e-7)
     transpose = G.size(-2) > G.size(-1)
     if transpose:
         X = X.mT
+    shape = X.shape
+    X = X.reshape(-1, *shape[-2:])
     for a, b, c in steps:
         A = X @ X.mT
-        X = a * X + (b * A + c * (A @ A)) @ X  # = a X + b A X + c A A X, with the small A A instead of A (A X)
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    X = X.reshape(shape)
     return X.mT if transpose else X
 
 
@@ -239,7 +242,7 @@ def nuclear_norm(M: torch.Tensor, mode: str = "exact", O: torch.Tensor | None = 
     inner: <O, M> = sum_ij O_ij M_ij with O = orthogonalize(M) ~ U V^T, as <U V^T, U S V^T> = tr S (off by NS_BANDS)."""
     M = M.to(torch.promote_types(M.dtype, torch.float32))
     if mode == "inner":
-        return (O.to(M.dtype) * M).sum(dim=(-2, -1))
+        return (O.to(M.dtype) * M).sum(-1).sum(-1)  # rows first: one reduction over m n per matrix ran on 12 blocks
     gram = M.mT @ M if M.size(-2) >= M.size(-1) else M @ M.mT
     return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(-1)
 
@@ -398,22 +401,42 @@ def eigenbasis(P: torch.Tensor) -> torch.Tensor:
         return torch.linalg.eigh(P.double()).eigenvectors.flip(-1).to(P.dtype)
 
 
-# matrices at least this wide get torch.linalg's Cholesky, triangular solve and Cholesky inverse one at a time (per
-# device type): on CUDA torch sends a batch to cuSOLVER potrfBatched / cuBLAS trsmBatched, kernels made for many
-# small matrices, and a single matrix to the blocked, GEMM-based ones
-PER_MATRIX_FROM = {"cuda": 512}
+LINALG_BLOCK = 512  # the column panel of cholesky_blocked and tri_inverse
 
 
-def per_matrix(fn, *xs: torch.Tensor):
-    """fn(*xs) on batches of matrices (..., n, n) sharing their batch dims: one batched call, or one call per matrix
-    (stacked back; a tuple result as a tuple of stacks) where n >= PER_MATRIX_FROM[device type]."""
-    x = xs[0]
-    if x.dim() < 3 or x.size(-1) < PER_MATRIX_FROM.get(x.device.type, 1 << 62):
-        return fn(*xs)
-    batch = x.shape[:-2]
-    outs = [fn(*(y.reshape(-1, *y.shape[len(batch):])[i] for y in xs)) for i in range(math.prod(batch))]
-    stack = lambda ts: torch.stack(ts).reshape(*batch, *ts[0].shape)
-    return tuple(map(stack, zip(*outs))) if isinstance(outs[0], tuple) else stack(outs)
+def cholesky_blocked(A: torch.Tensor, b: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower L with L L^T = A for SPD A (..., n, n), and info (..., as torch.linalg.cholesky_ex: 0, or the order of the
+    first leading minor that is not positive definite), right-looking over b-column panels k:
+    L_kk = chol(A_kk);  L_ik = A_ik L_kk^-T;  A_ij -= L_ik L_jk^T for i, j > k  (all but n/b small Choleskys in
+    batched GEMMs: on CUDA torch.linalg.cholesky runs cuSOLVER, whose potrf launches thousands of tiny kernels for one
+    3072 x 3072 fp64 matrix, and potrfBatched is made for small ones)."""
+    A, b, n = A.clone(), b or LINALG_BLOCK, A.size(-1)
+    L = torch.zeros_like(A)
+    info = torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
+    for k in range(0, n, b):
+        e = min(k + b, n)
+        Lkk, fail = torch.linalg.cholesky_ex(A[..., k:e, k:e])
+        info = torch.where((info == 0) & (fail > 0), fail + k, info)
+        L[..., k:e, k:e] = Lkk
+        if e < n:
+            Lik = A[..., e:, k:e] @ tri_inverse(Lkk, b).mT
+            L[..., e:, k:e] = Lik
+            A[..., e:, e:] -= Lik @ Lik.mT
+    return L, info
+
+
+def tri_inverse(L: torch.Tensor, b: int | None = None) -> torch.Tensor:
+    """L^-1 for lower triangular L (..., n, n), by b-row blocks i: X_ii = L_ii^-1 (a small triangular solve);
+    X_i,<i = -X_ii (L_i,<i X_<i,<i)  (two GEMMs; X_<i,<i = (L_<i,<i)^-1 is already known)."""
+    b, n = b or LINALG_BLOCK, L.size(-1)
+    X = torch.zeros_like(L)
+    for i in range(0, n, b):
+        e = min(i + b, n)
+        eye = torch.eye(e - i, dtype=L.dtype, device=L.device)
+        X[..., i:e, i:e] = Xii = torch.linalg.solve_triangular(L[..., i:e, i:e], eye, upper=False)
+        if i:
+            X[..., i:e, :i] = -Xii @ (L[..., i:e, :i] @ X[..., :i, :i])
+    return X
 
 
 def orthonormalize(A: torch.Tensor) -> torch.Tensor:
@@ -422,20 +445,21 @@ def orthonormalize(A: torch.Tensor) -> torch.Tensor:
     {R = chol(X^T X + s I), upper; X = X R^-1} with s = 11 (mn + n(n+1)) u ||X||_F^2 (u = 2^-53; ||X||_F^2 = n bounds
     ||X||_2^2), then twice more with s = 0. Then X = A T with T upper triangular and X^T X = I, which makes X the unique
     Q (Householder's up to column signs). The shift keeps the first Cholesky alive for cond(scaled A) up to ~1/u and
-    leaves cond(X) <~ sqrt(n/s) (~1e4 at n = 3072), which the two plain passes bring to X^T X - I ~ 1e-16. SOAP needs
-    this: the power step P Q of a rank-deficient L (the 3072-wide side of an MLP matrix) has fp32-noise columns, and
-    condition numbers of 1e10 .. 1e11 (measured on this model's gradients) that plain CholeskyQR2 cannot factor.
-    A matrix whose Cholesky still fails (a zero column) or whose third Gram is off I by >= 0.5 in Frobenius norm
-    gets torch.linalg.qr(A).Q instead (one host sync per call to decide).
-    Cost per n x n matrix: 3 (2n^3 Gram + n^3/3 Cholesky + n^3 triangular solve) = 10 n^3 flops in fp64 BLAS-3 (the
-    Grams batched per shape, Cholesky and solves through per_matrix), Householder's geqrf + orgqr 2.7 n^3 but BLAS-2
-    panels. Measured on one H100 (README, Speed): a SOAP refresh step of GPT-124M takes ~950 ms with this, slower
-    than the ~520 ms of CholeskyQR2 with Householder fallbacks."""
+    leaves cond(X) <~ sqrt(n/s) (~7e3 at n = 3072), which the two plain passes bring to X^T X - I ~ 1e-16 (after one,
+    X^T X - I reached 7e-5 on the rank-deficient case of tests/test_optimizers.py, worse than fp32 Householder's 1e-6).
+    SOAP needs this: the power step P Q of a rank-deficient L (the 3072-wide side of an MLP matrix) has fp32-noise
+    columns, and condition numbers of 1e10 .. 1e11 (measured on this model's gradients) that plain CholeskyQR2 cannot
+    factor. A matrix whose Cholesky still fails (a zero column) or whose third Gram is off I by >= 0.5 in Frobenius
+    norm gets torch.linalg.qr(A).Q instead (one host sync per call to decide).
+    Cost per n x n matrix and pass: 2n^3 Gram + ~n^3 cholesky_blocked + ~n^3 tri_inverse + 2n^3 for X R^-1 flops,
+    all but n/b small Choleskys and solves in batched fp64 GEMMs (Householder's geqrf + orgqr: 2.7 n^3, but BLAS-2
+    panels). Measured on one H100 (README, Speed), three passes: 12 x (3072 x 3072) in 143 ms, against 169 ms with
+    torch's batched Cholesky + triangular solve, 249 ms one matrix at a time and 265 ms for fp32 torch.linalg.qr."""
     X = A.double()
     X = X / X.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)  # a zero column stays zero
     m, n = X.shape[-2:]
-    eye = torch.eye(n, dtype=X.dtype, device=X.device)
     shift = 11 * (m * n + n * (n + 1)) * 2.0**-53 * n
+    eye = torch.eye(n, dtype=X.dtype, device=X.device)
     ok = torch.ones(A.shape[:-2], dtype=torch.bool, device=A.device)
     for k in range(3):
         gram = X.mT @ X
@@ -443,9 +467,9 @@ def orthonormalize(A: torch.Tensor) -> torch.Tensor:
             gram.diagonal(dim1=-2, dim2=-1).add_(shift)
         if k == 2:  # NaN (a failed earlier pass) compares False
             ok &= torch.linalg.matrix_norm(gram - eye) < 0.5
-        R, info = per_matrix(functools.partial(torch.linalg.cholesky_ex, upper=True), gram)
+        L, info = cholesky_blocked(gram)
         ok &= info == 0
-        X = per_matrix(functools.partial(torch.linalg.solve_triangular, upper=True, left=False), R, X)
+        X = X @ tri_inverse(L).mT  # X R^-1 with R = L^T
     Q = X.to(A.dtype)
     if not ok.all():
         Q[~ok] = torch.linalg.qr(A[~ok]).Q
@@ -592,16 +616,17 @@ def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve") -> torch.Te
         l, V = torch.linalg.eigh(C)
         return (V * (l.clamp(min=0) + gamma.squeeze(-1)).rsqrt().unsqueeze(-2)) @ V.mT
     eye = torch.eye(C.size(-1), device=C.device, dtype=C.dtype)
-    L, info = per_matrix(torch.linalg.cholesky_ex, C + gamma * eye)
+    L, info = cholesky_blocked(C + gamma * eye)
     for boost in (10, 100, 1000):
         failed = info > 0  # one flag per Cholesky (per matrix, or per block)
         if not failed.any():
             break
-        L2, info2 = per_matrix(torch.linalg.cholesky_ex, C + boost * gamma * eye)
+        L2, info2 = cholesky_blocked(C + boost * gamma * eye)
         L, info = torch.where(failed[..., None, None], L2, L), torch.where(failed, info2, info)
     if (info > 0).any():
         raise torch.linalg.LinAlgError("Cholesky of C + 1000 gamma I failed: C is not finite")
-    return per_matrix(torch.cholesky_inverse, L)
+    X = tri_inverse(L)
+    return X.mT @ X  # A^-1 = L^-T L^-1
 
 
 def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str, low_precision: bool | None = None) -> torch.Tensor:
@@ -624,8 +649,9 @@ class FeatureGram(MatrixOptimizer):
     matrix of its layer's input X, C = X^T X / n_tokens (full, block-diagonal or diagonal), which the model collects on
     refresh steps (GPT.collect_gram). On a refresh, refresh_gram averages the collected sums over processes (one
     all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the right preconditioner
-    (gram_factor, batched over the matrices of one shape) for the matrices this process owns; each step then costs
-    one matmul per matrix (right_precondition). Before the first refresh the preconditioner is the identity."""
+    (gram_factor, batched over the matrices of one shape; on CUDA stored in bf16, the operand dtype right_precondition
+    gives it there) for the matrices this process owns; each step then costs one matmul per matrix
+    (right_precondition). Before the first refresh the preconditioner is the identity."""
 
     def __init__(self, params, layers: list[nn.Module], defaults: dict):
         super().__init__(params, defaults)
@@ -657,7 +683,8 @@ class FeatureGram(MatrixOptimizer):
                     by_shape.setdefault(st["gram"].shape, []).append(p)
             for ps in by_shape.values():
                 for p, R in zip(ps, self.factor(torch.stack([self.state[p]["gram"] for p in ps]), group)):
-                    self.state[p]["factor"] = R
+                    low = p.is_cuda and group["gram"] != "diag"  # kept as right_precondition's bf16 operand
+                    self.state[p]["factor"] = R.bfloat16() if low else R
 
     def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """G (C + gamma I)^-1 for each matrix that has a factor; G itself before the first refresh."""

@@ -121,28 +121,47 @@ def test_bf16_preconditioner_application_is_within_bf16_of_fp32(mode):
     assert (low != exact).any()  # the low-precision path really ran
 
 
-@pytest.mark.parametrize("what", ["orthonormalize", "gram_factor", "gram_factor_with_boost"])
-def test_per_matrix_linalg_equals_the_batched_call(monkeypatch, what):
-    """per_matrix (one Cholesky, triangular solve or Cholesky inverse per matrix, what CUDA gets from 512 columns)
-    gives bit for bit what the batched call gives, in SOAP's orthonormalize and the feature-gram factor (including
-    the per-matrix damping boost where a Cholesky fails), over two batch dims; per_matrix really loops."""
+def test_blocked_cholesky_and_triangular_inverse_equal_torch():
+    """cholesky_blocked and tri_inverse (panels of b columns, n not a multiple of b, two batch dims) give
+    torch.linalg.cholesky's L and the exact inverse in float64; a matrix that is not positive definite is flagged with
+    cholesky_ex's info (the order of the first failing leading minor) whichever panel it falls in."""
     g = torch.Generator().manual_seed(0)
-    A = torch.randn(2, 3, 48, 48, generator=g)
-    gamma = torch.full((2, 3), 1e-3)
+    X = torch.randn(2, 3, 150, 100, dtype=torch.float64, generator=g)
+    A = X.mT @ X / 150 + 0.05 * torch.eye(100, dtype=torch.float64)
+    L, info = t.cholesky_blocked(A, 32)
+    assert (info == 0).all()
+    assert ((L - torch.linalg.cholesky(A)).norm() / L.norm()).item() < 1e-13
+    Linv = t.tri_inverse(L, 32)
+    assert torch.equal(Linv, Linv.tril())
+    assert ((Linv @ L - torch.eye(100, dtype=torch.float64)).abs().max()).item() < 1e-11
+    for bad in (10, 70):  # in the first panel, and in a later one
+        B = A.clone()
+        B[1, 2, bad, bad] = -1.0
+        expect = torch.linalg.cholesky_ex(B)[1]
+        got = t.cholesky_blocked(B, 32)[1]
+        assert got[1, 2].item() == expect[1, 2].item() == bad + 1 and (got.flatten()[:5] == 0).all()
+
+
+@pytest.mark.parametrize("what", ["orthonormalize", "gram_factor", "gram_factor_with_boost"])
+def test_linalg_panel_width_leaves_results_unchanged(monkeypatch, what):
+    """SOAP's orthonormalize and the feature-gram factor (including the per-matrix damping boost where a Cholesky
+    fails) give the same result in float64 with one panel (LINALG_BLOCK >=
+    n) and with 16-column panels; the panels really are used."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 3, 48, 48, generator=g, dtype=torch.float64)
+    gamma = torch.full((2, 3), 1e-3, dtype=torch.float64)
     if what == "orthonormalize":
-        A[0, 1, :, 5] = A[0, 1, :, 2]  # one matrix falls back to Householder
         run = lambda: t.orthonormalize(A)
     else:
-        C = (A @ A.mT).double() / 48
+        C = A @ A.mT / 48
         if what == "gram_factor_with_boost":
             C[1, 2] -= 0.005 * torch.eye(48, dtype=torch.float64)  # fails with gamma, not with 10 gamma
-        run = lambda: t.gram_factor(C, gamma.double(), "full")
-    batched = run()
+        run = lambda: t.gram_factor(C, gamma, "full")
+    whole = run()
     calls = []
     chol = torch.linalg.cholesky_ex
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda M, **k: (calls.append(M.shape), chol(M, **k))[1])
-    monkeypatch.setattr(t, "PER_MATRIX_FROM", {"cpu": 2})
-    looped = run()
-    cholesky_calls = {"orthonormalize": 3 * 6, "gram_factor": 6, "gram_factor_with_boost": 6 + 6}[what]  # 6 matrices
-    assert len(calls) == cholesky_calls and all(shape == (48, 48) for shape in calls), calls
-    assert torch.equal(batched, looped)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda M, **k: (calls.append(M.shape[-1]), chol(M, **k))[1])
+    monkeypatch.setattr(t, "LINALG_BLOCK", 16)
+    panels = run()
+    assert calls and all(n == 16 for n in calls), calls
+    assert ((panels - whole).norm() / whole.norm()).item() < 1e-10
