@@ -629,13 +629,18 @@ def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve") -> torch.Te
     return X.mT @ X  # A^-1 = L^-T L^-1
 
 
+def bf16_operands(G: torch.Tensor) -> bool:
+    """Whether right_precondition multiplies in bf16 by default: on CUDA, where it then costs a bf16 matmul."""
+    return G.is_cuda
+
+
 def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str, low_precision: bool | None = None) -> torch.Tensor:
     """G R for G (out, d) and gram_factor's R: full G @ R; block: each b-column block of G times its (b, b) block;
     diag: G * R. In fp32 (fp64 for fp64), or with bf16 operands (low_precision; default: on CUDA, where R's
     application then costs a bf16 matmul like the model's own), returned in G's dtype."""
     if mode == "diag":
         return (G * R).to(G.dtype)
-    low = G.is_cuda if low_precision is None else low_precision
+    low = bf16_operands(G) if low_precision is None else low_precision
     dtype = torch.bfloat16 if low else torch.promote_types(G.dtype, torch.float32)
     X, R = G.to(dtype), R.to(dtype)
     if mode == "block":  # (out, d) -> (d/b, out, b) @ (d/b, b, b) -> (out, d)
@@ -683,7 +688,7 @@ class FeatureGram(MatrixOptimizer):
                     by_shape.setdefault(st["gram"].shape, []).append(p)
             for ps in by_shape.values():
                 for p, R in zip(ps, self.factor(torch.stack([self.state[p]["gram"] for p in ps]), group)):
-                    low = p.is_cuda and group["gram"] != "diag"  # kept as right_precondition's bf16 operand
+                    low = bf16_operands(p) and group["gram"] != "diag"  # stored as right_precondition's operand
                     self.state[p]["factor"] = R.bfloat16() if low else R
 
     def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:

@@ -252,3 +252,28 @@ def test_newton_muon_with_isotropic_c_is_muon():
     assert run(3.0 * torch.eye(32)) < 0.06
     skew = torch.diag(torch.linspace(0.1, 10.0, 32))
     assert run(skew) > 0.3
+
+
+@pytest.mark.parametrize("mode", ["full", "block", "diag"])
+def test_factor_stored_in_the_operand_dtype(mode, monkeypatch):
+    """Where right_precondition multiplies in bf16 (CUDA; forced here on CPU), refresh_gram stores the full and block
+    factors in bf16 once, and the step equals the one that converts the fp32 factor at every step, bit for bit;
+    the diag factor (an elementwise product) stays fp32."""
+    args, model, opts = tiny_model(mode, "locoprop", ["--locoprop_lr", "0.3"])
+    opt = opts[-1]
+    idx = torch.randint(0, args.vocab_size, (2, 16))
+    model.collect_gram(True)
+    model(idx, idx).backward()
+    model.collect_gram(False)
+    layer = model.gram_layers()[3]
+    p = layer.weight
+    opt.refresh_gram(n_tokens=idx.numel())
+    R32 = opt.state[p]["factor"]
+    expect = p.detach().clone().add_(t.right_precondition(p.grad, R32, mode, low_precision=True), alpha=-0.3)
+    monkeypatch.setattr(t, "bf16_operands", lambda G: True)
+    opt.refresh_gram(n_tokens=idx.numel())
+    R = opt.state[p]["factor"]
+    assert R.dtype == (torch.float32 if mode == "diag" else torch.bfloat16)
+    assert torch.equal(R, R32.to(R.dtype))
+    opt.step()
+    assert torch.equal(p.detach(), expect)
