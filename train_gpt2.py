@@ -606,7 +606,7 @@ class SOAP(MatrixOptimizer):
 def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve") -> torch.Tensor:
     """The cached right preconditioner R of A = C + gamma I (computed once per refresh), batched over leading dims;
     C: full (..., d, d), block (..., d/b, b, b), diag (..., d); gamma: a number or one per matrix (...).
-    solve: R = A^-1 = cholesky_inverse(cholesky(A)), each matrix (or block) whose Cholesky fails retried with 10x,
+    solve: R = A^-1 = L^-T L^-1, L = cholesky_blocked(A), each matrix (or block) whose Cholesky fails retried with 10x,
     100x, 1000x gamma; inverse_sqrt: R = A^(-1/2) = V diag(l + gamma)^(-1/2) V^T from eigh(C); diag: R = 1 / (diag(C) + gamma)."""
     gamma = torch.as_tensor(gamma, dtype=C.dtype, device=C.device)
     gamma = gamma.reshape(gamma.shape + (1,) * (C.dim() - gamma.dim()))  # one per matrix, broadcast over its entries
