@@ -117,31 +117,56 @@ class Run:
 
     @property
     def opt_ms(self) -> float | None:
-        """Mean optimizer milliseconds per step over the steps after the first WARMUP_STEPS (all, if none after)."""
-        pairs = [(s, o) for s, _, _, o in self.train if o is not None]
-        if not pairs:
+        """Mean optimizer milliseconds per step over the timed steps (_late_steps; all, if none is timed)."""
+        late = [o for _, o in self._late_steps().values()] or [o for *_, o in self.train if o is not None]
+        return float(np.mean(late)) if late else None
+
+    @property
+    def refresh_period(self) -> int | None:
+        """Steps between the optimizer's refreshes (ours): SOAP's soap_precondition_frequency (its eigenbases), the
+        feature-gram optimizers' gram_every (C and its factor); None for the others. Step s, logged as s + 1,
+        refreshes when s % period == 0."""
+        hp = self.hyperparameters
+        name = {"soap": "soap_precondition_frequency", "newton_muon": "gram_every", "locoprop": "gram_every"}.get(
+            hp.get("optimizer"))
+        return int(hp[name]) if name and hp.get(name) else None
+
+    def _late_steps(self) -> dict[int, tuple[float | None, float]]:
+        """Logged step -> (train_time_ms, opt_ms) for the steps that logged opt_ms, less the first WARMUP_STEPS of
+        the run and of each resume (compile warm-up: the trainer leaves them out of train_time too)."""
+        warm = lambda s: any(r < s <= r + WARMUP_STEPS for r in [0, *self.resumed_at])
+        return {s: (t, o) for s, _, t, o in self.train if o is not None and not warm(s)}
+
+    @property
+    def opt_ms_split(self) -> tuple[float, float] | None:
+        """(plain steps, refresh steps) mean optimizer ms after the first WARMUP_STEPS, for runs with a
+        refresh_period and both kinds of step; else None. opt_ms is their mix over the run."""
+        every = self.refresh_period
+        if not every:
             return None
-        late = [o for s, o in pairs if s > WARMUP_STEPS] or [o for _, o in pairs]
-        return float(np.mean(late))
+        kind: dict[bool, list[float]] = {True: [], False: []}
+        for s, (_, o) in self._late_steps().items():
+            kind[(s - 1) % every == 0].append(o)
+        return (float(np.mean(kind[False])), float(np.mean(kind[True]))) if kind[True] and kind[False] else None
 
     @property
     def collect_ms(self) -> float | None:
         """Feature-gram runs (ours, with `gram_every` E): the cost of collecting C, per step averaged over a refresh
         period, from the training time the optimizer timer leaves out: (mean of dt - opt_ms over refresh steps - the
-        same over plain steps) / E, dt the train_time difference of consecutive steps after the first WARMUP_STEPS
-        (the trainer stops its clock for validation and checkpoints; step s, logged as s + 1, refreshes when
-        s % E == 0). None for other runs or without both kinds of step."""
-        every = self.hyperparameters.get("gram_every")
+        same over plain steps) / E, dt the train_time difference of consecutive timed steps (_late_steps; the trainer
+        stops its clock for validation and checkpoints; step s, logged as s + 1, refreshes when s % E == 0). None for
+        other runs or without both kinds of step."""
+        every = self.refresh_period
         if self.hyperparameters.get("optimizer") not in ("newton_muon", "locoprop") or not every:
             return None
-        timed = {s: (t, o) for s, _, t, o in self.train if t is not None and o is not None}
+        timed = {s: (t, o) for s, (t, o) in self._late_steps().items() if t is not None}
         cost: dict[bool, list[float]] = {True: [], False: []}
         for s, (t, o) in timed.items():
-            if s - 1 > WARMUP_STEPS and s - 1 in timed:
-                cost[(s - 1) % int(every) == 0].append(t - timed[s - 1][0] - o)
+            if s - 1 in timed:
+                cost[(s - 1) % every == 0].append(t - timed[s - 1][0] - o)
         if not cost[True] or not cost[False]:
             return None
-        return (float(np.mean(cost[True])) - float(np.mean(cost[False]))) / int(every)
+        return (float(np.mean(cost[True])) - float(np.mean(cost[False]))) / every
 
     def key(self, by: str) -> str:
         if by not in GROUPINGS:
@@ -355,6 +380,12 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _mean_pair(pairs) -> tuple[float, float] | None:
+    """Elementwise mean of the (a, b) pairs that are not None; None if there are none."""
+    kept = [p for p in pairs if p is not None]
+    return (float(np.mean([a for a, _ in kept])), float(np.mean([b for _, b in kept]))) if kept else None
+
+
 def one_sided_p(losses: list[float], target: float) -> float | None:
     """p of scipy's one-sample t-test for "mean < target"; None with fewer than two runs."""
     if len(losses) < 2:
@@ -367,7 +398,8 @@ def one_sided_p(losses: list[float], target: float) -> float | None:
 def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
     """One row per group over its complete runs: group, runs, incomplete, mean, std (None for one run), min, steps
     (sorted distinct end steps: K of --stop_at K, else N), tokens (mean; None unknown), train_time_ms, step_avg_ms,
-    opt_ms (None where no run logged opt_ms), collect_ms (feature-gram runs, else None), peak_mib (the largest),
+    opt_ms (None where no run logged opt_ms), opt_split ((plain, refresh) opt ms for optimizers with a refresh period,
+    else None), collect_ms (feature-gram runs, else None), peak_mib (the largest),
     p_value (None for fewer than two runs), losses."""
     rows = []
     for name, runs in groups.items():
@@ -382,7 +414,7 @@ def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
             steps=sorted({r.end_step for r in done if r.end_step is not None}),
             tokens=_mean(r.tokens for r in done), train_time_ms=_mean(r.train_time_ms for r in done),
             step_avg_ms=_mean(r.step_avg for r in done), opt_ms=_mean(r.opt_ms for r in done),
-            collect_ms=_mean(r.collect_ms for r in done),
+            collect_ms=_mean(r.collect_ms for r in done), opt_split=_mean_pair(r.opt_ms_split for r in done),
             peak_mib=max(peaks) if peaks else None, p_value=one_sided_p(losses, target), target=target,
         ))
     return rows
@@ -433,7 +465,9 @@ def _count(n: float | None) -> str:
 
 def format_table(rows: list[dict], by: str, target: float) -> str:
     collect = any(r.get("collect_ms") is not None for r in rows)  # a column only where a feature-gram run is
-    head = [by, "runs", "val_loss mean ± std", "min", "steps", "tokens", "time", "step_avg", "opt ms/step",
+    split = any(r.get("opt_split") is not None for r in rows)  # SOAP / feature-gram: plain and refresh steps apart
+    head = [by, "runs", "val_loss mean ± std", "min", "steps", "tokens", "time", "step_avg",
+            "opt ms/step (plain, refresh)" if split else "opt ms/step",
             *(["collect ms/step"] if collect else []), "peak MiB", f"p(mean<{target:g})"]
     body = []
     for r in rows:
@@ -442,7 +476,8 @@ def format_table(rows: list[dict], by: str, target: float) -> str:
         time = "-" if r["train_time_ms"] is None else f"{r['train_time_ms'] / 60000:.2f}m"
         p = "-" if r["p_value"] is None else ("nan" if math.isnan(r["p_value"]) else f"{r['p_value']:.3g}")
         body.append([r["group"], str(r["runs"]), mean, _fmt(r["min"]), steps, _count(r["tokens"]), time,
-                     _fmt(r["step_avg_ms"], "{:.2f}ms"), _fmt(r["opt_ms"], "{:.2f}"),
+                     _fmt(r["step_avg_ms"], "{:.2f}ms"), _fmt(r["opt_ms"], "{:.2f}") + (
+                         " ({:.2f}, {:.1f})".format(*r["opt_split"]) if r.get("opt_split") else ""),
                      *([_fmt(r.get("collect_ms"), "{:.2f}")] if collect else []), _fmt(r["peak_mib"], "{:.0f}"), p])
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))

@@ -445,3 +445,40 @@ def test_collect_ms_of_a_feature_gram_run(tmp_path):
     table = c.format_table(rows, "optimizer", 3.28)
     assert "collect ms/step" in table.splitlines()[0] and "3.50" in table.splitlines()[3]
     assert "collect" not in c.format_table(rows[:1], "optimizer", 3.28)  # no feature-gram run: no such column
+
+
+def test_opt_ms_split_into_plain_and_refresh_steps(tmp_path):
+    """SOAP refreshes at step s (logged s + 1) with s % soap_precondition_frequency == 0: opt ms of those steps and
+    of the others apart, in the table's opt column; Muon has no split and the column keeps its plain header."""
+    refresh = lambda s: (s - 1) % 5 == 0
+    soap = c.parse_record(write_ours(tmp_path, optimizer="soap", n=40, soap_precondition_frequency=5, tag="so",
+                                     opt_ms=lambda s: 40.0 + 500.0 * refresh(s)))
+    assert soap.opt_ms_split == pytest.approx((40.0, 540.0))
+    assert soap.opt_ms == pytest.approx(40.0 + 500.0 * 6 / 30)  # steps 11..40: 6 refreshes (11, 16, ..., 36)
+    muon = c.parse_record(write_ours(tmp_path, optimizer="muon", n=40, tag="mu", opt_ms=lambda s: 6.0))
+    assert muon.refresh_period is None and muon.opt_ms_split is None
+    rows = c.summarize(c.group_runs([soap, muon], "optimizer"))
+    table = c.format_table(rows, "optimizer", 3.28).splitlines()
+    assert "opt ms/step (plain, refresh)" in table[0] and "(40.00, 540.0)" in table[3]
+    assert "(plain, refresh)" not in c.format_table(rows[:1], "optimizer", 3.28)
+
+
+def test_steps_after_a_resume_are_warm_up(tmp_path):
+    """The trainer leaves the first 10 steps after a resume out of train_time (compile); their opt ms (a 1000 ms
+    compile here) stays out of opt_ms, its split and collect_ms too."""
+    refresh = lambda s: (s - 1) % 4 == 0
+    kw = dict(optimizer="newton_muon", n=40, gram_every=4, step_ms=lambda s: 150.0 + 24.0 * refresh(s),
+              opt_ms=lambda s: 6.0 + 10.0 * refresh(s))
+    whole = write_ours(tmp_path / "whole", **kw)
+    path = write_ours(tmp_path, stop_at=20, **kw)
+    tail = resumed_tail(whole, 20)
+    frozen = [x for x in whole.read_text().splitlines() if x.startswith("step:20/40 train")][0].split()[2]
+    tail = [(" ".join([x.split()[0], x.split()[1], frozen, x.split()[3], "opt_ms:1000.00"])
+             if x.startswith("step:") and "train_loss" in x and 20 < step_of(x) <= 30 else x) for x in tail]
+    path.write_text(path.read_text() + "\n".join(tail) + "\n")
+    run, ref = c.parse_record(path), c.parse_record(whole)
+    assert run.resumed_at == [20] and run.complete
+    kept = [s for s in range(11, 41) if not 20 < s <= 30]
+    assert run.opt_ms == pytest.approx(sum(6.0 + 10.0 * refresh(s) for s in kept) / len(kept))
+    assert run.opt_ms_split == pytest.approx((6.0, 16.0)) and ref.opt_ms_split == pytest.approx((6.0, 16.0))
+    assert run.collect_ms == pytest.approx(3.5) and ref.collect_ms == pytest.approx(3.5)
