@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------- settings
 
@@ -99,6 +100,8 @@ class Hyperparameters:
     loss_chunk: int = 8192  # rows of logits at a time in the fused loss (LinearCrossEntropy); 0: whole fp32 logits
     attention: str = "auto"  # scaled_dot_product_attention backend: auto | cudnn | flash | efficient | math
     activation_budget: float = 1.0  # < 1: torch.compile recomputes activations to keep about this fraction (memory)
+    recompute_gelu: bool = False  # keep the MLP's pre-GELU activation only, recompute GELU in the backward (memory)
+    gram_overlap: bool = True  # CUDA: factor C on a side stream while the refresh step's last backward runs
     # run
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
     compile_mode: str = "default"  # the model's torch.compile mode: default | max-autotune-no-cudagraphs
@@ -220,20 +223,26 @@ def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     """msign(G) ~ U V^T for G = U S V^T, batched over leading dims, in bf16:
     X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; B = b A + c A A; X = a X + B X}
     (= a X + b A X + c A (A X), the record's form, in 4mmn + 2mmm flops instead of 6mmn for m x n; B and X each one
-    baddbmm, the sums in the GEMM's epilogue)."""
+    baddbmm, the sums in the GEMM's epilogue). The first step skips the normalizing pass over G: with G0 = bf16(G),
+    A0 = G0 G0^T, s = f sqrt(tr A0) + 1e-7 (= f ||G0||_F + 1e-7): A = A0 / s^2 and X = ((a I + B) / s) G0."""
     steps, f = NS_COEFFS[coeffs]
     X = G.bfloat16()
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * f + 1e-7)
-    transpose = G.size(-2) > G.size(-1)
-    if transpose:
+    if G.size(-2) > G.size(-1):
         X = X.mT
     shape = X.shape
     X = X.reshape(-1, *shape[-2:])
-    for a, b, c in steps:
+    for i, (a, b, c) in enumerate(steps):
         A = X @ X.mT
-        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+        if i == 0:
+            s = A.diagonal(dim1=-2, dim2=-1).float().sum(-1).sqrt() * f + 1e-7
+            A = (A / (s * s)[:, None, None]).bfloat16()
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            B.diagonal(dim1=-2, dim2=-1).add_(a)
+            X = (B / s[:, None, None]).bfloat16() @ X
+        else:
+            X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
     X = X.reshape(shape)
-    return X.mT if transpose else X
+    return X.mT if G.size(-2) > G.size(-1) else X
 
 
 def nuclear_norm(M: torch.Tensor, mode: str = "exact", O: torch.Tensor | None = None) -> torch.Tensor:
@@ -284,6 +293,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
         m, n = p.shape
         return m * n * min(m, n)
 
+    @staticmethod
+    def batch_key(p: torch.Tensor) -> tuple:
+        """Matrices with one key share a batch of `update` (here: one shape)."""
+        return tuple(p.shape)
+
     def update(self, params: list[torch.Tensor], group: dict) -> None:
         """Apply the rule in place to `params`, all of one shape and one group, with their .grad."""
         raise NotImplementedError
@@ -303,11 +317,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self) -> None:
         for group in self.param_groups:
-            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            batches: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if self.owner[p] == self.rank and p.grad is not None:
-                    by_shape.setdefault(p.shape, []).append(p)
-            for ps in by_shape.values():
+                    batches.setdefault(self.batch_key(p), []).append(p)
+            for ps in batches.values():
                 self.update(ps, group)
         if self.world > 1:
             self._share()
@@ -331,15 +345,37 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 torch._foreach_copy_(ps, [c.view_as(p) for c, p in zip(chunks, ps)])
 
 
+def stack_wide(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The matrices of one transposition class (m x n and n x m, see wide_key) as one (k, min, max) batch: tall ones
+    transposed. orthogonalize(G^T) = orthogonalize(G)^T, so Muon-like rules batch both shapes together."""
+    return torch.stack([x.mT if x.size(-2) > x.size(-1) else x for x in ts])
+
+
+def unstack_like(X: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """stack_wide undone: X[i] in like[i]'s orientation."""
+    return [x.mT if p.size(-2) > p.size(-1) else x for x, p in zip(X.unbind(0), like)]
+
+
+def wide_key(p: torch.Tensor) -> tuple:
+    """One batch for m x n and n x m matrices (Muon, PolarGrad, Newton-Muon): the MLP's 3072 x 768 and 768 x 3072."""
+    return tuple(sorted(p.shape))
+
+
 def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
-              momentum: float, nesterov: bool, coeffs: str, scale: float) -> None:
-    """Muon on same-shape matrices: buf = m buf + G; p -= lr scale orthogonalize(G + m buf (Nesterov) or buf).
-    One graph per shape on CUDA (lr a tensor, so the schedule never recompiles)."""
+              momentum: float, nesterov: bool, coeffs: str, scales: list[float],
+              factors: list[torch.Tensor] | None = None, gram: str = "full") -> None:
+    """Muon on matrices of one transposition class: buf = m buf + G; p -= lr scale orthogonalize(G + m buf
+    (Nesterov) or buf). With factors (Newton-Muon), G = right_precondition(G, R, gram) first: in the same graph, so
+    on CUDA the bf16 product feeds the momentum update directly. One graph per class on CUDA (lr a tensor, so the
+    schedule never recompiles)."""
+    if factors is not None:
+        grads = [right_precondition(g, R, gram) for g, R in zip(grads, factors)]
     torch._foreach_mul_(bufs, momentum)
     torch._foreach_add_(bufs, grads)
     g = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
-    O = orthogonalize(torch.stack(g), coeffs)
-    torch._foreach_add_(params, list((O.to(params[0].dtype) * (-scale * lr)).unbind(0)))
+    O = orthogonalize(stack_wide(g), coeffs).to(params[0].dtype)
+    s = torch.tensor(scales, dtype=O.dtype, device=O.device)
+    torch._foreach_add_(params, unstack_like(O * (-lr * s)[:, None, None], params))
 
 
 def polargrad_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
@@ -347,12 +383,13 @@ def polargrad_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: 
     """PolarGrad on same-shape matrices: M = b M + (1 - b) G; D = b M + (1 - b) G (Nesterov) or M;
     p = (1 - lr wd) p - lr ||D||_* orthogonalize(D)."""
     torch._foreach_lerp_(bufs, grads, 1 - momentum)
-    D = torch.stack(torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs)
+    D = stack_wide(torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs)
     O = orthogonalize(D, coeffs)
     scale = nuclear_norm(D, nuclear, O)
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_add_(params, list((O.to(scale.dtype) * (-lr * scale)[:, None, None]).to(params[0].dtype).unbind(0)))
+    U = unstack_like(O.to(scale.dtype) * (-lr * scale)[:, None, None], params)
+    torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(U, params)])
 
 
 _muon_step, _polargrad_step = muon_step, polargrad_step  # replaced by compiled versions on CUDA (see train)
@@ -366,13 +403,14 @@ class Muon(MatrixOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, coeffs=coeffs,
                                       shape_scale=shape_scale))
 
-    def update(self, params, group):
-        grads = self.gradients(params, group)
+    batch_key = staticmethod(wide_key)
+
+    def update(self, params, group, factors: list[torch.Tensor] | None = None):
+        grads = [p.grad for p in params] if factors else self.gradients(params, group)
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-        rows, cols = params[0].shape
-        scale = max(1.0, rows / cols) ** 0.5 if group["shape_scale"] else 1.0
+        scales = [max(1.0, p.size(0) / p.size(1)) ** 0.5 if group["shape_scale"] else 1.0 for p in params]
         _muon_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
-                   group["nesterov"], group["coeffs"], scale)
+                   group["nesterov"], group["coeffs"], scales, factors, group.get("gram", "full"))
 
 
 class PolarGrad(MatrixOptimizer):
@@ -385,6 +423,8 @@ class PolarGrad(MatrixOptimizer):
                  weight_decay: float = 0.0, nuclear: str = "inner", coeffs: str = "polar_express"):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       nuclear=nuclear, coeffs=coeffs))
+
+    batch_key = staticmethod(wide_key)
 
     def update(self, params: list[torch.Tensor], group: dict) -> None:
         grads = self.gradients(params, group)
@@ -407,9 +447,10 @@ LINALG_BLOCK = 512  # the column panel of cholesky_blocked and tri_inverse
 def cholesky_blocked(A: torch.Tensor, b: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower L with L L^T = A for SPD A (..., n, n), and info (..., as torch.linalg.cholesky_ex: 0, or the order of the
     first leading minor that is not positive definite), right-looking over b-column panels k:
-    L_kk = chol(A_kk);  L_ik = A_ik L_kk^-T;  A_ij -= L_ik L_jk^T for i, j > k  (all but n/b small Choleskys in
-    batched GEMMs: on CUDA torch.linalg.cholesky runs cuSOLVER, whose potrf launches thousands of tiny kernels for one
-    3072 x 3072 fp64 matrix, and potrfBatched is made for small ones)."""
+    L_kk = chol(A_kk);  L_ik = A_ik L_kk^-T;  A_ij -= L_ik L_jk^T for i >= j > k, by block columns j (the upper
+    triangle is never read; ~n^3/3 flops), all but n/b small Choleskys in batched GEMMs: on CUDA torch.linalg.cholesky
+    runs cuSOLVER, whose potrf launches thousands of tiny kernels for one 3072 x 3072 fp64 matrix, and potrfBatched is
+    made for small ones."""
     A, b, n = A.clone(), b or LINALG_BLOCK, A.size(-1)
     L = torch.zeros_like(A)
     info = torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
@@ -419,24 +460,40 @@ def cholesky_blocked(A: torch.Tensor, b: int | None = None) -> tuple[torch.Tenso
         info = torch.where((info == 0) & (fail > 0), fail + k, info)
         L[..., k:e, k:e] = Lkk
         if e < n:
-            Lik = A[..., e:, k:e] @ tri_inverse(Lkk, b).mT
-            L[..., e:, k:e] = Lik
-            A[..., e:, e:] -= Lik @ Lik.mT
+            L[..., e:, k:e] = Lik = A[..., e:, k:e] @ tri_inverse(Lkk, b).mT
+            for j in range(e, n, b):
+                f = min(j + b, n)
+                A[..., j:, j:f] -= Lik[..., j - e:, :] @ Lik[..., j - e:f - e, :].mT
     return L, info
 
 
 def tri_inverse(L: torch.Tensor, b: int | None = None) -> torch.Tensor:
-    """L^-1 for lower triangular L (..., n, n), by b-row blocks i: X_ii = L_ii^-1 (a small triangular solve);
-    X_i,<i = -X_ii (L_i,<i X_<i,<i)  (two GEMMs; X_<i,<i = (L_<i,<i)^-1 is already known)."""
+    """X = L^-1 for lower triangular L (..., n, n), by b-column blocks k: X_kk = L_kk^-1 (small triangular solves, all
+    up front), then down the column, X_ik = -X_ii (L_i,k:i X_k:i,k) for i > k (two GEMMs per block; ~n^3/3 flops)."""
     b, n = b or LINALG_BLOCK, L.size(-1)
     X = torch.zeros_like(L)
-    for i in range(0, n, b):
+    starts = range(0, n, b)
+    for i in starts:
         e = min(i + b, n)
         eye = torch.eye(e - i, dtype=L.dtype, device=L.device)
-        X[..., i:e, i:e] = Xii = torch.linalg.solve_triangular(L[..., i:e, i:e], eye, upper=False)
-        if i:
-            X[..., i:e, :i] = -Xii @ (L[..., i:e, :i] @ X[..., :i, :i])
+        X[..., i:e, i:e] = torch.linalg.solve_triangular(L[..., i:e, i:e], eye, upper=False)
+    for k in starts:
+        e = min(k + b, n)
+        for i in range(e, n, b):
+            f = min(i + b, n)
+            X[..., i:f, k:e] = -X[..., i:f, i:f] @ (L[..., i:f, k:i] @ X[..., k:i, k:e])
     return X
+
+
+def gram_of_lower(X: torch.Tensor, b: int | None = None) -> torch.Tensor:
+    """X^T X for lower triangular X (..., n, n) from its upper block triangle: block row i = X_{i:, i}^T X_{i:, i:}
+    (rows above i of those columns are zero), mirrored once (~n^3/3 + n^3/2 flops instead of 2 n^3)."""
+    b, n = b or LINALG_BLOCK, X.size(-1)
+    G = torch.empty_like(X)
+    for i in range(0, n, b):
+        e = min(i + b, n)
+        G[..., i:e, i:] = X[..., i:, i:e].mT @ X[..., i:, i:]
+    return G.triu() + G.triu(1).mT
 
 
 def orthonormalize(A: torch.Tensor) -> torch.Tensor:
@@ -603,20 +660,26 @@ class SOAP(MatrixOptimizer):
             self.state[p]["step"] = t
 
 
-def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve") -> torch.Tensor:
+def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool = True):
     """The cached right preconditioner R of A = C + gamma I (computed once per refresh), batched over leading dims;
     C: full (..., d, d), block (..., d/b, b, b), diag (..., d); gamma: a number or one per matrix (...).
     solve: R = A^-1 = L^-T L^-1, L = cholesky_blocked(A), each matrix (or block) whose Cholesky fails retried with 10x,
-    100x, 1000x gamma; inverse_sqrt: R = A^(-1/2) = V diag(l + gamma)^(-1/2) V^T from eigh(C); diag: R = 1 / (diag(C) + gamma)."""
+    100x, 1000x gamma; inverse_sqrt: R = A^(-1/2) = V diag(l + gamma)^(-1/2) V^T from eigh(C); diag: R = 1 / (diag(C) + gamma).
+    wait=False: one attempt and no host sync (a refresh queued on a side stream), returning (R, failed): failed is a
+    0-dim bool tensor, true if any Cholesky failed (R is then not usable: call again with wait=True)."""
     gamma = torch.as_tensor(gamma, dtype=C.dtype, device=C.device)
     gamma = gamma.reshape(gamma.shape + (1,) * (C.dim() - gamma.dim()))  # one per matrix, broadcast over its entries
-    if mode == "diag":
-        return 1 / (C + gamma)
-    if f == "inverse_sqrt":
-        l, V = torch.linalg.eigh(C)
-        return (V * (l.clamp(min=0) + gamma.squeeze(-1)).rsqrt().unsqueeze(-2)) @ V.mT
+    if mode == "diag" or f == "inverse_sqrt":
+        if mode == "diag":
+            R = 1 / (C + gamma)
+        else:
+            l, V = torch.linalg.eigh(C)
+            R = (V * (l.clamp(min=0) + gamma.squeeze(-1)).rsqrt().unsqueeze(-2)) @ V.mT
+        return R if wait else (R, torch.zeros((), dtype=torch.bool, device=C.device))
     eye = torch.eye(C.size(-1), device=C.device, dtype=C.dtype)
     L, info = cholesky_blocked(C + gamma * eye)
+    if not wait:
+        return gram_of_lower(tri_inverse(L)), (info > 0).any()
     for boost in (10, 100, 1000):
         failed = info > 0  # one flag per Cholesky (per matrix, or per block)
         if not failed.any():
@@ -625,8 +688,7 @@ def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve") -> torch.Te
         L, info = torch.where(failed[..., None, None], L2, L), torch.where(failed, info2, info)
     if (info > 0).any():
         raise torch.linalg.LinAlgError("Cholesky of C + 1000 gamma I failed: C is not finite")
-    X = tri_inverse(L)
-    return X.mT @ X  # A^-1 = L^-T L^-1
+    return gram_of_lower(tri_inverse(L))  # A^-1 = L^-T L^-1
 
 
 def bf16_operands(G: torch.Tensor) -> bool:
@@ -662,34 +724,75 @@ class FeatureGram(MatrixOptimizer):
         super().__init__(params, defaults)
         self.layers = dict(zip([id(p) for p in params], layers))
         assert all(self.layers[id(p)].weight is p for p in self._params())
+        self._pending: list = []  # refresh_gram's batches, each with its failure flag, for finish_refresh
+        self._refreshed: torch.cuda.Event | None = None  # set when refresh_gram ran on a side stream
 
     def damping(self, C: torch.Tensor, group: dict) -> torch.Tensor | float:
         """gamma of C + gamma I, for C batched over its first dim: relative (Newton-Muon) or absolute (LocoProp-S)."""
         raise NotImplementedError
 
-    def factor(self, C: torch.Tensor, group: dict) -> torch.Tensor:
-        """The cached right preconditioner for a batch of C's of one shape."""
-        return gram_factor(C, self.damping(C, group), group["gram"], group["f"])
+    def factor(self, C: torch.Tensor, group: dict, wait: bool = True):
+        """The cached right preconditioner for a batch of C's of one shape (wait: as gram_factor's)."""
+        return gram_factor(C, self.damping(C, group), group["gram"], group["f"], wait)
+
+    def _store_factors(self, ps: list[torch.Tensor], Rs: torch.Tensor, group: dict) -> None:
+        for p, R in zip(ps, Rs):
+            low = bf16_operands(p) and group["gram"] != "diag"  # stored as right_precondition's operand
+            self.state[p]["factor"] = R.bfloat16() if low else R
+
+    def _stacked_grams(self, ps: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self.state[p]["gram"] for p in ps])
 
     @torch.no_grad()
-    def refresh_gram(self, n_tokens: int) -> None:
-        """Take the Gram sums the model collected over n_tokens tokens (all processes): C, then the cached factors."""
+    def refresh_gram(self, n_tokens: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Take the Gram sums the model collected over n_tokens tokens (all processes): C, then the cached factors, one
+        attempt per batch without a host sync; finish_refresh() (or the next step()) redoes a batch whose Cholesky
+        failed. With a CUDA `stream`, everything after the all-reduce is queued on it behind the current stream's work,
+        so the factorization overlaps what the current stream does next (the backward); finish_refresh() joins it."""
         grams = [self.layers[id(p)].gram for p in self._params()]
         if self.world > 1:
             flat = torch.cat([g.reshape(-1) for g in grams])
             dist.all_reduce(flat)
             torch._foreach_copy_(grams, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grams]), grams)])
-        for group in self.param_groups:
-            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
-            for p in group["params"]:
-                if self.owner[p] == self.rank:
-                    st, new = self.state[p], self.layers[id(p)].gram / n_tokens
-                    st["gram"] = new.clone() if "gram" not in st else st["gram"].lerp_(new, 1 - group["gram_beta"])
-                    by_shape.setdefault(st["gram"].shape, []).append(p)
-            for ps in by_shape.values():
-                for p, R in zip(ps, self.factor(torch.stack([self.state[p]["gram"] for p in ps]), group)):
-                    low = bf16_operands(p) and group["gram"] != "diag"  # stored as right_precondition's operand
-                    self.state[p]["factor"] = R.bfloat16() if low else R
+        self._pending = []
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for group in self.param_groups:
+                by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+                for p in group["params"]:
+                    if self.owner[p] == self.rank:
+                        st, new = self.state[p], self.layers[id(p)].gram / n_tokens
+                        st["gram"] = new if "gram" not in st else st["gram"].lerp_(new, 1 - group["gram_beta"])
+                        by_shape.setdefault(st["gram"].shape, []).append(p)
+                for ps in by_shape.values():
+                    Rs, failed = self.factor(self._stacked_grams(ps), group, wait=False)
+                    self._store_factors(ps, Rs, group)
+                    if failed.is_cuda:  # to the host without a sync: read once the stream is done
+                        failed = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(failed, non_blocking=True)
+                    self._pending.append((ps, group, failed))
+        self._refreshed = None
+        if stream is not None:
+            self._refreshed = torch.cuda.Event()
+            self._refreshed.record(stream)
+
+    @torch.no_grad()
+    def finish_refresh(self) -> None:
+        """Join a refresh_gram(stream=...): the current stream waits for it; a batch whose Cholesky failed is redone
+        here with gram_factor's damping boosts (host syncs, only then; raises LinAlgError if C is not finite)."""
+        if not self._pending:
+            return
+        if self._refreshed is not None:
+            torch.cuda.current_stream().wait_event(self._refreshed)
+            self._refreshed.synchronize()  # the failure flags are on the host: waits for the side stream only
+        for ps, group, flag in self._pending:
+            if flag.item():
+                self._store_factors(ps, self.factor(self._stacked_grams(ps), group), group)
+        self._pending = []
+
+    def step(self) -> None:
+        self.finish_refresh()  # a no-op unless a refresh_gram is still pending
+        super().step()
 
     def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """G (C + gamma I)^-1 for each matrix that has a factor; G itself before the first refresh."""
@@ -720,7 +823,12 @@ class NewtonMuon(FeatureGram):
     def damping(self, C, group):
         return group["damping"] * trace_over_d(C, group["gram"])
 
-    update = Muon.update  # on self.gradients, the preconditioned G
+    batch_key = staticmethod(wide_key)
+
+    def update(self, params, group):
+        """Muon on G (C + gamma I)^-1: the preconditioning inside muon_step once every matrix has its factor."""
+        factors = [self.state[p].get("factor") for p in params]
+        Muon.update(self, params, group, factors if all(f is not None for f in factors) else None)
 
 
 class LocoPropS(FeatureGram):
@@ -738,10 +846,11 @@ class LocoPropS(FeatureGram):
     def damping(self, C, group):
         return group["damping"]
 
-    def factor(self, C, group):  # A^-1 (steps = 0) or the K-step polynomial P_K
+    def factor(self, C, group, wait=True):  # A^-1 (steps = 0) or the K-step polynomial P_K
         if group["steps"] == 0:
-            return super().factor(C, group)
-        return inner_steps_polynomial(C, group["damping"], group["nu"], group["steps"], group["gram"])
+            return super().factor(C, group, wait)
+        P = inner_steps_polynomial(C, group["damping"], group["nu"], group["steps"], group["gram"])
+        return P if wait else (P, torch.zeros((), dtype=torch.bool, device=C.device))
 
     def update(self, params, group):
         grads = [p.grad for p in params]
@@ -1017,13 +1126,21 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int):
+    """c_proj(gelu(c_fc(x))). recompute: GELU's output (64 x 1024 x 3072 bf16, 0.4 GB a layer) is not saved for
+    c_proj's weight gradient but recomputed from c_fc's output in the backward: a checkpoint of GELU alone, which
+    torch.compile's partitioner honours (eager autograd still saves it as c_proj's input)."""
+
+    def __init__(self, n_embd: int, recompute: bool = False):
         super().__init__()
         self.c_fc = Linear(n_embd, 4 * n_embd)
         self.c_proj = Linear(4 * n_embd, n_embd)
+        self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        h = self.c_fc(x)
+        if self.recompute and torch.is_grad_enabled():
+            return self.c_proj(checkpoint(F.gelu, h, use_reentrant=False))
+        return self.c_proj(F.gelu(h))
 
 
 class Block(nn.Module):
@@ -1032,7 +1149,7 @@ class Block(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         self.attn = CausalSelfAttention(args.n_embd, args.n_head)
-        self.mlp = MLP(args.n_embd)
+        self.mlp = MLP(args.n_embd, args.recompute_gelu)
         self.attn_scale = 1 / math.sqrt(2 * args.n_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1303,7 +1420,8 @@ CHECKPOINT_FORMAT = 1
 # what a resumed run may change: where it stops, where and how often it saves, how it runs, where the same shards are
 # (checked by name and token count) and where records go (it continues its own); every other setting is the checkpoint's
 RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir", "compile", "compile_mode",
-                     "device_batch_size", "loss_chunk", "attention", "activation_budget", "input_bin", "input_val_bin",
+                     "device_batch_size", "loss_chunk", "attention", "activation_budget", "recompute_gelu",
+                     "input_bin", "input_val_bin",
                      "records_dir")
 # Tests only: "after:K" makes every process SIGKILL itself right after step K (and its save, if any); "save:K" during
 # step K's save, once every file is written into step_<K>.tmp/ but before the rename (a kill in the middle of a save).
@@ -1645,6 +1763,10 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
             torch.cuda.synchronize()
 
     opt_timer = Timer(cuda)
+    # a high-priority side stream for the Gram factors (refresh_gram), so their small latency-bound kernels slot in
+    # between the backward's
+    gram_stream = torch.cuda.Stream(priority=-1) if cuda and args.gram_overlap and isinstance(
+        optimizers[-1], FeatureGram) else None
     params = list(raw_model.parameters())
     flags = torch.zeros(2, device=device)  # this process's [a Gram refresh failed, a stop signal came], all-reduced
 
@@ -1681,6 +1803,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
 
         train_loss = torch.zeros((), device=device)
         refresh = isinstance(optimizers[-1], FeatureGram) and step % args.gram_every == 0
+        refresh_error = ""
         if refresh:  # this step's forward passes also collect each layer's input Gram matrix
             raw_model.collect_gram(True)
         for micro in range(accum):
@@ -1688,17 +1811,21 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
             with no_sync:
                 with autocast, attention():
                     loss = model(x, y)
+                if refresh and micro == accum - 1:  # C is complete: its factors (on gram_stream: during the backward)
+                    raw_model.collect_gram(False)
+                    try:
+                        optimizers[-1].refresh_gram(n_tokens=args.batch_size * T, stream=gram_stream)
+                    except torch.linalg.LinAlgError as e:  # C is not finite: a divergence, reported after this step
+                        refresh_error = str(e)
                 x, y = loader.next_batch()  # the next batch is read while the GPU works
                 (loss / accum).backward()
             train_loss += loss.detach() / accum
         mult = lr_multiplier(step, args)
         opt_timer.start()
-        refresh_error = ""
-        if refresh:
-            raw_model.collect_gram(False)
+        if refresh and not refresh_error:
             try:
-                optimizers[-1].refresh_gram(n_tokens=args.batch_size * T)
-            except torch.linalg.LinAlgError as e:  # C is not finite: a divergence, reported after this step
+                optimizers[-1].finish_refresh()
+            except torch.linalg.LinAlgError as e:
                 refresh_error = str(e)
         for opt in optimizers:
             for g in opt.param_groups:

@@ -277,3 +277,25 @@ def test_factor_stored_in_the_operand_dtype(mode, monkeypatch):
     assert torch.equal(R, R32.to(R.dtype))
     opt.step()
     assert torch.equal(p.detach(), expect)
+
+
+def test_refresh_redoes_a_failed_cholesky_with_more_damping_at_the_next_step():
+    """refresh_gram factors each batch once without a host sync; a batch in which a Cholesky failed (here one C + gamma I
+    is not positive definite) is redone by finish_refresh, which step() calls, with gram_factor's per-matrix damping
+    boosts: the failed matrix gets 10x gamma, its neighbour keeps gamma."""
+    good = torch.eye(4, dtype=torch.float64)
+    bad = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5], dtype=torch.float64))  # + 0.1 I: not PD; + 1.0 I: PD
+    ps = [torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64)) for _ in range(2)]
+    layers = [torch.nn.Module() for _ in ps]
+    for m, p, C in zip(layers, ps, (good, bad)):
+        m.weight, m.gram = p, C * 10  # C over 10 tokens
+    opt = t.LocoPropS(ps, layers, lr=0.1, lam=0.1)
+    opt.refresh_gram(n_tokens=10)
+    assert [bool(f) for _, _, f in opt._pending] == [True]  # one batch (one shape of C), flagged
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert not opt._pending
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(opt.state[ps[0]]["factor"], torch.linalg.inv(good + 0.1 * eye))
+    torch.testing.assert_close(opt.state[ps[1]]["factor"], torch.linalg.inv(bad + 1.0 * eye))

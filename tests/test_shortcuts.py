@@ -65,6 +65,66 @@ def test_batched_orthogonalization_equals_per_matrix():
         assert (batched[i].float() - t.orthogonalize(G[i]).float()).norm() < 1e-2 * batched[i].float().norm()
 
 
+def test_orthogonalize_normalizes_through_the_trace_at_any_gradient_scale():
+    """The first Newton-Schulz step takes ||G||_F^2 = tr(G G^T) from its own A = G G^T instead of a normalizing pass:
+    the result equals orthogonalizing G / ||G||_F (what the record does first) within bf16 rounding, for gradients
+    from 1e-6 to 1e6 (the unnormalized bf16 product neither underflows nor overflows there)."""
+    torch.manual_seed(4)
+    for shape in ((96, 384), (384, 96)):
+        G = torch.randn(*shape) @ torch.diag(torch.logspace(-2, 0, shape[1]))
+        unit = t.orthogonalize(G / G.norm()).double()
+        for scale in (1e-6, 1e-3, 1.0, 1e3, 1e6):
+            O = t.orthogonalize(G * scale).double()
+            assert O.isfinite().all()
+            assert (O - unit).norm() < 2e-2 * unit.norm(), (shape, scale, ((O - unit).norm() / unit.norm()).item())
+
+
+@pytest.mark.parametrize("opt", ["muon", "polargrad", "muon_shape_scale"])
+def test_transposed_shapes_batched_together_equal_each_alone(opt):
+    """Muon and PolarGrad batch an m x n and an n x m matrix as one stack (the n x m one transposed): each matrix's
+    update equals running the optimizer on it alone."""
+    torch.manual_seed(5)
+    make = {"muon": lambda ps: t.Muon(ps, lr=0.02), "polargrad": lambda ps: t.PolarGrad(ps, lr=0.02),
+            "muon_shape_scale": lambda ps: t.Muon(ps, lr=0.02, shape_scale=True)}[opt]
+    p0 = [torch.randn(48, 96), torch.randn(96, 48), torch.randn(96, 48)]
+    gs = [[torch.randn_like(p) for p in p0] for _ in range(3)]
+    together = [p.clone().requires_grad_() for p in p0]
+    alone = [[p.clone().requires_grad_()] for p in p0]
+    opts = [make(together)] + [make(ps) for ps in alone]
+    assert len({o.batch_key(p) for o, p in ((opts[0], p) for p in together)}) == 1  # one batch
+    for g in gs:
+        for p, gi in zip(together, g):
+            p.grad = gi.clone()
+        for ps, gi in zip(alone, g):
+            ps[0].grad = gi.clone()
+        for o in opts:
+            o.step()
+    for p, ps in zip(together, alone):
+        torch.testing.assert_close(p, ps[0], rtol=0, atol=1e-6)
+    assert not torch.equal(together[1], together[2])
+
+
+def test_gelu_recompute_leaves_loss_and_gradients_unchanged():
+    """--recompute_gelu 1 (GELU checkpointed: under torch.compile its output is recomputed in the backward, not saved
+    for c_proj's weight gradient) gives the same loss and gradients as saving it, and saves one d_hidden-wide tensor
+    less per layer. Compiled on CPU, as the trainer compiles the model on CUDA (eager autograd would still save it)."""
+    out = []
+    for recompute in ("0", "1"):
+        args = t.parse_args(["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--recompute_gelu", recompute])
+        torch.manual_seed(0)
+        model = t.GPT(args)
+        idx = torch.randint(0, args.vocab_size, (3, 50))
+        saved = []
+        torch._dynamo.reset()
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+            loss = torch.compile(model)(idx, idx.roll(1, 1))
+        loss.backward()
+        out.append(([loss.detach()] + [p.grad for p in model.parameters()], sum(saved)))
+    for a, b in zip(out[0][0], out[1][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert out[1][1] == out[0][1] - 2 * 3 * 50 * 4 * 64, (out[0][1], out[1][1])  # GELU's output, both layers
+
+
 def spd(k: int, d: int, dtype=torch.float64) -> torch.Tensor:
     X = torch.randn(k, 4 * d, d, dtype=dtype) * torch.logspace(-1, 1, d, dtype=dtype)
     return X.mT @ X / (4 * d)
@@ -123,7 +183,8 @@ def test_bf16_preconditioner_application_is_within_bf16_of_fp32(mode):
 
 def test_blocked_cholesky_and_triangular_inverse_equal_torch():
     """cholesky_blocked and tri_inverse (panels of b columns, n not a multiple of b, two batch dims) give
-    torch.linalg.cholesky's L and the exact inverse in float64; a matrix that is not positive definite is flagged with
+    torch.linalg.cholesky's L (reading A's lower triangle only) and the exact inverse in float64, gram_of_lower the
+    exact L^-T L^-1; a matrix that is not positive definite is flagged with
     cholesky_ex's info (the order of the first failing leading minor) whichever panel it falls in."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2, 3, 150, 100, dtype=torch.float64, generator=g)
@@ -134,6 +195,10 @@ def test_blocked_cholesky_and_triangular_inverse_equal_torch():
     Linv = t.tri_inverse(L, 32)
     assert torch.equal(Linv, Linv.tril())
     assert ((Linv @ L - torch.eye(100, dtype=torch.float64)).abs().max()).item() < 1e-11
+    ref = Linv.mT @ Linv  # A^-1 from the upper block triangle of X^T X, mirrored
+    assert ((t.gram_of_lower(Linv, 32) - ref).norm() / ref.norm()).item() < 1e-14
+    upper_nan = A.masked_fill(torch.ones(100, 100, dtype=torch.bool).triu(1), float("nan"))
+    assert torch.equal(t.cholesky_blocked(upper_nan, 32)[0], L)  # the strict upper triangle is never read
     for bad in (10, 70):  # in the first panel, and in a later one
         B = A.clone()
         B[1, 2, bad, bad] = -1.0
