@@ -1747,8 +1747,12 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         global _ce_chunk_compiled, _muon_step, _polargrad_step
         if args.activation_budget < 1:  # the partitioner saves less and recomputes the rest in the backward
             torch._functorch.config.activation_memory_budget = args.activation_budget
-        _muon_step = torch.compile(muon_step, dynamic=False)  # one graph per shape, no dynamic kernels
-        _polargrad_step = torch.compile(polargrad_step, dynamic=False)
+        # one graph per transposition class, no dynamic kernels; without Inductor's loop reordering after fusion,
+        # whose pass failed an assertion (torch 2.11, CUDA) on Muon's stack of transposed foreach outputs
+        no_reorder = {k: False for k in ("loop_ordering_after_fusion", "loop_reindexing_after_fusion")
+                      if hasattr(torch._inductor.config, k)}
+        _muon_step = torch.compile(muon_step, dynamic=False, options=no_reorder)
+        _polargrad_step = torch.compile(polargrad_step, dynamic=False, options=no_reorder)
         _ce_chunk_compiled = torch.compile(_ce_chunk, dynamic=False)
         model = compile_model(model, args)
     if world > 1:  # buffers (the Gram sums) stay per process until refresh_gram reduces them
