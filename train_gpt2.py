@@ -100,7 +100,7 @@ class Hyperparameters:
     loss_chunk: int = 8192  # rows of logits at a time in the fused loss (LinearCrossEntropy); 0: whole fp32 logits
     attention: str = "auto"  # scaled_dot_product_attention backend: auto | cudnn | flash | efficient | math
     activation_budget: float = 1.0  # < 1: torch.compile recomputes activations to keep about this fraction (memory)
-    recompute_gelu: bool = False  # keep the MLP's pre-GELU activation only, recompute GELU in the backward (memory)
+    recompute_gelu: bool = True  # keep the MLP's pre-GELU activation only, recompute GELU in the backward (memory)
     gram_overlap: bool = True  # CUDA: factor C on a side stream while the refresh step's last backward runs
     # run
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
