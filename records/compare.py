@@ -151,8 +151,10 @@ class Run:
 
     @property
     def collect_ms(self) -> float | None:
-        """Feature-gram runs (ours, with `gram_every` E): the cost of collecting C, per step averaged over a refresh
-        period, from the training time the optimizer timer leaves out: (mean of dt - opt_ms over refresh steps - the
+        """Feature-gram runs (ours, with `gram_every` E): the cost of collecting C and of the refresh (all-reduce and
+        factors, which the trainer queues before the refresh step's last backward, on CUDA on a side stream: what of it
+        the backward does not hide), per step averaged over a refresh period, from the training time the optimizer
+        timer leaves out: (mean of dt - opt_ms over refresh steps - the
         same over plain steps) / E, dt the train_time difference of consecutive timed steps (_late_steps; the trainer
         stops its clock for validation and checkpoints; step s, logged as s + 1, refreshes when s % E == 0). None for
         other runs or without both kinds of step."""
