@@ -780,15 +780,15 @@ class FeatureGram(MatrixOptimizer):
     def finish_refresh(self) -> None:
         """Join a refresh_gram(stream=...): the current stream waits for it; a batch whose Cholesky failed is redone
         here with gram_factor's damping boosts (host syncs, only then; raises LinAlgError if C is not finite)."""
-        if not self._pending:
+        pending, self._pending = self._pending, []  # taken once, also when a redo raises
+        if not pending:
             return
         if self._refreshed is not None:
             torch.cuda.current_stream().wait_event(self._refreshed)
             self._refreshed.synchronize()  # the failure flags are on the host: waits for the side stream only
-        for ps, group, flag in self._pending:
+        for ps, group, flag in pending:
             if flag.item():
                 self._store_factors(ps, self.factor(self._stacked_grams(ps), group), group)
-        self._pending = []
 
     def step(self) -> None:
         self.finish_refresh()  # a no-op unless a refresh_gram is still pending
