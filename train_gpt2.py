@@ -273,7 +273,7 @@ def assign_owners(costs: list[float], world: int) -> list[int]:
 
 class MatrixOptimizer(torch.optim.Optimizer):
     """Base of the block-matrix optimizers. Each matrix is owned by one process (greedy by `cost`); the owner runs the
-    update rule on all its matrices of one shape as a batch, then one all_gather shares the new parameters, so every
+    update rule on all its matrices of one batch_key as a batch, then one all_gather shares the new parameters, so every
     process ends the step identical and optimizer work falls ~W-fold with W processes."""
 
     def __init__(self, params, defaults: dict):
@@ -299,7 +299,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return tuple(p.shape)
 
     def update(self, params: list[torch.Tensor], group: dict) -> None:
-        """Apply the rule in place to `params`, all of one shape and one group, with their .grad."""
+        """Apply the rule in place to `params`, all of one batch_key and one group, with their .grad."""
         raise NotImplementedError
 
     def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:

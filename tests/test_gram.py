@@ -280,9 +280,9 @@ def test_factor_stored_in_the_operand_dtype(mode, monkeypatch):
 
 
 def test_refresh_redoes_a_failed_cholesky_with_more_damping_at_the_next_step():
-    """refresh_gram factors each batch once without a host sync; a batch in which a Cholesky failed (here one C + gamma I
-    is not positive definite) is redone by finish_refresh, which step() calls, with gram_factor's per-matrix damping
-    boosts: the failed matrix gets 10x gamma, its neighbour keeps gamma."""
+    """refresh_gram factors each batch once without a host sync; a batch in which a Cholesky failed (here one
+    C + gamma I is not positive definite) is redone by finish_refresh, which step() calls, with gram_factor's
+    per-matrix damping boosts: the failed matrix gets 10x gamma, its neighbour keeps gamma."""
     good = torch.eye(4, dtype=torch.float64)
     bad = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5], dtype=torch.float64))  # + 0.1 I: not PD; + 1.0 I: PD
     ps = [torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64)) for _ in range(2)]
