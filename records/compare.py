@@ -578,6 +578,18 @@ def _date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
 
 
+def _timing(r: Run) -> str:
+    """The speed columns of a run that did not finish, over the steps it logged (a run cut by a time limit still
+    measured them): '; step_avg ..., opt ms ... (plain, refresh), collect ms ...' as far as known."""
+    parts = [] if r.step_avg is None else [f"step_avg {r.step_avg:.2f}ms"]
+    if r.opt_ms is not None:
+        split = r.opt_ms_split
+        parts.append(f"opt ms {r.opt_ms:.2f}" + ("" if split is None else f" ({split[0]:.2f}, {split[1]:.1f})"))
+    if r.collect_ms is not None:
+        parts.append(f"collect ms {r.collect_ms:.2f}")
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -629,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                 last = "" if r.final_val_loss is None else f", last val_loss {r.final_val_loss:.4f}"
                 how = (f"diverged at step {r.diverged_at}/{n}, last good step {r.last_good_step}"
                        if r.diverged_at is not None else f"reached step {r.last_step}/{n}")
-                print(f"  {r.path} [{r.key(args.by)}]: {how}{last}")
+                print(f"  {r.path} [{r.key(args.by)}]: {how}{last}{_timing(r)}")
         if args.plot:
             plot_runs(runs, args.by, args.plot, target=args.target)
             print(f"\nplot: {args.plot}")

@@ -482,3 +482,18 @@ def test_steps_after_a_resume_are_warm_up(tmp_path):
     assert run.opt_ms == pytest.approx(sum(6.0 + 10.0 * refresh(s) for s in kept) / len(kept))
     assert run.opt_ms_split == pytest.approx((6.0, 16.0)) and ref.opt_ms_split == pytest.approx((6.0, 16.0))
     assert run.collect_ms == pytest.approx(3.5) and ref.collect_ms == pytest.approx(3.5)
+
+
+def test_incomplete_runs_show_their_timing(tmp_path, capsys):
+    """A run cut off (here after step 31 of 40, e.g. by a time limit) is listed apart with the speed it measured over the
+    steps it logged: step_avg, opt ms with its plain/refresh split and collect ms (feature-gram)."""
+    refresh = lambda s: (s - 1) % 4 == 0
+    path = write_ours(tmp_path, optimizer="newton_muon", n=40, gram_every=4, tag="cut", stop_at=30,
+                      step_ms=lambda s: 150.0 + 24.0 * refresh(s), opt_ms=lambda s: 6.0 + 10.0 * refresh(s))
+    run = c.parse_record(path)
+    assert not run.complete and run.collect_ms == pytest.approx(3.5)
+    assert c.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if str(path) in x)
+    assert f"reached step {run.last_step}/40" in line and f"step_avg {run.step_avg:.2f}ms" in line
+    assert f"opt ms {run.opt_ms:.2f} (6.00, 16.0)" in line and "collect ms 3.50" in line
