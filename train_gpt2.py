@@ -380,7 +380,7 @@ def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[
 
 def polargrad_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
                    momentum: float, nesterov: bool, weight_decay: float, nuclear: str, coeffs: str) -> None:
-    """PolarGrad on same-shape matrices: M = b M + (1 - b) G; D = b M + (1 - b) G (Nesterov) or M;
+    """PolarGrad on matrices of one transposition class: M = b M + (1 - b) G; D = b M + (1 - b) G (Nesterov) or M;
     p = (1 - lr wd) p - lr ||D||_* orthogonalize(D)."""
     torch._foreach_lerp_(bufs, grads, 1 - momentum)
     D = stack_wide(torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs)
