@@ -1421,7 +1421,7 @@ CHECKPOINT_FORMAT = 1
 # (checked by name and token count) and where records go (it continues its own); every other setting is the checkpoint's
 RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir", "compile", "compile_mode",
                      "device_batch_size", "loss_chunk", "attention", "activation_budget", "recompute_gelu",
-                     "input_bin", "input_val_bin",
+                     "gram_overlap", "input_bin", "input_val_bin",
                      "records_dir")
 # Tests only: "after:K" makes every process SIGKILL itself right after step K (and its save, if any); "save:K" during
 # step K's save, once every file is written into step_<K>.tmp/ but before the rename (a kill in the middle of a save).

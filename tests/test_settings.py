@@ -130,6 +130,10 @@ def test_valid_resume_settings_pass_and_keep_the_checkpoint(checkpoint):
     assert t.validate_args(args, 2) == 2  # 4 sequences = 2 processes x 1 x accumulation 2
     same = t.parse_args(["--resume", checkpoint["RESUME"], "--n_layer", "2", "--optimizer", "muon"])
     assert same == args.__class__(**{**args.__dict__, "save_every": 0, "device_batch_size": 2})
+    how = t.parse_args(["--resume", checkpoint["RESUME"], "--recompute_gelu", "0", "--gram_overlap", "0",
+                        "--compile_mode", "max-autotune-no-cudagraphs", "--loss_chunk", "0"])  # how it runs, not what
+    assert (how.recompute_gelu, how.gram_overlap, how.compile_mode, how.loss_chunk) == (
+        False, False, "max-autotune-no-cudagraphs", 0) and how.muon_lr == same.muon_lr
     # constructed directly, not through parse_args: validate_args still compares with the checkpoint
     with pytest.raises(SystemExit, match="--n_head: the checkpoint .* was saved with 2, got 4"):
         t.validate_args(t.Hyperparameters(**{**same.__dict__, "n_head": 4}), 1)
