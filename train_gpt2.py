@@ -224,7 +224,8 @@ def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; B = b A + c A A; X = a X + B X}
     (= a X + b A X + c A (A X), the record's form, in 4mmn + 2mmm flops instead of 6mmn for m x n; B and X each one
     baddbmm, the sums in the GEMM's epilogue). The first step skips the normalizing pass over G: with G0 = bf16(G),
-    A0 = G0 G0^T, s = f sqrt(tr A0) + 1e-7 (= f ||G0||_F + 1e-7): A = A0 / s^2 and X = ((a I + B) / s) G0."""
+    A0 = G0 G0^T, s = f sqrt(tr A0) + 1e-7 (= f ||G0||_F + 1e-7): A = A0 / s^2 and X = ((a I + B) / s) G0 (so G's
+    entries must stay below ~1e17, where A0 would overflow bf16's range; a gradient that large is a divergence)."""
     steps, f = NS_COEFFS[coeffs]
     X = G.bfloat16()
     if G.size(-2) > G.size(-1):
