@@ -1,4 +1,6 @@
 """Every numerical shortcut taken for speed, against the plain computation it replaces (CPU)."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,18 +28,27 @@ def test_linear_cross_entropy_equals_fp32_logits(N, chunk):
         torch.testing.assert_close(t.linear_cross_entropy(x, w, y, chunk), ref, rtol=1e-6, atol=1e-6)
 
 
+def tiny_model_loss_and_grads(settings: list[str], compiled: bool = False, saved: list | None = None) -> list:
+    """[loss, every parameter's gradient] of a 2-layer, 64-wide model (seed 0) on one batch of 3 x 50 tokens, with
+    `settings`; compiled: through torch.compile; saved: collects the numel of every tensor saved for the backward."""
+    args = t.parse_args(["--n_layer", "2", "--n_head", "2", "--n_embd", "64", *settings])
+    torch.manual_seed(0)
+    model = t.GPT(args)
+    idx = torch.randint(0, args.vocab_size, (3, 50))
+    if compiled:
+        torch._dynamo.reset()
+    hooks = (torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x)
+             if saved is not None else contextlib.nullcontext())
+    with hooks:
+        loss = (torch.compile(model) if compiled else model)(idx, idx.roll(1, 1))
+    loss.backward()
+    return [loss.detach()] + [p.grad for p in model.parameters()]
+
+
 def test_model_loss_and_gradients_with_and_without_fused_loss():
     """The whole model: --loss_chunk 0 (fp32 logits) and --loss_chunk 64 give the same loss and parameter gradients,
     the tied embedding/head included."""
-    grads = []
-    for chunk in ("0", "64"):
-        args = t.parse_args(["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--loss_chunk", chunk])
-        torch.manual_seed(0)
-        model = t.GPT(args)
-        idx = torch.randint(0, args.vocab_size, (3, 50))
-        loss = model(idx, idx.roll(1, 1))
-        loss.backward()
-        grads.append([loss.detach()] + [p.grad for p in model.parameters()])
+    grads = [tiny_model_loss_and_grads(["--loss_chunk", chunk]) for chunk in ("0", "64")]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
@@ -110,16 +121,8 @@ def test_gelu_recompute_leaves_loss_and_gradients_unchanged():
     less per layer. Compiled on CPU, as the trainer compiles the model on CUDA (eager autograd would still save it)."""
     out = []
     for recompute in ("0", "1"):
-        args = t.parse_args(["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--recompute_gelu", recompute])
-        torch.manual_seed(0)
-        model = t.GPT(args)
-        idx = torch.randint(0, args.vocab_size, (3, 50))
-        saved = []
-        torch._dynamo.reset()
-        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
-            loss = torch.compile(model)(idx, idx.roll(1, 1))
-        loss.backward()
-        out.append(([loss.detach()] + [p.grad for p in model.parameters()], sum(saved)))
+        saved: list[int] = []
+        out.append((tiny_model_loss_and_grads(["--recompute_gelu", recompute], compiled=True, saved=saved), sum(saved)))
     for a, b in zip(out[0][0], out[1][0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert out[1][1] == out[0][1] - 2 * 3 * 50 * 4 * 64, (out[0][1], out[1][1])  # GELU's output, both layers
