@@ -1808,7 +1808,6 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
 
         train_loss = torch.zeros((), device=device)
         refresh = isinstance(optimizers[-1], FeatureGram) and step % args.gram_every == 0
-        refresh_error = ""
         if refresh:  # this step's forward passes also collect each layer's input Gram matrix
             raw_model.collect_gram(True)
         for micro in range(accum):
@@ -1818,19 +1817,17 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
                     loss = model(x, y)
                 if refresh and micro == accum - 1:  # C is complete: its factors (on gram_stream: during the backward)
                     raw_model.collect_gram(False)
-                    try:
-                        optimizers[-1].refresh_gram(n_tokens=args.batch_size * T, stream=gram_stream)
-                    except torch.linalg.LinAlgError as e:  # C is not finite: a divergence, reported after this step
-                        refresh_error = str(e)
+                    optimizers[-1].refresh_gram(n_tokens=args.batch_size * T, stream=gram_stream)
                 x, y = loader.next_batch()  # the next batch is read while the GPU works
                 (loss / accum).backward()
             train_loss += loss.detach() / accum
         mult = lr_multiplier(step, args)
         opt_timer.start()
-        if refresh and not refresh_error:
+        refresh_error = ""
+        if refresh:
             try:
                 optimizers[-1].finish_refresh()
-            except torch.linalg.LinAlgError as e:
+            except torch.linalg.LinAlgError as e:  # C is not finite: a divergence, reported after this step
                 refresh_error = str(e)
         for opt in optimizers:
             for g in opt.param_groups:
