@@ -465,6 +465,11 @@ def _count(n: float | None) -> str:
     return f"{n:.0f}"
 
 
+def _opt_text(opt_ms: float | None, split: tuple[float, float] | None) -> str:
+    """Optimizer ms per step, with its (plain, refresh) split where the optimizer has one."""
+    return _fmt(opt_ms, "{:.2f}") + (" ({:.2f}, {:.1f})".format(*split) if split else "")
+
+
 def format_table(rows: list[dict], by: str, target: float) -> str:
     collect = any(r.get("collect_ms") is not None for r in rows)  # a column only where a feature-gram run is
     split = any(r.get("opt_split") is not None for r in rows)  # SOAP / feature-gram: plain and refresh steps apart
@@ -478,8 +483,7 @@ def format_table(rows: list[dict], by: str, target: float) -> str:
         time = "-" if r["train_time_ms"] is None else f"{r['train_time_ms'] / 60000:.2f}m"
         p = "-" if r["p_value"] is None else ("nan" if math.isnan(r["p_value"]) else f"{r['p_value']:.3g}")
         body.append([r["group"], str(r["runs"]), mean, _fmt(r["min"]), steps, _count(r["tokens"]), time,
-                     _fmt(r["step_avg_ms"], "{:.2f}ms"), _fmt(r["opt_ms"], "{:.2f}") + (
-                         " ({:.2f}, {:.1f})".format(*r["opt_split"]) if r.get("opt_split") else ""),
+                     _fmt(r["step_avg_ms"], "{:.2f}ms"), _opt_text(r["opt_ms"], r.get("opt_split")),
                      *([_fmt(r.get("collect_ms"), "{:.2f}")] if collect else []), _fmt(r["peak_mib"], "{:.0f}"), p])
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -583,8 +587,7 @@ def _timing(r: Run) -> str:
     measured them): '; step_avg ..., opt ms ... (plain, refresh), collect ms ...' as far as known."""
     parts = [] if r.step_avg is None else [f"step_avg {r.step_avg:.2f}ms"]
     if r.opt_ms is not None:
-        split = r.opt_ms_split
-        parts.append(f"opt ms {r.opt_ms:.2f}" + ("" if split is None else f" ({split[0]:.2f}, {split[1]:.1f})"))
+        parts.append(f"opt ms {_opt_text(r.opt_ms, r.opt_ms_split)}")
     if r.collect_ms is not None:
         parts.append(f"collect ms {r.collect_ms:.2f}")
     return "; " + ", ".join(parts) if parts else ""
