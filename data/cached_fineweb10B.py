@@ -32,12 +32,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # to import train_gpt2 from the repo root
 
-import httpx2  # noqa: E402  (huggingface_hub's HTTP client)
 import train_gpt2  # noqa: E402
-from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url  # noqa: E402
-from huggingface_hub.errors import (HfHubHTTPError, OfflineModeIsEnabled, RemoteEntryNotFoundError,  # noqa: E402
-                                    RepositoryNotFoundError)
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status  # noqa: E402
+
+try:  # needed only to download: a run whose shards are all present works without them
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (HfHubHTTPError, OfflineModeIsEnabled, RemoteEntryNotFoundError,
+                                        RepositoryNotFoundError)
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    HUB_IMPORT_ERROR: ImportError | None = None
+except ImportError as e:
+    HUB_IMPORT_ERROR = e
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 LOCAL_DIR = Path(__file__).resolve().parent / "fineweb10B"
@@ -165,6 +170,9 @@ def fetch(filename: str, local_dir: Path, repo_id: str) -> None:
             return
         print(f"incomplete {filename} ({fault}); deleted, downloading it again")
         path.unlink()
+    if HUB_IMPORT_ERROR is not None:
+        sys.exit(f"error: {filename} is not in {local_dir} and downloading it needs huggingface_hub and httpx2, which "
+                 f"do not import ({HUB_IMPORT_ERROR}): pip install -r requirements.txt")
     for attempt in (1, 2):
         try:
             download(filename, local_dir, repo_id)

@@ -159,6 +159,28 @@ def test_run_on_other_data_downloads_nothing(tmp_path, shards):
     assert not (tmp_path / "fw").exists()
 
 
+def test_without_the_hub_packages_present_shards_still_work_and_a_missing_one_says_what_to_install(tmp_path, shards):
+    """run.sh calls the downloader before every run: on a machine without huggingface_hub/httpx2 (e.g. a bare
+    torch image with the shards copied in) it must pass when nothing is missing, and name the fix when one is."""
+    blocked = tmp_path / "blocked"
+    (blocked / "httpx2").mkdir(parents=True)
+    (blocked / "httpx2" / "__init__.py").write_text("raise ImportError('httpx2 blocked by the test')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])}
+    with HubServer(files={REPO_ID: shards}) as hub:
+        other = run(hub, tmp_path, "--preset", "smoke", env=env)
+        (tmp_path / "fw").mkdir()
+        (tmp_path / "fw" / VAL).write_bytes(shards[VAL])
+        (tmp_path / "fw" / train(1)).write_bytes(shards[train(1)])
+        present = run(hub, tmp_path, "1", env=env)
+        missing = run(hub, tmp_path, "2", env=env)
+        assert hub.requests == []
+    assert other.returncode == 0 and "nothing to download" in other.stdout, other.stderr
+    assert present.returncode == 0, present.stderr
+    assert len(lines(present.stdout, "skipped")) == 2
+    error = assert_one_error(missing, train(2), "httpx2 blocked by the test", "pip install -r requirements.txt")
+    assert not (tmp_path / "fw" / train(2)).exists(), error
+
+
 def test_bad_file_on_the_hub_fails_after_download(tmp_path, shards):
     with HubServer(files={REPO_ID: shards}, truncate={train(1): 1500}) as hub:
         result = run(hub, tmp_path, "1")
