@@ -1078,10 +1078,14 @@ class Linear(nn.Linear):
         self.collect, self.gram_mode = False, "full"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.collect_input(x)
+        return super().forward(x)
+
+    def collect_input(self, x: torch.Tensor) -> None:
+        """While `collect` is on: gram += X^T X of this layer's input x."""
         if self.collect:
             with torch.no_grad():
                 gram_accumulate(self.gram, x, self.gram_mode)
-        return super().forward(x)
 
 
 class Rotary(nn.Module):
@@ -1126,10 +1130,18 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+def gelu_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """gelu(h) W^T: the MLP's second half, one checkpointed region when GELU is recomputed."""
+    return F.linear(F.gelu(h), w)
+
+
 class MLP(nn.Module):
     """c_proj(gelu(c_fc(x))). recompute: GELU's output (64 x 1024 x 3072 bf16, 0.4 GB a layer) is not saved for
-    c_proj's weight gradient but recomputed from c_fc's output in the backward: a checkpoint of GELU alone, which
-    torch.compile's partitioner honours (eager autograd still saves it as c_proj's input)."""
+    c_proj's weight gradient but recomputed from c_fc's output in the backward: GELU and c_proj's matmul as one
+    checkpointed region, which torch.compile's partitioner honours (the backward recomputes GELU, not the matmul;
+    eager autograd still saves GELU's output). One region, not GELU alone: under DDP, torch.compile splits the graph
+    at gradient-bucket boundaries, and a split between GELU and c_proj would save the output anyway. In the region
+    c_proj is F.linear on its weight, not a module call: forward hooks on it fire only with recompute off."""
 
     def __init__(self, n_embd: int, recompute: bool = False):
         super().__init__()
@@ -1140,7 +1152,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
         if self.recompute and torch.is_grad_enabled():
-            return self.c_proj(checkpoint(F.gelu, h, use_reentrant=False))
+            self.c_proj.collect_input(F.gelu(h))  # (refresh steps of the feature-gram optimizers only)
+            return checkpoint(gelu_linear, h, self.c_proj.weight, use_reentrant=False)
         return self.c_proj(F.gelu(h))
 
 

@@ -37,16 +37,27 @@ def test_collected_gram_equals_hooked_inputs(mode, triangle, monkeypatch):
     here for every width (64 and 256)."""
     if triangle:
         monkeypatch.setattr(t, "GRAM_TRIANGLE_FROM", 64)
-    args, model, _ = tiny_model(mode)
-    seen = {m: [] for m in model.gram_layers()}
-    hooks = [m.register_forward_hook(lambda m, inp, out: seen[m].append(inp[0].detach())) for m in seen]
-    idx = torch.randint(0, args.vocab_size, (2, 2, 16), generator=torch.Generator().manual_seed(0))
-    model.collect_gram(True)
-    for micro in idx:
-        model(micro, micro)
-    model.collect_gram(False)
-    for h in hooks:
-        h.remove()
+    idx = torch.randint(0, t.Hyperparameters.vocab_size, (2, 2, 16), generator=torch.Generator().manual_seed(0))
+
+    def collect(recompute: str, hook: bool):
+        args, model, _ = tiny_model(mode, extra=("--recompute_gelu", recompute))
+        seen = {m: [] for m in model.gram_layers()}
+        hooks = [m.register_forward_hook(lambda m, inp, out: seen[m].append(inp[0].detach()))
+                 for m in (seen if hook else ())]
+        model.collect_gram(True)
+        for micro in idx:
+            model(micro, micro)
+        model.collect_gram(False)
+        for h in hooks:
+            h.remove()
+        return args, model, seen
+
+    # with GELU recomputed, the MLP's c_proj runs inside a checkpointed region, not as a module call (no hooks): its C
+    # must equal the one collected without the recompute, which the hooks check below
+    args, model, seen = collect("0", hook=True)
+    _, recomputing, _ = collect("1", hook=False)
+    for m, r in zip(model.gram_layers(), recomputing.gram_layers()):
+        torch.testing.assert_close(r.gram, m.gram, rtol=1e-6, atol=1e-6)
     assert len(seen) == 4 * args.n_layer
     for m, xs in seen.items():
         assert len(xs) == 2
@@ -87,7 +98,7 @@ def test_refresh_step_gives_the_same_loss():
 
 
 def real_x_dy(layer_index: int = 7):
-    args, model, _ = tiny_model()
+    args, model, _ = tiny_model(extra=("--recompute_gelu", "0"))  # the hook sees the MLP's c_proj as a module call
     layer = model.gram_layers()[layer_index]
     rec = {}
     def hook(m, inp, out):
