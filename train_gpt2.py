@@ -105,6 +105,7 @@ class Hyperparameters:
     # run
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
     compile_mode: str = "default"  # the model's torch.compile mode: default | max-autotune-no-cudagraphs
+    matmul_check: bool = True  # CUDA: after training, time an 8192^3 bf16 matmul; the record gets the rate and the MFU
     records_dir: str = "records"
     label: str = ""
     preset: str = "speedrun"
@@ -183,6 +184,29 @@ def flops_per_token(args: Hyperparameters) -> int:
     MLP 8 d^2 per layer, the head V d), causal attention 6 L T d (half of 12 L T d). GPT-124M, T = 1024: 0.798 GFLOP."""
     L, d = args.n_layer, args.n_embd
     return 6 * (12 * L * d * d + args.vocab_size * d) + 6 * L * args.sequence_length * d
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 50, dtype=torch.bfloat16) -> float:
+    """The matrix rate the MFU is measured against: 2 n^3 / (mean time of `reps` n x n x n products, after 3 warm-up
+    products), in TFLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn_like(a)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def mfu_line(args: Hyperparameters, step_avg_ms: float, tflops: float, world: int, what: str) -> str:
+    """The record's `matmul:` line: MFU = floor / step_avg, floor = flops_per_token * tokens a step / (world * rate)."""
+    floor_ms = flops_per_token(args) * args.batch_size * args.sequence_length / (world * tflops * 1e12) * 1e3
+    return (f"matmul: {what} {tflops:.1f} TFLOP/s per GPU, mfu: {100 * floor_ms / step_avg_ms:.1f}% "
+            f"(floor {floor_ms:.1f} ms a step, step_avg {step_avg_ms:.2f} ms)")
 
 
 def lr_multiplier(it: int, args: Hyperparameters) -> float:
@@ -1435,7 +1459,7 @@ CHECKPOINT_FORMAT = 1
 # (checked by name and token count) and where records go (it continues its own); every other setting is the checkpoint's
 RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir", "compile", "compile_mode",
                      "device_batch_size", "loss_chunk", "attention", "activation_budget", "recompute_gelu",
-                     "gram_overlap", "input_bin", "input_val_bin",
+                     "gram_overlap", "matmul_check", "input_bin", "input_val_bin",
                      "records_dir")
 # Tests only: "after:K" makes every process SIGKILL itself right after step K (and its save, if any); "save:K" during
 # step K's save, once every file is written into step_<K>.tmp/ but before the rename (a kill in the middle of a save).
@@ -1891,6 +1915,12 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
     if timed > 0:  # model FLOPs over the timed steps (the loop ended on a validation: training_ms holds them all)
         log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
             f"{flops_per_token(args) * args.batch_size * T * timed / training_ms / 1e9:.1f} TFLOP/s")
+        if cuda and args.matmul_check:  # every process times its own card at once; the record has their mean
+            rate = torch.tensor(matmul_tflops(device), device=device)
+            if world > 1:
+                dist.all_reduce(rate, op=dist.ReduceOp.AVG)
+            card = torch.cuda.get_device_name(device) + (f", mean of {world}" if world > 1 else "")
+            log(mfu_line(args, training_ms / timed, rate.item(), world, f"8192^3 bf16 ({card})"))
     if master:
         record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # on CPU: the process's peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)

@@ -43,7 +43,8 @@ from scipy import stats
 
 RECORD_MARK = "=" * 40 + " train_gpt2.py record " + "=" * 40  # train_gpt2.RECORD_MARK; the tests check they agree
 # settings that do not make a different configuration
-CONFIG_EXCLUDE = ("seed", "label", "records_dir", "save_every", "keep_checkpoints", "checkpoint_dir", "resume")
+CONFIG_EXCLUDE = ("seed", "label", "records_dir", "save_every", "keep_checkpoints", "checkpoint_dir", "resume",
+                  "matmul_check")
 GROUPINGS = ("optimizer", "label", "config")
 NO_LABEL = "(no label)"
 WARMUP_STEPS = 10  # the trainers do not time the first 10 steps; opt_ms is averaged over the steps after them
@@ -58,6 +59,7 @@ _SEPARATOR = re.compile(r"^={20,}\s*$")
 _RESUMED = re.compile(r"^resumed: step:(\d+)/(\d+)")
 _DIVERGED = re.compile(r"^diverged: step:(\d+)/(\d+) last_good_step:(\d+)")
 _STOP_AT = re.compile(r"^stopped: step:(\d+)/(\d+) by --stop_at")
+_MATMUL = re.compile(r"^matmul: .* ([\d.]+) TFLOP/s per GPU, mfu: ([\d.]+)%")
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Run:
     diverged_at: int | None = None  # ours: the step whose loss or update was not finite (the run ended there)
     last_good_step: int | None = None  # ours, diverged: the last step with a finite loss and parameters
     stopped_at: int | None = None  # ours: K when `--stop_at K` ended the run there
+    mfu: float | None = None  # ours, CUDA: model FLOPs utilization (%) against the matmul rate timed after training
 
     @property
     def end_step(self) -> int | None:
@@ -305,7 +308,7 @@ def _parse_ours(path: Path, lines: list[str]) -> Run:
     body = lines[marks[-1] + 1:] if len(marks) > 1 else []  # one mark only: cut off while the source was written
     body, resumed = _after_resumes(body)
     diverged = next((m for m in map(_DIVERGED.match, body) if m), None)
-    hp, meta = {}, {}
+    hp, meta, mfu = {}, {}, None
     for line in body:
         if line.startswith("hyperparameters: ") and not hp:
             try:
@@ -323,6 +326,8 @@ def _parse_ours(path: Path, lines: list[str]) -> Run:
             meta["world_size"] = int(line.split()[1])
         elif m := _TOKENS.match(line):
             meta["tokens_per_step"] = int(m[1])
+        elif m := _MATMUL.match(line):
+            meta["matmul_tflops"], mfu = float(m[1]), float(m[2])
     val, train, n_seen, step_avg = _parse_steps(body, opt_ms=True)
     n = int(hp["num_iterations"]) if "num_iterations" in hp else n_seen
     peak = _peak(body)
@@ -335,7 +340,7 @@ def _parse_ours(path: Path, lines: list[str]) -> Run:
                val=val, train=train, num_iterations=n, final_val_loss=final, step_avg=step_avg, peak_mib=peak,
                complete=peak is not None and at_n and diverged is None, timestamp=_timestamp(path, "ours"), meta=meta,
                resumed_at=resumed, diverged_at=int(diverged[1]) if diverged else None,
-               last_good_step=int(diverged[3]) if diverged else None, stopped_at=stop)
+               last_good_step=int(diverged[3]) if diverged else None, stopped_at=stop, mfu=mfu)
 
 
 def _parse_upstream(path: Path, lines: list[str]) -> Run:
@@ -401,7 +406,7 @@ def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
     """One row per group over its complete runs: group, runs, incomplete, mean, std (None for one run), min, steps
     (sorted distinct end steps: K of --stop_at K, else N), tokens (mean; None unknown), train_time_ms, step_avg_ms,
     opt_ms (None where no run logged opt_ms), opt_split ((plain, refresh) opt ms for optimizers with a refresh period,
-    else None), collect_ms (feature-gram runs, else None), peak_mib (the largest),
+    else None), collect_ms (feature-gram runs, else None), mfu (%, runs that timed the matmul), peak_mib (the largest),
     p_value (None for fewer than two runs), losses."""
     rows = []
     for name, runs in groups.items():
@@ -417,6 +422,7 @@ def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
             tokens=_mean(r.tokens for r in done), train_time_ms=_mean(r.train_time_ms for r in done),
             step_avg_ms=_mean(r.step_avg for r in done), opt_ms=_mean(r.opt_ms for r in done),
             collect_ms=_mean(r.collect_ms for r in done), opt_split=_mean_pair(r.opt_ms_split for r in done),
+            mfu=_mean(r.mfu for r in done),
             peak_mib=max(peaks) if peaks else None, p_value=one_sided_p(losses, target), target=target,
         ))
     return rows
@@ -470,21 +476,39 @@ def _opt_text(opt_ms: float | None, split: tuple[float, float] | None) -> str:
     return _fmt(opt_ms, "{:.2f}") + (" ({:.2f}, {:.1f})".format(*split) if split else "")
 
 
-def format_table(rows: list[dict], by: str, target: float) -> str:
+def optimizer_cost(row: dict) -> float | None:
+    """Optimizer + collection ms a step (the feature-gram optimizers' collection of C; 0 for the others)."""
+    return None if row.get("opt_ms") is None else row["opt_ms"] + (row.get("collect_ms") or 0.0)
+
+
+def format_table(rows: list[dict], by: str, target: float, baseline: str | None = None) -> str:
+    """The table; baseline: a group whose optimizer (+ collect) ms a step the `over <baseline>` column subtracts."""
     collect = any(r.get("collect_ms") is not None for r in rows)  # a column only where a feature-gram run is
     split = any(r.get("opt_split") is not None for r in rows)  # SOAP / feature-gram: plain and refresh steps apart
-    head = [by, "runs", "val_loss mean ± std", "min", "steps", "tokens", "time", "step_avg",
+    mfu = any(r.get("mfu") is not None for r in rows)  # runs that timed the matmul (CUDA)
+    base = None
+    if baseline is not None:
+        base = optimizer_cost(next((r for r in rows if r["group"] == baseline), {}))
+        if base is None:
+            raise ValueError(f"baseline {baseline!r} is not a group with optimizer ms here; groups: "
+                             + ", ".join(r["group"] for r in rows))
+    head = [by, "runs", "val_loss mean ± std", "min", "steps", "tokens", "time", "step_avg", *(["MFU"] if mfu else []),
             "opt ms/step (plain, refresh)" if split else "opt ms/step",
-            *(["collect ms/step"] if collect else []), "peak MiB", f"p(mean<{target:g})"]
+            *(["collect ms/step"] if collect else []), *([f"over {baseline} ms"] if base is not None else []),
+            "peak MiB", f"p(mean<{target:g})"]
     body = []
     for r in rows:
+        cost = optimizer_cost(r)
+        over = "-" if cost is None or base is None else f"{cost - base:+.2f}"
         steps = "-" if not r["steps"] else "/".join(str(s) for s in r["steps"])
         mean = "-" if r["mean"] is None else f"{r['mean']:.4f}" + ("" if r["std"] is None else f" ± {r['std']:.4f}")
         time = "-" if r["train_time_ms"] is None else f"{r['train_time_ms'] / 60000:.2f}m"
         p = "-" if r["p_value"] is None else ("nan" if math.isnan(r["p_value"]) else f"{r['p_value']:.3g}")
         body.append([r["group"], str(r["runs"]), mean, _fmt(r["min"]), steps, _count(r["tokens"]), time,
-                     _fmt(r["step_avg_ms"], "{:.2f}ms"), _opt_text(r["opt_ms"], r.get("opt_split")),
-                     *([_fmt(r.get("collect_ms"), "{:.2f}")] if collect else []), _fmt(r["peak_mib"], "{:.0f}"), p])
+                     _fmt(r["step_avg_ms"], "{:.2f}ms"), *([_fmt(r.get("mfu"), "{:.1f}%")] if mfu else []),
+                     _opt_text(r["opt_ms"], r.get("opt_split")),
+                     *([_fmt(r.get("collect_ms"), "{:.2f}")] if collect else []),
+                     *([over] if base is not None else []), _fmt(r["peak_mib"], "{:.0f}"), p])
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
            for row in [head] + body]
@@ -602,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by", choices=GROUPINGS, default="optimizer", help="how to group runs")
     parser.add_argument("--plot", metavar="PNG", help="write val-loss curves to this PNG")
     parser.add_argument("--since", type=_date, metavar="YYYY-MM-DD", help="only runs started on or after this date")
+    parser.add_argument("--baseline", metavar="GROUP", help="add a column of each group's optimizer (+ collect) ms a "
+                                                            "step over this group's, e.g. adamw (--by optimizer)")
     args = parser.parse_args(argv)
 
     files, missing = find_files(args.paths or [str(Path(__file__).resolve().parent)])
@@ -620,7 +646,11 @@ def main(argv: list[str] | None = None) -> int:
     if runs:
         groups = group_runs(runs, args.by)
         rows = summarize(groups, args.target)
-        print(format_table(rows, args.by, args.target))
+        try:
+            print(format_table(rows, args.by, args.target, args.baseline))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if args.by == "config":
             diffs = config_differences(groups)
             if any(diffs.values()):

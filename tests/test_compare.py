@@ -27,10 +27,12 @@ def val_curve(step: int, n: int, final: float) -> float:
 
 
 def write_ours(folder: Path, *, optimizer="muon", label="", seed=0, n=40, val_every=10, final=3.3, stop_at=None,
-               opt_ms=None, step_ms=lambda s: 50.0, stamp="20250301-120000", tag="a", peak=1234, **settings) -> Path:
+               opt_ms=None, step_ms=lambda s: 50.0, stamp="20250301-120000", tag="a", peak=1234, matmul=None,
+               **settings) -> Path:
     """A record as train_gpt2.Record and the training loop write it; stop_at < n: cut off after that step's lines,
     without the peak-memory line (a crash). opt_ms: a function of the step giving the ` opt_ms:` field, or None;
-    step_ms: the training time of logged step s (the first 10 are untimed)."""
+    step_ms: the training time of logged step s (the first 10 are untimed); matmul: a matmul rate (TFLOP/s), which
+    adds the trainer's `matmul: ... mfu: ...` line (train_gpt2.mfu_line) at the end."""
     args = t.Hyperparameters(optimizer=optimizer, label=label, seed=seed, num_iterations=n, val_loss_every=val_every,
                              preset="smoke", batch_size=8, device_batch_size=4, sequence_length=128, **settings)
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,6 +62,8 @@ def write_ours(folder: Path, *, optimizer="muon", label="", seed=0, n=40, val_ev
             line += f" opt_ms:{opt_ms(step + 1):.2f}"
         lines.append(line)
     if stop_at is None:
+        if matmul is not None:
+            lines.append(t.mfu_line(args, elapsed[n] / (n - 10), matmul, 1, "8192^3 bf16 (a test card)"))
         lines.append(f"peak memory consumption: {peak} MiB")
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -497,3 +501,32 @@ def test_incomplete_runs_show_their_timing(tmp_path, capsys):
     line = next(x for x in out.splitlines() if str(path) in x)
     assert f"reached step {run.last_step}/40" in line and f"step_avg {run.step_avg:.2f}ms" in line
     assert f"opt ms {run.opt_ms:.2f} (6.00, 16.0)" in line and "collect ms 3.50" in line
+
+
+def test_mfu_column_and_optimizer_ms_over_a_baseline(tmp_path, capsys):
+    """The trainer's matmul line gives each run's MFU (its mean per group in an MFU column); --baseline adds each
+    group's optimizer (+ collect) ms over the baseline group's; a baseline that is not a group is one error line."""
+    for i, rate in enumerate((800.0, 400.0)):
+        write_ours(tmp_path, optimizer="muon", tag=f"m{i}", seed=i, matmul=rate, opt_ms=lambda s: 5.0)
+    write_ours(tmp_path, optimizer="adamw", tag="a", opt_ms=lambda s: 1.25)  # no matmul line (a CPU run)
+    runs = [c.parse_record(p) for p in sorted(tmp_path.glob("*.txt"))]
+    muon = [r for r in runs if r.optimizer == "muon"]
+    # flops_per_token * 8 x 128 tokens a step / rate, over the 50 ms step
+    want = [100 * t.flops_per_token(c_args(r)) * 8 * 128 / (rate * 1e12) * 1e3 / 50.0
+            for r, rate in zip(muon, (800, 400))]
+    assert [r.mfu for r in muon] == pytest.approx(want, abs=0.05)
+    assert [r.mfu for r in runs if r.optimizer == "adamw"] == [None]
+    assert c.main([str(tmp_path), "--baseline", "adamw"]) == 0
+    out = capsys.readouterr().out
+    head, _, *rows = out.splitlines()[:4]
+    assert "MFU" in head and "over adamw ms" in head
+    row = next(x for x in rows if x.startswith("muon"))
+    assert f"{np.mean([r.mfu for r in muon]):.1f}%" in row and "+3.75" in row
+    assert "+0.00" in next(x for x in rows if x.startswith("adamw"))
+    assert c.main([str(tmp_path), "--baseline", "sgd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: baseline 'sgd'") and "adamw, muon" in err[0]
+
+
+def c_args(run) -> t.Hyperparameters:
+    return t.Hyperparameters(**run.hyperparameters)

@@ -77,3 +77,21 @@ def test_batch_must_divide():
         t.validate_args(t.parse_args(["--device_batch_size", "48"]), 1)
     with pytest.raises(SystemExit, match="--val_tokens"):
         t.validate_args(t.parse_args(["--val_tokens", "1000"]), 1)
+
+
+def test_model_flops_and_the_mfu_line():
+    """GPT-124M at T = 1024: 6 (N_matmul) + 6 L T d FLOPs a token with N_matmul = 12 L d^2 + V d (README: the floor);
+    the record's MFU line for the README's bench (1144.01 ms a 524,288-token step, 788.9 TFLOP/s): 46.3%, floor
+    530.2 ms; on W GPUs the floor is W times smaller."""
+    args = t.parse_args([])
+    assert t.flops_per_token(args) == 6 * (12 * 12 * 768**2 + 50257 * 768) + 6 * 12 * 1024 * 768 == 797_815_296
+    assert t.mfu_line(args, 1144.01, 788.9, 1, "x") == ("matmul: x 788.9 TFLOP/s per GPU, mfu: 46.3% "
+                                                        "(floor 530.2 ms a step, step_avg 1144.01 ms)")
+    assert "floor 132.6 ms" in t.mfu_line(args, 276.41, 788.9, 4, "x")
+
+
+def test_matmul_rate_is_two_n_cubed_over_the_time(monkeypatch):
+    """matmul_tflops: 2 n^3 flops a product over the mean time of the timed products (here a fake clock: 1 ms each)."""
+    clock = iter([10.0, 10.0 + 5 * 1e-3])
+    monkeypatch.setattr(t.time, "perf_counter", lambda: next(clock))
+    assert t.matmul_tflops(torch.device("cpu"), n=64, reps=5) == pytest.approx(2 * 64**3 / 1e-3 / 1e12)
