@@ -105,7 +105,7 @@ class Hyperparameters:
     # run
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
     compile_mode: str = "default"  # the model's torch.compile mode: default | max-autotune-no-cudagraphs
-    matmul_check: bool = True  # CUDA: after training, time an 8192^3 bf16 matmul; the record gets the rate and the MFU
+    matmul_check: bool = True  # after training, time an 8192^3 bf16 matmul (CPU: 512^3 fp32); the record gets rate + MFU
     records_dir: str = "records"
     label: str = ""
     preset: str = "speedrun"
@@ -205,7 +205,7 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 50, dtype=tor
 def mfu_line(args: Hyperparameters, step_avg_ms: float, tflops: float, world: int, what: str) -> str:
     """The record's `matmul:` line: MFU = floor / step_avg, floor = flops_per_token * tokens a step / (world * rate)."""
     floor_ms = flops_per_token(args) * args.batch_size * args.sequence_length / (world * tflops * 1e12) * 1e3
-    return (f"matmul: {what} {tflops:.1f} TFLOP/s per GPU, mfu: {100 * floor_ms / step_avg_ms:.1f}% "
+    return (f"matmul: {what} {tflops:.1f} TFLOP/s per device, mfu: {100 * floor_ms / step_avg_ms:.1f}% "
             f"(floor {floor_ms:.1f} ms a step, step_avg {step_avg_ms:.2f} ms)")
 
 
@@ -1915,12 +1915,14 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
     if timed > 0:  # model FLOPs over the timed steps (the loop ended on a validation: training_ms holds them all)
         log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
             f"{flops_per_token(args) * args.batch_size * T * timed / training_ms / 1e9:.1f} TFLOP/s")
-        if cuda and args.matmul_check:  # every process times its own card at once; the record has their mean
-            rate = torch.tensor(matmul_tflops(device), device=device)
+        if args.matmul_check:  # every process times its own device at once; the record has their mean
+            n, dtype, reps = (8192, torch.bfloat16, 50) if cuda else (512, torch.float32, 10)  # CPU: a quick fp32 one
+            rate = torch.tensor(matmul_tflops(device, n, reps, dtype), device=device)
             if world > 1:
-                dist.all_reduce(rate, op=dist.ReduceOp.AVG)
-            card = torch.cuda.get_device_name(device) + (f", mean of {world}" if world > 1 else "")
-            log(mfu_line(args, training_ms / timed, rate.item(), world, f"8192^3 bf16 ({card})"))
+                dist.all_reduce(rate, op=dist.ReduceOp.SUM)
+            what = f"{n}^3 {str(dtype).removeprefix('torch.')} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}"
+            log(mfu_line(args, training_ms / timed, rate.item() / world, world,
+                         what + (f", mean of {world})" if world > 1 else ")")))
     if master:
         record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # on CPU: the process's peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)

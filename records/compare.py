@@ -59,7 +59,7 @@ _SEPARATOR = re.compile(r"^={20,}\s*$")
 _RESUMED = re.compile(r"^resumed: step:(\d+)/(\d+)")
 _DIVERGED = re.compile(r"^diverged: step:(\d+)/(\d+) last_good_step:(\d+)")
 _STOP_AT = re.compile(r"^stopped: step:(\d+)/(\d+) by --stop_at")
-_MATMUL = re.compile(r"^matmul: .* ([\d.]+) TFLOP/s per GPU, mfu: ([\d.]+)%")
+_MATMUL = re.compile(r"^matmul: .* ([\d.]+) TFLOP/s per device, mfu: ([\d.]+)%")
 
 
 @dataclass

@@ -85,7 +85,7 @@ def test_model_flops_and_the_mfu_line():
     530.2 ms; on W GPUs the floor is W times smaller."""
     args = t.parse_args([])
     assert t.flops_per_token(args) == 6 * (12 * 12 * 768**2 + 50257 * 768) + 6 * 12 * 1024 * 768 == 797_815_296
-    assert t.mfu_line(args, 1144.01, 788.9, 1, "x") == ("matmul: x 788.9 TFLOP/s per GPU, mfu: 46.3% "
+    assert t.mfu_line(args, 1144.01, 788.9, 1, "x") == ("matmul: x 788.9 TFLOP/s per device, mfu: 46.3% "
                                                         "(floor 530.2 ms a step, step_avg 1144.01 ms)")
     assert "floor 132.6 ms" in t.mfu_line(args, 276.41, 788.9, 4, "x")
 
