@@ -1176,7 +1176,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
         if self.recompute and torch.is_grad_enabled():
-            self.c_proj.collect_input(F.gelu(h))  # (refresh steps of the feature-gram optimizers only)
+            if self.c_proj.collect:  # refresh steps of the feature-gram optimizers only: C of GELU's output
+                self.c_proj.collect_input(F.gelu(h))
             return checkpoint(gelu_linear, h, self.c_proj.weight, use_reentrant=False)
         return self.c_proj(F.gelu(h))
 
