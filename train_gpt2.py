@@ -105,7 +105,7 @@ class Hyperparameters:
     # run
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
     compile_mode: str = "default"  # the model's torch.compile mode: default | max-autotune-no-cudagraphs
-    matmul_check: bool = True  # after training, time an 8192^3 bf16 matmul (CPU: 512^3 fp32); the record gets rate + MFU
+    matmul_check: bool = True  # after training, time an 8192^3 bf16 matmul (CPU: 512^3 fp32): the record's MFU
     records_dir: str = "records"
     label: str = ""
     preset: str = "speedrun"
@@ -184,29 +184,6 @@ def flops_per_token(args: Hyperparameters) -> int:
     MLP 8 d^2 per layer, the head V d), causal attention 6 L T d (half of 12 L T d). GPT-124M, T = 1024: 0.798 GFLOP."""
     L, d = args.n_layer, args.n_embd
     return 6 * (12 * L * d * d + args.vocab_size * d) + 6 * L * args.sequence_length * d
-
-
-def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 50, dtype=torch.bfloat16) -> float:
-    """The matrix rate the MFU is measured against: 2 n^3 / (mean time of `reps` n x n x n products, after 3 warm-up
-    products), in TFLOP/s."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn_like(a)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-
-
-def mfu_line(args: Hyperparameters, step_avg_ms: float, tflops: float, world: int, what: str) -> str:
-    """The record's `matmul:` line: MFU = floor / step_avg, floor = flops_per_token * tokens a step / (world * rate)."""
-    floor_ms = flops_per_token(args) * args.batch_size * args.sequence_length / (world * tflops * 1e12) * 1e3
-    return (f"matmul: {what} {tflops:.1f} TFLOP/s per device, mfu: {100 * floor_ms / step_avg_ms:.1f}% "
-            f"(floor {floor_ms:.1f} ms a step, step_avg {step_avg_ms:.2f} ms)")
 
 
 def lr_multiplier(it: int, args: Hyperparameters) -> float:
@@ -685,6 +662,11 @@ class SOAP(MatrixOptimizer):
             self.state[p]["step"] = t
 
 
+def cannot_fail(R: torch.Tensor, wait: bool):
+    """A factor without a Cholesky, as gram_factor returns it: R, or (R, a false failure flag) with wait=False."""
+    return R if wait else (R, torch.zeros((), dtype=torch.bool, device=R.device))
+
+
 def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool = True):
     """The cached right preconditioner R of A = C + gamma I (computed once per refresh), batched over leading dims;
     C: full (..., d, d), block (..., d/b, b, b), diag (..., d); gamma: a number or one per matrix (...).
@@ -694,13 +676,11 @@ def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool 
     0-dim bool tensor, true if any Cholesky failed (R is then not usable: call again with wait=True)."""
     gamma = torch.as_tensor(gamma, dtype=C.dtype, device=C.device)
     gamma = gamma.reshape(gamma.shape + (1,) * (C.dim() - gamma.dim()))  # one per matrix, broadcast over its entries
-    if mode == "diag" or f == "inverse_sqrt":
-        if mode == "diag":
-            R = 1 / (C + gamma)
-        else:
-            l, V = torch.linalg.eigh(C)
-            R = (V * (l.clamp(min=0) + gamma.squeeze(-1)).rsqrt().unsqueeze(-2)) @ V.mT
-        return R if wait else (R, torch.zeros((), dtype=torch.bool, device=C.device))
+    if mode == "diag":
+        return cannot_fail(1 / (C + gamma), wait)
+    if f == "inverse_sqrt":
+        l, V = torch.linalg.eigh(C)
+        return cannot_fail((V * (l.clamp(min=0) + gamma.squeeze(-1)).rsqrt().unsqueeze(-2)) @ V.mT, wait)
     eye = torch.eye(C.size(-1), device=C.device, dtype=C.dtype)
     L, info = cholesky_blocked(C + gamma * eye)
     if not wait:
@@ -874,8 +854,7 @@ class LocoPropS(FeatureGram):
     def factor(self, C, group, wait=True):  # A^-1 (steps = 0) or the K-step polynomial P_K
         if group["steps"] == 0:
             return super().factor(C, group, wait)
-        P = inner_steps_polynomial(C, group["damping"], group["nu"], group["steps"], group["gram"])
-        return P if wait else (P, torch.zeros((), dtype=torch.bool, device=C.device))
+        return cannot_fail(inner_steps_polynomial(C, group["damping"], group["nu"], group["steps"], group["gram"]), wait)
 
     def update(self, params, group):
         grads = [p.grad for p in params]
@@ -1916,14 +1895,8 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
     if timed > 0:  # model FLOPs over the timed steps (the loop ended on a validation: training_ms holds them all)
         log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
             f"{flops_per_token(args) * args.batch_size * T * timed / training_ms / 1e9:.1f} TFLOP/s")
-        if args.matmul_check:  # every process times its own device at once; the record has their mean
-            n, dtype, reps = (8192, torch.bfloat16, 50) if cuda else (512, torch.float32, 10)  # CPU: a quick fp32 one
-            rate = torch.tensor(matmul_tflops(device, n, reps, dtype), device=device)
-            if world > 1:
-                dist.all_reduce(rate, op=dist.ReduceOp.SUM)
-            what = f"{n}^3 {str(dtype).removeprefix('torch.')} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}"
-            log(mfu_line(args, training_ms / timed, rate.item() / world, world,
-                         what + (f", mean of {world})" if world > 1 else ")")))
+        if args.matmul_check:
+            log(matmul_check(args, training_ms / timed, device, world))
     if master:
         record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # on CPU: the process's peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
@@ -1944,6 +1917,43 @@ def stop_diverged(step: int, loss: float, refresh_error: str, model: nn.Module, 
                    f"{what}")
         record.file.close()
     raise SystemExit(message if record is not None else 1)
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 50, dtype=torch.bfloat16) -> float:
+    """The matrix rate the MFU is measured against: 2 n^3 / (mean time of `reps` n x n x n products, after 3 warm-up
+    products), in TFLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn_like(a)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def mfu_line(args: Hyperparameters, step_avg_ms: float, tflops: float, world: int, what: str) -> str:
+    """The record's `matmul:` line: MFU = floor / step_avg, floor = flops_per_token * tokens a step / (world rate)."""
+    floor_ms = flops_per_token(args) * args.batch_size * args.sequence_length / (world * tflops * 1e12) * 1e3
+    return (f"matmul: {what} {tflops:.1f} TFLOP/s per device, mfu: {100 * floor_ms / step_avg_ms:.1f}% "
+            f"(floor {floor_ms:.1f} ms a step, step_avg {step_avg_ms:.2f} ms)")
+
+
+def matmul_check(args: Hyperparameters, step_avg_ms: float, device: torch.device, world: int) -> str:
+    """Every process times a matmul on its own device at once (CUDA: 8192^3 bf16; CPU: a quick 512^3 fp32); the
+    mfu_line of their mean rate (collective with world > 1)."""
+    cuda = device.type == "cuda"
+    n, dtype, reps = (8192, torch.bfloat16, 50) if cuda else (512, torch.float32, 10)
+    rate = torch.tensor(matmul_tflops(device, n, reps, dtype), device=device)
+    if world > 1:
+        dist.all_reduce(rate)  # a sum: gloo has no average
+    name = (torch.cuda.get_device_name(device) if cuda else "cpu") + (f", mean of {world}" if world > 1 else "")
+    what = f"{n}^3 {str(dtype).removeprefix('torch.')} ({name})"
+    return mfu_line(args, step_avg_ms, rate.item() / world, world, what)
+
 
 # ----------------------------------------------------------------------------- records
 
