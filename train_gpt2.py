@@ -222,27 +222,28 @@ NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
 
 def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     """msign(G) ~ U V^T for G = U S V^T, batched over leading dims, in bf16:
-    X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; B = b A + c A A; X = a X + B X}
-    (= a X + b A X + c A (A X), the record's form, in 4mmn + 2mmm flops instead of 6mmn for m x n; B and X each one
-    baddbmm, the sums in the GEMM's epilogue). The first step skips the normalizing pass over G: with G0 = bf16(G),
-    A0 = G0 G0^T, s = f sqrt(tr A0) + 1e-7 (= f ||G0||_F + 1e-7): A = A0 / s^2 and X = ((a I + B) / s) G0 (so G's
-    entries must stay below ~1e17, where A0 would overflow bf16's range; a gradient that large is a divergence)."""
+    X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; X = (a I + b A + c A A) X}
+    (= a X + b A X + c A (A X), the record's form, in 4mmn + 2mmm flops instead of 6mmn for m x n; three plain GEMMs,
+    the m x m polynomial summed in fp32 between them, so no GEMM reads or copies X for an epilogue). The first step
+    skips the normalizing pass over G: with G0 = bf16(G), A0 = G0 G0^T, s = f sqrt(tr A0) + 1e-7 (= f ||G0||_F +
+    1e-7): A = A0 / s^2 and X = ((a I + b A + c A A) / s) G0 (so G's entries must stay below ~1e17, where A0 would
+    overflow bf16's range; a gradient that large is a divergence)."""
     steps, f = NS_COEFFS[coeffs]
     X = G.bfloat16()
     if G.size(-2) > G.size(-1):
         X = X.mT
     shape = X.shape
     X = X.reshape(-1, *shape[-2:])
+    eye = torch.eye(X.size(-2), dtype=torch.float32, device=X.device)
     for i, (a, b, c) in enumerate(steps):
         A = X @ X.mT
         if i == 0:
             s = A.diagonal(dim1=-2, dim2=-1).float().sum(-1).sqrt() * f + 1e-7
             A = (A / (s * s)[:, None, None]).bfloat16()
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            B.diagonal(dim1=-2, dim2=-1).add_(a)
-            X = (B / s[:, None, None]).bfloat16() @ X
-        else:
-            X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+        B = c * (A @ A).float() + b * A.float() + a * eye
+        if i == 0:
+            B = B / s[:, None, None]
+        X = B.bfloat16() @ X
     X = X.reshape(shape)
     return X.mT if G.size(-2) > G.size(-1) else X
 
@@ -303,6 +304,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def update(self, params: list[torch.Tensor], group: dict) -> None:
         """Apply the rule in place to `params`, all of one batch_key and one group, with their .grad."""
         raise NotImplementedError
+
+    def momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each matrix's state["momentum_buffer"], zeros on first use (made once, not each step)."""
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return [self.state[p]["momentum_buffer"] for p in params]
 
     def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """The gradients the rule starts from (a subclass may precondition them)."""
@@ -409,7 +417,7 @@ class Muon(MatrixOptimizer):
 
     def update(self, params, group, factors: list[torch.Tensor] | None = None):
         grads = [p.grad for p in params] if factors else self.gradients(params, group)
-        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        bufs = self.momentum_buffers(params)
         scales = [max(1.0, p.size(0) / p.size(1)) ** 0.5 if group["shape_scale"] else 1.0 for p in params]
         _muon_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
                    group["nesterov"], group["coeffs"], scales, factors, group.get("gram", "full"))
@@ -430,7 +438,7 @@ class PolarGrad(MatrixOptimizer):
 
     def update(self, params: list[torch.Tensor], group: dict) -> None:
         grads = self.gradients(params, group)
-        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        bufs = self.momentum_buffers(params)
         _polargrad_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
                         group["nesterov"], group["weight_decay"], group["nuclear"], group["coeffs"])
 
@@ -859,7 +867,7 @@ class LocoPropS(FeatureGram):
     def update(self, params, group):
         grads = [p.grad for p in params]
         if group["momentum"]:
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            bufs = self.momentum_buffers(params)
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, grads)
             grads = bufs
@@ -1784,7 +1792,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         if cuda:
             torch.cuda.synchronize()
 
-    opt_timer = Timer(cuda)
+    opt_timer, blocks_timer = Timer(cuda), Timer(cuda)  # all optimizers; the block matrices' alone
     # a high-priority side stream for the Gram factors (refresh_gram), so their small latency-bound kernels slot in
     # between the backward's
     gram_stream = torch.cuda.Stream(priority=-1) if cuda and args.gram_overlap and isinstance(
@@ -1849,7 +1857,10 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * mult
+            if opt is optimizers[-1]:
+                blocks_timer.start()
             opt.step()
+        blocks_timer.stop()
         opt_timer.stop()
         model.zero_grad(set_to_none=True)
         stats = train_loss.view(1)
@@ -1874,7 +1885,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         timed = timed_before + max(done - warm_until, 0)
         log(f"step:{done}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms "
             f"step_avg:{now_ms / timed if timed else float('nan'):.2f}ms "
-            f"opt_ms:{opt_timer.ms():.2f}")
+            f"opt_ms:{opt_timer.ms():.2f} blocks_ms:{blocks_timer.ms():.2f}")
         if stop or done in (args.num_iterations, args.stop_at) or (args.save_every and done % args.save_every == 0):
             sync()
             if step >= warm_until:  # saving is not training time

@@ -88,6 +88,7 @@ class Run:
     last_good_step: int | None = None  # ours, diverged: the last step with a finite loss and parameters
     stopped_at: int | None = None  # ours: K when `--stop_at K` ended the run there
     mfu: float | None = None  # ours, CUDA: model FLOPs utilization (%) against the matmul rate timed after training
+    blocks: dict[int, float] = field(default_factory=dict)  # ours: step -> blocks_ms (the block matrices' optimizer)
 
     @property
     def end_step(self) -> int | None:
@@ -123,6 +124,14 @@ class Run:
         """Mean optimizer milliseconds per step over the timed steps (_late_steps; all, if none is timed)."""
         late = [o for _, o in self._late_steps().values()] or [o for *_, o in self.train if o is not None]
         return float(np.mean(late)) if late else None
+
+    @property
+    def blocks_ms(self) -> float | None:
+        """Mean ms per step of the block matrices' optimizer alone (opt_ms less the embedding/head's AdamW), over the
+        same steps as opt_ms; None for records without `blocks_ms:`."""
+        late = self._late_steps()
+        ms = [v for s, v in self.blocks.items() if s in late] or list(self.blocks.values())
+        return float(np.mean(ms)) if ms else None
 
     @property
     def refresh_period(self) -> int | None:
@@ -340,7 +349,9 @@ def _parse_ours(path: Path, lines: list[str]) -> Run:
                val=val, train=train, num_iterations=n, final_val_loss=final, step_avg=step_avg, peak_mib=peak,
                complete=peak is not None and at_n and diverged is None, timestamp=_timestamp(path, "ours"), meta=meta,
                resumed_at=resumed, diverged_at=int(diverged[1]) if diverged else None,
-               last_good_step=int(diverged[3]) if diverged else None, stopped_at=stop, mfu=mfu)
+               last_good_step=int(diverged[3]) if diverged else None, stopped_at=stop, mfu=mfu,
+               blocks={step: v for step, _, f in _step_lines(body) if "blocks_ms" in f
+                       and (v := _number(f["blocks_ms"])) is not None})
 
 
 def _parse_upstream(path: Path, lines: list[str]) -> Run:
@@ -405,7 +416,7 @@ def one_sided_p(losses: list[float], target: float) -> float | None:
 def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
     """One row per group over its complete runs: group, runs, incomplete, mean, std (None for one run), min, steps
     (sorted distinct end steps: K of --stop_at K, else N), tokens (mean; None unknown), train_time_ms, step_avg_ms,
-    opt_ms (None where no run logged opt_ms), opt_split ((plain, refresh) opt ms for optimizers with a refresh period,
+    opt_ms (None where no run logged opt_ms), blocks_ms (the block matrices' share of opt_ms; None where not logged), opt_split ((plain, refresh) opt ms for optimizers with a refresh period,
     else None), collect_ms (feature-gram runs, else None), mfu (%, runs that timed the matmul), peak_mib (the largest),
     p_value (None for fewer than two runs), losses."""
     rows = []
@@ -421,6 +432,7 @@ def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
             steps=sorted({r.end_step for r in done if r.end_step is not None}),
             tokens=_mean(r.tokens for r in done), train_time_ms=_mean(r.train_time_ms for r in done),
             step_avg_ms=_mean(r.step_avg for r in done), opt_ms=_mean(r.opt_ms for r in done),
+            blocks_ms=_mean(r.blocks_ms for r in done),
             collect_ms=_mean(r.collect_ms for r in done), opt_split=_mean_pair(r.opt_ms_split for r in done),
             mfu=_mean(r.mfu for r in done),
             peak_mib=max(peaks) if peaks else None, p_value=one_sided_p(losses, target), target=target,
@@ -486,6 +498,7 @@ def format_table(rows: list[dict], by: str, target: float, baseline: str | None 
     collect = any(r.get("collect_ms") is not None for r in rows)  # a column only where a feature-gram run is
     split = any(r.get("opt_split") is not None for r in rows)  # SOAP / feature-gram: plain and refresh steps apart
     mfu = any(r.get("mfu") is not None for r in rows)  # runs that timed the matmul (CUDA)
+    blocks = any(r.get("blocks_ms") is not None for r in rows)  # records that time the block matrices' optimizer apart
     base = None
     if baseline is not None:
         base = optimizer_cost(next((r for r in rows if r["group"] == baseline), {}))
@@ -494,7 +507,8 @@ def format_table(rows: list[dict], by: str, target: float, baseline: str | None 
                              + ", ".join(r["group"] for r in rows))
     head = [by, "runs", "val_loss mean ± std", "min", "steps", "tokens", "time", "step_avg", *(["MFU"] if mfu else []),
             "opt ms/step (plain, refresh)" if split else "opt ms/step",
-            *(["collect ms/step"] if collect else []), *([f"over {baseline} ms"] if base is not None else []),
+            *(["blocks ms/step"] if blocks else []), *(["collect ms/step"] if collect else []),
+            *([f"over {baseline} ms"] if base is not None else []),
             "peak MiB", f"p(mean<{target:g})"]
     body = []
     for r in rows:
@@ -506,7 +520,7 @@ def format_table(rows: list[dict], by: str, target: float, baseline: str | None 
         p = "-" if r["p_value"] is None else ("nan" if math.isnan(r["p_value"]) else f"{r['p_value']:.3g}")
         body.append([r["group"], str(r["runs"]), mean, _fmt(r["min"]), steps, _count(r["tokens"]), time,
                      _fmt(r["step_avg_ms"], "{:.2f}ms"), *([_fmt(r.get("mfu"), "{:.1f}%")] if mfu else []),
-                     _opt_text(r["opt_ms"], r.get("opt_split")),
+                     _opt_text(r["opt_ms"], r.get("opt_split")), *([_fmt(r.get("blocks_ms"), "{:.2f}")] if blocks else []),
                      *([_fmt(r.get("collect_ms"), "{:.2f}")] if collect else []),
                      *([over] if base is not None else []), _fmt(r["peak_mib"], "{:.0f}"), p])
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
@@ -608,10 +622,12 @@ def _date(text: str) -> dt.date:
 
 def _timing(r: Run) -> str:
     """The speed columns of a run that did not finish, over the steps it logged (a run cut by a time limit still
-    measured them): '; step_avg ..., opt ms ... (plain, refresh), collect ms ...' as far as known."""
+    measured them): '; step_avg ..., opt ms ... (plain, refresh), blocks ms ..., collect ms ...' as far as known."""
     parts = [] if r.step_avg is None else [f"step_avg {r.step_avg:.2f}ms"]
     if r.opt_ms is not None:
         parts.append(f"opt ms {_opt_text(r.opt_ms, r.opt_ms_split)}")
+    if r.blocks_ms is not None:
+        parts.append(f"blocks ms {r.blocks_ms:.2f}")
     if r.collect_ms is not None:
         parts.append(f"collect ms {r.collect_ms:.2f}")
     return "; " + ", ".join(parts) if parts else ""

@@ -28,9 +28,10 @@ def val_curve(step: int, n: int, final: float) -> float:
 
 def write_ours(folder: Path, *, optimizer="muon", label="", seed=0, n=40, val_every=10, final=3.3, stop_at=None,
                opt_ms=None, step_ms=lambda s: 50.0, stamp="20250301-120000", tag="a", peak=1234, matmul=None,
-               **settings) -> Path:
+               blocks_ms=None, **settings) -> Path:
     """A record as train_gpt2.Record and the training loop write it; stop_at < n: cut off after that step's lines,
-    without the peak-memory line (a crash). opt_ms: a function of the step giving the ` opt_ms:` field, or None;
+    without the peak-memory line (a crash). opt_ms: a function of the step giving the ` opt_ms:` field, or None
+    (blocks_ms: the same for ` blocks_ms:`, written after it);
     step_ms: the training time of logged step s (the first 10 are untimed); matmul: a matmul rate (TFLOP/s), which
     adds the trainer's `matmul: ... mfu: ...` line (train_gpt2.mfu_line) at the end."""
     args = t.Hyperparameters(optimizer=optimizer, label=label, seed=seed, num_iterations=n, val_loss_every=val_every,
@@ -60,6 +61,8 @@ def write_ours(folder: Path, *, optimizer="muon", label="", seed=0, n=40, val_ev
                 f"step_avg:{now_ms / (step + 1 - 10) if step + 1 > 10 else float('nan'):.2f}ms")
         if opt_ms is not None:
             line += f" opt_ms:{opt_ms(step + 1):.2f}"
+        if blocks_ms is not None:
+            line += f" blocks_ms:{blocks_ms(step + 1):.2f}"
         lines.append(line)
     if stop_at is None:
         if matmul is not None:
@@ -158,12 +161,30 @@ def test_parse_ours_without_opt_ms_and_truncated(tmp_path):
     assert run.format == "ours" and not run.complete
     assert run.last_step == 24 and run.num_iterations == 40 and run.peak_mib is None
     assert run.opt_ms is None and all(o is None for *_, o in run.train)
+    assert run.blocks_ms is None and "blocks" not in c.format_table(c.summarize({"a": [run]}), "label", 3.28)
     assert run.final_val_loss == val_curve(20, 40, 3.3)  # the last one seen
     # cut off before the hyperparameters were written: still a record, incomplete at step 0
     cut = tmp_path / "cut.txt"
     cut.write_text(f"{t.RECORD_MARK}\nimport os\n")
     run = c.parse_record(cut)
     assert run.format == "ours" and not run.complete and run.last_step == 0
+
+
+def test_blocks_ms_is_parsed_averaged_over_the_timed_steps_and_shown(tmp_path):
+    """The trainer's `blocks_ms:` (the block matrices' optimizer, inside opt_ms): mean over the steps opt_ms uses."""
+    path = write_ours(tmp_path / "a", optimizer="muon", label="new", n=40, opt_ms=lambda s: 5.0 + s / 100,
+                      blocks_ms=lambda s: 4.0 + s / 100)
+    run = c.parse_record(path)
+    assert run.blocks == {s: round(4.0 + s / 100, 2) for s in range(1, 41)}
+    assert run.blocks_ms == pytest.approx(np.mean([round(4.0 + s / 100, 2) for s in range(11, 41)]))
+    old = c.parse_record(write_ours(tmp_path / "b", optimizer="muon", label="old", n=40, opt_ms=lambda s: 6.0))
+    rows = c.summarize({"new": [run], "old": [old]})
+    assert rows[0]["blocks_ms"] == pytest.approx(run.blocks_ms) and rows[1]["blocks_ms"] is None
+    head, _, new_row, old_row = c.format_table(rows, "label", 3.28).splitlines()
+    cells = lambda line: line.split()
+    assert "blocks" in head and f"{run.blocks_ms:.2f}" in cells(new_row) and "-" in cells(old_row)
+    short = c.parse_record(write_ours(tmp_path / "c", n=40, stop_at=23, opt_ms=lambda s: 5.0, blocks_ms=lambda s: 4.5))
+    assert not short.complete and "opt ms 5.00, blocks ms 4.50" in c._timing(short)
 
 
 def test_parse_upstream(tmp_path):

@@ -750,6 +750,21 @@ def test_state_dict_round_trip(name):
         o.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, qs))
 
+@pytest.mark.parametrize("name", ["muon", "polargrad_inner"])
+def test_momentum_buffers_are_made_once(name, monkeypatch):
+    """The first step makes each matrix's momentum buffer; later steps allocate none (they only update it)."""
+    ps = [torch.nn.Parameter(p) for p in init_params(SMALL)]
+    opt, made = ROUND_TRIP[name](ps), []
+    real = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda *a, **k: made.append(1) or real(*a, **k))
+    for step, g in enumerate(grads(SMALL, 3, seed=5, scale=1e-2)):
+        for p, gi in zip(ps, g):
+            p.grad = gi
+        opt.step()
+        assert len(made) == len(ps), step
+    assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in ps)
+
+
 # ----------------------------------------------------------------------------- settings
 
 

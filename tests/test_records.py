@@ -38,4 +38,8 @@ def test_smoke_run_writes_a_record(tmp_path):
     assert vals[-1][1] < vals[0][1] - 0.5  # it learns
     assert [a for *_, a in logged][:3] == ["nan", "nan", "nan"]  # the first 10 steps are not timed
     assert float(logged[-1][5]) > 0
+    # every step times its optimizers (opt_ms) and, inside that, the block matrices' optimizer alone (blocks_ms)
+    timers = [tuple(map(float, m)) for m in re.findall(r"^step:\d+/12 train_loss:.* opt_ms:([\d.]+) blocks_ms:([\d.]+)$",
+                                                        text, re.M)]
+    assert len(timers) == 12 and all(0 < b <= o for o, b in timers)
     assert text.rstrip().endswith("MiB") and "peak memory consumption:" in text.splitlines()[-1]
