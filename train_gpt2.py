@@ -220,6 +220,9 @@ NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
 }
 
 
+NS_DTYPE = torch.bfloat16  # what Newton-Schulz runs in (the momentum rule hands it its input already cast)
+
+
 def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     """msign(G) ~ U V^T for G = U S V^T, batched over leading dims, in bf16:
     X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; X = (a I + b A + c A A) X}
@@ -229,7 +232,7 @@ def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     1e-7): A = A0 / s^2 and X = ((a I + b A + c A A) / s) G0 (so G's entries must stay below ~1e17, where A0 would
     overflow bf16's range; a gradient that large is a divergence)."""
     steps, f = NS_COEFFS[coeffs]
-    X = G.bfloat16()
+    X = G.to(NS_DTYPE)
     if G.size(-2) > G.size(-1):
         X = X.mT
     shape = X.shape
@@ -239,11 +242,11 @@ def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
         A = X @ X.mT
         if i == 0:
             s = A.diagonal(dim1=-2, dim2=-1).float().sum(-1).sqrt() * f + 1e-7
-            A = (A / (s * s)[:, None, None]).bfloat16()
+            A = (A / (s * s)[:, None, None]).to(NS_DTYPE)
         B = c * (A @ A).float() + b * A.float() + a * eye
         if i == 0:
             B = B / s[:, None, None]
-        X = B.bfloat16() @ X
+        X = B.to(NS_DTYPE) @ X
     X = X.reshape(shape)
     return X.mT if G.size(-2) > G.size(-1) else X
 
@@ -371,6 +374,26 @@ def wide_key(p: torch.Tensor) -> tuple:
     return tuple(sorted(p.shape))
 
 
+def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float,
+                   nesterov: bool) -> torch.Tensor:
+    """buf = m buf + G in place; returns stack_wide of G + m buf (Nesterov) or buf in NS_DTYPE. Wide matrices one
+    at a time, so Inductor makes one kernel of each (reads G and buf, writes buf and the bf16 slice); tall ones by
+    foreach ops, then the transposing stack (one kernel writing buf and a transposed slice was slower)."""
+    xs: list[torch.Tensor | None] = [None] * len(grads)
+    tall = [i for i, g in enumerate(grads) if g.size(-2) > g.size(-1)]
+    if tall:
+        tb, tg = [bufs[i] for i in tall], [grads[i] for i in tall]
+        torch._foreach_mul_(tb, momentum)
+        torch._foreach_add_(tb, tg)
+        for i, x in zip(tall, torch._foreach_add(tg, tb, alpha=momentum) if nesterov else tb):
+            xs[i] = x.mT.to(NS_DTYPE)
+    for i, (b, g) in enumerate(zip(bufs, grads)):
+        if xs[i] is None:
+            b.mul_(momentum).add_(g)
+            xs[i] = (torch.add(g, b, alpha=momentum) if nesterov else b).to(NS_DTYPE)
+    return torch.stack(xs)
+
+
 def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
               momentum: float, nesterov: bool, coeffs: str, scales: list[float],
               factors: list[torch.Tensor] | None = None, gram: str = "full") -> None:
@@ -380,10 +403,7 @@ def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[
     schedule never recompiles)."""
     if factors is not None:
         grads = [right_precondition(g, R, gram) for g, R in zip(grads, factors)]
-    torch._foreach_mul_(bufs, momentum)
-    torch._foreach_add_(bufs, grads)
-    g = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
-    O = orthogonalize(stack_wide(g), coeffs).to(params[0].dtype)
+    O = orthogonalize(nesterov_stack(grads, bufs, momentum, nesterov), coeffs).to(params[0].dtype)
     s = torch.tensor(scales, dtype=O.dtype, device=O.device)
     torch._foreach_add_(params, unstack_like(O * (-lr * s)[:, None, None], params))
 

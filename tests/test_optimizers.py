@@ -123,7 +123,9 @@ def one_thread():
 
 @pytest.fixture
 def float64_ns(monkeypatch):
-    """train_gpt2's bf16 orthogonalization replaced by ns64, so the rest of each rule can be checked exactly."""
+    """train_gpt2's bf16 orthogonalization (and the cast to bf16 before it) replaced by ns64 in float64, so the rest
+    of each rule can be checked exactly."""
+    monkeypatch.setattr(t, "NS_DTYPE", torch.float64)  # what the momentum rule casts to before orthogonalizing
     monkeypatch.setattr(t, "orthogonalize", lambda G, coeffs: torch.stack([ns64(g, coeffs) for g in G.double()]))
 
 
@@ -749,6 +751,22 @@ def test_state_dict_round_trip(name):
             p.grad = g.clone()
         o.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_nesterov_stack_is_the_momentum_rule_on_wide_and_tall_matrices(nesterov):
+    """nesterov_stack (wide matrices one fused kernel each, tall ones by foreach ops on CUDA): buf = m buf + G in
+    place and the stack of bf16(G + m buf) or bf16(buf), tall ones transposed: bitwise equal to the plain formulas."""
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(48, 96), (96, 48), (48, 96), (96, 48)]
+    bufs = [torch.randn(s, generator=gen) for s in shapes]
+    grads_ = [torch.randn(s, generator=gen) for s in shapes]
+    want_bufs = [0.9 * b + g for b, g in zip(bufs, grads_)]
+    want = torch.stack([(x.mT if x.size(0) > x.size(1) else x).bfloat16() for x in
+                        ([g + 0.9 * b for g, b in zip(grads_, want_bufs)] if nesterov else want_bufs)])
+    got = t.nesterov_stack(grads_, bufs, 0.9, nesterov)
+    assert got.dtype == torch.bfloat16 and got.shape == (4, 48, 96)
+    assert all(torch.equal(b, w) for b, w in zip(bufs, want_bufs)) and torch.equal(got, want)
+
 
 @pytest.mark.parametrize("name", ["muon", "polargrad_inner"])
 def test_momentum_buffers_are_made_once(name, monkeypatch):
