@@ -105,7 +105,7 @@ class Hyperparameters:
     # run
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
     compile_mode: str = "default"  # the model's torch.compile mode: default | max-autotune-no-cudagraphs
-    matmul_check: bool = True  # after training, time an 8192^3 bf16 matmul (CPU: 512^3 fp32): the record's MFU
+    matmul_check: bool = True  # before and after training, time an 8192^3 bf16 matmul (CPU: 512^3 fp32): the MFU
     records_dir: str = "records"
     label: str = ""
     preset: str = "speedrun"
@@ -1832,6 +1832,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
 
     start, training_ms, timed_before, losses = (progress[k] for k in ("step", "training_ms", "timed_steps", "losses"))
     warm_until = start + 10  # the first 10 steps of each start (compile warm-up) are not timed
+    rate_before = matmul_rate(device, world) if args.matmul_check else 0.0  # on a cool GPU; again after training
     t0 = time.perf_counter()
     for step in range(start, args.num_iterations + 1):
         last = step == args.num_iterations or step == args.stop_at > 0
@@ -1937,7 +1938,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
             f"{flops_per_token(args) * args.batch_size * T * timed / training_ms / 1e9:.1f} TFLOP/s")
         if args.matmul_check:
-            log(matmul_check(args, training_ms / timed, device, world))
+            log(matmul_check(args, training_ms / timed, device, world, rate_before))
     if master:
         record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # on CPU: the process's peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
@@ -1983,17 +1984,30 @@ def mfu_line(args: Hyperparameters, step_avg_ms: float, tflops: float, world: in
             f"(floor {floor_ms:.1f} ms a step, step_avg {step_avg_ms:.2f} ms)")
 
 
-def matmul_check(args: Hyperparameters, step_avg_ms: float, device: torch.device, world: int) -> str:
-    """Every process times a matmul on its own device at once (CUDA: 8192^3 bf16; CPU: a quick 512^3 fp32); the
-    mfu_line of their mean rate (collective with world > 1)."""
-    cuda = device.type == "cuda"
-    n, dtype, reps = (8192, torch.bfloat16, 50) if cuda else (512, torch.float32, 10)
+def matmul_rate(device: torch.device, world: int) -> float:
+    """The mean over processes of matmul_tflops on each one's device (CUDA: 8192^3 bf16; CPU: a quick 512^3 fp32);
+    collective with world > 1."""
+    n, dtype, reps = MATMUL_CHECK[device.type == "cuda"]
     rate = torch.tensor(matmul_tflops(device, n, reps, dtype), device=device)
     if world > 1:
         dist.all_reduce(rate)  # a sum: gloo has no average
-    name = (torch.cuda.get_device_name(device) if cuda else "cpu") + (f", mean of {world}" if world > 1 else "")
-    what = f"{n}^3 {str(dtype).removeprefix('torch.')} ({name})"
-    return mfu_line(args, step_avg_ms, rate.item() / world, world, what)
+    return rate.item() / world
+
+
+MATMUL_CHECK = {True: (8192, torch.bfloat16, 50), False: (512, torch.float32, 10)}  # cuda? -> n, dtype, reps
+
+
+def matmul_check(args: Hyperparameters, step_avg_ms: float, device: torch.device, world: int, before: float) -> str:
+    """The matmul rate timed again after training (matmul_rate); the mfu_line of the larger of it and `before` (timed
+    before training), both named in the line: a GPU hot from a run clocks lower (H100s: 695-759 TFLOP/s after the
+    bench, 737-795 before), and the floor is what the GPU can do."""
+    after = matmul_rate(device, world)
+    n, dtype, _ = MATMUL_CHECK[device.type == "cuda"]
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu") + (
+        f", mean of {world}" if world > 1 else "")
+    what = (f"{n}^3 {str(dtype).removeprefix('torch.')} ({name}; {before:.1f} before training, {after:.1f} after: "
+            f"the larger)")
+    return mfu_line(args, step_avg_ms, max(before, after), world, what)
 
 
 # ----------------------------------------------------------------------------- records

@@ -45,16 +45,19 @@ def test_two_processes_equal_one_with_accumulation(tiny_args, tmp_path, optimize
     assert val.findall(text1) == val.findall(text2)
 
 
-def test_matmul_check_after_training_on_one_and_two_processes(tiny_args, tmp_path):
-    """After the timed steps (past the 10 warm-up steps) every process times a matmul on its device (CPU: 512^3 fp32)
-    and the record gets the mean rate and MFU = floor / step_avg, floor = model FLOPs a step / (W x rate)."""
-    line = re.compile(r"^matmul: 512\^3 float32 \(cpu(, mean of 2)?\) ([\d.]+) TFLOP/s per device, "
-                      r"mfu: ([\d.]+)% \(floor ([\d.]+) ms a step, step_avg ([\d.]+) ms\)$", re.M)
+def test_matmul_check_before_and_after_training_on_one_and_two_processes(tiny_args, tmp_path):
+    """Before training and after the timed steps (past the 10 warm-up steps) every process times a matmul on its
+    device (CPU: 512^3 fp32); the record gets both mean rates and MFU = floor / step_avg, floor = model FLOPs a step
+    / (W x the larger rate)."""
+    line = re.compile(r"^matmul: 512\^3 float32 \(cpu(, mean of 2)?; ([\d.]+) before training, ([\d.]+) after: the "
+                      r"larger\) ([\d.]+) TFLOP/s per device, mfu: ([\d.]+)% \(floor ([\d.]+) ms a step, step_avg "
+                      r"([\d.]+) ms\)$", re.M)
     for nproc in (1, 2):
         *_, text = run(tiny_args, tmp_path, nproc, f"w{nproc}", ["--optimizer", "adamw", "--num_iterations", "12"])
         m = line.search(text)
         assert m and bool(m[1]) == (nproc == 2), text[-600:]
-        mfu, floor, step_avg = float(m[3]), float(m[4]), float(m[5])
+        assert float(m[4]) == max(float(m[2]), float(m[3])) > 0  # the rate used: the larger of the two timings
+        mfu, floor, step_avg = float(m[5]), float(m[6]), float(m[7])
         assert floor > 0 and mfu == pytest.approx(100 * floor / step_avg, rel=0.01, abs=0.06)  # floor: 0.1 ms
         assert "step:12/12 val_loss" in text and f"step_avg:{step_avg:.2f}ms" in text
         (record,) = (tmp_path / f"w{nproc}").glob("*.txt")
