@@ -1984,6 +1984,9 @@ def mfu_line(args: Hyperparameters, step_avg_ms: float, tflops: float, world: in
             f"(floor {floor_ms:.1f} ms a step, step_avg {step_avg_ms:.2f} ms)")
 
 
+MATMUL_CHECK = {True: (8192, torch.bfloat16, 50), False: (512, torch.float32, 10)}  # cuda? -> n, dtype, reps
+
+
 def matmul_rate(device: torch.device, world: int) -> float:
     """The mean over processes of matmul_tflops on each one's device (CUDA: 8192^3 bf16; CPU: a quick 512^3 fp32);
     collective with world > 1."""
@@ -1992,9 +1995,6 @@ def matmul_rate(device: torch.device, world: int) -> float:
     if world > 1:
         dist.all_reduce(rate)  # a sum: gloo has no average
     return rate.item() / world
-
-
-MATMUL_CHECK = {True: (8192, torch.bfloat16, 50), False: (512, torch.float32, 10)}  # cuda? -> n, dtype, reps
 
 
 def matmul_check(args: Hyperparameters, step_avg_ms: float, device: torch.device, world: int, before: float) -> str:
