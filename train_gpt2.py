@@ -1964,8 +1964,9 @@ def stop_diverged(step: int, loss: float, refresh_error: str, model: nn.Module, 
 def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 50, dtype=torch.bfloat16) -> float:
     """The matrix rate the MFU is measured against: 2 n^3 / (mean time of `reps` n x n x n products, after 3 warm-up
     products), in TFLOP/s."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn_like(a)
+    gen = torch.Generator(device=device).manual_seed(0)  # not the global RNG: training's draws stay as without it
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b

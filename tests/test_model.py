@@ -91,7 +91,10 @@ def test_model_flops_and_the_mfu_line():
 
 
 def test_matmul_rate_is_two_n_cubed_over_the_time(monkeypatch):
-    """matmul_tflops: 2 n^3 flops a product over the mean time of the timed products (here a fake clock: 1 ms each)."""
+    """matmul_tflops: 2 n^3 flops a product over the mean time of the timed products (here a fake clock: 1 ms each);
+    it leaves the global RNG as it was (the trainer times it before training too, and a resumed run must match)."""
     clock = iter([10.0, 10.0 + 5 * 1e-3])
     monkeypatch.setattr(t.time, "perf_counter", lambda: next(clock))
+    state = torch.get_rng_state()
     assert t.matmul_tflops(torch.device("cpu"), n=64, reps=5) == pytest.approx(2 * 64**3 / 1e-3 / 1e12)
+    assert torch.equal(torch.get_rng_state(), state)  # its own generator: timing before training moves no draw
