@@ -386,12 +386,12 @@ def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum
         torch._foreach_mul_(tb, momentum)
         torch._foreach_add_(tb, tg)
         for i, x in zip(tall, torch._foreach_add(tg, tb, alpha=momentum) if nesterov else tb):
-            xs[i] = x.mT.to(NS_DTYPE)
+            xs[i] = x.to(NS_DTYPE)
     for i, (b, g) in enumerate(zip(bufs, grads)):
         if xs[i] is None:
             b.mul_(momentum).add_(g)
             xs[i] = (torch.add(g, b, alpha=momentum) if nesterov else b).to(NS_DTYPE)
-    return torch.stack(xs)
+    return stack_wide(xs)
 
 
 def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
@@ -882,7 +882,8 @@ class LocoPropS(FeatureGram):
     def factor(self, C, group, wait=True):  # A^-1 (steps = 0) or the K-step polynomial P_K
         if group["steps"] == 0:
             return super().factor(C, group, wait)
-        return cannot_fail(inner_steps_polynomial(C, group["damping"], group["nu"], group["steps"], group["gram"]), wait)
+        P = inner_steps_polynomial(C, group["damping"], group["nu"], group["steps"], group["gram"])
+        return cannot_fail(P, wait)
 
     def update(self, params, group):
         grads = [p.grad for p in params]

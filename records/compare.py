@@ -87,7 +87,7 @@ class Run:
     diverged_at: int | None = None  # ours: the step whose loss or update was not finite (the run ended there)
     last_good_step: int | None = None  # ours, diverged: the last step with a finite loss and parameters
     stopped_at: int | None = None  # ours: K when `--stop_at K` ended the run there
-    mfu: float | None = None  # ours, CUDA: model FLOPs utilization (%) against the matmul rate timed after training
+    mfu: float | None = None  # ours: model FLOPs utilization (%) against the matmul rate the trainer timed
     blocks: dict[int, float] = field(default_factory=dict)  # ours: step -> blocks_ms (the block matrices' optimizer)
 
     @property
@@ -416,7 +416,8 @@ def one_sided_p(losses: list[float], target: float) -> float | None:
 def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
     """One row per group over its complete runs: group, runs, incomplete, mean, std (None for one run), min, steps
     (sorted distinct end steps: K of --stop_at K, else N), tokens (mean; None unknown), train_time_ms, step_avg_ms,
-    opt_ms (None where no run logged opt_ms), blocks_ms (the block matrices' share of opt_ms; None where not logged), opt_split ((plain, refresh) opt ms for optimizers with a refresh period,
+    opt_ms (None where no run logged opt_ms), blocks_ms (the block matrices' share of opt_ms; None where not
+    logged), opt_split ((plain, refresh) opt ms for optimizers with a refresh period,
     else None), collect_ms (feature-gram runs, else None), mfu (%, runs that timed the matmul), peak_mib (the largest),
     p_value (None for fewer than two runs), losses."""
     rows = []
@@ -520,7 +521,8 @@ def format_table(rows: list[dict], by: str, target: float, baseline: str | None 
         p = "-" if r["p_value"] is None else ("nan" if math.isnan(r["p_value"]) else f"{r['p_value']:.3g}")
         body.append([r["group"], str(r["runs"]), mean, _fmt(r["min"]), steps, _count(r["tokens"]), time,
                      _fmt(r["step_avg_ms"], "{:.2f}ms"), *([_fmt(r.get("mfu"), "{:.1f}%")] if mfu else []),
-                     _opt_text(r["opt_ms"], r.get("opt_split")), *([_fmt(r.get("blocks_ms"), "{:.2f}")] if blocks else []),
+                     _opt_text(r["opt_ms"], r.get("opt_split")),
+                     *([_fmt(r.get("blocks_ms"), "{:.2f}")] if blocks else []),
                      *([_fmt(r.get("collect_ms"), "{:.2f}")] if collect else []),
                      *([over] if base is not None else []), _fmt(r["peak_mib"], "{:.0f}"), p])
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
