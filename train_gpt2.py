@@ -515,15 +515,31 @@ def tri_inverse(L: torch.Tensor, b: int | None = None) -> torch.Tensor:
     return X
 
 
-def gram_of_lower(X: torch.Tensor, b: int | None = None) -> torch.Tensor:
-    """X^T X for lower triangular X (..., n, n) from its upper block triangle: block row i = X_{i:, i}^T X_{i:, i:}
-    (rows above i of those columns are zero), mirrored once (~n^3/3 + n^3/2 flops instead of 2 n^3)."""
+def gram_upper(X: torch.Tensor, lower: bool = False, b: int | None = None) -> torch.Tensor:
+    """X^T X for X (..., m, n) from its upper block triangle: block row i = X_{:, i}^T X_{:, i:}, mirrored once
+    (at n = 6b, 21 of 36 block products; a plain X^T X below n = 4b); lower: X is lower triangular (square), so rows
+    above i of block column i are zero and block row i = X_{i:, i}^T X_{i:, i:} (~n^3/3 + n^3/2 flops, not 2 n^3)."""
     b, n = b or LINALG_BLOCK, X.size(-1)
-    G = torch.empty_like(X)
+    if not lower and n < 4 * b:  # too few blocks to gain (H100: 60 x 768^2 slower, 12 x 3072^2 13% faster)
+        return X.mT @ X
+    G = torch.empty(X.shape[:-2] + (n, n), dtype=X.dtype, device=X.device)
     for i in range(0, n, b):
-        e = min(i + b, n)
-        G[..., i:e, i:] = X[..., i:, i:e].mT @ X[..., i:, i:]
+        e, r = min(i + b, n), i if lower else 0
+        G[..., i:e, i:] = X[..., r:, i:e].mT @ X[..., r:, i:]
     return G.triu() + G.triu(1).mT
+
+
+def matmul_upper(X: torch.Tensor, U: torch.Tensor, b: int | None = None) -> torch.Tensor:
+    """X U for upper triangular U (..., n, n), by b-column blocks j: (X U)_{:, j} = X_{:, :e} U_{:e, j} (e = the
+    block's end; the rows of U below it are zero), at n = 6b 21 of 36 block products (a plain X U below n = 4b)."""
+    b, n = b or LINALG_BLOCK, U.size(-1)
+    if n < 4 * b:
+        return X @ U
+    Y = torch.empty(X.shape[:-1] + (n,), dtype=X.dtype, device=X.device)
+    for j in range(0, n, b):
+        e = min(j + b, n)
+        Y[..., j:e] = X[..., :e] @ U[..., :e, j:e]
+    return Y
 
 
 def orthonormalize(A: torch.Tensor) -> torch.Tensor:
@@ -538,8 +554,8 @@ def orthonormalize(A: torch.Tensor) -> torch.Tensor:
     columns, and condition numbers of 1e10 .. 1e11 (measured on this model's gradients) that plain CholeskyQR2 cannot
     factor. A matrix whose Cholesky still fails (a zero column) or whose third Gram is off I by >= 0.5 in Frobenius
     norm gets torch.linalg.qr(A).Q instead (one host sync per call to decide).
-    Cost per n x n matrix and pass: 2n^3 Gram + ~n^3 cholesky_blocked + ~n^3 tri_inverse + 2n^3 for X R^-1 flops,
-    all but n/b small Choleskys and solves in batched fp64 GEMMs (Householder's geqrf + orgqr: 2.7 n^3, but BLAS-2
+    Cost per n x n matrix and pass: ~1.2n^3 Gram (gram_upper) + ~n^3 cholesky_blocked + ~n^3 tri_inverse + ~1.2n^3
+    for X R^-1 (matmul_upper) flops (at n = 6b), all but n/b small Choleskys and solves in batched fp64 GEMMs (Householder's geqrf + orgqr: 2.7 n^3, but BLAS-2
     panels). Measured on one H100 (README, Speed), three passes: 12 x (3072 x 3072) in 143 ms, against 169 ms with
     torch's batched Cholesky + triangular solve, 249 ms one matrix at a time and 265 ms for fp32 torch.linalg.qr."""
     X = A.double()
@@ -549,14 +565,14 @@ def orthonormalize(A: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(n, dtype=X.dtype, device=X.device)
     ok = torch.ones(A.shape[:-2], dtype=torch.bool, device=A.device)
     for k in range(3):
-        gram = X.mT @ X
+        gram = gram_upper(X)
         if k == 0:
             gram.diagonal(dim1=-2, dim2=-1).add_(shift)
         if k == 2:  # NaN (a failed earlier pass) compares False
             ok &= torch.linalg.matrix_norm(gram - eye) < 0.5
         L, info = cholesky_blocked(gram)
         ok &= info == 0
-        X = X @ tri_inverse(L).mT  # X R^-1 with R = L^T
+        X = matmul_upper(X, tri_inverse(L).mT)  # X R^-1 with R = L^T
     Q = X.to(A.dtype)
     if not ok.all():
         Q[~ok] = torch.linalg.qr(A[~ok]).Q
@@ -712,7 +728,7 @@ def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool 
     eye = torch.eye(C.size(-1), device=C.device, dtype=C.dtype)
     L, info = cholesky_blocked(C + gamma * eye)
     if not wait:
-        return gram_of_lower(tri_inverse(L)), (info > 0).any()
+        return gram_upper(tri_inverse(L), lower=True), (info > 0).any()
     for boost in (10, 100, 1000):
         failed = info > 0  # one flag per Cholesky (per matrix, or per block)
         if not failed.any():
@@ -721,7 +737,7 @@ def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool 
         L, info = torch.where(failed[..., None, None], L2, L), torch.where(failed, info2, info)
     if (info > 0).any():
         raise torch.linalg.LinAlgError("Cholesky of C + 1000 gamma I failed: C is not finite")
-    return gram_of_lower(tri_inverse(L))  # A^-1 = L^-T L^-1
+    return gram_upper(tri_inverse(L), lower=True)  # A^-1 = L^-T L^-1
 
 
 def bf16_operands(G: torch.Tensor) -> bool:
@@ -1018,31 +1034,29 @@ def gram_triangle(mode: str, d: int) -> bool:
     return mode == "full" and d >= GRAM_TRIANGLE_FROM and d % GRAM_SPLIT == 0
 
 
-def gram_accumulate(gram: torch.Tensor, x: torch.Tensor, mode: str) -> None:
-    """gram += X^T X over the rows of x (..., d), accumulated in fp32: full (d, d); block (d/b, b, b), the diagonal
+def gram_sum(x: torch.Tensor, mode: str, blocks: int = 1) -> torch.Tensor:
+    """X^T X over the rows of x (..., d), in fp32: full (d, d); block (blocks, d/blocks, d/blocks), the diagonal
     blocks; diag (d,), the column sums of x^2. On CUDA the bf16 products come out of the matmul in fp32. Where
-    gram_triangle: only the blocks on and above the block diagonal (syrk-style); symmetric_gram completes it."""
+    gram_triangle: only the blocks on and above the block diagonal (syrk-style, zeros below); symmetric_gram
+    completes the sum."""
     x = x.detach().reshape(-1, x.size(-1))
     if mode == "diag":
-        gram += x.float().square().sum(0)
-        return
+        return x.float().square().sum(0)
     if mode == "block":
-        x = x.view(x.size(0), gram.size(0), -1).transpose(0, 1)  # (d/b, n, b)
+        x = x.view(x.size(0), blocks, -1).transpose(0, 1)  # (d/b, n, b)
     low = x.is_cuda and x.dtype == torch.bfloat16
     if not low:
         x = x.float()
     gram_mm = lambda a, b: (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32) if low else a @ b
     d = x.size(-1)
-    if gram_triangle(mode, d):
+    if gram_triangle(mode, d):  # row block i: columns i.. (its diagonal block and the blocks right of it)
         b = d // GRAM_SPLIT
-        for i in range(0, d, b):  # row block i: columns i.. (its diagonal block and the blocks right of it)
-            gram[i:i + b, i:] += gram_mm(x[:, i:i + b].mT, x[:, i:])
-        return
-    gram += gram_mm(x.mT, x)
+        return torch.cat([F.pad(gram_mm(x[:, i:i + b].mT, x[:, i:]), (i, 0)) for i in range(0, d, b)])
+    return gram_mm(x.mT, x)
 
 
 def symmetric_gram(gram: torch.Tensor, mode: str) -> None:
-    """Complete what gram_accumulate summed as an upper block triangle: gram = triu(gram) + triu(gram, 1)^T."""
+    """Complete what gram_sum summed as an upper block triangle: gram = triu(gram) + triu(gram, 1)^T."""
     if gram_triangle(mode, gram.size(-1)):
         gram.copy_(gram.triu() + gram.triu(1).mT)
 
@@ -1103,7 +1117,7 @@ def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chun
 
 class Linear(nn.Linear):
     """Bias-free nn.Linear that, while `collect` is on, also adds the Gram matrix X^T X of its input into its `gram`
-    buffer (GPT.setup_gram makes it; see gram_accumulate). With `collect` off it is nn.Linear: no extra kernels."""
+    buffer (GPT.setup_gram makes it; see gram_sum). With `collect` off it is nn.Linear: no extra kernels."""
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__(d_in, d_out, bias=False)
@@ -1116,8 +1130,14 @@ class Linear(nn.Linear):
     def collect_input(self, x: torch.Tensor) -> None:
         """While `collect` is on: gram += X^T X of this layer's input x."""
         if self.collect:
-            with torch.no_grad():
-                gram_accumulate(self.gram, x, self.gram_mode)
+            self.add_gram(gram_sum(x, self.gram_mode, self.gram_blocks()))
+
+    def gram_blocks(self) -> int:
+        return self.gram.size(0) if self.gram_mode == "block" else 1
+
+    @torch.no_grad()
+    def add_gram(self, part: torch.Tensor) -> None:
+        self.gram += part
 
 
 class Rotary(nn.Module):
@@ -1162,9 +1182,12 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def gelu_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """gelu(h) W^T: the MLP's second half, one checkpointed region when GELU is recomputed."""
-    return F.linear(F.gelu(h), w)
+def gelu_linear(h: torch.Tensor, w: torch.Tensor, gram_mode: str | None = None, gram_blocks: int = 1):
+    """gelu(h) W^T: the MLP's second half, one checkpointed region when GELU is recomputed; with gram_mode also
+    gram_sum(gelu(h)), c_proj's input Gram from the same GELU (a refresh step of the feature-gram optimizers)."""
+    g = F.gelu(h)
+    y = F.linear(g, w)
+    return y if gram_mode is None else (y, gram_sum(g, gram_mode, gram_blocks))
 
 
 class MLP(nn.Module):
@@ -1173,9 +1196,10 @@ class MLP(nn.Module):
     checkpointed region, which torch.compile's partitioner honours (the backward recomputes GELU, not the matmul;
     eager autograd still saves GELU's output). One region, not GELU alone: under DDP, torch.compile splits the graph
     at gradient-bucket boundaries, and a split between GELU and c_proj would save the output anyway. In the region
-    c_proj is F.linear on its weight, not a module call: forward hooks on it fire only with recompute off. Refresh
-    steps of the feature-gram optimizers also compute GELU(h) for c_proj's Gram; their forward runs under
-    collecting_forward, or torch.compile would merge that GELU with the region's and save its output."""
+    c_proj is F.linear on its weight, not a module call: forward hooks on it fire only with recompute off. On refresh
+    steps of the feature-gram optimizers the region also returns the Gram sum of GELU's output: one GELU, which the
+    forward reads h for once (a second GELU outside, for the Gram, made torch.compile's CSE merge the two and save
+    GELU's output)."""
 
     def __init__(self, n_embd: int, recompute: bool = False):
         super().__init__()
@@ -1186,9 +1210,12 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
         if self.recompute and torch.is_grad_enabled():
-            if self.c_proj.collect:  # refresh steps of the feature-gram optimizers only: C of GELU's output
-                self.c_proj.collect_input(F.gelu(h))
-            return checkpoint(gelu_linear, h, self.c_proj.weight, use_reentrant=False)
+            proj = self.c_proj
+            if not proj.collect:
+                return checkpoint(gelu_linear, h, proj.weight, use_reentrant=False)
+            y, part = checkpoint(gelu_linear, h, proj.weight, proj.gram_mode, proj.gram_blocks(), use_reentrant=False)
+            proj.add_gram(part)
+            return y
         return self.c_proj(F.gelu(h))
 
 
@@ -1741,14 +1768,6 @@ def compile_model(model: nn.Module, args: Hyperparameters) -> nn.Module:
     return torch.compile(model, mode=args.compile_mode)
 
 
-def collecting_forward(collecting: bool):
-    """The context of a forward pass; collecting (a feature-gram refresh step): torch.compile's joint graph without
-    common-subexpression elimination, which would merge the Gram's GELU(h) of c_proj's input with the GELU of the
-    checkpointed GELU + c_proj region, so the partitioner saved GELU's output instead of recomputing it (0.4 GB a
-    layer at device batch 64). Applies where the collecting graph is compiled: its first call."""
-    return torch._functorch.config.patch(cse=False) if collecting else contextlib.nullcontext()
-
-
 def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     """Train, validate, write a record and checkpoints; returns the record's path on process 0 ('' elsewhere) and the
     model. Stops early on SIGTERM/SIGINT with a checkpoint (exit code 128 + the signal), and when the train loss or a
@@ -1870,7 +1889,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         for micro in range(accum):
             no_sync = model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
             with no_sync:
-                with autocast, attention(), collecting_forward(refresh):
+                with autocast, attention():
                     loss = model(x, y)
                 if refresh and micro == accum - 1:  # C is complete: its factors (on gram_stream: during the backward)
                     raw_model.collect_gram(False)
