@@ -579,13 +579,13 @@ def orthonormalize(A: torch.Tensor) -> torch.Tensor:
     return Q
 
 
-def refresh_basis(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def power_step(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One power iteration towards the eigenvectors of P from the basis Q (batched), sorted by the eigenvalue
-    estimates: order = argsort(diag(Q^T P Q), descending);  Q' = qr((P Q)[:, order]).Q (by orthonormalize, so up to
-    column signs, to which SOAP is invariant).  Returns Q', order."""
+    estimates: order = argsort(diag(Q^T P Q), descending); returns (P Q)[:, order], order. SOAP's refreshed basis is
+    orthonormalize of it (the Q of its QR, up to column signs, to which SOAP is invariant)."""
     PQ = P @ Q
     order = torch.argsort((Q * PQ).sum(-2), dim=-1, descending=True)
-    return orthonormalize(PQ.gather(-1, order[..., None, :].expand_as(PQ))), order
+    return PQ.gather(-1, order[..., None, :].expand_as(PQ)), order
 
 
 def _rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None, back: bool = False) -> torch.Tensor:
@@ -624,8 +624,9 @@ class SOAP(MatrixOptimizer):
       step t = 1, 2, ...: G~ = Q_L^T G Q_R;  m = b1 m + (1-b1) G~;  v = b2 v + (1-b2) G~^2;
         p = p - lr sqrt(1-b2^t)/(1-b1^t) Q_L (m / (sqrt(v) + eps)) Q_R^T;  p = p - lr wd p;
         L = s L + (1-s) G G^T;  R = s R + (1-s) G^T G;
-        t % precondition_frequency == 0: (Q_L, o_L) = refresh_basis(L, Q_L); (Q_R, o_R) = refresh_basis(R, Q_R);
-        v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m carried over as above.
+        t % precondition_frequency == 0: (A_L, o_L) = power_step(L, Q_L); Q_L = orthonormalize(A_L); the same for R;
+        v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m carried over as above. The refresh runs after
+        all batches' updates, their bases' QRs batched by size (one orthonormalize for every n x n basis).
     A side longer than max_precond_dim gets no preconditioner (Q = I). All state and math in fp32 (fp64 for fp64
     parameters; the refresh's QR in fp64); tf32: the step's fp32 matmuls on TF32 tensor cores (CUDA; ~1e-3 relative
     rounding in the rotations, L, R and the power iteration). The matrices of one shape keep each state entry
@@ -639,6 +640,7 @@ class SOAP(MatrixOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                                       weight_decay=weight_decay, precondition_frequency=precondition_frequency,
                                       max_precond_dim=max_precond_dim, tf32=tf32))
+        self._due: list[tuple[dict[str, torch.Tensor], dict]] = []  # (stacked state, group) whose bases refresh now
         # ids of a batch's params -> (stacked state, the per-matrix views handed to self.state)
         self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
 
@@ -662,6 +664,37 @@ class SOAP(MatrixOptimizer):
         self._stacks = {k: v for k, v in self._stacks.items() if not set(k) & set(key)}  # superseded stacks
         self._stacks[key] = S, views
         return S
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._due = []
+        super().step()
+        if self._due:
+            self._refresh_bases(self._due)
+
+    def _refresh_bases(self, due: list[tuple[dict[str, torch.Tensor], dict]]) -> None:
+        """The refresh of each stacked state S in `due`: m to the parameter space by the old bases, a power step of
+        each side, all sides of one size orthonormalized as one batch (the 3072-wide bases of the MLP's two matrices
+        together, and every 768-wide one: fewer, larger fp64 batches), v permuted, m into the new bases."""
+        ms, steps = [], []  # m in the parameter space; (S, side, A = sorted P Q, order)
+        for S, group in due:
+            with tf32_matmuls(group["tf32"]):
+                ms.append(_rotate(S["exp_avg"], S.get("QL"), S.get("QR"), back=True))
+                steps += [(S, side, *power_step(S[side], S["Q" + side])) for side in ("L", "R") if side in S]
+        by_size: dict[int, list[int]] = {}
+        for i, (_, _, A, _) in enumerate(steps):
+            by_size.setdefault(A.size(-1), []).append(i)
+        for idx in by_size.values():
+            Qs = orthonormalize(torch.cat([steps[i][2] for i in idx])).split([steps[i][2].size(0) for i in idx])
+            for i, Q in zip(idx, Qs):
+                S, side, _, o = steps[i]
+                S["Q" + side].copy_(Q)
+                v = S["exp_avg_sq"]  # its rows (L) or columns (R) follow their sorted basis vectors
+                v.copy_(v.gather(-2, o[..., :, None].expand_as(v)) if side == "L" else
+                        v.gather(-1, o[..., None, :].expand_as(v)))
+        for (S, group), m in zip(due, ms):
+            with tf32_matmuls(group["tf32"]):
+                S["exp_avg"].copy_(_rotate(m, S.get("QL"), S.get("QR")))
 
     def update(self, params: list[torch.Tensor], group: dict) -> None:
         by_step: dict[int, list[torch.Tensor]] = {}
@@ -694,14 +727,7 @@ class SOAP(MatrixOptimizer):
                     if side in S:
                         S["Q" + side].copy_(eigenbasis(S[side]))
             elif t % group["precondition_frequency"] == 0:
-                m = _rotate(S["exp_avg"], QL, QR, back=True)
-                for side in ("L", "R"):
-                    if side in S:
-                        Q, o = refresh_basis(S[side], S["Q" + side])
-                        S["Q" + side].copy_(Q)
-                        o = o[..., :, None] if side == "L" else o[..., None, :]  # v's rows (L) or columns (R)
-                        S["exp_avg_sq"].copy_(S["exp_avg_sq"].gather(-2 if side == "L" else -1, o.expand_as(G)))
-                S["exp_avg"].copy_(_rotate(m, QL, QR))  # QL, QR: the stacked tensors, now the new bases
+                self._due.append((S, group))  # refreshed in step(), after every batch: one orthonormalize per size
         for p in params:
             self.state[p]["step"] = t
 

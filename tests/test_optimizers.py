@@ -498,7 +498,7 @@ def ema_gram(n: int, k: int, steps: int, rank: int, noise: float, g: torch.Gener
 
 
 def power_step(L: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """What refresh_basis orthonormalizes, in fp32: (L Q)[:, argsort(-diag(Q^T L Q))]."""
+    """What SOAP's refresh orthonormalizes, in fp32: (L Q)[:, argsort(-diag(Q^T L Q))]."""
     PQ = L.float() @ Q.float()
     order = torch.argsort((Q.float() * PQ).sum(-2), dim=-1, descending=True)
     return PQ.gather(-1, order[..., None, :].expand_as(PQ))
@@ -588,7 +588,7 @@ def test_soap_update_is_invariant_to_basis_column_signs(monkeypatch):
     """Q_L, Q_R are defined up to column signs (eigh's, QR's): flipping columns of Q_L and Q_R before step 3, with the
     first moment's matching rows and columns (m lives in that basis), leaves all 22 updates unchanged (float64,
     refreshes at t = 10, 20); flipping Q_L, Q_R alone changes them (the control). So do bases that come out of
-    eigenbasis and refresh_basis with random column signs, as orthonormalize's may differ from Householder's."""
+    eigenbasis and orthonormalize with random column signs, as orthonormalize's may differ from Householder's."""
     p0, gs = init_params(SMALL), grads(SMALL, 22)
     plain = run_impl(lambda ps: t.SOAP(ps), gs, p0, torch.float64)
 
@@ -616,12 +616,10 @@ def test_soap_update_is_invariant_to_basis_column_signs(monkeypatch):
     def random_signs(f):
         def signed(*a):
             out = f(*a)
-            Q = out[0] if isinstance(out, tuple) else out  # refresh_basis: (Q', order)
-            Q = Q * (torch.randint(0, 2, (*Q.shape[:-2], 1, Q.size(-1)), generator=g) * 2 - 1).to(Q.dtype)
-            return (Q, *out[1:]) if isinstance(out, tuple) else Q
+            return out * (torch.randint(0, 2, (*out.shape[:-2], 1, out.size(-1)), generator=g) * 2 - 1).to(out.dtype)
         return signed
     monkeypatch.setattr(t, "eigenbasis", random_signs(t.eigenbasis))
-    monkeypatch.setattr(t, "refresh_basis", random_signs(t.refresh_basis))
+    monkeypatch.setattr(t, "orthonormalize", random_signs(t.orthonormalize))
     assert step_error(run_impl(lambda ps: t.SOAP(ps), gs, p0, torch.float64), plain, p0) < 1e-12
 
 
@@ -860,3 +858,23 @@ def test_measure_polargrad_nuclear():
             errs = [(t.nuclear_norm(M, "inner", t.orthogonalize(M, c)).item() - exact) / exact for c in t.NS_COEFFS]
             print(f"{what:9} {name:22} {str(tuple(M.shape)):12} {abs(exact - svd) / svd:12.1e} "
                   + " ".join(f"{e:+13.4f}" for e in errs))
+
+
+def test_soap_refresh_orthonormalizes_each_basis_size_once(monkeypatch):
+    """At a refresh SOAP orthonormalizes all bases of one size as one batch, across the matrices' shapes (e.g. the
+    MLP's 4d x d and d x 4d share their 4d-wide bases, and every d-wide basis goes in one batch): one call per size,
+    each with every matrix's basis of that size; none on other steps. (The float64 reference tests check the result.)"""
+    calls = []
+    real = t.orthonormalize
+    monkeypatch.setattr(t, "orthonormalize", lambda A: calls.append(tuple(A.shape)) or real(A))
+    ps = [torch.nn.Parameter(p.clone()) for p in init_params(SMALL)]
+    opt = t.SOAP(ps, precondition_frequency=3)
+    for i, step in enumerate(grads(SMALL, 4)):
+        for p, g in zip(ps, step):
+            p.grad = g
+        calls.clear()
+        opt.step()
+        assert calls == [] or i == 3, (i, calls)
+    sizes = sorted(n for shape in SMALL for n in shape)
+    expect = sorted((sizes.count(n), n, n) for n in set(sizes))
+    assert sorted(calls) == expect, (calls, expect)
