@@ -552,27 +552,38 @@ def orthonormalize(A: torch.Tensor) -> torch.Tensor:
     X^T X - I reached 7e-5 on the rank-deficient case of tests/test_optimizers.py, worse than fp32 Householder's 1e-6).
     SOAP needs this: the power step P Q of a rank-deficient L (the 3072-wide side of an MLP matrix) has fp32-noise
     columns, and condition numbers of 1e10 .. 1e11 (measured on this model's gradients) that plain CholeskyQR2 cannot
-    factor. A matrix whose Cholesky still fails (a zero column) or whose third Gram is off I by >= 0.5 in Frobenius
-    norm gets torch.linalg.qr(A).Q instead (one host sync per call to decide).
+    factor. A matrix whose third Gram is off I by >= 0.5 in Frobenius norm (X not yet near orthonormal: on one H100,
+    10 of the 288 bases of 3 refreshes, 2304 and 3072 wide, had 0.7 .. 3.2 there) gets a fourth pass; one whose
+    Cholesky fails (a zero column), or whose last Gram is still that far off, gets torch.linalg.qr(A).Q instead (two
+    host syncs per call to decide).
     Cost per n x n matrix and pass: ~1.2n^3 Gram (gram_upper) + ~n^3 cholesky_blocked + ~n^3 tri_inverse + ~1.2n^3
-    for X R^-1 (matmul_upper) flops (at n = 6b), all but n/b small Choleskys and solves in batched fp64 GEMMs (Householder's geqrf + orgqr: 2.7 n^3, but BLAS-2
-    panels). Measured on one H100 (README, Speed), three passes: 12 x (3072 x 3072) in 143 ms, against 169 ms with
+    for X R^-1 (matmul_upper) flops (at n = 6b), all but n/b small Choleskys and solves in batched fp64 GEMMs
+    (Householder's geqrf + orgqr: 2.7 n^3, but BLAS-2 panels). Measured on one H100 (README, Speed), three passes: 12 x (3072 x 3072) in 143 ms, against 169 ms with
     torch's batched Cholesky + triangular solve, 249 ms one matrix at a time and 265 ms for fp32 torch.linalg.qr."""
     X = A.double()
     X = X / X.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)  # a zero column stays zero
     m, n = X.shape[-2:]
-    shift = 11 * (m * n + n * (n + 1)) * 2.0**-53 * n
-    eye = torch.eye(n, dtype=X.dtype, device=X.device)
-    ok = torch.ones(A.shape[:-2], dtype=torch.bool, device=A.device)
-    for k in range(3):
+
+    def cholqr(X: torch.Tensor, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """X R^-1 with R = chol(X^T X + shift I), upper; whether the Cholesky held; ||X^T X - I||_F before it."""
         gram = gram_upper(X)
-        if k == 0:
+        # ||gram - I||_F^2 = ||gram||_F^2 - 2 tr(gram) + n, without an n x n temporary (fine in fp64 near 0.5^2);
+        # NaN (a failed earlier pass) compares False below
+        off = (torch.linalg.matrix_norm(gram) ** 2 - 2 * gram.diagonal(dim1=-2, dim2=-1).sum(-1) + n).clamp_min(0).sqrt()
+        if shift:
             gram.diagonal(dim1=-2, dim2=-1).add_(shift)
-        if k == 2:  # NaN (a failed earlier pass) compares False
-            ok &= torch.linalg.matrix_norm(gram - eye) < 0.5
         L, info = cholesky_blocked(gram)
-        ok &= info == 0
-        X = matmul_upper(X, tri_inverse(L).mT)  # X R^-1 with R = L^T
+        return matmul_upper(X, tri_inverse(L).mT), info == 0, off
+
+    X, ok, _ = cholqr(X, 11 * (m * n + n * (n + 1)) * 2.0**-53 * n)
+    X, held, _ = cholqr(X)
+    X, held3, off = cholqr(X)
+    ok &= held & held3
+    again = ok & ~(off < 0.5)  # X was not yet near orthonormal before the third pass: one pass more
+    if again.any():
+        X[again], held, off[again] = cholqr(X[again])
+        ok[again] &= held
+    ok &= off < 0.5
     Q = X.to(A.dtype)
     if not ok.all():
         Q[~ok] = torch.linalg.qr(A[~ok]).Q
