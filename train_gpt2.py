@@ -579,9 +579,9 @@ def orthonormalize(A: torch.Tensor) -> torch.Tensor:
         return matmul_upper(X, tri_inverse(L).mT), info == 0, off
 
     X, ok, _ = cholqr(X, 11 * (m * n + n * (n + 1)) * 2.0**-53 * n)
-    X, held, _ = cholqr(X)
-    X, held3, off = cholqr(X)
-    ok &= held & held3
+    for _ in range(2):  # off: of the third pass's input
+        X, held, off = cholqr(X)
+        ok &= held
     again = ok & ~(off < 0.5)  # X was not yet near orthonormal before the third pass: one pass more
     if again.any():
         X[again], held, off[again] = cholqr(X[again])
