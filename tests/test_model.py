@@ -36,8 +36,14 @@ def test_loss_at_init():
 
 
 def test_rotary_and_norm():
+    """Rotary: a rotation by t * inv_freq from tables made once for up to max_len tokens (not in the state dict), a
+    clear error beyond; rms_norm."""
+    rotary = t.Rotary(8, 16)
+    assert rotary.state_dict() == {}
+    with pytest.raises(ValueError, match="rotary tables hold 16"):
+        rotary(17)
     x = torch.randn(2, 5, 3, 8)
-    cos, sin = t.Rotary(8)(5)
+    cos, sin = rotary(5)
     y = t.apply_rotary(x, cos, sin)
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # a rotation
     inv_freq = 1 / 10000 ** (torch.arange(0, 8, 2).double() / 8)

@@ -13,14 +13,17 @@ import train_gpt2 as t
 from test_optimizers import ns64  # the record's Newton-Schulz form, in any dtype
 
 
+@pytest.mark.parametrize("V", [1000, 1024])
 @pytest.mark.parametrize("N,chunk", [(300, 7), (300, 128), (300, 300), (300, 1000)])
-def test_linear_cross_entropy_equals_fp32_logits(N, chunk):
+def test_linear_cross_entropy_equals_fp32_logits(N, chunk, V):
     """Loss and both gradients of the chunked fused loss equal F.cross_entropy on whole fp32 logits, for chunks that
-    do and do not divide N, under an upstream gradient other than 1."""
+    do and do not divide N, under an upstream gradient other than 1, for a vocabulary it pads (1000 -> 1024 rows, the
+    padded logits out of the softmax) and one it does not."""
     torch.manual_seed(0)
     x = torch.randn(N, 64, requires_grad=True)
-    w = torch.randn(1000, 64, requires_grad=True)
-    y = torch.randint(0, 1000, (N,))
+    w = torch.randn(V, 64, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    y[:2] = torch.tensor([0, V - 1])  # the first and last real logit as targets
     ref = F.cross_entropy(x @ w.T, y)
     gx, gw = torch.autograd.grad(3 * ref, (x, w))
     loss = t.linear_cross_entropy(x, w, y, chunk)
@@ -181,8 +184,8 @@ def test_gelu_recompute_holds_on_the_steps_that_collect_c(gram):
     assert collecting == plain, (plain, collecting)
     _, C_eager = run(True, compiled=False)
     assert len(C) == 8 and all(c.abs().sum() > 0 for c in C)
-    for a, b in zip(C, C_eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(C, C_eager):  # to fp32 rounding of entries up to ~400 (compiled and eager round differently)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
 
 
 def test_gelu_recompute_recomputes_gelu_and_no_matmul():
