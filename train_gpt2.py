@@ -1076,9 +1076,9 @@ def gram_triangle(mode: str, d: int) -> bool:
 
 def gram_sum(x: torch.Tensor, mode: str, blocks: int = 1) -> torch.Tensor:
     """X^T X over the rows of x (..., d), in fp32: full (d, d); block (blocks, d/blocks, d/blocks), the diagonal
-    blocks; diag (d,), the column sums of x^2. On CUDA the bf16 products come out of the matmul in fp32. Where
-    gram_triangle: only the blocks on and above the block diagonal (syrk-style, zeros below); symmetric_gram
-    completes the sum."""
+    blocks; diag (d,), the column sums of x^2. On CUDA the bf16 products come out of the matmul in fp32; autocast is
+    off here (under it, an fp32 x's matmul would round X^T X to bf16). Where gram_triangle: only the blocks on and
+    above the block diagonal (syrk-style, zeros below); symmetric_gram completes the sum."""
     x = x.detach().reshape(-1, x.size(-1))
     if mode == "diag":
         return x.float().square().sum(0)
@@ -1089,10 +1089,11 @@ def gram_sum(x: torch.Tensor, mode: str, blocks: int = 1) -> torch.Tensor:
         x = x.float()
     gram_mm = lambda a, b: (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32) if low else a @ b
     d = x.size(-1)
-    if gram_triangle(mode, d):  # row block i: columns i.. (its diagonal block and the blocks right of it)
-        b = d // GRAM_SPLIT
-        return torch.cat([F.pad(gram_mm(x[:, i:i + b].mT, x[:, i:]), (i, 0)) for i in range(0, d, b)])
-    return gram_mm(x.mT, x)
+    with torch.autocast(x.device.type, enabled=False):
+        if gram_triangle(mode, d):  # row block i: columns i.. (its diagonal block and the blocks right of it)
+            b = d // GRAM_SPLIT
+            return torch.cat([F.pad(gram_mm(x[:, i:i + b].mT, x[:, i:]), (i, 0)) for i in range(0, d, b)])
+        return gram_mm(x.mT, x)
 
 
 def symmetric_gram(gram: torch.Tensor, mode: str) -> None:
@@ -1179,8 +1180,12 @@ class Linear(nn.Linear):
         return super().forward(x)
 
     def collect_input(self, x: torch.Tensor) -> None:
-        """While `collect` is on: gram += X^T X of this layer's input x."""
+        """While `collect` is on: gram += X^T X of this layer's input x, as the matmul takes it (under autocast, x cast
+        to its dtype: the cast the matmul makes, which torch.compile shares; the fp32 output of RMSNorm is read at half
+        the bytes)."""
         if self.collect:
+            if torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))
             self.add_gram(gram_sum(x, self.gram_mode, self.gram_blocks()))
 
     def gram_blocks(self) -> int:

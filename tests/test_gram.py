@@ -67,6 +67,33 @@ def test_collected_gram_equals_hooked_inputs(mode, triangle, monkeypatch):
     assert widths == [64, 256]  # attention in/out and MLP in are 64 wide, the MLP hidden 256
 
 
+@pytest.mark.parametrize("mode", ["full", "block", "diag"])
+def test_collected_gram_under_autocast_is_the_gram_of_the_matmul_operand(mode):
+    """Under bf16 autocast (here CPU's; the trainer's is CUDA's) C is the Gram of what each layer's matmul takes, its
+    input cast to bf16, with the products summed in fp32: never rounded to bf16 (autocast would make the Gram matmul
+    of an fp32 input, RMSNorm's output, a bf16 one), GELU's output inside the recompute region included."""
+    idx = torch.randint(0, t.Hyperparameters.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    args, model, _ = tiny_model(mode, extra=("--recompute_gelu", "0"))
+    seen = {m: [] for m in model.gram_layers()}
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen[m].append(inp[0].detach())) for m in seen]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.collect_gram(True)
+        model(idx, idx)
+        model.collect_gram(False)
+    for h in hooks:
+        h.remove()
+    assert {x[0].dtype for x in seen.values()} == {torch.float32, torch.bfloat16}  # RMSNorm's fp32, the rest bf16
+    _, recomputing, _ = tiny_model(mode, extra=("--recompute_gelu", "1"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recomputing.collect_gram(True)
+        recomputing(idx, idx)
+        recomputing.collect_gram(False)
+    for (m, xs), r in zip(seen.items(), recomputing.gram_layers()):
+        ref = reference_gram(xs[0].bfloat16(), mode)
+        torch.testing.assert_close(m.gram.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        torch.testing.assert_close(r.gram.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("mode,triangle", [("full", False), ("full", True), ("block", False), ("diag", False)])
 def test_two_processes_gram_equals_one_process(tmp_path, mode, triangle, monkeypatch):
     out = tmp_path / "grams.pt"
