@@ -1102,6 +1102,12 @@ def symmetric_gram(gram: torch.Tensor, mode: str) -> None:
         gram.copy_(gram.triu() + gram.triu(1).mT)
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul takes x in: autocast's on x's device while it is on, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def _ce_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, V: int):
     """One chunk of linear_cross_entropy, W's rows zero-padded from V to w.size(0): z = x W^T in fp32, its padded
     columns -inf (out of the softmax); (sum_i lse(z_i) - z_i[t_i], dz W, (dz^T x)[:V]) with
@@ -1133,9 +1139,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
-        V, N = w.size(0), x.size(0)
-        xc, wc = x.to(dtype), F.pad(w.to(dtype), (0, 0, 0, -V % LOSS_VOCAB_PAD))
+        dtype, (V, N) = matmul_dtype(x), (w.size(0), x.size(0))
+        xc, wc = x.to(dtype), w.new_empty((V + -V % LOSS_VOCAB_PAD, w.size(1)), dtype=dtype)
+        wc[:V], wc[V:] = w, 0  # W in the operand dtype and its padding, in one pass over W
         grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss = torch.zeros((), device=x.device)
         dx = torch.empty_like(xc) if grads else None
@@ -1183,9 +1189,7 @@ class Linear(nn.Linear):
         """While `collect` is on: gram += X^T X of this layer's input x as the matmul takes it: under autocast, x cast
         to its dtype (the cast the matmul makes, which torch.compile shares)."""
         if self.collect:
-            if torch.is_autocast_enabled(x.device.type):
-                x = x.to(torch.get_autocast_dtype(x.device.type))
-            self.add_gram(gram_sum(x, self.gram_mode, self.gram_blocks()))
+            self.add_gram(gram_sum(x.to(matmul_dtype(x)), self.gram_mode, self.gram_blocks()))
 
     def gram_blocks(self) -> int:
         return self.gram.size(0) if self.gram_mode == "block" else 1
