@@ -1,5 +1,8 @@
 """Every numerical shortcut taken for speed, against the plain computation it replaces (CPU)."""
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,6 +87,55 @@ def test_batched_orthogonalization_equals_per_matrix():
     for i in range(5):
         torch.testing.assert_close(batched[i], t.orthogonalize(G[i]), rtol=0, atol=1e-2)
         assert (batched[i].float() - t.orthogonalize(G[i]).float()).norm() < 1e-2 * batched[i].float().norm()
+
+
+SYRK_CHECK = r"""
+import torch, train_gpt2 as t
+assert t.triton is not None and t.SYRK_INTERPRETED
+grids = []
+kernel = t._syrk_kernel
+class Counted:  # the launches, to show the kernel (not the matmul fallback) ran
+    def __getitem__(self, grid):
+        grids.append(grid)
+        return kernel[grid]
+t._syrk_kernel = Counted()
+g = torch.Generator().manual_seed(0)
+BS = t.SYRK_TILE["BS"]
+# partial tiles in m and k; m below one tile; whole tiles; a transposed (non-contiguous) view
+cases = [torch.randn(2, 300, 200, generator=g), torch.randn(1, 50, 70, generator=g),
+         torch.randn(3, 2 * BS, 128, generator=g), torch.randn(2, 200, 300, generator=g).mT]
+for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 2e-3)):
+    for X in cases:
+        X = X.to(dtype)
+        C = t.syrk(X)
+        ref = X.double() @ X.double().mT
+        err = ((C.double() - ref).abs().max() / ref.abs().max()).item()
+        assert C.dtype == dtype and C.shape == ref.shape and err < tol, (dtype, X.shape, err)
+        tile = torch.arange(C.size(-1)) // BS
+        off = tile[:, None] != tile[None, :]  # outside the diagonal tiles: each entry is its mirror's copy
+        assert torch.equal(C[..., off], C.mT[..., off]), "the mirrored tiles are the computed ones, transposed"
+assert len(grids) == 2 * len(cases) and grids[0] == (3, 3, 2), grids[:1]
+# orthogonalize runs it for both of its products (X X^T and A A): in fp32, equal to the plain-matmul form
+t.NS_DTYPE = torch.float32
+G = torch.randn(2, 100, 300, generator=g)
+del grids[:]
+O = t.orthogonalize(G)
+assert len(grids) == 10, len(grids)
+t.SYRK_INTERPRETED = False
+ref = t.orthogonalize(G)
+assert len(grids) == 10 and (O - ref).abs().max() < 1e-4 * ref.abs().max(), (O - ref).abs().max()
+print("syrk ok")
+"""
+
+
+def test_syrk_kernel_in_the_triton_interpreter():
+    """Newton-Schulz's X X^T and A A through the Triton syrk kernel (CUDA's path), run by Triton's interpreter on CPU:
+    only tiles on/above the diagonal multiplied, the rest mirrored; equal to the float64 product for partial tiles, a
+    matrix smaller than one tile and a transposed view, in fp32 and fp16 (the interpreter has no bf16 matmul)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", SYRK_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "syrk ok" in out.stdout, out.stdout + out.stderr
 
 
 def test_orthogonalize_normalizes_through_the_trace_at_any_gradient_scale():
