@@ -262,9 +262,10 @@ if triton is not None:
 def syrk(X: torch.Tensor) -> torch.Tensor:
     """X X^T for X (B, m, k), in X's dtype with fp32 accumulation. With Triton, on CUDA (or interpreted): only the
     t(t+1)/2 tiles on and above the diagonal of the t x t tile grid (t = ceil(m / BS)) are multiplied, each stored
-    twice, 58% of the products for m = 768 (t = 6); else X @ X^T (also for fp32 on CUDA, where Triton's dot would
-    round to TF32)."""
-    if triton is None or not (X.is_cuda or SYRK_INTERPRETED) or (X.is_cuda and X.dtype == torch.float32):
+    twice, 58% of the products for m = 768 (t = 6), for bf16 and fp16 X; else X @ X^T (fp32 included, where
+    Triton's dot would round to TF32)."""
+    half = X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
+    if triton is None or not (half or SYRK_INTERPRETED):
         return X @ X.mT
     X = X if X.stride(-1) == 1 else X.contiguous()  # the kernel reads rows along K
     B, M, K = X.shape
