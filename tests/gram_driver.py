@@ -1,4 +1,4 @@
-"""Under torchrun (argv: gram mode, GRAM_TRIANGLE_FROM): each process collects the Gram sums of its own half of a batch, then NewtonMuon.refresh_gram
+"""Under torchrun (argv: gram mode, GRAM_TRIANGLE_BLOCK): each process collects the Gram sums of its own half of a batch, then NewtonMuon.refresh_gram
 all-reduces them; process 0 saves every layer's C = sum / n_tokens to $GRAMS."""
 import os
 import sys
@@ -11,7 +11,7 @@ import train_gpt2 as t  # noqa: E402
 
 if __name__ == "__main__":
     mode = sys.argv[1]
-    t.GRAM_TRIANGLE_FROM = int(sys.argv[2])  # full C summed as its upper block triangle from this width
+    t.GRAM_TRIANGLE_BLOCK = int(sys.argv[2])  # full C summed as its upper block triangle in blocks of this width
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     args = t.parse_args(["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--optimizer", "newton_muon",

@@ -36,7 +36,7 @@ def test_collected_gram_equals_hooked_inputs(mode, triangle, monkeypatch):
     """triangle: full C summed as its upper block triangle and mirrored at the end (what the 3072-wide input gets),
     here for every width (64 and 256)."""
     if triangle:
-        monkeypatch.setattr(t, "GRAM_TRIANGLE_FROM", 64)
+        monkeypatch.setattr(t, "GRAM_TRIANGLE_BLOCK", 16)
     idx = torch.randint(0, t.Hyperparameters.vocab_size, (2, 2, 16), generator=torch.Generator().manual_seed(0))
 
     def collect(recompute: str, hook: bool):
@@ -98,9 +98,9 @@ def test_collected_gram_under_autocast_is_the_gram_of_the_matmul_operand(mode):
 def test_two_processes_gram_equals_one_process(tmp_path, mode, triangle, monkeypatch):
     out = tmp_path / "grams.pt"
     if triangle:
-        monkeypatch.setattr(t, "GRAM_TRIANGLE_FROM", 64)
+        monkeypatch.setattr(t, "GRAM_TRIANGLE_BLOCK", 16)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(REPO / "tests" / "gram_driver.py"), mode, str(t.GRAM_TRIANGLE_FROM)],
+                        str(REPO / "tests" / "gram_driver.py"), mode, str(t.GRAM_TRIANGLE_BLOCK)],
                        capture_output=True, text=True,
                        env=dict(subprocess_env(), GRAMS=str(out)), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
