@@ -38,6 +38,69 @@ def test_linear_cross_entropy_equals_fp32_logits(N, chunk, V):
         torch.testing.assert_close(t.linear_cross_entropy(x, w, y, chunk), ref, rtol=1e-6, atol=1e-6)
 
 
+LOSS_CHECK = r"""
+import torch, torch.nn.functional as F, train_gpt2 as t
+assert t.triton is not None and t.SYRK_INTERPRETED
+grids = []
+kernel = t._softmax_xent_kernel
+class Counted:  # the launches, to show the kernel (not the torch ops) ran
+    def __getitem__(self, grid):
+        grids.append(grid)
+        return kernel[grid]
+t._softmax_xent_kernel = Counted()
+g = torch.Generator().manual_seed(0)
+for block in (256, 2048):  # several loads a row with a partial last one; one load with lanes that never hold a logit
+    t.LOSS_TILE["BLOCK"] = block
+    for V, chunk in ((1000, 7), (1000, 300), (1024, 128)):  # 1000 is padded to 1024 rows of W, 1024 is not
+        N = 300
+        x = torch.randn(N, 32, generator=g, requires_grad=True)
+        w = torch.randn(V, 32, generator=g, requires_grad=True)
+        y = torch.randint(0, V, (N,), generator=g)
+        y[:2] = torch.tensor([0, V - 1])  # the first and last real logit as targets
+        ref = F.cross_entropy(x @ w.T, y)
+        gx, gw = torch.autograd.grad(3 * ref, (x, w))
+        loss = t.linear_cross_entropy(x, w, y, chunk)
+        fx, fw = torch.autograd.grad(3 * loss, (x, w))
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fx, gx, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(fw, gw, rtol=1e-5, atol=1e-7)
+assert len(grids) == 2 * (43 + 1 + 3) and grids[0] == (7,), (len(grids), grids[:1])
+# in place over z: padding columns (whatever they held) come out 0, the rest scale (softmax - onehot); L = lse - z[t]
+z = torch.randn(5, 1024, generator=g) * 4
+z[:, 1000:] = 7.0
+y = torch.tensor([0, 999, 5, 500, 17])
+z64, rows = z[:, :1000].double(), torch.empty(5)
+ref = torch.softmax(z64, -1)
+ref[torch.arange(5), y] -= 1
+kernel[(5,)](z, y, rows, 1000, 1024, z.stride(0), 0.5, **t.LOSS_TILE)
+assert torch.equal(z[:, 1000:], torch.zeros(5, 24)), "padding out of dz"
+torch.testing.assert_close(z[:, :1000].double(), 0.5 * ref, rtol=0, atol=1e-7)
+torch.testing.assert_close(rows.double(), torch.logsumexp(z64, -1) - z64[torch.arange(5), y], rtol=1e-6, atol=1e-6)
+# bf16, the trainer's dtype: the kernel against the torch ops of the CPU path, dz within bf16 rounding
+x, w = torch.randn(64, 32, generator=g).bfloat16(), torch.randn(1024, 32, generator=g).bfloat16()
+w[1000:] = 0
+y = torch.randint(0, 1000, (64,), generator=g)
+kern = t._ce_chunk(x, w, y, 1 / 64, 1000)
+t.SYRK_INTERPRETED = False
+ops = t._ce_chunk(x, w, y, 1 / 64, 1000)
+torch.testing.assert_close(kern[0], ops[0], rtol=1e-6, atol=1e-5)
+for a, b in zip(kern[1:], ops[1:]):
+    assert ((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+print("loss kernel ok")
+"""
+
+
+def test_loss_kernel_in_the_triton_interpreter():
+    """The fused loss's softmax kernel (CUDA's path), run by Triton's interpreter on CPU: linear_cross_entropy equals
+    F.cross_entropy on fp32 logits (loss, both gradients) for padded and unpadded vocabularies, chunks that do and do
+    not divide N, several loads a row and lanes that never hold a logit; dz overwrites z with 0 in the padding; in bf16
+    it matches the torch ops of the CPU path."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", LOSS_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "loss kernel ok" in out.stdout, out.stdout + out.stderr
+
+
 def tiny_model_loss_and_grads(settings: list[str], compiled: bool = False, saved: list | None = None,
                               backend="inductor", ddp_bucket_mb: float | None = None) -> list:
     """[loss, every parameter's gradient] of a 2-layer, 64-wide model (seed 0) on one batch of 3 x 50 tokens, with
