@@ -33,11 +33,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-try:  # ships with torch's CUDA builds; without it (CPU builds) Newton-Schulz's X X^T is a plain matmul
+try:  # ships with torch's CUDA builds; without it (CPU builds) the Triton kernels (syrk, the loss softmax) give way to torch ops
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
+# under Triton's interpreter (TRITON_INTERPRET=1) the kernels run on CPU tensors: how the tests check them without a GPU
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ----------------------------------------------------------------------------- settings
 
@@ -228,8 +230,6 @@ NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
 
 NS_DTYPE = torch.bfloat16  # what Newton-Schulz runs in (the momentum rule hands it its input already cast)
 SYRK_TILE = dict(BS=128, BK=64, num_warps=8, num_stages=3)  # syrk's tiles (BS x BS outputs, BK-deep loads)
-# Triton's interpreter runs the kernel on CPU tensors (the tests); it has no bf16 matmul, so they use fp32 and fp16
-SYRK_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 if triton is not None:
     @triton.jit
@@ -265,7 +265,7 @@ def syrk(X: torch.Tensor) -> torch.Tensor:
     twice, 58% of the products for m = 768 (t = 6), for bf16 and fp16 X; else X @ X^T (fp32 included, where
     Triton's dot would round to TF32)."""
     half = X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
-    if triton is None or not (half or SYRK_INTERPRETED):
+    if triton is None or not (half or TRITON_INTERPRETED):
         return X @ X.mT
     X = X if X.stride(-1) == 1 else X.contiguous()  # the kernel reads rows along K
     B, M, K = X.shape
@@ -1199,9 +1199,8 @@ def _ce_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, V
     """One chunk of linear_cross_entropy, W's rows zero-padded from V to w.size(0): z = x W^T in x's dtype, read in
     fp32, its padded columns out of the softmax; (sum_i lse(z_i) - z_i[t_i], dz W, (dz^T x)[:V]) with
     dz = scale (softmax(z) - onehot(t)) in x's dtype (0 in the padded columns). With Triton on CUDA (or interpreted)
-    the softmax is one kernel (_softmax_xent_kernel) that writes dz over z; else these torch ops (compiled on CUDA
-    without Triton)."""
-    if triton is not None and (x.is_cuda or SYRK_INTERPRETED):
+    the softmax is one kernel (_softmax_xent_kernel) that writes dz over z; else (CPU builds) these torch ops."""
+    if triton is not None and (x.is_cuda or TRITON_INTERPRETED):
         z = x @ w.mT
         rows = torch.empty(z.size(0), dtype=torch.float32, device=z.device)
         _softmax_xent_kernel[(z.size(0),)](z, t, rows, V, z.size(1), z.stride(0), scale, **LOSS_TILE)

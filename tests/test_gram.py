@@ -33,8 +33,8 @@ def reference_gram(x: torch.Tensor, mode: str, block: int = 16) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode,triangle", [("full", False), ("full", True), ("block", False), ("diag", False)])
 def test_collected_gram_equals_hooked_inputs(mode, triangle, monkeypatch):
-    """triangle: full C summed as its upper block triangle and mirrored at the end (what the 3072-wide input gets),
-    here for every width (64 and 256)."""
+    """triangle: full C summed as its upper block triangle and mirrored at the end (what every full C at least two
+    GRAM_TRIANGLE_BLOCKs wide gets: the 768- and 3072-wide inputs), here in 16-wide blocks for widths 64 and 256."""
     if triangle:
         monkeypatch.setattr(t, "GRAM_TRIANGLE_BLOCK", 16)
     idx = torch.randint(0, t.Hyperparameters.vocab_size, (2, 2, 16), generator=torch.Generator().manual_seed(0))

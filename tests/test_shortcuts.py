@@ -40,7 +40,7 @@ def test_linear_cross_entropy_equals_fp32_logits(N, chunk, V):
 
 LOSS_CHECK = r"""
 import torch, torch.nn.functional as F, train_gpt2 as t
-assert t.triton is not None and t.SYRK_INTERPRETED
+assert t.triton is not None and t.TRITON_INTERPRETED
 grids = []
 kernel = t._softmax_xent_kernel
 class Counted:  # the launches, to show the kernel (not the torch ops) ran
@@ -81,7 +81,7 @@ x, w = torch.randn(64, 32, generator=g).bfloat16(), torch.randn(1024, 32, genera
 w[1000:] = 0
 y = torch.randint(0, 1000, (64,), generator=g)
 kern = t._ce_chunk(x, w, y, 1 / 64, 1000)
-t.SYRK_INTERPRETED = False
+t.TRITON_INTERPRETED = False
 ops = t._ce_chunk(x, w, y, 1 / 64, 1000)
 torch.testing.assert_close(kern[0], ops[0], rtol=1e-6, atol=1e-5)
 for a, b in zip(kern[1:], ops[1:]):
@@ -154,7 +154,7 @@ def test_batched_orthogonalization_equals_per_matrix():
 
 SYRK_CHECK = r"""
 import torch, train_gpt2 as t
-assert t.triton is not None and t.SYRK_INTERPRETED
+assert t.triton is not None and t.TRITON_INTERPRETED
 grids = []
 kernel = t._syrk_kernel
 class Counted:  # the launches, to show the kernel (not the matmul fallback) ran
@@ -184,7 +184,7 @@ G = torch.randn(2, 100, 300, generator=g)
 del grids[:]
 O = t.orthogonalize(G)
 assert len(grids) == 10, len(grids)
-t.SYRK_INTERPRETED = False
+t.TRITON_INTERPRETED = False
 ref = t.orthogonalize(G)
 assert len(grids) == 10 and (O - ref).abs().max() < 1e-4 * ref.abs().max(), (O - ref).abs().max()
 print("syrk ok")
