@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-try:  # ships with torch's CUDA builds; without it (CPU builds) the Triton kernels (syrk, the loss softmax) give way to torch ops
+try:  # ships with torch's CUDA builds; without it (CPU builds) torch ops do the Triton kernels' work
     import triton
     import triton.language as tl
 except ImportError:
