@@ -13,8 +13,9 @@ from test_resume import compare, saved
 
 WTE = "transformer.wte.weight (256, 64), updated by the embedding/head AdamW"
 CASES = {  # settings -> what the message says besides the step, the optimizer and the checkpoint
-    # huge Muon steps make the activations, then the embedding's gradient, overflow: its AdamW update is NaN
-    "muon": (["--muon_lr", "1e12"], ["train loss 5.5", f"first non-finite parameter: {WTE}"]),
+    # Muon steps so large that the next forward overflows in fp32 (q k^T of weights ~1e29): the loss is NaN, and so is
+    # the embedding's gradient and AdamW update (at 1e12 the overflow came in the backward or not at all, by CPU)
+    "muon": (["--muon_lr", "1e30"], ["train loss nan", f"first non-finite parameter: {WTE}"]),
     # the loss itself is NaN
     "adamw": (["--optimizer", "adamw", "--adamw_lr", "1e18"], ["train loss nan", f"first non-finite parameter: {WTE}"]),
     # C of the overflowing activations is not finite: its Cholesky fails in the refresh, before the update
@@ -50,6 +51,27 @@ def test_divergence_stops_the_run_within_one_step(small_vocab_args, tmp_path, op
         torch.set_num_threads(threads)
     assert isinstance(stop.value.code, str)  # printed, exit status 1
     check_diverged(stop.value.code, tmp_path, t.parse_args(args).optimizer, says)
+
+
+def test_a_nonfinite_update_stops_the_run_while_the_loss_is_finite(small_vocab_args, tmp_path, monkeypatch):
+    """A Muon update that leaves the block matrices non-finite at step 2 (poisoned here, the loss still finite) stops
+    the run at that step, naming the first of them in model order and its optimizer."""
+    calls, step = [0], t.Muon.step
+
+    def poisoned(self):
+        step(self)
+        calls[0] += 1
+        if calls[0] == 2:
+            with torch.no_grad():
+                torch._foreach_mul_(t.optimizer_params(self), float("nan"))
+
+    monkeypatch.setattr(t.Muon, "step", poisoned)
+    args = small_vocab_args + ["--num_iterations", "8", "--save_every", "1", "--records_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as stop:
+        t.train(t.parse_args(args))
+    check_diverged(stop.value.code, tmp_path, "muon",
+                   ["train loss 5.6", "first non-finite parameter: transformer.h.0.attn.c_attn.weight (192, 64), "
+                                      "updated by muon"])
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

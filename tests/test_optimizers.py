@@ -592,15 +592,20 @@ def test_orthonormalize_gives_a_fourth_pass_where_the_third_gram_is_off(qr_calls
 
 
 def test_orthonormalize_falls_back_per_matrix(qr_calls):
-    """Matrices whose Cholesky fails (a repeated column, a zero column) get torch.linalg.qr's Q, bit for bit; the rest
-    of the batch stays on the fast path; float64 input gives float64 accuracy; an unbatched matrix works."""
+    """Matrices whose Cholesky fails get torch.linalg.qr's Q, bit for bit: a zero column always; a repeated column where
+    the rounding fails its Cholesky (it did in one run of the suite and held in another, on one CPU machine; where it
+    holds, the shifted pass turns the rounding noise of that column into an orthonormal column, also a valid basis). The rest of the batch stays on the fast path; float64 input
+    gives float64 accuracy; an unbatched matrix works."""
     g = torch.Generator().manual_seed(1)
     A = torch.randn(4, 64, 64, generator=g)
     A[1, :, 7] = A[1, :, 3]
     A[2, :, 5] = 0
     Q = t.orthonormalize(A)
-    assert qr_calls == [torch.Size([2, 64, 64])]
-    assert torch.equal(Q[1:3], torch.linalg.qr(A[1:3]).Q)
+    assert qr_calls in ([torch.Size([2, 64, 64])], [torch.Size([1, 64, 64])])
+    fell = [1, 2] if qr_calls[0][0] == 2 else [2]
+    assert torch.equal(Q[fell], torch.linalg.qr(A[fell]).Q)
+    if fell == [2]:
+        assert (Q[1].double().mT @ Q[1].double() - torch.eye(64, dtype=torch.float64)).abs().max() < 1e-5
     assert signed_error(Q[[0, 3]], torch.linalg.qr(A[[0, 3]].double()).Q).max() < 1e-6
     A64 = torch.randn(2, 96, 96, generator=g, dtype=torch.float64)
     assert signed_error(t.orthonormalize(A64), torch.linalg.qr(A64).Q).max() < 1e-12
