@@ -104,6 +104,19 @@ def test_loss_kernel_in_the_triton_interpreter():
     assert out.returncode == 0 and "loss kernel ok" in out.stdout, out.stdout + out.stderr
 
 
+def test_add_matmul_sums_into_the_accumulator():
+    """add_matmul_(acc, a, b) is acc += a @ b in place: fp32 operands in one addmm; bf16 operands into an fp32 acc (on
+    CPU the product rounded to bf16 first; CUDA's out_dtype GEMM keeps it in fp32, measured in README, Speed)."""
+    g = torch.Generator().manual_seed(6)
+    acc, a, b = torch.randn(40, 24, generator=g), torch.randn(40, 32, generator=g), torch.randn(32, 24, generator=g)
+    for dt in (torch.float32, torch.bfloat16):
+        out = acc.clone()
+        ptr = out.data_ptr()
+        t.add_matmul_(out, a.to(dt), b.to(dt))
+        assert out.data_ptr() == ptr and out.dtype == torch.float32
+        torch.testing.assert_close(out, acc + (a.to(dt) @ b.to(dt)).float(), rtol=1e-6, atol=1e-5)
+
+
 def tiny_model_loss_and_grads(settings: list[str], compiled: bool = False, saved: list | None = None,
                               backend="inductor", ddp_bucket_mb: float | None = None) -> list:
     """[loss, every parameter's gradient] of a 2-layer, 64-wide model (seed 0) on one batch of 3 x 50 tokens, with
