@@ -1195,40 +1195,24 @@ if triton is not None:
             tl.store(Z + c + cols, p.to(Z.dtype.element_ty), mask=cols < Vp - c)
 
 
-def add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, summed in acc's dtype by the GEMM itself (beta = 1): an fp32 acc takes bf16/fp16 products without
-    rounding them to the operands' dtype first (cuBLAS's out_dtype on CUDA; CPU has no such kernel and rounds)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc += (a @ b).to(acc.dtype)
-
-
-def _ce_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, V: int, dx: torch.Tensor,
-              dw: torch.Tensor) -> torch.Tensor:
+def _ce_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, V: int):
     """One chunk of linear_cross_entropy, W's rows zero-padded from V to w.size(0): z = x W^T in x's dtype, read in
-    fp32, its padded columns out of the softmax; returns sum_i lse(z_i) - z_i[t_i], writes dz W into dx and adds
-    (dz^T x)[:V] into dw (fp32), with dz = scale (softmax(z) - onehot(t)) in x's dtype (0 in the padded columns).
-    With Triton on CUDA (or interpreted) the softmax is one kernel (_softmax_xent_kernel) that writes dz over z; else
-    (CPU builds) these torch ops."""
+    fp32, its padded columns out of the softmax; (sum_i lse(z_i) - z_i[t_i], dz W, (dz^T x)[:V]) with
+    dz = scale (softmax(z) - onehot(t)) in x's dtype (0 in the padded columns). With Triton on CUDA (or interpreted)
+    the softmax is one kernel (_softmax_xent_kernel) that writes dz over z; else (CPU builds) these torch ops."""
     if triton is not None and (x.is_cuda or TRITON_INTERPRETED):
-        dz = x @ w.mT
-        rows = torch.empty(dz.size(0), dtype=torch.float32, device=dz.device)
-        _softmax_xent_kernel[(dz.size(0),)](dz, t, rows, V, dz.size(1), dz.stride(0), scale, **LOSS_TILE)
-        loss = rows.sum()
-    else:
-        z = (x @ w.mT).float()
-        cols = torch.arange(z.size(-1), device=z.device)
-        z = z.masked_fill(cols >= V, float("-inf"))
-        lse = z.logsumexp(-1, keepdim=True)
-        hit = cols == t[:, None]
-        loss = (lse.squeeze(-1) - z.masked_fill(~hit, 0).sum(-1)).sum()
-        dz = ((z - lse).exp() - hit.float()).mul(scale).to(x.dtype)
-    torch.mm(dz, w, out=dx)
-    add_matmul_(dw, dz[:, :V].mT, x)
-    return loss
+        z = x @ w.mT
+        rows = torch.empty(z.size(0), dtype=torch.float32, device=z.device)
+        _softmax_xent_kernel[(z.size(0),)](z, t, rows, V, z.size(1), z.stride(0), scale, **LOSS_TILE)
+        return rows.sum(), z @ w, (z.mT @ x)[:V]
+    z = (x @ w.mT).float()
+    cols = torch.arange(z.size(-1), device=z.device)
+    z = z.masked_fill(cols >= V, float("-inf"))
+    lse = z.logsumexp(-1, keepdim=True)
+    hit = cols == t[:, None]
+    loss = (lse.squeeze(-1) - z.masked_fill(~hit, 0).sum(-1)).sum()
+    dz = ((z - lse).exp() - hit.float()).mul(scale).to(x.dtype)
+    return loss, dz @ w, (dz.mT @ x)[:V]
 
 
 # the fused loss pads W's rows (the vocabulary) to a multiple of this: with V = 50257 the logits' rows start at odd
@@ -1240,7 +1224,7 @@ LOSS_VOCAB_PAD = 128
 class LinearCrossEntropy(torch.autograd.Function):
     """mean_i CE(x_i W^T, t_i) for x (N, d), W (V, d) without the N x V logits: `chunk` rows at a time, the forward
     also forms dL/dx and dL/dW (operands in x's dtype, bf16 under autocast, logits and softmax in fp32, dL/dW summed in
-    fp32 by its GEMMs), and the backward scales them by the incoming gradient. Under no_grad only the loss is computed. W's rows are
+    fp32), and the backward scales them by the incoming gradient. Under no_grad only the loss is computed. W's rows are
     zero-padded to a multiple of LOSS_VOCAB_PAD, and the padded logits left out of the softmax (_ce_chunk)."""
 
     @staticmethod
@@ -1255,7 +1239,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             for s in range(0, N, chunk):
                 if grads:
-                    l = _ce_chunk(xc[s: s + chunk], wc, t[s: s + chunk], 1.0 / N, V, dx[s: s + chunk], dw)
+                    l, dxs, dws = _ce_chunk(xc[s: s + chunk], wc, t[s: s + chunk], 1.0 / N, V)
+                    dx[s: s + chunk] = dxs
+                    dw += dws
                 else:
                     z = (xc[s: s + chunk] @ wc.mT).float()[:, :V]
                     l = F.cross_entropy(z, t[s: s + chunk], reduction="sum")
@@ -1271,7 +1257,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dx.to(ctx.dtypes[0]) * grad, (dw * grad).to(ctx.dtypes[1]), None, None
 
 
-@torch.compiler.disable  # a graph break: the chunk loop runs eagerly (on CUDA: cuBLAS GEMMs and the softmax kernel)
+@torch.compiler.disable  # a graph break: the chunk loop runs eagerly (on CUDA: three cuBLAS GEMMs and the softmax kernel)
 def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
     """mean_i CE(x_i W^T, t_i), `chunk` rows of logits at a time (LinearCrossEntropy)."""
     return LinearCrossEntropy.apply(x, w, t, chunk)
