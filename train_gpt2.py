@@ -1201,10 +1201,10 @@ def _ce_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, V
     dz = scale (softmax(z) - onehot(t)) in x's dtype (0 in the padded columns). With Triton on CUDA (or interpreted)
     the softmax is one kernel (_softmax_xent_kernel) that writes dz over z; else (CPU builds) these torch ops."""
     if triton is not None and (x.is_cuda or TRITON_INTERPRETED):
-        z = x @ w.mT
-        rows = torch.empty(z.size(0), dtype=torch.float32, device=z.device)
-        _softmax_xent_kernel[(z.size(0),)](z, t, rows, V, z.size(1), z.stride(0), scale, **LOSS_TILE)
-        return rows.sum(), z @ w, (z.mT @ x)[:V]
+        dz = x @ w.mT  # z, which the kernel overwrites with dz
+        rows = torch.empty(dz.size(0), dtype=torch.float32, device=dz.device)
+        _softmax_xent_kernel[(dz.size(0),)](dz, t, rows, V, dz.size(1), dz.stride(0), scale, **LOSS_TILE)
+        return rows.sum(), dz @ w, (dz.mT @ x)[:V]
     z = (x @ w.mT).float()
     cols = torch.arange(z.size(-1), device=z.device)
     z = z.masked_fill(cols >= V, float("-inf"))
@@ -1257,7 +1257,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dx.to(ctx.dtypes[0]) * grad, (dw * grad).to(ctx.dtypes[1]), None, None
 
 
-@torch.compiler.disable  # a graph break: the chunk loop runs eagerly (on CUDA: three cuBLAS GEMMs and the softmax kernel)
+@torch.compiler.disable  # a graph break: the chunk loop runs eagerly (CUDA: cuBLAS GEMMs and the softmax kernel)
 def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
     """mean_i CE(x_i W^T, t_i), `chunk` rows of logits at a time (LinearCrossEntropy)."""
     return LinearCrossEntropy.apply(x, w, t, chunk)
