@@ -38,17 +38,28 @@ def test_linear_cross_entropy_equals_fp32_logits(N, chunk, V):
         torch.testing.assert_close(t.linear_cross_entropy(x, w, y, chunk), ref, rtol=1e-6, atol=1e-6)
 
 
-LOSS_CHECK = r"""
+def run_interpreted(kernel: str, check: str) -> None:
+    """Run `check` in a subprocess under Triton's interpreter (the Triton kernels on CPU tensors), after a prelude that
+    imports torch, F and train_gpt2 as t, counts the launches of t.<kernel> in `grids` (the kernel, not its torch
+    fallback, ran; the uncounted kernel stays as `kernel`) and seeds a generator `g`; the check prints "ok" last."""
+    pytest.importorskip("triton")
+    prelude = f"""
 import torch, torch.nn.functional as F, train_gpt2 as t
 assert t.triton is not None and t.TRITON_INTERPRETED
-grids = []
-kernel = t._softmax_xent_kernel
-class Counted:  # the launches, to show the kernel (not the torch ops) ran
+grids, kernel = [], t.{kernel}
+class Counted:
     def __getitem__(self, grid):
         grids.append(grid)
         return kernel[grid]
-t._softmax_xent_kernel = Counted()
+t.{kernel} = Counted()
 g = torch.Generator().manual_seed(0)
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", prelude + check], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+LOSS_CHECK = r"""
 for block in (256, 2048):  # several loads a row with a partial last one; one load with lanes that never hold a logit
     t.LOSS_TILE["BLOCK"] = block
     for V, chunk in ((1000, 7), (1000, 300), (1024, 128)):  # 1000 is padded to 1024 rows of W, 1024 is not
@@ -95,10 +106,7 @@ def test_loss_kernel_in_the_triton_interpreter():
     F.cross_entropy on fp32 logits (loss, both gradients) for padded and unpadded vocabularies, chunks that do and do
     not divide N, several loads a row and lanes that never hold a logit; dz overwrites z with 0 in the padding; in bf16
     it matches the torch ops of the CPU path."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", LOSS_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "loss kernel ok" in out.stdout, out.stdout + out.stderr
+    run_interpreted("_softmax_xent_kernel", LOSS_CHECK)
 
 
 def tiny_model_loss_and_grads(settings: list[str], compiled: bool = False, saved: list | None = None,
@@ -153,16 +161,6 @@ def test_batched_orthogonalization_equals_per_matrix():
 
 
 SYRK_CHECK = r"""
-import torch, train_gpt2 as t
-assert t.triton is not None and t.TRITON_INTERPRETED
-grids = []
-kernel = t._syrk_kernel
-class Counted:  # the launches, to show the kernel (not the matmul fallback) ran
-    def __getitem__(self, grid):
-        grids.append(grid)
-        return kernel[grid]
-t._syrk_kernel = Counted()
-g = torch.Generator().manual_seed(0)
 BS = t.SYRK_TILE["BS"]
 # partial tiles in m and k; m below one tile; whole tiles; a transposed (non-contiguous) view
 cases = [torch.randn(2, 300, 200, generator=g), torch.randn(1, 50, 70, generator=g),
@@ -195,10 +193,7 @@ def test_syrk_kernel_in_the_triton_interpreter():
     """Newton-Schulz's X X^T and A A through the Triton syrk kernel (CUDA's path), run by Triton's interpreter on CPU:
     only tiles on/above the diagonal multiplied, the rest mirrored; equal to the float64 product for partial tiles, a
     matrix smaller than one tile and a transposed view, in fp32 and fp16 (the interpreter has no bf16 matmul)."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", SYRK_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "syrk ok" in out.stdout, out.stdout + out.stderr
+    run_interpreted("_syrk_kernel", SYRK_CHECK)
 
 
 def test_orthogonalize_normalizes_through_the_trace_at_any_gradient_scale():
