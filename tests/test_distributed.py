@@ -1,6 +1,7 @@
 """World size: 2 processes under torchrun (gloo) compute what 1 process with accumulation 2 computes."""
 import json
 import re
+import socket
 import subprocess
 import sys
 
@@ -104,3 +105,65 @@ def test_optimizer_work_splits_evenly_over_processes(world):
     assert len(costs) == 48 and set(owner) == set(range(world))
     assert max(loads) <= 1.01 * sum(costs) / world, loads  # measured: exactly 1/W for W = 1, 2, 4, 8
     assert owner == t.assign_owners(costs, world)  # deterministic
+
+
+def run_sh(args, env, **kw):
+    """./run.sh as a user starts it, on the CPU (CUDA hidden)."""
+    return subprocess.Popen(["bash", str(REPO / "run.sh"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(subprocess_env(), CUDA_VISIBLE_DEVICES="", **env), **kw)
+
+
+def finished(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def record_and_model(records):
+    """The one record under records/ (losses, text) and the model of its final checkpoint."""
+    (record,) = records.glob("*.txt")
+    (ckpt,) = (records / "checkpoints").glob("*/step_*")
+    text = record.read_text()
+    return [float(v) for _, v in STEP.findall(text)], text, torch.load(ckpt / "main.pt")["model"]
+
+
+def test_run_sh_on_two_nodes_equals_one_process_with_accumulation(tiny_args, tmp_path):
+    """run.sh without a GPU says so and runs the smoke preset (here overridden by the tiny settings) in one process;
+    with NNODES=2 NODE_RANK=0/1 MASTER_ADDR/MASTER_PORT it starts torchrun's static rendezvous: 2 "nodes" x 1 gloo
+    process on localhost train what 1 process with accumulation 2 trains (train and val losses, final parameters)."""
+    extra = ["--optimizer", "muon", "--val_loss_every", "2"]
+    out = finished(run_sh(tiny_args + extra + ["--records_dir", str(tmp_path / "one")], {}))
+    assert out.splitlines()[0].startswith("run.sh: no CUDA GPU found: running the smoke preset on the CPU")
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [run_sh(tiny_args + extra + ["--records_dir", str(tmp_path / "two")],
+                    dict(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in (0, 1)]
+    for node in nodes:
+        finished(node)
+    losses1, text1, params1 = record_and_model(tmp_path / "one")
+    losses2, text2, params2 = record_and_model(tmp_path / "two")
+    assert '"preset": "smoke"' in text1 and "world_size: 1\n" in text1 and "accumulation 2," in text1
+    assert "world_size: 2\n" in text2 and "accumulation 1," in text2
+    assert len(losses1) == len(losses2) == 5
+    assert losses1 == pytest.approx(losses2, abs=2e-4)  # printed with 4 decimals
+    val = re.compile(r"^step:(\d+)/5 val_loss:([\d.]+)", re.M)
+    assert val.findall(text1) == val.findall(text2) and [s for s, _ in val.findall(text1)] == ["0", "2", "4", "5"]
+    assert params1.keys() == params2.keys()
+    for k in params1:
+        torch.testing.assert_close(params2[k], params1[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(NNODES="2", NODE_RANK="0"), "NNODES=2 needs MASTER_ADDR"),
+    (dict(NNODES="2", MASTER_ADDR="127.0.0.1"), "NNODES=2 needs NODE_RANK, this node's number: 0 .. 1"),
+    (dict(NNODES="2", NODE_RANK="2", MASTER_ADDR="127.0.0.1"), "NNODES=2 needs NODE_RANK, this node's number: 0 .. 1 (got '2')"),
+    (dict(NNODES="two"), "NNODES=two: must be a positive number"),
+    (dict(NGPU="0"), "NGPU=0: must be a positive number"),
+])
+def test_run_sh_refuses_incomplete_node_settings(env, message):
+    """A bad node or process count stops run.sh before anything starts: one line naming the variable, exit status 2."""
+    proc = run_sh(["--preset", "smoke"], env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and len(out.splitlines()) == 1 and out.startswith(f"run.sh: {message}"), out
