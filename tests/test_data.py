@@ -62,6 +62,7 @@ def test_missing_few_tokens_and_bad_ids(tmp_path):
         t.load_shard(str(tmp_path / "ids.bin"), 50257)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["missing", "truncated", "val_too_small", "token_ids"])
 def test_run_refuses_bad_data_before_building_anything(tmp_path, fault):
     train, val = make_shards(tmp_path / "s", train_sizes=(3000,), val_sizes=(200,) if fault == "val_too_small"

@@ -1,13 +1,16 @@
 """World size: 2 processes under torchrun (gloo) compute what 1 process with accumulation 2 computes."""
 import json
 import re
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, subprocess_env
+import train_gpt2 as t
+from conftest import REPO, TINY, make_shards, subprocess_env
 
 sys.path.insert(0, str(REPO / "records"))
 import compare  # noqa: E402
@@ -15,37 +18,63 @@ import compare  # noqa: E402
 STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([\d.]+)", re.M)
 
 
-def run(tiny_args, tmp_path, nproc, name, extra=()):
-    out = tmp_path / f"{name}.pt"
-    records = tmp_path / name
-    args = tiny_args + ["--records_dir", str(records), *extra]
+def train_here(args: list[str]) -> tuple[str, dict]:
+    """One process, in this one (one thread, as the commands run): the record's text and the final parameters."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path, model = t.train(t.parse_args(args))
+    finally:
+        torch.set_num_threads(threads)
+    return Path(path).read_text(), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def torchrun(nproc: int, args: list[str], params: Path) -> str:
+    """tests/run_train.py under torchrun (gloo; 1 process: alone): the record's text; the final parameters saved to
+    `params`."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     r = subprocess.run(launcher + [str(REPO / "tests" / "run_train.py")] + args, capture_output=True, text=True,
-                       env=dict(subprocess_env(), FINAL_PARAMS=str(out)), timeout=300)
+                       env=dict(subprocess_env(), FINAL_PARAMS=str(params)), timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    (record,) = records.glob("*.txt")
-    text = record.read_text()
-    assert f"world_size: {nproc}\n" in text
-    assert f"accumulation {2 // nproc}," in text
-    return [float(v) for _, v in STEP.findall(text)], torch.load(out), text
+    (record,) = Path(args[len(args) - 1 - args[::-1].index("--records_dir") + 1]).glob("*.txt")  # the last one given
+    return record.read_text()
 
 
-@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
-def test_two_processes_equal_one_with_accumulation(tiny_args, tmp_path, optimizer):
-    extra = ["--optimizer", optimizer, "--val_loss_every", "2"]
-    losses1, params1, text1 = run(tiny_args, tmp_path, 1, "one", extra)
-    losses2, params2, text2 = run(tiny_args, tmp_path, 2, "two", extra)
-    assert len(losses1) == len(losses2) == 5
+@pytest.fixture(scope="module")
+def adamw_runs(tmp_path_factory):
+    """AdamW on the tiny model for 12 steps (val every 2) on 1 process with accumulation 2 and on 2 processes:
+    {nproc: (train losses, final parameters, record text, record path)}."""
+    root = tmp_path_factory.mktemp("adamw")
+    train, val = make_shards(root / "shards")
+    args = TINY + ["--input_bin", train, "--input_val_bin", val, "--optimizer", "adamw", "--num_iterations", "12",
+                   "--val_loss_every", "2"]
+    runs = {n: (torchrun(n, args + ["--records_dir", str(root / f"w{n}")], root / f"w{n}.pt"),
+                torch.load(root / f"w{n}.pt")) for n in (1, 2)}
+    out = {}
+    for nproc, (text, params) in runs.items():
+        assert f"world_size: {nproc}\n" in text and f"accumulation {2 // nproc}," in text
+        (record,) = (root / f"w{nproc}").glob("*.txt")
+        out[nproc] = [float(v) for _, v in STEP.findall(text)], params, text, record
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_accumulation(adamw_runs):
+    """2 processes (gloo, one node) train what 1 process with accumulation 2 trains: train and val losses, parameters
+    (Muon: test_run_sh_on_two_nodes_equals_one_process_with_accumulation, 2 nodes x 1 process)."""
+    (losses1, params1, text1, _), (losses2, params2, text2, _) = adamw_runs[1], adamw_runs[2]
+    assert len(losses1) == len(losses2) == 12
     assert losses1 == pytest.approx(losses2, abs=2e-4)  # printed with 4 decimals
     for k in params1:
         torch.testing.assert_close(params2[k], params1[k], rtol=1e-4, atol=1e-5)
     assert params1.keys() == params2.keys()
-    val = re.compile(r"val_loss:([\d.]+)")
-    assert val.findall(text1) == val.findall(text2)
+    val = re.compile(r"^step:(\d+)/12 val_loss:([\d.]+)", re.M)
+    assert val.findall(text1) == val.findall(text2) and len(val.findall(text1)) == 7
 
 
-def test_matmul_check_before_and_after_training_on_one_and_two_processes(tiny_args, tmp_path):
+@pytest.mark.slow
+def test_matmul_check_before_and_after_training_on_one_and_two_processes(adamw_runs):
     """Before training and after the timed steps (past the 10 warm-up steps) every process times a matmul on its
     device (CPU: 512^3 fp32); the record gets both mean rates and MFU = floor / step_avg, floor = model FLOPs a step
     / (W x the larger rate)."""
@@ -53,17 +82,17 @@ def test_matmul_check_before_and_after_training_on_one_and_two_processes(tiny_ar
                       r"larger\) ([\d.]+) TFLOP/s per device, mfu: ([\d.]+)% \(floor ([\d.]+) ms a step, step_avg "
                       r"([\d.]+) ms\)$", re.M)
     for nproc in (1, 2):
-        *_, text = run(tiny_args, tmp_path, nproc, f"w{nproc}", ["--optimizer", "adamw", "--num_iterations", "12"])
+        *_, text, record = adamw_runs[nproc]
         m = line.search(text)
         assert m and bool(m[1]) == (nproc == 2), text[-600:]
         assert float(m[4]) == max(float(m[2]), float(m[3])) > 0  # the rate used: the larger of the two timings
         mfu, floor, step_avg = float(m[5]), float(m[6]), float(m[7])
         assert floor > 0 and mfu == pytest.approx(100 * floor / step_avg, rel=0.01, abs=0.06)  # floor: 0.1 ms
         assert "step:12/12 val_loss" in text and f"step_avg:{step_avg:.2f}ms" in text
-        (record,) = (tmp_path / f"w{nproc}").glob("*.txt")
         assert compare.parse_record(record).mfu == mfu  # records/compare.py reads the same line
 
 
+@pytest.mark.slow
 def test_four_processes_equal_one_within_rounding_noise(tiny_args, tmp_path):
     """4 processes (gloo, device batch 1) against 1 process with accumulation 4, Muon: a 4-way all-reduce sums the
     gradients in another order than accumulation does, and bf16 Newton-Schulz amplifies that rounding; so the
@@ -71,18 +100,15 @@ def test_four_processes_equal_one_within_rounding_noise(tiny_args, tmp_path):
     (accumulation 4 vs 2), and far below one step's change (lr 0.018)."""
     runs = {}
     for nproc, device_batch in ((1, 1), (1, 2), (4, 1)):
-        out, records = tmp_path / f"p{nproc}{device_batch}.pt", tmp_path / f"r{nproc}{device_batch}"
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                    if nproc > 1 else [sys.executable])
-        r = subprocess.run(launcher + [str(REPO / "tests" / "run_train.py")] + tiny_args +
-                           ["--records_dir", str(records), "--device_batch_size", str(device_batch)],
-                           capture_output=True, text=True, env=dict(subprocess_env(), FINAL_PARAMS=str(out)),
-                           timeout=300)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-        (record,) = records.glob("*.txt")
-        text = record.read_text()
+        args = tiny_args + ["--records_dir", str(tmp_path / f"r{nproc}{device_batch}"), "--device_batch_size",
+                            str(device_batch)]
+        if nproc == 1:
+            text, params = train_here(args)
+        else:
+            text = torchrun(nproc, args, tmp_path / f"p{nproc}.pt")
+            params = torch.load(tmp_path / f"p{nproc}.pt")
         assert f"world_size: {nproc}\n" in text and f"accumulation {4 // (nproc * device_batch)}," in text
-        runs[nproc, device_batch] = [float(v) for _, v in STEP.findall(text)], torch.load(out)
+        runs[nproc, device_batch] = [float(v) for _, v in STEP.findall(text)], params
     (ref_loss, ref), (noise_loss, noise), (four_loss, four) = runs[1, 1], runs[1, 2], runs[4, 1]
     assert len(four_loss) == 5 and four_loss[0] == ref_loss[0]  # step 1: no optimizer step has happened yet
     assert max(abs(a - b) for a, b in zip(four_loss, ref_loss)) <= 3 * max(abs(a - b) for a, b in
@@ -104,3 +130,66 @@ def test_optimizer_work_splits_evenly_over_processes(world):
     assert len(costs) == 48 and set(owner) == set(range(world))
     assert max(loads) <= 1.01 * sum(costs) / world, loads  # measured: exactly 1/W for W = 1, 2, 4, 8
     assert owner == t.assign_owners(costs, world)  # deterministic
+
+
+def run_sh(args, env, **kw):
+    """./run.sh as a user starts it, on the CPU (CUDA hidden)."""
+    return subprocess.Popen(["bash", str(REPO / "run.sh"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(subprocess_env(), CUDA_VISIBLE_DEVICES="", **env), **kw)
+
+
+def finished(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def record_and_model(records):
+    """The one record under records/ (losses, text) and the model of its final checkpoint."""
+    (record,) = records.glob("*.txt")
+    (ckpt,) = (records / "checkpoints").glob("*/step_*")
+    text = record.read_text()
+    return [float(v) for _, v in STEP.findall(text)], text, torch.load(ckpt / "main.pt")["model"]
+
+
+@pytest.mark.slow
+def test_run_sh_on_two_nodes_equals_one_process_with_accumulation(tiny_args, tmp_path):
+    """run.sh without a GPU says so and runs the smoke preset (here overridden by the tiny settings) in one process;
+    with NNODES=2 NODE_RANK=0/1 MASTER_ADDR/MASTER_PORT it starts torchrun's static rendezvous: 2 "nodes" x 1 gloo
+    process on localhost train what 1 process with accumulation 2 trains (train and val losses, final parameters)."""
+    extra = ["--optimizer", "muon", "--val_loss_every", "2"]
+    out = finished(run_sh(tiny_args + extra + ["--records_dir", str(tmp_path / "one")], {}))
+    assert out.splitlines()[0].startswith("run.sh: no CUDA GPU found: running the smoke preset on the CPU")
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [run_sh(tiny_args + extra + ["--records_dir", str(tmp_path / "two")],
+                    dict(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in (0, 1)]
+    for node in nodes:
+        finished(node)
+    losses1, text1, params1 = record_and_model(tmp_path / "one")
+    losses2, text2, params2 = record_and_model(tmp_path / "two")
+    assert '"preset": "smoke"' in text1 and "world_size: 1\n" in text1 and "accumulation 2," in text1
+    assert "world_size: 2\n" in text2 and "accumulation 1," in text2
+    assert len(losses1) == len(losses2) == 5
+    assert losses1 == pytest.approx(losses2, abs=2e-4)  # printed with 4 decimals
+    val = re.compile(r"^step:(\d+)/5 val_loss:([\d.]+)", re.M)
+    assert val.findall(text1) == val.findall(text2) and [s for s, _ in val.findall(text1)] == ["0", "2", "4", "5"]
+    assert params1.keys() == params2.keys()
+    for k in params1:
+        torch.testing.assert_close(params2[k], params1[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(NNODES="2", NODE_RANK="0"), "NNODES=2 needs MASTER_ADDR"),
+    (dict(NNODES="2", MASTER_ADDR="127.0.0.1"), "NNODES=2 needs NODE_RANK, this node's number: 0 .. 1"),
+    (dict(NNODES="2", NODE_RANK="2", MASTER_ADDR="127.0.0.1"), "NNODES=2 needs NODE_RANK, this node's number: 0 .. 1 (got '2')"),
+    (dict(NNODES="two"), "NNODES=two: must be a positive number"),
+    (dict(NGPU="0"), "NGPU=0: must be a positive number"),
+])
+def test_run_sh_refuses_incomplete_node_settings(env, message):
+    """A bad node or process count stops run.sh before anything starts: one line naming the variable, exit status 2."""
+    proc = run_sh(["--preset", "smoke"], env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and len(out.splitlines()) == 1 and out.startswith(f"run.sh: {message}"), out

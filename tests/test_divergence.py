@@ -74,6 +74,7 @@ def test_a_nonfinite_update_stops_the_run_while_the_loss_is_finite(small_vocab_a
                                       "updated by muon"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_diverged_command_exits_nonzero(small_vocab_args, tmp_path, nproc):
     """As a command, alone and as 2 processes under torchrun (where the Gram refresh fails on the matrices' owners,

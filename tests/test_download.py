@@ -72,6 +72,7 @@ def assert_one_error(result: subprocess.CompletedProcess, *names: str) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_downloads_val_and_first_n_train_shards_then_skips(tmp_path, shards):
     with HubServer(files={REPO_ID: shards}) as hub:
         first = run(hub, tmp_path, "2")
@@ -90,6 +91,7 @@ def test_downloads_val_and_first_n_train_shards_then_skips(tmp_path, shards):
         assert hub.requests == []  # complete files are not even checked against the hub
 
 
+@pytest.mark.slow
 def test_incomplete_local_files_are_downloaded_again(tmp_path, shards):
     with HubServer(files={REPO_ID: shards}) as hub:
         assert run(hub, tmp_path, "2").returncode == 0
@@ -108,6 +110,7 @@ def test_incomplete_local_files_are_downloaded_again(tmp_path, shards):
         assert (fw / name).read_bytes() == shards[name]
 
 
+@pytest.mark.slow
 def test_wrong_repo_id_fails_with_one_message(tmp_path, shards):
     with HubServer(files={REPO_ID: shards}) as hub:
         result = run(hub, tmp_path, "1", "--repo_id", "nobody/no-such-repo")
@@ -115,6 +118,7 @@ def test_wrong_repo_id_fails_with_one_message(tmp_path, shards):
     assert "repository not found" in error
 
 
+@pytest.mark.slow
 def test_missing_file_fails_with_one_message(tmp_path, shards):
     del shards[train(2)]
     with HubServer(files={REPO_ID: shards}) as hub:
@@ -125,6 +129,7 @@ def test_missing_file_fails_with_one_message(tmp_path, shards):
     assert not (tmp_path / "fw" / train(3)).exists()  # stops at the first failure
 
 
+@pytest.mark.slow
 def test_offline_fails_with_one_message(tmp_path, shards):
     with HubServer(files={REPO_ID: shards}) as hub:
         result = run(hub, tmp_path, "1", env={"HF_HUB_OFFLINE": "1"})
@@ -132,6 +137,7 @@ def test_offline_fails_with_one_message(tmp_path, shards):
     assert_one_error(result, VAL, REPO_ID)
 
 
+@pytest.mark.slow
 def test_number_of_shards_defaults_from_trainer_args(tmp_path, shards):
     # 400 steps * 512 sequences * 1024 tokens = 209.7M tokens -> ceil(2.097) = 3 train shards of 100M
     with HubServer(files={REPO_ID: shards}) as hub:
@@ -150,6 +156,7 @@ def test_default_shard_count_matches_trainer_defaults():
     assert module.num_train_shards(parse_args(["--num_iterations", "40", "--batch_size", "8"])) == 1
 
 
+@pytest.mark.slow
 def test_run_on_other_data_downloads_nothing(tmp_path, shards):
     with HubServer(files={REPO_ID: shards}) as hub:
         result = run(hub, tmp_path, "--preset", "smoke")
@@ -159,6 +166,7 @@ def test_run_on_other_data_downloads_nothing(tmp_path, shards):
     assert not (tmp_path / "fw").exists()
 
 
+@pytest.mark.slow
 def test_without_the_hub_packages_present_shards_still_work_and_a_missing_one_says_what_to_install(tmp_path, shards):
     """run.sh calls the downloader before every run: on a machine without huggingface_hub/httpx2 (e.g. a bare
     torch image with the shards copied in) it must pass when nothing is missing, and name the fix when one is."""
@@ -181,6 +189,7 @@ def test_without_the_hub_packages_present_shards_still_work_and_a_missing_one_sa
     assert not (tmp_path / "fw" / train(2)).exists(), error
 
 
+@pytest.mark.slow
 def test_bad_file_on_the_hub_fails_after_download(tmp_path, shards):
     with HubServer(files={REPO_ID: shards}, truncate={train(1): 1500}) as hub:
         result = run(hub, tmp_path, "1")
@@ -189,6 +198,7 @@ def test_bad_file_on_the_hub_fails_after_download(tmp_path, shards):
     assert not (tmp_path / "fw" / train(1)).exists()  # deleted: never left for the trainer
 
 
+@pytest.mark.slow
 def test_truncated_download_is_reported_deleted_and_fetched_again(tmp_path, shards):
     # the first transfer of the shard stops at 1500 bytes with every header agreeing: only its own header tells
     with HubServer(files={REPO_ID: shards}, truncate={train(1): 1500}, truncate_times=1) as hub:
@@ -201,6 +211,7 @@ def test_truncated_download_is_reported_deleted_and_fetched_again(tmp_path, shar
     assert (tmp_path / "fw" / train(1)).read_bytes() == shards[train(1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("redirect", [False, True])
 def test_cut_connection_resumes_where_it_stopped(tmp_path, shards, redirect):
     # every GET of the val shard (1624 bytes) is cut after 500 bytes, three times; with redirect, the hub's LFS path:
@@ -216,6 +227,7 @@ def test_cut_connection_resumes_where_it_stopped(tmp_path, shards, redirect):
     assert sorted(p.name for p in (tmp_path / "fw").iterdir()) == [VAL]  # no .part left
 
 
+@pytest.mark.slow
 def test_killed_download_resumes_in_the_next_run(tmp_path, shards):
     """A job killed mid-file leaves <name>.<etag>.part; the next run asks only for the rest."""
     with HubServer(files={REPO_ID: shards}, stall_after={train(1): 700}) as hub:
@@ -239,6 +251,7 @@ def test_killed_download_resumes_in_the_next_run(tmp_path, shards):
     assert (tmp_path / "fw" / train(1)).read_bytes() == shards[train(1)] and not part.exists()
 
 
+@pytest.mark.slow
 def test_404_everywhere_fails_with_one_message(tmp_path, shards):
     with HubServer(files={REPO_ID: shards}, not_found=True) as hub:
         result = run(hub, tmp_path, "1")
@@ -246,6 +259,7 @@ def test_404_everywhere_fails_with_one_message(tmp_path, shards):
     assert "repository not found" in assert_one_error(result, VAL, REPO_ID)
 
 
+@pytest.mark.slow
 def test_no_network_fails_with_one_message(tmp_path, shards):
     with socket.socket() as s:  # a port where nothing listens
         s.bind(("127.0.0.1", 0))

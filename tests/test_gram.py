@@ -94,17 +94,27 @@ def test_collected_gram_under_autocast_is_the_gram_of_the_matmul_operand(mode):
         torch.testing.assert_close(r.gram.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("mode,triangle", [("full", False), ("full", True), ("block", False), ("diag", False)])
-def test_two_processes_gram_equals_one_process(tmp_path, mode, triangle, monkeypatch):
-    out = tmp_path / "grams.pt"
-    if triangle:
-        monkeypatch.setattr(t, "GRAM_TRIANGLE_BLOCK", 16)
+TWO_PROCESS_CASES = [("full", False), ("full", True), ("block", False), ("diag", False)]
+
+
+@pytest.fixture(scope="module")
+def two_process_grams(tmp_path_factory):
+    """Every case's C from 2 processes under torchrun (gloo), all cases in one launch: {"mode:block": [C per layer]}."""
+    out = tmp_path_factory.mktemp("grams") / "grams.pt"
+    cases = [f"{mode}:{16 if triangle else t.GRAM_TRIANGLE_BLOCK}" for mode, triangle in TWO_PROCESS_CASES]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(REPO / "tests" / "gram_driver.py"), mode, str(t.GRAM_TRIANGLE_BLOCK)],
-                       capture_output=True, text=True,
+                        str(REPO / "tests" / "gram_driver.py"), *cases], capture_output=True, text=True,
                        env=dict(subprocess_env(), GRAMS=str(out)), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    two = torch.load(out)
+    return torch.load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,triangle", TWO_PROCESS_CASES)
+def test_two_processes_gram_equals_one_process(two_process_grams, mode, triangle, monkeypatch):
+    if triangle:
+        monkeypatch.setattr(t, "GRAM_TRIANGLE_BLOCK", 16)
+    two = two_process_grams[f"{mode}:{t.GRAM_TRIANGLE_BLOCK}"]
     args, model, _ = tiny_model(mode)
     idx = torch.randint(0, args.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
     model.collect_gram(True)

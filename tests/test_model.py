@@ -20,6 +20,7 @@ def test_shapes_and_parameter_count():
     assert blk(h).shape == (2, 16, 768)
 
 
+@pytest.mark.slow
 def test_loss_at_init():
     """Logits of the tied Linear init have variance |x|^2 / (3 d) = 1/3 after the RMSNorm, so the expected loss at
     init is ln(V) + 1/6 (the log-normal term of logsumexp), not ln(V) itself."""

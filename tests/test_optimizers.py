@@ -728,6 +728,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_processes_equal_one(tmp_path, world):
     """W processes (gloo), each running the rule on the matrices it owns and sharing them, end every step with the

@@ -7,6 +7,7 @@ The kills come from train_gpt2's test hook TRAIN_GPT2_TEST_KILL ("after:K": ever
 step K; "save:K": during step K's save, once its files are written, before the rename); the signals come from here.
 """
 import concurrent.futures
+import json
 import math
 import os
 import re
@@ -39,6 +40,17 @@ def launch(nproc: int, args: list[str], kill: str = "", timeout: int = 120) -> s
     env = dict(subprocess_env(), **({t.TEST_KILL_ENV: kill} if kill else {}))
     return subprocess.run(launcher + [str(REPO / "train_gpt2.py")] + args, capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=REPO)
+
+
+def launch_runs(nproc: int, runs: list[list[str]], folder: Path) -> subprocess.CompletedProcess:
+    """Several runs (lists of settings) one after another in one launch of tests/train_runs.py, alone or under
+    torchrun (gloo): one start-up of the launcher and its processes for all of them."""
+    spec = folder / f"runs-{len(list(folder.glob('runs-*.json')))}.json"
+    spec.write_text(json.dumps(runs))
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return subprocess.run(launcher + [str(REPO / "tests" / "train_runs.py"), str(spec)], capture_output=True,
+                          text=True, env=subprocess_env(), timeout=300, cwd=REPO)
 
 
 def train_here(args: list[str]) -> str:
@@ -91,13 +103,13 @@ def losses(record: str) -> tuple[list, list]:
 
 def kill_chain(nproc: int, args: list[str], chain: Path, kills: list[str]) -> list[subprocess.CompletedProcess]:
     """A run killed at kills[0] (from scratch, saving every 2 steps), then one resumed from the latest checkpoint and
-    killed at kills[1], ...; then, with 2 processes, one resumed to the end (with 1 process the caller runs it)."""
+    killed at kills[1], ...; the caller resumes it to the end."""
     runs, resume = [], ["--resume", "latest", "--records_dir", str(chain)]
     for kill in kills:
         runs.append(launch(nproc, resume if runs else args + ["--records_dir", str(chain)], kill=kill))
         if runs[-1].returncode == 0:  # not killed: check_kills says so
             return runs
-    return runs + [launch(nproc, resume)] if nproc > 1 else runs
+    return runs
 
 
 def check_kills(runs: list[subprocess.CompletedProcess], kills: list[str], nproc: int) -> None:
@@ -114,6 +126,7 @@ def check_kills(runs: list[subprocess.CompletedProcess], kills: list[str], nproc
             assert "SIGKILL" in run.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_killed_and_resumed_run_is_bitwise_identical(small_vocab_args, tmp_path, optimizer):
     args = small_vocab_args + ["--num_iterations", str(N), "--save_every", "2", "--optimizer", optimizer,
@@ -134,36 +147,38 @@ def test_killed_and_resumed_run_is_bitwise_identical(small_vocab_args, tmp_path,
 
 
 # with 2 processes, each optimizer's run is killed once (half of them right after step 5, half in the middle of saving
-# step 6), then resumed: 3 launches of torchrun per optimizer instead of 4 keep the file's time down
+# step 6), then resumed
 TWO_PROCESS_KILL = {"muon": "after:5", "polargrad": "save:6", "soap": "after:5", "newton_muon": "save:6",
                     "locoprop": "after:5", "adamw": "save:6"}
 
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
-    """For every optimizer, with 2 processes: an uninterrupted run and the kill chain, all optimizers at once."""
+    """For every optimizer, with 2 processes: the killed run (one torchrun each, 3 at a time); then one torchrun that
+    trains every optimizer's uninterrupted run and resumes every killed one, one after another."""
     root = tmp_path_factory.mktemp("two")
     train, val = make_shards(root / "shards", vocab=SMALL_VOCAB)
     base = TINY + ["--vocab_size", str(SMALL_VOCAB), "--input_bin", train, "--input_val_bin", val,
                    "--num_iterations", str(N), "--save_every", "2"]
+    args = {o: base + ["--optimizer", o, *OPTIMIZERS[o]] for o in OPTIMIZERS}
 
-    def both(optimizer):
-        args = base + ["--optimizer", optimizer, *OPTIMIZERS[optimizer]]
-        ref = launch(2, args + ["--records_dir", str(root / optimizer / "ref")])
-        return args, ref, kill_chain(2, args, root / optimizer / "chain", [TWO_PROCESS_KILL[optimizer]])
+    def killed(optimizer):
+        return launch(2, args[optimizer] + ["--records_dir", str(root / optimizer / "chain")],
+                      kill=TWO_PROCESS_KILL[optimizer])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        done = dict(zip(OPTIMIZERS, pool.map(both, OPTIMIZERS)))
-    return root, done
+        kills = dict(zip(OPTIMIZERS, pool.map(killed, OPTIMIZERS)))
+    rest = launch_runs(2, [args[o] + ["--records_dir", str(root / o / "ref")] for o in OPTIMIZERS]
+                       + [["--resume", "latest", "--records_dir", str(root / o / "chain")] for o in OPTIMIZERS], root)
+    return root, kills, rest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_two_processes_killed_and_resumed_is_bitwise_identical(two_process_runs, optimizer):
-    root, done = two_process_runs
-    args, ref, runs = done[optimizer]
-    assert ref.returncode == 0, ref.stdout[-1500:] + ref.stderr[-3000:]
-    check_kills(runs, [TWO_PROCESS_KILL[optimizer]], 2)
-    assert len(runs) == 2 and runs[1].returncode == 0, runs[-1].stdout[-1500:] + runs[-1].stderr[-3000:]
+    root, kills, rest = two_process_runs
+    check_kills([kills[optimizer]], [TWO_PROCESS_KILL[optimizer]], 2)
+    assert rest.returncode == 0, rest.stdout[-1500:] + rest.stderr[-3000:]  # the references and the resumed runs
     chain = root / optimizer / "chain"
     assert saved(chain) == ["step_000006", "step_000008"]
     ours, theirs = final_state(root / optimizer / "ref"), final_state(chain)
@@ -199,6 +214,7 @@ def run_until_signal(cmd: list[str], sig: int) -> tuple[int, str]:
     return proc.returncode, "".join(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,sig", [(1, signal.SIGINT), (2, signal.SIGTERM)])
 def test_signal_saves_a_checkpoint_and_the_run_resumes_exactly(tiny_args, tmp_path, nproc, sig):
     """SIGINT to the process, or SIGTERM to torchrun (which passes it to every process): each process finishes its
@@ -219,8 +235,8 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes_exactly(tiny_args, tmp_pa
         record = train_here(resume)
         reference = train_here(tiny_args + ["--num_iterations", "16", "--records_dir", str(tmp_path / "ref")])
     else:
-        done, ref = launch(2, resume), launch(2, args[:-1] + [str(tmp_path / "ref")])
-        assert done.returncode == 0 and ref.returncode == 0, done.stderr[-3000:] + ref.stderr[-3000:]
+        done = launch_runs(2, [resume, args[:-1] + [str(tmp_path / "ref")]], tmp_path)  # resumed, then the reference
+        assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
         (record,), (reference,) = (tmp_path / "stopped").glob("*.txt"), (tmp_path / "ref").glob("*.txt")
     assert_bitwise(final_state(tmp_path / "ref", 16), final_state(tmp_path / "stopped", 16))
     assert losses(str(record)) == losses(str(reference))
@@ -253,6 +269,7 @@ def test_training_time_continues_across_a_resume(small_vocab_args, tmp_path):
     assert final.complete and final.train_time_ms >= times[-1]
 
 
+@pytest.mark.slow
 def test_stop_at_saves_and_the_resumed_run_is_the_whole_schedule(small_vocab_args, tmp_path):
     """--stop_at 3 of an 8-step schedule: the run validates at step 3, saves step_000003, says `stopped: ... by
     --stop_at` with the resume command, ends with exit status 0 and its peak memory, and the LR schedule is the 8-step

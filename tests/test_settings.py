@@ -139,6 +139,7 @@ def test_valid_resume_settings_pass_and_keep_the_checkpoint(checkpoint):
         t.validate_args(t.Hyperparameters(**{**same.__dict__, "n_head": 4}), 1)
 
 
+@pytest.mark.slow
 def test_command_line_refuses_before_building_anything(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "train_gpt2.py"), "--preset", "smoke", "--warmup_iters", "41",
                         "--records_dir", str(tmp_path / "rec")], capture_output=True, text=True, env=subprocess_env(),

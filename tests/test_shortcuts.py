@@ -101,6 +101,7 @@ print("loss kernel ok")
 """
 
 
+@pytest.mark.slow
 def test_loss_kernel_in_the_triton_interpreter():
     """The fused loss's softmax kernel (CUDA's path), run by Triton's interpreter on CPU: linear_cross_entropy equals
     F.cross_entropy on fp32 logits (loss, both gradients) for padded and unpadded vocabularies, chunks that do and do
@@ -189,6 +190,7 @@ print("syrk ok")
 """
 
 
+@pytest.mark.slow
 def test_syrk_kernel_in_the_triton_interpreter():
     """Newton-Schulz's X X^T and A A through the Triton syrk kernel (CUDA's path), run by Triton's interpreter on CPU:
     only tiles on/above the diagonal multiplied, the rest mirrored; equal to the float64 product for partial tiles, a
@@ -235,6 +237,7 @@ def test_transposed_shapes_batched_together_equal_each_alone(opt):
     assert not torch.equal(together[1], together[2])
 
 
+@pytest.mark.slow
 def test_gelu_recompute_leaves_loss_and_gradients_unchanged():
     """--recompute_gelu 1 (GELU checkpointed: under torch.compile its output is recomputed in the backward, not saved
     for c_proj's weight gradient) gives the same loss and gradients as saving it, and saves one d_hidden-wide tensor
@@ -248,6 +251,7 @@ def test_gelu_recompute_leaves_loss_and_gradients_unchanged():
     assert out[1][1] == out[0][1] - 2 * 3 * 50 * 4 * 64, (out[0][1], out[1][1])  # GELU's output, both layers
 
 
+@pytest.mark.slow
 def test_gelu_recompute_survives_the_graph_splits_of_ddp(tmp_path):
     """Under DDP, torch.compile splits the model's graph at gradient-bucket boundaries, right before a parameter's
     first use. A split between GELU and c_proj made GELU's output a saved graph output again (measured: 26.9 GB peak
@@ -264,6 +268,7 @@ def test_gelu_recompute_survives_the_graph_splits_of_ddp(tmp_path):
     assert sum(saved["0"]) - sum(saved["1"]) == 2 * 3 * 50 * 4 * 256
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gram", ["full", "block", "diag"])
 def test_gelu_recompute_holds_on_the_steps_that_collect_c(gram):
     """A feature-gram refresh step also sums the Gram of c_proj's input, GELU's output, inside the checkpointed GELU +
@@ -298,6 +303,7 @@ def test_gelu_recompute_holds_on_the_steps_that_collect_c(gram):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
 
 
+@pytest.mark.slow
 def test_gelu_recompute_recomputes_gelu_and_no_matmul():
     """The checkpointed region holds GELU and c_proj's matmul: the backward graph (torch.compile's partitioner, the
     min-cut one Inductor uses) recomputes GELU once per layer and has exactly the matmuls it has without the recompute."""
