@@ -99,8 +99,10 @@ class Hyperparameters:
     gram_beta: float = 0.0  # C <- beta C + (1 - beta) C_new; 0: replace
     gram_damping: float = 0.2  # Newton-Muon: gamma = gram_damping * tr(C) / d
     gram_f: str = "solve"  # Newton-Muon: solve, G (C + gamma I)^-1 | inverse_sqrt, G (C + gamma I)^(-1/2)
+    newton_muon_precondition: str = "before"  # before: buf = m buf + G R | after: buf = m buf + G, msign(... R)
     locoprop_lr: float = 0.3  # eta: best of 0.3 / 1 / 3 in the 400-step sweep on the stand-in data (README)
     locoprop_lambda: float = 1.0  # lambda of C + lambda I
+    locoprop_lambda_mode: str = "absolute"  # absolute: C + lambda I | relative: C + lambda tr(C)/d I (as Newton-Muon)
     locoprop_steps: int = 0  # 0: the exact minimizer; K: K inner gradient steps of size locoprop_nu
     locoprop_nu: float = 0.5
     locoprop_momentum: float = 0.0  # heavy-ball momentum on G; 0: none
@@ -427,11 +429,13 @@ def wide_key(p: torch.Tensor) -> tuple:
     return tuple(sorted(p.shape))
 
 
-def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float,
-                   nesterov: bool) -> torch.Tensor:
-    """buf = m buf + G in place; returns stack_wide of G + m buf (Nesterov) or buf in NS_DTYPE. Wide matrices one
-    at a time, so Inductor makes one kernel of each (reads G and buf, writes buf and the bf16 slice); tall ones by
-    foreach ops, then the transposing stack (one kernel writing buf and a transposed slice was slower)."""
+def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float, nesterov: bool,
+                   factors: list[torch.Tensor] | None = None, gram: str = "full") -> torch.Tensor:
+    """buf = m buf + G in place; returns stack_wide of D = G + m buf (Nesterov) or buf in NS_DTYPE; with factors,
+    of right_precondition(D, R, gram) per matrix. Wide matrices one at a time, so Inductor makes one kernel of each
+    (reads G and buf, writes buf and the bf16 slice); tall ones by foreach ops, then the transposing stack (one kernel
+    writing buf and a transposed slice was slower)."""
+    post = (lambda i, x: right_precondition(x, factors[i], gram)) if factors is not None else (lambda i, x: x)
     xs: list[torch.Tensor | None] = [None] * len(grads)
     tall = [i for i, g in enumerate(grads) if g.size(-2) > g.size(-1)]
     if tall:
@@ -439,24 +443,26 @@ def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum
         torch._foreach_mul_(tb, momentum)
         torch._foreach_add_(tb, tg)
         for i, x in zip(tall, torch._foreach_add(tg, tb, alpha=momentum) if nesterov else tb):
-            xs[i] = x.to(NS_DTYPE)
+            xs[i] = post(i, x).to(NS_DTYPE)
     for i, (b, g) in enumerate(zip(bufs, grads)):
         if xs[i] is None:
             b.mul_(momentum).add_(g)
-            xs[i] = (torch.add(g, b, alpha=momentum) if nesterov else b).to(NS_DTYPE)
+            xs[i] = post(i, torch.add(g, b, alpha=momentum) if nesterov else b).to(NS_DTYPE)
     return stack_wide(xs)
 
 
 def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
               momentum: float, nesterov: bool, coeffs: str, scales: list[float],
-              factors: list[torch.Tensor] | None = None, gram: str = "full") -> None:
+              factors: list[torch.Tensor] | None = None, gram: str = "full", precondition: str = "before") -> None:
     """Muon on matrices of one transposition class: buf = m buf + G; p -= lr scale orthogonalize(G + m buf
-    (Nesterov) or buf). With factors (Newton-Muon), G = right_precondition(G, R, gram) first: in the same graph, so
-    on CUDA the bf16 product feeds the momentum update directly. One graph per class on CUDA (lr a tensor, so the
-    schedule never recompiles)."""
-    if factors is not None:
-        grads = [right_precondition(g, R, gram) for g, R in zip(grads, factors)]
-    O = orthogonalize(nesterov_stack(grads, bufs, momentum, nesterov), coeffs).to(params[0].dtype)
+    (Nesterov) or buf). With factors R (Newton-Muon), precondition before: G <- right_precondition(G, R, gram) first
+    (buf = m buf + G R, so after a refresh its older terms keep the older R); after: buf = m buf + G and the
+    orthogonalized matrix is right_precondition(G + m buf (or buf), R, gram), all of it by the current R. In the same
+    graph, so on CUDA the bf16 product feeds the momentum update (before) or Newton-Schulz (after) directly. One graph
+    per class on CUDA (lr a tensor, so the schedule never recompiles)."""
+    if factors is not None and precondition == "before":
+        grads, factors = [right_precondition(g, R, gram) for g, R in zip(grads, factors)], None
+    O = orthogonalize(nesterov_stack(grads, bufs, momentum, nesterov, factors, gram), coeffs).to(params[0].dtype)
     s = torch.tensor(scales, dtype=O.dtype, device=O.device)
     torch._foreach_add_(params, unstack_like(O * (-lr * s)[:, None, None], params))
 
@@ -493,7 +499,8 @@ class Muon(MatrixOptimizer):
         bufs = self.momentum_buffers(params)
         scales = [max(1.0, p.size(0) / p.size(1)) ** 0.5 if group["shape_scale"] else 1.0 for p in params]
         _muon_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
-                   group["nesterov"], group["coeffs"], scales, factors, group.get("gram", "full"))
+                   group["nesterov"], group["coeffs"], scales, factors, group.get("gram", "full"),
+                   group.get("precondition", "before"))
 
 
 class PolarGrad(MatrixOptimizer):
@@ -951,16 +958,19 @@ def trace_over_d(C: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class NewtonMuon(FeatureGram):
-    """Newton-Muon (arXiv:2604.01472): Muon on the right-preconditioned gradient,
-    G~ = G (C + gamma I)^-1 with gamma = damping tr(C)/d;  buf = m buf + G~;  p -= lr msign(G~ + m buf) (Nesterov).
-    With C = c I it is Muon (msign is scale-free)."""
+    """Newton-Muon (arXiv:2604.01472): Muon on the right-preconditioned gradient, R = (C + gamma I)^-1 (or its square
+    root, f) with gamma = damping tr(C)/d, R the one of the last refresh;
+    precondition before:  buf = m buf + G R;  p -= lr msign(G R + m buf) (Nesterov; msign(buf) without);
+    precondition after:   buf = m buf + G;    p -= lr msign((G + m buf) R) (Nesterov; msign(buf R) without).
+    They differ only after a refresh (before: buf's older terms keep their older R). With C = c I both are Muon
+    (msign is scale-free)."""
 
     def __init__(self, params, layers, lr: float = 0.018, momentum: float = 0.95, nesterov: bool = True,
                  coeffs: str = "simple", gram: str = "full", damping: float = 0.2, gram_beta: float = 0.0,
-                 f: str = "solve"):
+                 f: str = "solve", precondition: str = "before"):
         super().__init__(params, layers, dict(lr=lr, momentum=momentum, nesterov=nesterov, coeffs=coeffs,
                                               shape_scale=False, gram=gram, damping=damping, gram_beta=gram_beta,
-                                              f=f))
+                                              f=f, precondition=precondition))
 
     def damping(self, C, group):
         return group["damping"] * trace_over_d(C, group["gram"])
@@ -981,17 +991,20 @@ class LocoPropS(FeatureGram):
     heavy-ball momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
 
     def __init__(self, params, layers, lr: float = 0.3, lam: float = 1.0, steps: int = 0, nu: float = 0.5,
-                 momentum: float = 0.0, gram: str = "full", gram_beta: float = 0.0):
+                 momentum: float = 0.0, gram: str = "full", gram_beta: float = 0.0, lambda_mode: str = "absolute"):
         super().__init__(params, layers, dict(lr=lr, damping=lam, steps=steps, nu=nu, momentum=momentum, gram=gram,
-                                              gram_beta=gram_beta, f="solve"))
+                                              gram_beta=gram_beta, f="solve", lambda_mode=lambda_mode))
 
     def damping(self, C, group):
+        """lambda of A = C + lambda I: absolute, the setting itself; relative, setting * tr(C)/d per matrix."""
+        if group["lambda_mode"] == "relative":
+            return group["damping"] * trace_over_d(C, group["gram"])
         return group["damping"]
 
     def factor(self, C, group, wait=True):  # A^-1 (steps = 0) or the K-step polynomial P_K
         if group["steps"] == 0:
             return super().factor(C, group, wait)
-        P = inner_steps_polynomial(C, group["damping"], group["nu"], group["steps"], group["gram"])
+        P = inner_steps_polynomial(C, self.damping(C, group), group["nu"], group["steps"], group["gram"])
         return cannot_fail(P, wait)
 
     def update(self, params, group):
@@ -1006,9 +1019,11 @@ class LocoPropS(FeatureGram):
         torch._foreach_add_(params, dirs, alpha=-group["lr"])
 
 
-def inner_steps_polynomial(C: torch.Tensor, lam: float, nu: float, K: int, mode: str) -> torch.Tensor:
-    """P_K = nu sum_{j<K} (I - nu (C + lam I))^j (full/block: matrices; diag: a vector; batched over leading dims),
-    by P <- nu I + (I - nu A) P; applied like A^-1 (right_precondition)."""
+def inner_steps_polynomial(C: torch.Tensor, lam, nu: float, K: int, mode: str) -> torch.Tensor:
+    """P_K = nu sum_{j<K} (I - nu (C + lam I))^j (full/block: matrices; diag: a vector; batched over leading dims;
+    lam a number or one per matrix), by P <- nu I + (I - nu A) P; applied like A^-1 (right_precondition)."""
+    lam = torch.as_tensor(lam, dtype=C.dtype, device=C.device)
+    lam = lam.reshape(lam.shape + (1,) * (C.dim() - lam.dim()))  # one per matrix, broadcast over its entries
     if mode == "diag":
         B = 1 - nu * (C + lam)
         P = torch.zeros_like(C)
@@ -1055,10 +1070,12 @@ OPTIMIZERS = {
                                       max_precond_dim=a.soap_max_precond_dim, tf32=a.soap_tf32),
     "newton_muon": lambda ps, a, layers: NewtonMuon(ps, layers, lr=a.muon_lr, momentum=a.muon_momentum,
                                                     nesterov=a.muon_nesterov, coeffs=a.ns_coeffs, gram=a.gram,
-                                                    damping=a.gram_damping, gram_beta=a.gram_beta, f=a.gram_f),
+                                                    damping=a.gram_damping, gram_beta=a.gram_beta, f=a.gram_f,
+                                                    precondition=a.newton_muon_precondition),
     "locoprop": lambda ps, a, layers: LocoPropS(ps, layers, lr=a.locoprop_lr, lam=a.locoprop_lambda,
                                                 steps=a.locoprop_steps, nu=a.locoprop_nu,
-                                                momentum=a.locoprop_momentum, gram=a.gram, gram_beta=a.gram_beta),
+                                                momentum=a.locoprop_momentum, gram=a.gram, gram_beta=a.gram_beta,
+                                                lambda_mode=a.locoprop_lambda_mode),
     "adamw": lambda ps, a, fused: torch.optim.AdamW(ps, lr=a.adamw_lr, betas=a.adamw_betas,
                                                     weight_decay=a.adamw_weight_decay, fused=fused),
 }
@@ -1098,6 +1115,10 @@ def check_optimizer_args(args: Hyperparameters) -> None:
         bad("gram_block", f"a divisor of every layer's input width ({args.n_embd} and {4 * args.n_embd})")
     if args.gram_f not in ("solve", "inverse_sqrt"):
         bad("gram_f", "solve or inverse_sqrt")
+    if args.newton_muon_precondition not in ("before", "after"):
+        bad("newton_muon_precondition", "before or after")
+    if args.locoprop_lambda_mode not in ("absolute", "relative"):
+        bad("locoprop_lambda_mode", "absolute or relative")
     for name in ("gram_every", "locoprop_steps"):
         if getattr(args, name) < (1 if name == "gram_every" else 0):
             bad(name, ">= 1" if name == "gram_every" else ">= 0")
