@@ -193,13 +193,17 @@ def test_locoprop_lambda_mode(mode):
     assert worst_step_error(a, run_reference(lambda: RefLocoProp(lambda_mode=other, **kw), grams, gs, p0), p0) > 0.5
 
 
-@pytest.mark.parametrize("setting,value,allowed", [
-    ("newton_muon_precondition", "inside", "before or after"),
-    ("locoprop_lambda_mode", "scaled", "absolute or relative"),
+@pytest.mark.parametrize("setting,value,allowed,got", [
+    ("newton_muon_precondition", "inside", "before or after", "'inside'"),
+    ("locoprop_lambda_mode", "scaled", "absolute or relative", "'scaled'"),
+    ("locoprop_nu", "2", "in (0, 2) (the inner step is locoprop_nu / L, L >= lambda_max(C + lambda I))", "2.0"),
+    ("locoprop_nu", "0", "in (0, 2)", "0.0"),
 ])
-def test_choice_settings_refuse_unknown_values(setting, value, allowed):
-    with pytest.raises(SystemExit, match=f"^--{setting}: must be {allowed}, got '{value}'$"):
+def test_optimizer_settings_refuse_values_out_of_range(setting, value, allowed, got):
+    with pytest.raises(SystemExit) as e:
         t.check_optimizer_args(t.parse_args([f"--{setting}", value]))
+    assert str(e.value).startswith(f"--{setting}: must be {allowed}") and str(e.value).endswith(f", got {got}")
+    assert "\n" not in str(e.value)
 
 
 def test_choice_settings_reach_the_optimizers():
@@ -211,3 +215,178 @@ def test_choice_settings_reach_the_optimizers():
         args = t.parse_args(tiny + ["--optimizer", optimizer, f"--{setting}", value])
         t.check_optimizer_args(args)
         assert t.build_optimizers(t.GPT(args), args)[-1].param_groups[0][key] == value
+
+
+def dense(C: torch.Tensor, mode: str) -> torch.Tensor:
+    """The d x d matrix a full, block (d/b, b, b) or diag (d,) C stands for."""
+    return {"full": lambda: C, "block": lambda: torch.block_diag(*C), "diag": lambda: torch.diag(C)}[mode]()
+
+
+def as_mode(C: torch.Tensor, mode: str, b: int = 4) -> torch.Tensor:
+    """A full C as the optimizer stores it in `mode`: itself, its (d/b, b, b) diagonal blocks, or its diagonal."""
+    if mode == "diag":
+        return torch.diagonal(C).clone()
+    if mode == "block":
+        return torch.stack([C[i:i + b, i:i + b] for i in range(0, C.size(0), b)])
+    return C
+
+
+@pytest.mark.parametrize("mode", ["full", "block", "diag"])
+@pytest.mark.parametrize("f", ["solve", "inverse_sqrt"])
+def test_newton_muon_gram_f(exact_msign, mode, f):
+    """R = (C + gamma I)^-1 (solve) or (C + gamma I)^(-1/2) (inverse_sqrt) for full, block-diagonal and diagonal C,
+    gamma = 0.2 tr(C)/d, over 6 steps with momentum across a refresh, to 1e-10; the other f is off by > 0.05."""
+    grams, gs, p0 = newton_muon_case(seed=3)
+    grams = {k: [as_mode(C, mode) for C in Cs] for k, Cs in grams.items()}
+    dense_grams = {k: [dense(C, mode) for C in Cs] for k, Cs in grams.items()}
+    a = run_feature_gram(lambda ps, layers: t.NewtonMuon(ps, layers, lr=0.02, momentum=0.9, gram=mode, f=f),
+                         grams, gs, p0)
+    ref = run_reference(lambda: RefNewtonMuon(momentum=0.9, f=f), dense_grams, gs, p0)
+    assert worst_step_error(a, ref, p0) < 1e-10
+    other = "solve" if f == "inverse_sqrt" else "inverse_sqrt"
+    assert worst_step_error(a, run_reference(lambda: RefNewtonMuon(momentum=0.9, f=other), dense_grams, gs, p0),
+                            p0) > 0.05
+
+
+def test_newton_muon_shape_scale(exact_msign):
+    """--muon_shape_scale reaches Newton-Muon: a tall matrix's step is max(1, rows/cols)^0.5 msign(...), to 1e-10."""
+    grams, gs, p0 = newton_muon_case(seed=4)
+    a = run_feature_gram(lambda ps, layers: t.NewtonMuon(ps, layers, lr=0.02, momentum=0.9, shape_scale=True),
+                         grams, gs, p0)
+    assert worst_step_error(a, run_reference(lambda: RefNewtonMuon(momentum=0.9, shape_scale=True), grams, gs, p0),
+                            p0) < 1e-10
+    assert worst_step_error(a, run_reference(lambda: RefNewtonMuon(momentum=0.9), grams, gs, p0), p0) > 0.2
+    tiny = ["--n_layer", "1", "--n_embd", "64", "--n_head", "2", "--vocab_size", "100", "--optimizer", "newton_muon"]
+    for flag in (False, True):
+        args = t.parse_args(tiny + ["--muon_shape_scale", str(int(flag))])
+        assert t.build_optimizers(t.GPT(args), args)[-1].param_groups[0]["shape_scale"] is flag
+
+
+def test_polar_express_coefficients_are_the_papers_with_its_safety_factor():
+    """The paper's code (Amsel et al. 2025) lists 8 polynomials and divides each but the list's last by its safety
+    factor, (a, b, c) -> (a / 1.01, b / 1.01^3, c / 1.01^5); a 5-step run uses the first 5, all divided, and
+    normalizes by 1.01 ||G||_F."""
+    paper = [(8.28721201814563, -23.595886519098837, 17.300387312530933),
+             (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+             (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+             (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+             (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+             (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+             (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+             (1.875, -1.25, 0.375)]
+    used = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in paper[:-1]] + paper[-1:]
+    steps, f = t.NS_COEFFS["polar_express"]
+    assert f == 1.01 and len(steps) == 5
+    for got, want in zip(steps, used[:5]):
+        assert got == pytest.approx(want, rel=1e-15, abs=0)
+
+# ----------------------------------------------------------------------------- LocoProp-S K inner steps
+
+
+def init_like_spectrum(d: int, knots: list[tuple[float, float]]) -> torch.Tensor:
+    """d eigenvalues, log-linear between (quantile, eigenvalue) knots measured on the 768-wide model's C at init
+    (2 layers, 2048 tokens of data/sample): the same spread at a small width."""
+    q = torch.linspace(0, 1, d, dtype=torch.float64)
+    kq = torch.tensor([k for k, _ in knots], dtype=torch.float64)
+    kl = torch.tensor([l for _, l in knots], dtype=torch.float64).log()
+    i = torch.searchsorted(kq, q, right=True).clamp(1, len(knots) - 1)
+    w = (q - kq[i - 1]) / (kq[i] - kq[i - 1])
+    return (kl[i - 1] + w * (kl[i] - kl[i - 1])).exp()
+
+
+# quantiles 0, 1/4, 1/2, 3/4, 0.99, 1 of the eigenvalues of C at init (768 wide): c_fc's input (tr/d 1.0, lambda_max
+# 147), c_attn's (tr/d 1.0, 30) and attention c_proj's (tr/d 0.011, 1.85)
+C_FC = [(0, 0.0114), (0.25, 0.0839), (0.5, 0.241), (0.75, 0.613), (0.99, 13.5), (1, 146.6)]
+C_ATTN = [(0, 0.00308), (0.25, 0.121), (0.5, 0.409), (0.75, 1.036), (0.99, 10.4), (1, 30.1)]
+ATTN_PROJ = [(0, 3e-5), (0.25, 1.6e-4), (0.5, 4.5e-4), (0.75, 1.56e-3), (0.99, 0.269), (1, 1.853)]
+
+
+def init_like_c(knots, d: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    return (Q * init_like_spectrum(d, knots)) @ Q.T
+
+
+def locoprop_direction(C: torch.Tensor, G: torch.Tensor, steps: int, **kw) -> torch.Tensor:
+    """One LocoPropS step (eta = 1, refreshed with C) from W0 = 0: the direction -G P."""
+    return run_feature_gram(lambda ps, layers: t.LocoPropS(ps, layers, lr=1.0, steps=steps, **kw),
+                            {0: [C]}, [[G]], [torch.zeros_like(G)])[0][0]
+
+
+@pytest.mark.parametrize("knots", [C_FC, C_ATTN], ids=["c_fc", "c_attn"])
+def test_locoprop_k_steps_converge_to_the_exact_minimizer(knots):
+    """On C with the spread of the 768-wide model's at init (lambda = 1, nu = 1): the K-step direction's error
+    against the exact -G A^-1 falls monotonically with K = 1, 2, ..., 10 (on every eigenvector of A the error factor
+    is (1 - nu a_i / L)^K in [0, 1)), and K = 5000 is the minimizer to 1e-6; with the step nu not scaled by 1/L
+    (nu = 0.5, as before) the error at K = 10 exceeds 1e6."""
+    C = init_like_c(knots)
+    G = gaussians([(8, 64)], 1, seed=5)[0][0] @ C  # a gradient dY^T X lies in X's row space: G = H C
+    exact = -G @ torch.linalg.inv(damped(C, 1.0))
+    errs = [((locoprop_direction(C, G, K) - exact).norm() / exact.norm()).item() for K in range(1, 11)]
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    assert errs[0] < 1 and ((locoprop_direction(C, G, 5000) - exact).norm() / exact.norm()).item() < 1e-6
+    B = torch.eye(64, dtype=C.dtype) - 0.5 * damped(C, 1.0)
+    unscaled = -G @ (0.5 * sum(torch.linalg.matrix_power(B, j) for j in range(10)))
+    assert ((unscaled - exact).norm() / exact.norm()).item() > 1e6
+
+
+def test_locoprop_k_steps_close_at_k10_where_a_is_well_conditioned():
+    """Attention c_proj's C at init (tr/d 0.011; lambda = 1: lambda_max(A) / lambda_min(A) = 2.85): K = 10 steps of
+    nu = 1 are within 2% of the exact minimizer, K = 1, 3, 10 each closer."""
+    C = init_like_c(ATTN_PROJ)
+    G = gaussians([(8, 64)], 1, seed=6)[0][0] @ C
+    exact = -G @ torch.linalg.inv(damped(C, 1.0))
+    errs = [((locoprop_direction(C, G, K) - exact).norm() / exact.norm()).item() for K in (1, 3, 10)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 0.02, errs
+
+
+def schatten16(C: torch.Tensor) -> float:
+    """(sum_i l_i^16)^(1/16) over the eigenvalues of C, by eigvalsh."""
+    return (torch.linalg.eigvalsh(C).clamp(min=0) ** 16).sum().item() ** (1 / 16)
+
+
+def test_eigenvalue_bound():
+    """full: the Schatten 16-norm of C's eigenvalues (>= lambda_max, within d^(1/16)); block: the largest of its
+    blocks'; diag: the largest entry; on the init-like C within 1% of lambda_max."""
+    Cs = torch.stack([init_like_c(C_FC), init_like_c(C_ATTN, seed=1), torch.eye(64, dtype=torch.float64)])
+    L = t.eigenvalue_bound(Cs, "full")
+    for C, l in zip(Cs, L):
+        lmax = torch.linalg.eigvalsh(C).max().item()
+        assert l.item() == pytest.approx(schatten16(C), rel=1e-10)
+        assert lmax * (1 - 1e-12) <= l.item() <= 64 ** (1 / 16) * lmax  # >= up to float64 rounding
+    assert L[0] / torch.linalg.eigvalsh(Cs[0]).max() < 1.01 and L[1] / torch.linalg.eigvalsh(Cs[1]).max() < 1.01
+    blocks = torch.stack([as_mode(C, "block", 16) for C in Cs])
+    want = [max(schatten16(b) for b in bs) for bs in blocks]
+    torch.testing.assert_close(t.eigenvalue_bound(blocks, "block"), torch.tensor(want, dtype=torch.float64))
+    diags = torch.stack([torch.diagonal(C) for C in Cs])
+    assert torch.equal(t.eigenvalue_bound(diags, "diag"), diags.amax(-1))
+
+
+@pytest.mark.parametrize("mode", ["full", "block", "diag"])
+@pytest.mark.parametrize("lambda_mode", ["absolute", "relative"])
+def test_locoprop_k_step_rule(mode, lambda_mode):
+    """K = 3 inner steps with momentum 0.9 over 6 steps across a refresh, in every gram mode: P = s sum_{j<3} (I - s A)^j
+    with s = nu / L, L = lambda_max bound + lam (the Schatten 16-norm of the (block-)diagonal C's eigenvalues, or its
+    largest entry for diag), to 1e-10; an absolute step nu is off by > 0.1."""
+    grams, gs, p0 = locoprop_case(seed=2)
+    grams = {k: [as_mode(30 * C, mode) for C in Cs] for k, Cs in grams.items()}  # lambda_max(C) ~ 3: nu A > 2 possible
+    kw = dict(lr=0.3, lam=0.5, momentum=0.9, lambda_mode=lambda_mode, steps=3)
+
+    class Ref(RefLocoProp):
+        def refresh(self, C):  # C dense; the bound from its (block-)diagonal structure, as the mode has it
+            blocks = [C[i:i + 4, i:i + 4] for i in range(0, C.size(0), 4)] if mode == "block" else [C]
+            L = C.diagonal().max().item() if mode == "diag" else max(schatten16(b) for b in blocks)
+            lam = self.lam * (torch.trace(C).item() / C.size(0) if self.mode == "relative" else 1.0)
+            self.nu = self.scale / (L + lam)
+            super().refresh(C)
+
+    def make_ref(scale=1.0):
+        r = Ref(nu=0.0, **kw)
+        r.scale = scale
+        return r
+
+    dense_grams = {k: [dense(C, mode) for C in Cs] for k, Cs in grams.items()}
+    a = run_feature_gram(lambda ps, layers: t.LocoPropS(ps, layers, gram=mode, nu=1.0, **kw), grams, gs, p0)
+    assert worst_step_error(a, run_reference(make_ref, dense_grams, gs, p0), p0) < 1e-10
+    absolute = run_reference(lambda: RefLocoProp(nu=1.0, **kw), dense_grams, gs, p0)
+    assert worst_step_error(a, absolute, p0) > 0.1
