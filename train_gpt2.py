@@ -813,6 +813,9 @@ def cannot_fail(R: torch.Tensor, wait: bool):
     return R if wait else (R, torch.zeros((), dtype=torch.bool, device=R.device))
 
 
+FALLBACK_BOOSTS = (10, 100, 1000)  # gram_factor's retries of a failed Cholesky: C + boost gamma I
+
+
 def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool = True,
                 boosts: list[torch.Tensor] | None = None):
     """The cached right preconditioner R of A = C + gamma I (computed once per refresh), batched over leading dims;
@@ -835,7 +838,7 @@ def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool 
     if not wait:
         return gram_upper(tri_inverse(L), lower=True), (info > 0).any()
     used = torch.ones(info.shape, dtype=torch.int32, device=info.device)
-    for boost in (10, 100, 1000):
+    for boost in FALLBACK_BOOSTS:
         failed = info > 0  # one flag per Cholesky (per matrix, or per block)
         if not failed.any():
             break
@@ -884,14 +887,17 @@ class FeatureGram(MatrixOptimizer):
         assert all(self.layers[id(p)].weight is p for p in self._params())
         self._pending: list = []  # refresh_gram's batches, each with its failure flag, for finish_refresh
         self._refreshed: torch.cuda.Event | None = None  # set when refresh_gram ran on a side stream
+        # matrices of this process whose Cholesky of C + gamma I failed at the last refresh, by the factor on gamma
+        # that held (finish_refresh); the training loop writes them to the record (`gram_fallbacks:`)
+        self.fallbacks: dict[int, int] = dict.fromkeys(FALLBACK_BOOSTS, 0)
 
     def damping(self, C: torch.Tensor, group: dict) -> torch.Tensor | float:
         """gamma of C + gamma I, for C batched over its first dim: relative (Newton-Muon) or absolute (LocoProp-S)."""
         raise NotImplementedError
 
-    def factor(self, C: torch.Tensor, group: dict, wait: bool = True):
-        """The cached right preconditioner for a batch of C's of one shape (wait: as gram_factor's)."""
-        return gram_factor(C, self.damping(C, group), group["gram"], group["f"], wait)
+    def factor(self, C: torch.Tensor, group: dict, wait: bool = True, boosts: list | None = None):
+        """The cached right preconditioner for a batch of C's of one shape (wait, boosts: as gram_factor's)."""
+        return gram_factor(C, self.damping(C, group), group["gram"], group["f"], wait, boosts)
 
     def _store_factors(self, ps: list[torch.Tensor], Rs: torch.Tensor, group: dict) -> None:
         for p, R in zip(ps, Rs):
@@ -913,6 +919,7 @@ class FeatureGram(MatrixOptimizer):
             dist.all_reduce(flat)
             torch._foreach_copy_(grams, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grams]), grams)])
         self._pending = []
+        self.fallbacks = dict.fromkeys(FALLBACK_BOOSTS, 0)
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -946,7 +953,11 @@ class FeatureGram(MatrixOptimizer):
             self._refreshed.synchronize()  # the failure flags are on the host: waits for the side stream only
         for ps, group, flag in pending:
             if flag.item():
-                self._store_factors(ps, self.factor(self._stacked_grams(ps), group), group)
+                boosts: list[torch.Tensor] = []
+                self._store_factors(ps, self.factor(self._stacked_grams(ps), group, boosts=boosts), group)
+                for b in boosts[0].reshape(len(ps), -1).amax(-1).tolist():  # a matrix's largest (block mode)
+                    if b > 1:
+                        self.fallbacks[b] += 1
 
     def step(self) -> None:
         self.finish_refresh()  # a no-op unless a refresh_gram is still pending
@@ -1015,9 +1026,9 @@ class LocoPropS(FeatureGram):
             return group["damping"] * trace_over_d(C, group["gram"])
         return group["damping"]
 
-    def factor(self, C, group, wait=True):  # A^-1 (steps = 0) or the K-step polynomial P_K
+    def factor(self, C, group, wait=True, boosts=None):  # A^-1 (steps = 0) or the K-step polynomial P_K
         if group["steps"] == 0:
-            return super().factor(C, group, wait)
+            return super().factor(C, group, wait, boosts)
         lam = self.damping(C, group)
         step = group["nu"] / (eigenvalue_bound(C, group["gram"]) + lam)
         return cannot_fail(inner_steps_polynomial(C, lam, step, group["steps"], group["gram"]), wait)
@@ -2061,7 +2072,8 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
     gram_stream = torch.cuda.Stream(priority=-1) if cuda and args.gram_overlap and isinstance(
         optimizers[-1], FeatureGram) else None
     params = list(raw_model.parameters())
-    flags = torch.zeros(2, device=device)  # this process's [a Gram refresh failed, a stop signal came], all-reduced
+    # this process's [a Gram refresh failed, a stop signal came, Cholesky fallbacks by boost], all-reduced
+    flags = torch.zeros(2 + len(FALLBACK_BOOSTS), device=device)
 
     start, training_ms, timed_before, losses = (progress[k] for k in ("step", "training_ms", "timed_steps", "losses"))
     warm_until = start + 10  # the first 10 steps of each start (compile warm-up) are not timed
@@ -2129,9 +2141,11 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         model.zero_grad(set_to_none=True)
         stats = train_loss.view(1)
         stop = signals.signum > 0  # read once: a signal arriving after this counts at the next step
-        if world > 1:  # one all-reduce: the mean train loss, and whether any process failed a refresh or got a signal
-            flags[0].fill_(float(bool(refresh_error)))
+        fallbacks = list(optimizers[-1].fallbacks.values()) if refresh else [0] * len(FALLBACK_BOOSTS)
+        if world > 1:  # one all-reduce: the mean train loss, whether any process failed a refresh or got a signal,
+            flags[0].fill_(float(bool(refresh_error)))  # and the Cholesky fallbacks of all processes
             flags[1].fill_(float(stop))
+            flags[2:].copy_(torch.tensor(fallbacks, dtype=flags.dtype))
             stats = torch.cat([stats, flags])
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
         finite = torch.stack(torch._foreach_norm(params, float("inf"))).isfinite().all()  # identical on every process
@@ -2139,12 +2153,17 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         train_loss, refresh_failed = stats[0], bool(refresh_error)
         if world > 1:  # every process decides on the all-reduced flags alone, so all stop (or go on) together
             refresh_failed, stop = stats[1] > 0, stats[2] > 0
+            fallbacks = [round(x * world) for x in stats[3:3 + len(FALLBACK_BOOSTS)]]  # means of counts: sums
         if not (math.isfinite(train_loss) and stats[-1] == 1.0) or refresh_failed:
             stop_diverged(step + 1, train_loss, refresh_error or ("a Gram refresh failed on another process"
                                                                   if refresh_failed else ""),
                           raw_model, optimizers, args, record, checkpoints.last)
         losses.append(train_loss)
         done = step + 1
+        if sum(fallbacks):
+            log(f"gram_fallbacks: step:{done}/{args.num_iterations} {sum(fallbacks)} of "
+                f"{len(optimizer_params(optimizers[-1]))} matrices failed the Cholesky of C + damping I and were "
+                f"refactored with more damping: " + ", ".join(f"x{b}: {n}" for b, n in zip(FALLBACK_BOOSTS, fallbacks)))
         now_ms = training_ms + (1000 * (time.perf_counter() - t0) if step >= warm_until else 0.0)
         timed = timed_before + max(done - warm_until, 0)
         log(f"step:{done}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms "
@@ -2252,7 +2271,9 @@ class Record:
     modded-nanogpt's `step:s/N val_loss:... train_time:...ms step_avg:...ms` lines, train-loss lines, peak memory.
     Also `checkpoint: step:s/N PATH` after each save, `resumed: step:s/N from PATH ...` where a resumed run continues
     (lines of steps after s above it were redone), `stopped: step:s/N by SIGTERM; ...` and
-    `diverged: step:s/N last_good_step:g optimizer:NAME ...` where a run ended early."""
+    `diverged: step:s/N last_good_step:g optimizer:NAME ...` where a run ended early, and `gram_fallbacks: step:s/N
+    k of M matrices ...` before the step line of a Gram refresh at which k Choleskys of C + damping I failed (counts
+    by the damping factor that then held)."""
 
     def __init__(self, args: Hyperparameters, world: int, device: torch.device, resume: str = ""):
         if resume:  # continue the checkpoint's record: a `resumed:` line, then the lines of the steps after it

@@ -390,3 +390,29 @@ def test_locoprop_k_step_rule(mode, lambda_mode):
     assert worst_step_error(a, run_reference(make_ref, dense_grams, gs, p0), p0) < 1e-10
     absolute = run_reference(lambda: RefLocoProp(nu=1.0, **kw), dense_grams, gs, p0)
     assert worst_step_error(a, absolute, p0) > 0.1
+
+# ----------------------------------------------------------------------------- Cholesky fallbacks
+
+
+@pytest.mark.parametrize("mode", ["full", "block"])
+def test_cholesky_fallbacks_are_counted_by_the_damping_that_held(mode):
+    """Three C's (lam = 0.1): one positive definite, one with eigenvalue -0.5 (C + lam I fails, C + 10 lam I holds),
+    one with -5 (holds at 100 lam); in block mode the bad eigenvalue sits in one of two blocks. After the refresh:
+    fallbacks {10: 1, 100: 1, 1000: 0} (a matrix counted once), the factors (C + boost lam I)^-1, the first exact."""
+    eye = torch.eye(8, dtype=torch.float64)
+    Cs = [eye, torch.diag(torch.tensor([1.0] * 7 + [-0.5], dtype=torch.float64)),
+          torch.diag(torch.tensor([1.0] * 7 + [-5.0], dtype=torch.float64))]
+    ps = [torch.nn.Parameter(torch.zeros(3, 8, dtype=torch.float64)) for _ in Cs]
+    grams = {0: [as_mode(C, mode) for C in Cs]}
+    opt = []
+    run_feature_gram(lambda qs, layers: opt.append(t.LocoPropS(qs, layers, lam=0.1, gram=mode)) or opt[0],
+                     grams, [[torch.zeros_like(p) for p in ps]], [p.detach() for p in ps])
+    assert opt[0].fallbacks == {10: 1, 100: 1, 1000: 0}
+    for p, C, boost in zip(t.optimizer_params(opt[0]), Cs, (1, 10, 100)):
+        R = opt[0].state[p]["factor"]
+        want = torch.linalg.inv(dense(as_mode(C, mode), mode) + 0.1 * eye * (boost if mode == "full" else 1))
+        if mode == "block":  # only the failing block is refactored with more damping
+            want[4:, 4:] = torch.linalg.inv(C[4:, 4:] + 0.1 * boost * torch.eye(4, dtype=torch.float64))
+        torch.testing.assert_close(dense(R, mode), want)
+    opt[0].refresh_gram(n_tokens=N_TOKENS)  # a refresh starts the count afresh
+    assert opt[0].fallbacks == {10: 0, 100: 0, 1000: 0} and opt[0]._pending
