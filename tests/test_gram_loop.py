@@ -26,24 +26,20 @@ def test_refresh_every_gram_every_steps_with_the_steps_tokens_and_the_ema(small_
     0, 2, 4 with n_tokens = the step's 4 x 32 tokens; C of the normed inputs (c_attn, c_fc: rows of norm sqrt(d)) has
     tr(C)/d = 1, so the sums cover both micro-batches and are divided by the step's tokens; each C is
     0.5 C_before + 0.5 sums / n_tokens (the first: sums / n_tokens), and differs from the one before."""
-    updates, seen = [0], []
-    real_refresh, real_step = t.FeatureGram.refresh_gram, t.FeatureGram.step
+    steps, seen = [], []  # the loop's steps so far (lr_multiplier is called once a step, after the refresh)
+    real_refresh, real_multiplier = t.FeatureGram.refresh_gram, t.lr_multiplier
 
     def refresh(self, n_tokens, stream=None):
         ps = self._params()
         sums = [self.layers[id(p)].gram.double().clone() for p in ps]
         before = [self.state[p]["gram"].double().clone() if "gram" in self.state[p] else None for p in ps]
         real_refresh(self, n_tokens, stream)
-        seen.append((updates[0], n_tokens, sums, before, [self.state[p]["gram"].double().clone() for p in ps]))
-
-    def step(self):
-        real_step(self)
-        updates[0] += 1
+        seen.append((len(steps), n_tokens, sums, before, [self.state[p]["gram"].double().clone() for p in ps]))
 
     monkeypatch.setattr(t.FeatureGram, "refresh_gram", refresh)
-    monkeypatch.setattr(t.FeatureGram, "step", step)
+    monkeypatch.setattr(t, "lr_multiplier", lambda it, args: steps.append(it) or real_multiplier(it, args))
     t.train(t.parse_args(small_vocab_args + LOOP + ["--gram_beta", "0.5", "--records_dir", str(tmp_path)]))
-    assert [s[0] for s in seen] == [0, 2, 4] and updates[0] == 5
+    assert [s[0] for s in seen] == [0, 2, 4] and steps == [0, 1, 2, 3, 4]
     for _, n_tokens, sums, before, after in seen:
         assert n_tokens == 4 * 32
         for i in (0, 2, 4, 6):  # c_attn and c_fc of both blocks: inputs rms_norm(x) (its eps: 1 - 2e-4)

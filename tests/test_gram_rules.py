@@ -152,14 +152,17 @@ def test_newton_muon_precondition_rule(exact_msign, precondition, nesterov):
 
 
 class RefLocoProp:
-    """A = C + lam I (absolute) or C + lam tr(C)/d I (relative); P = A^-1 (K = 0) or nu sum_{j<K} (I - nu A)^j;
-    P = I before the first refresh; M = mu M + G (heavy ball; M = G without momentum); p -= eta M P."""
+    """C <- beta C + (1 - beta) C_new at each refresh (the first: C_new); A = C + lam I (absolute) or
+    C + lam tr(C)/d I (relative); P = A^-1 (K = 0) or nu sum_{j<K} (I - nu A)^j; P = I before the first refresh;
+    M = mu M + G (heavy ball; M = G without momentum); p -= eta M P."""
 
-    def __init__(self, lr=0.3, lam=1.0, lambda_mode="absolute", momentum=0.0, steps=0, nu=0.5):
+    def __init__(self, lr=0.3, lam=1.0, lambda_mode="absolute", momentum=0.0, steps=0, nu=0.5, gram_beta=0.0):
         self.lr, self.lam, self.mode, self.mu, self.K, self.nu = lr, lam, lambda_mode, momentum, steps, nu
+        self.beta, self.C = gram_beta, None
         self.M, self.P = 0.0, None
 
     def refresh(self, C):
+        C = self.C = C if self.C is None else self.beta * self.C + (1 - self.beta) * C
         lam = self.lam * (torch.trace(C) / C.size(0) if self.mode == "relative" else 1.0)
         A = damped(C, lam)
         if self.K == 0:
@@ -416,3 +419,15 @@ def test_cholesky_fallbacks_are_counted_by_the_damping_that_held(mode):
         torch.testing.assert_close(dense(R, mode), want)
     opt[0].refresh_gram(n_tokens=N_TOKENS)  # a refresh starts the count afresh
     assert opt[0].fallbacks == {10: 0, 100: 0, 1000: 0} and opt[0]._pending
+
+
+def test_locoprop_gram_beta_over_several_refreshes():
+    """gram_beta = 0.6 over 4 refreshes (steps 0, 2, 4, 6), momentum 0.9: C is the EMA of the refreshed C's, to
+    1e-10; replacing C at each refresh (beta = 0), or keeping the first, is off by > 0.05."""
+    grams, gs, p0 = locoprop_case(seed=3, steps=8, refresh_at=(0, 2, 4, 6))
+    kw = dict(lr=0.3, lam=0.05, momentum=0.9)
+    a = run_feature_gram(lambda ps, layers: t.LocoPropS(ps, layers, gram_beta=0.6, **kw), grams, gs, p0)
+    assert worst_step_error(a, run_reference(lambda: RefLocoProp(gram_beta=0.6, **kw), grams, gs, p0), p0) < 1e-10
+    assert worst_step_error(a, run_reference(lambda: RefLocoProp(**kw), grams, gs, p0), p0) > 0.05
+    frozen = {0: grams[0]}
+    assert worst_step_error(a, run_reference(lambda: RefLocoProp(**kw), frozen, gs, p0), p0) > 0.05
