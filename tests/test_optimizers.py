@@ -694,6 +694,18 @@ def test_adamw_control_matches_float64():
     assert max(rel(x, y) for x, y in zip(a[-1], run_ref(RefAdamW, gs, p0)[-1])) < 1e-5
     assert displacement_error(a, run_ref(RefAdamW, gs, p0, bias_correction=False), p0) > 1e-2
 
+
+def test_adamw_groups_take_their_own_settings():
+    """The embedding/head AdamW takes embed_lr and embed_betas (no weight decay); the block AdamW control takes
+    adamw_lr, adamw_betas and adamw_weight_decay: every value set apart from its default and from the other's."""
+    args = t.parse_args(["--optimizer", "adamw", "--n_layer", "1", "--n_embd", "64", "--n_head", "2",
+                         "--vocab_size", "100", "--embed_lr", "0.011", "--embed_betas", "0.81,0.91",
+                         "--adamw_lr", "0.022", "--adamw_betas", "0.82,0.92", "--adamw_weight_decay", "0.3"])
+    embed, blocks = (o.param_groups[0] for o in t.build_optimizers(t.GPT(args), args))
+    assert (embed["lr"], embed["base_lr"], embed["betas"], embed["weight_decay"]) == (0.011, 0.011, (0.81, 0.91), 0.0)
+    assert (blocks["lr"], blocks["base_lr"], blocks["betas"], blocks["weight_decay"]) == (0.022, 0.022, (0.82, 0.92),
+                                                                                          0.3)
+
 # ----------------------------------------------------------------------------- 2 processes vs 1
 
 DIST_SHAPES = TINY + TINY  # two blocks' matrices: the 2 processes own different subsets of each shape

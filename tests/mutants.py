@@ -1,0 +1,192 @@
+"""Mutation check of the optimizer math: each mutant below is one semantic change to train_gpt2.py (a string replaced
+in a copy), with the tests that must fail on it. For each, the repo's tests, data/ and records/compare.py are copied
+with the mutated train_gpt2.py into a temporary folder and those tests run there (pytest -x -q); the table says which
+mutants they killed. Exit status 1 if a mutant survives, its string is not found exactly once, its tests error
+instead of failing, or the unmutated copy does not pass them all.
+
+    python tests/mutants.py            # every mutant (30; ~8 minutes on a shared 2-core CPU)
+    python tests/mutants.py -k soap    # those whose name holds "soap"
+    python tests/mutants.py --list     # names and tests only
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OPT, GRAM, RULES, LOOP = ("tests/test_optimizers.py", "tests/test_gram.py", "tests/test_gram_rules.py",
+                          "tests/test_gram_loop.py")
+
+# (name, what it breaks, old text of train_gpt2.py (exactly once), new text, tests that must kill it)
+MUTANTS = [
+    # Muon and Newton-Schulz
+    ("muon-no-nesterov", "Muon's wide matrices use buf instead of G + m buf",
+     "xs[i] = post(i, torch.add(g, b, alpha=momentum) if nesterov else b)", "xs[i] = post(i, b)",
+     [f"{OPT}::test_muon_rule_exact"]),
+    ("muon-ema-momentum", "Muon's buffer an EMA, buf = m buf + (1 - m) G",
+     "b.mul_(momentum).add_(g)", "b.lerp_(g, 1 - momentum)", [f"{OPT}::test_muon_rule_exact"]),
+    ("muon-no-shape-scale", "shape_scale ignored (Muon and Newton-Muon)",
+     'scales = [max(1.0, p.size(0) / p.size(1)) ** 0.5 if group["shape_scale"] else 1.0 for p in params]',
+     "scales = [1.0 for p in params]", [f"{OPT}::test_muon_rule_exact", f"{RULES}::test_newton_muon_shape_scale"]),
+    ("ns-swapped-coefficients", "Newton-Schulz polynomial a I + c A + b A^2 instead of a I + b A + c A^2",
+     "B = c * syrk(A).float() + b * A.float() + a * eye", "B = b * syrk(A).float() + c * A.float() + a * eye",
+     [f"{OPT}::test_orthogonalize_matches_float64_and_batches"]),
+    ("polar-express-last-unscaled", "the 5th Polar Express polynomial without the safety factor",
+     "        (3.3184196573706015, -2.488488024314874, 0.51004894012372),\n"
+     "        (2.300652019954817, -1.6689039845747493, 0.4188073119525673)]], 1.01),",
+     "        (3.3184196573706015, -2.488488024314874, 0.51004894012372)]]\n"
+     "        + [(2.300652019954817, -1.6689039845747493, 0.4188073119525673)], 1.01),",
+     [f"{RULES}::test_polar_express_coefficients_are_the_papers_with_its_safety_factor"]),
+    # PolarGrad
+    ("polargrad-no-nuclear-scale", "PolarGrad steps lr O instead of lr ||D||_* O",
+     "U = unstack_like(O.to(scale.dtype) * (-lr * scale)[:, None, None], params)",
+     "U = unstack_like(O.to(scale.dtype) * (-lr * torch.ones_like(scale))[:, None, None], params)",
+     [f"{OPT}::test_polargrad_rule_exact"]),
+    ("polargrad-weight-decay-sign", "PolarGrad's decoupled weight decay grows the weights",
+     "torch._foreach_mul_(params, 1 - lr * weight_decay)", "torch._foreach_mul_(params, 1 + lr * weight_decay)",
+     [f"{OPT}::test_polargrad_rule_exact"]),
+    ("polargrad-momentum-weight", "PolarGrad's EMA keeps 1 - b of the old momentum",
+     "torch._foreach_lerp_(bufs, grads, 1 - momentum)", "torch._foreach_lerp_(bufs, grads, momentum)",
+     [f"{OPT}::test_polargrad_rule_exact"]),
+    # SOAP
+    ("soap-v-not-permuted", "SOAP's v keeps its rows when the left basis is re-sorted",
+     'v.copy_(v.gather(-2, o[..., :, None].expand_as(v)) if side == "L" else', 'v.copy_(v if side == "L" else',
+     [f"{OPT}::test_soap_rule_exact"]),
+    ("soap-no-bias-correction", "SOAP without Adam's bias correction",
+     "alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))", "alpha=-lr)", [f"{OPT}::test_soap_rule_exact"]),
+    ("soap-stale-m", "SOAP's m not carried into the new bases",
+     'S["exp_avg"].copy_(_rotate(m, S.get("QL"), S.get("QR")))', 'S["exp_avg"].copy_(S["exp_avg"])',
+     [f"{OPT}::test_soap_rule_exact"]),
+    # Newton-Muon
+    ("newton-muon-precondition-swapped", "momentum of G R and of G swapped (before <-> after)",
+     'if factors is not None and precondition == "before":', 'if factors is not None and precondition == "after":',
+     [f"{RULES}::test_newton_muon_precondition_rule"]),
+    ("newton-muon-absolute-damping", "Newton-Muon's gamma = damping, not damping tr(C)/d",
+     '        return group["damping"] * trace_over_d(C, group["gram"])\n\n    batch_key',
+     '        return group["damping"]\n\n    batch_key', [f"{RULES}::test_newton_muon_precondition_rule"]),
+    ("inverse-sqrt-as-inverse", "gram_f inverse_sqrt computes (C + gamma I)^-1",
+     "(l.clamp(min=0) + gamma.squeeze(-1)).rsqrt()", "(l.clamp(min=0) + gamma.squeeze(-1)).reciprocal()",
+     [f"{RULES}::test_newton_muon_gram_f"]),
+    ("diag-ignores-inverse-sqrt", "gram diag returns 1 / (C + gamma) whatever gram_f says",
+     '(C + gamma).rsqrt() if f == "inverse_sqrt" else 1 / (C + gamma)', "1 / (C + gamma)",
+     [f"{RULES}::test_newton_muon_gram_f"]),
+    ("newton-muon-drops-shape-scale", "--muon_shape_scale not handed to Newton-Muon",
+     "precondition=a.newton_muon_precondition,\n" + " " * 52 + "shape_scale=a.muon_shape_scale),",
+     "precondition=a.newton_muon_precondition,\n" + " " * 52 + "shape_scale=False),",
+     [f"{RULES}::test_newton_muon_shape_scale"]),
+    # LocoProp-S
+    ("locoprop-ema-momentum", "LocoProp's heavy-ball momentum turned into an EMA",
+     "torch._foreach_add_(bufs, grads)\n", 'torch._foreach_add_(bufs, grads, alpha=1 - group["momentum"])\n',
+     [f"{RULES}::test_locoprop_lambda_mode"]),
+    ("locoprop-relative-lambda-ignored", "lambda_mode relative treated as absolute",
+     'if group["lambda_mode"] == "relative":', 'if group["lambda_mode"] == "never":',
+     [f"{RULES}::test_locoprop_lambda_mode"]),
+    ("locoprop-unscaled-inner-step", "K-step inner step nu, not nu / L (diverges at init)",
+     'step = group["nu"] / (eigenvalue_bound(C, group["gram"]) + lam)', 'step = group["nu"]',
+     [f"{RULES}::test_locoprop_k_steps_converge_to_the_exact_minimizer", f"{RULES}::test_locoprop_k_step_rule"]),
+    ("eigenvalue-bound-fewer-squarings", "the lambda_max bound from tr(C^4)^(1/4) instead of tr(C^16)^(1/16)",
+     "squarings: int = 4", "squarings: int = 2", [f"{RULES}::test_eigenvalue_bound"]),
+    ("eigenvalue-bound-last-weight", "the bound's last factor t_k^(1/2^(k-1)) instead of t_k^(1/2^k)",
+     "log_L = log_L + t.log() / 2**j", "log_L = log_L + t.log() / 2**min(j, squarings - 1)",
+     [f"{RULES}::test_eigenvalue_bound"]),
+    # Gram collection and refresh
+    ("gram-micro-batch-tokens", "C divided by one micro-batch's tokens, not the step's",
+     "refresh_gram(n_tokens=args.batch_size * T,", "refresh_gram(n_tokens=args.device_batch_size * T,",
+     [f"{LOOP}::test_refresh_every_gram_every_steps_with_the_steps_tokens_and_the_ema"]),
+    ("gram-last-micro-batch-only", "each forward replaces the Gram sum (the last micro-batch's alone)",
+     "        self.gram += part", "        self.gram.copy_(part)",
+     [f"{GRAM}::test_collected_gram_equals_hooked_inputs",
+      f"{LOOP}::test_refresh_every_gram_every_steps_with_the_steps_tokens_and_the_ema"]),
+    ("gram-refresh-only-at-step-0", "C refreshed at step 0 only",
+     "refresh = isinstance(optimizers[-1], FeatureGram) and step % args.gram_every == 0",
+     "refresh = isinstance(optimizers[-1], FeatureGram) and step == 0",
+     [f"{LOOP}::test_refresh_every_gram_every_steps_with_the_steps_tokens_and_the_ema"]),
+    ("gram-ema-frozen", "the EMA keeps C from its first refresh",
+     'else st["gram"].lerp_(new, 1 - group["gram_beta"])', 'else st["gram"]',
+     [f"{RULES}::test_locoprop_gram_beta_over_several_refreshes",
+      f"{LOOP}::test_refresh_every_gram_every_steps_with_the_steps_tokens_and_the_ema"]),
+    ("gram-ema-weight-swapped", "C <- (1 - beta) C + beta C_new",
+     'else st["gram"].lerp_(new, 1 - group["gram_beta"])', 'else st["gram"].lerp_(new, group["gram_beta"])',
+     [f"{RULES}::test_locoprop_gram_beta_over_several_refreshes"]),
+    ("gram-not-mirrored", "the upper-triangle Gram sum not mirrored below the diagonal",
+     "gram.copy_(gram.triu() + gram.triu(1).mT)", "gram.copy_(gram.triu())",
+     [f"{GRAM}::test_collected_gram_equals_hooked_inputs"]),
+    ("cholesky-fallbacks-uncounted", "a Cholesky fallback not counted",
+     "used = torch.where(failed, boost, used)", "used = used",
+     [f"{RULES}::test_cholesky_fallbacks_are_counted_by_the_damping_that_held",
+      f"{LOOP}::test_cholesky_fallbacks_are_written_to_the_record"]),
+    # the AdamW groups
+    ("embed-adamw-takes-adamw-betas", "the embedding's AdamW takes --adamw_betas",
+     "betas=args.embed_betas", "betas=args.adamw_betas", [f"{OPT}::test_adamw_groups_take_their_own_settings"]),
+    ("adamw-control-no-weight-decay", "the block AdamW ignores --adamw_weight_decay",
+     "weight_decay=a.adamw_weight_decay", "weight_decay=0.0", [f"{OPT}::test_adamw_groups_take_their_own_settings"]),
+]
+
+
+def copy_repo(source: str, into: Path) -> None:
+    """train_gpt2.py (as `source`), tests/, data/ (without downloaded shards) and records/compare.py into `into`."""
+    ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache", "fineweb10B")
+    shutil.copytree(REPO / "tests", into / "tests", ignore=ignore)
+    shutil.copytree(REPO / "data", into / "data", ignore=ignore)
+    (into / "records").mkdir()
+    shutil.copy(REPO / "records" / "compare.py", into / "records" / "compare.py")
+    (into / "train_gpt2.py").write_text(source)
+
+
+def run_tests(source: str, tests: list[str]) -> tuple[int, str, float]:
+    """pytest -x -q `tests` on a copy of the repo with train_gpt2.py = source: (exit status, output tail, seconds)."""
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        copy_repo(source, Path(tmp))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                           cwd=tmp, env=env, capture_output=True, text=True)
+        return r.returncode, (r.stdout + r.stderr)[-2000:], time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", default="", help="only the mutants whose name holds this")
+    parser.add_argument("--list", action="store_true", help="print the mutants and their tests, run nothing")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if args.k in m[0]]
+    if not chosen:
+        print(f"-k {args.k!r}: no mutant's name holds it; names: {' '.join(m[0] for m in MUTANTS)}", file=sys.stderr)
+        return 1
+    if args.list:
+        for name, what, _, _, tests in chosen:
+            print(f"{name:34} {what}\n{'':34} {' '.join(tests)}")
+        return 0
+    original = (REPO / "train_gpt2.py").read_text()
+    stale = [name for name, _, old, _, _ in chosen if original.count(old) != 1]
+    if stale:
+        print(f"mutants whose text is not in train_gpt2.py exactly once (update tests/mutants.py): {' '.join(stale)}",
+              file=sys.stderr)
+        return 1
+    every = sorted({test for *_, tests in chosen for test in tests})
+    code, tail, seconds = run_tests(original, every)
+    if code != 0:
+        print(f"the unmutated train_gpt2.py fails its tests ({seconds:.0f}s), so no mutant can be judged:\n{tail}",
+              file=sys.stderr)
+        return 1
+    print(f"unmutated: {len(every)} test functions pass ({seconds:.0f}s)\n")
+    print(f"{'mutant':34} {'result':9} {'time':>6}  what it breaks")
+    bad = []
+    for name, what, old, new, tests in chosen:
+        code, tail, seconds = run_tests(original.replace(old, new), tests)
+        result = {0: "SURVIVED", 1: "killed"}.get(code, f"error {code}")  # 1: a test failed; else pytest itself did
+        print(f"{name:34} {result:9} {seconds:5.0f}s  {what}", flush=True)
+        if code != 1:
+            bad.append((name, result, tail))
+    for name, result, tail in bad:
+        print(f"\n{name}: {result}\n{tail}", file=sys.stderr)
+    print(f"\n{len(chosen) - len(bad)} of {len(chosen)} mutants killed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
