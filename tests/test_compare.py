@@ -586,7 +586,8 @@ def upstream_with(path: Path, source: str, final: float) -> Path:
 
 
 @pytest.mark.parametrize("source,optimizer", [(UPSTREAM_SOURCE, "upstream-muon"),
-                                              (ORTHOGONAL_NESTEROV, "upstream-muon"), (SOAP_FORK, "upstream-soap"), (ADAMW_ONLY, "upstream-adamw"),
+                                              (ORTHOGONAL_NESTEROV, "upstream-muon"), (SOAP_FORK, "upstream-soap"),
+                                              (ADAMW_ONLY, "upstream-adamw"),
                                               (UPSTREAM_SOURCE + SOAP_FORK, "upstream-muon+soap"),
                                               (NO_OPTIMIZER, None), ("", None)])
 def test_upstream_optimizer_is_what_the_code_builds(source, optimizer):
