@@ -290,17 +290,18 @@ def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     overflow bf16's range; a gradient that large is a divergence)."""
     steps, f = NS_COEFFS[coeffs]
     X = G.to(NS_DTYPE)
+    acc = torch.promote_types(NS_DTYPE, torch.float32)  # the sums between the GEMMs: fp32 (fp64 with NS_DTYPE fp64)
     if G.size(-2) > G.size(-1):
         X = X.mT
     shape = X.shape
     X = X.reshape(-1, *shape[-2:])
-    eye = torch.eye(X.size(-2), dtype=torch.float32, device=X.device)
+    eye = torch.eye(X.size(-2), dtype=acc, device=X.device)
     for i, (a, b, c) in enumerate(steps):
         A = syrk(X)
         if i == 0:
-            s = A.diagonal(dim1=-2, dim2=-1).float().sum(-1).sqrt() * f + 1e-7
+            s = A.diagonal(dim1=-2, dim2=-1).to(acc).sum(-1).sqrt() * f + 1e-7
             A = (A / (s * s)[:, None, None]).to(NS_DTYPE)
-        B = c * syrk(A).float() + b * A.float() + a * eye
+        B = c * syrk(A).to(acc) + b * A.to(acc) + a * eye
         if i == 0:
             B = B / s[:, None, None]
         X = B.to(NS_DTYPE) @ X
