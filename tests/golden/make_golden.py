@@ -66,8 +66,8 @@ PATCHES = {
     "muon": [("modded-nanogpt/train_gpt2.py", "@torch.compile\ndef zeroth_power_via_newtonschulz5",
               "def zeroth_power_via_newtonschulz5", 1,
               "no torch.compile (Inductor on CPU; the same math eagerly)"),
-             ("modded-nanogpt/train_gpt2.py", "X = G.bfloat16() / (G.norm() + eps)", "X = G.double() / (G.norm() + eps)",
-              1, "Newton-Schulz in float64, not bfloat16")],
+             ("modded-nanogpt/train_gpt2.py", "X = G.bfloat16() / (G.norm() + eps)",
+              "X = G.double() / (G.norm() + eps)", 1, "Newton-Schulz in float64, not bfloat16")],
     "soap": [("modded-nanogpt-SOAP/soap.py", ".float()", ".double()", 5,
               "eigh and the refresh's QR in float64, not float32"),
              ("modded-nanogpt-SOAP/soap.py", "torch.zeros(sh, sh, device=grad.device)",
@@ -82,6 +82,22 @@ SHIMS = {"polargrad": "absl.logging replaced by no-op functions (absl-py not nee
                       "emerging_optimizers.registry replaced by a decorator that returns the class (its PEP 695 "
                       "syntax needs Python >= 3.12; name registration only); typing.override = identity on "
                       "Python < 3.12"}
+
+
+NOTES = {
+    "muon": "b9979e6's Muon is OrthogonalNesterov(lr, momentum=0.95, nesterov=True) with "
+            "zeroth_power_via_newtonschulz5 (a, b, c) = (3.4445, -4.7750, 2.0315), 5 steps; the project's Muon with "
+            "coeffs simple and NS_DTYPE float64",
+    "soap": "the fork keeps m in the parameter space and projects it each step, the project keeps it in the eigenbasis "
+            "and carries it over at a refresh: the same rule; the fork's refresh QR is Householder's, the project's "
+            "CholeskyQR3 (equal up to column signs, to which SOAP is invariant); first_bases: the fork's eigh bases "
+            "after step 1, which the project adopts (arbitrary on the null space of the rank-deficient first L or R)",
+    "polargrad": "NVIDIA's default coefficient set quintic (5 steps), the project's quintic with nuclear inner; the "
+                 "project's polar_express differs from NVIDIA's (theirs rounded to 4 decimals, all 5 divided by 1.01, "
+                 "no 1.01 on the norm) and is not compared. The project normalizes D by ||D||_F + 1e-7, NVIDIA by "
+                 "max(||D||_F, 1e-15): ~1.7e-6 lr on the parameters for this stream (3e-11 here; 1.7e-8 at lr 0.01 "
+                 "on unit gradients; 9e-16 with NVIDIA's normalization put into the project)",
+}
 
 
 def sha256(path: Path) -> str:
@@ -191,7 +207,7 @@ def provenance(root: Path, name: str) -> dict:
     return dict(
         files=[dict(repo=repo, commit=commit, path=path, sha256=sha) for repo, commit, _, path, sha in ORIGINALS[name]],
         changed=[dict(file=rel.split("/", 1)[1], old=old, new=new, why=why) for rel, old, new, _, why in PATCHES[name]],
-        shims=SHIMS.get(name, ""), run="float64 on CPU, torch " + torch.__version__,
+        shims=SHIMS.get(name, ""), note=NOTES[name], run="float64 on CPU, torch " + torch.__version__,
         made_by="tests/golden/make_golden.py")
 
 
