@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -60,7 +62,9 @@ class Hyperparameters:
     warmdown_iters: int = 2000
     val_loss_every: int = 125  # 0: only at the end
     val_tokens: int = 10485760
+    # the init's random draws, and only those: data order, val tokens and the updates draw nothing from it (0 .. 2^32-1)
     seed: int = 0
+    deterministic: bool = False  # bit-identical reruns on one GPU: deterministic kernels (Determinism); off: fastest
     # model (GPT-2 small)
     vocab_size: int = 50257
     n_layer: int = 12
@@ -290,17 +294,18 @@ def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     overflow bf16's range; a gradient that large is a divergence)."""
     steps, f = NS_COEFFS[coeffs]
     X = G.to(NS_DTYPE)
+    acc = torch.promote_types(NS_DTYPE, torch.float32)  # the sums between the GEMMs: fp32 (fp64 with NS_DTYPE fp64)
     if G.size(-2) > G.size(-1):
         X = X.mT
     shape = X.shape
     X = X.reshape(-1, *shape[-2:])
-    eye = torch.eye(X.size(-2), dtype=torch.float32, device=X.device)
+    eye = torch.eye(X.size(-2), dtype=acc, device=X.device)
     for i, (a, b, c) in enumerate(steps):
         A = syrk(X)
         if i == 0:
-            s = A.diagonal(dim1=-2, dim2=-1).float().sum(-1).sqrt() * f + 1e-7
+            s = A.diagonal(dim1=-2, dim2=-1).to(acc).sum(-1).sqrt() * f + 1e-7
             A = (A / (s * s)[:, None, None]).to(NS_DTYPE)
-        B = c * syrk(A).float() + b * A.float() + a * eye
+        B = c * syrk(A).to(acc) + b * A.to(acc) + a * eye
         if i == 0:
             B = B / s[:, None, None]
         X = B.to(NS_DTYPE) @ X
@@ -1649,6 +1654,11 @@ def validate_args(args: Hyperparameters, world: int) -> int:
                          f"= {val_bt}")
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
         raise SystemExit(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head} with an even head dim")
+    if not 0 <= args.seed < 2**32:
+        raise SystemExit(f"--seed: must be in 0 .. {2**32 - 1} (numpy's seed range), got {args.seed}")
+    if args.deterministic and args.attention not in DETERMINISTIC_ATTENTION:
+        raise SystemExit(f"--attention {args.attention}: its backward is not deterministic; with --deterministic 1 "
+                         f"choose one of {', '.join(DETERMINISTIC_ATTENTION)}")
     check_run_args(args)
     return args.batch_size // per_micro
 
@@ -1698,6 +1708,113 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# --deterministic 1: the attention backends allowed (auto: flash, else math). Flash's backward is deterministic only in
+# PyTorch's strict mode (use_deterministic_algorithms without warn_only; else it accumulates dQ with atomics), which
+# Determinism.backward turns on; the math backend is plain matmuls and softmax; efficient and cudnn are refused
+DETERMINISTIC_ATTENTION = {"auto": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], "flash": SDPBackend.FLASH_ATTENTION,
+                           "math": SDPBackend.MATH}
+CUBLAS_DETERMINISTIC = ":4096:8"  # CUBLAS_WORKSPACE_CONFIG: fixed workspaces, so cuBLAS picks one reduction order
+# warnings that name an op without a deterministic implementation (warn_only mode): the op is group 1
+NONDETERMINISTIC_WARNINGS = (re.compile(r"^(.+?) does not have a deterministic implementation"),
+                             re.compile(r"^(.+?) defaults to a non-deterministic algorithm"),
+                             re.compile(r"this operation is not deterministic because it uses (CuBLAS)"))
+
+
+class Determinism:
+    """--deterministic 1: bit-identical reruns of one setting on one device. On entry: CUBLAS_WORKSPACE_CONFIG
+    (before cuBLAS makes its handles: train() enters this first), torch.use_deterministic_algorithms(True,
+    warn_only=True), cudnn deterministic without benchmarking, Inductor's deterministic mode (no benchmarking that
+    picks kernels or configs); each warning of an op without a deterministic implementation becomes one record line
+    `deterministic: no deterministic implementation of <op>` (once per op). backward() runs a backward in strict mode,
+    where flash attention takes its deterministic algorithm. The Triton kernels here (_softmax_xent_kernel,
+    _syrk_kernel) write each output once, without atomics, from fixed tile configs: deterministic as they are.
+    Off: nothing changes. On exit every flag is as before."""
+
+    def __init__(self, on: bool):
+        self.on, self.ops, self.lines, self.log = on, set(), [], None
+        self._old: dict = {}
+
+    def __enter__(self) -> "Determinism":
+        if not self.on:
+            return self
+        self._old = dict(env=os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                         algorithms=torch.are_deterministic_algorithms_enabled(),
+                         warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+                         cudnn=(torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+                         inductor=getattr(torch._inductor.config, "deterministic", None),
+                         showwarning=warnings.showwarning)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        if self._old["inductor"] is not None:  # torch 2.13 also turns it on with use_deterministic_algorithms
+            torch._inductor.config.deterministic = True
+        warnings.showwarning = self._showwarning
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.on:
+            return
+        old = self._old
+        warnings.showwarning = old["showwarning"]
+        if old["inductor"] is not None:
+            torch._inductor.config.deterministic = old["inductor"]
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old["cudnn"]
+        torch.use_deterministic_algorithms(old["algorithms"], warn_only=old["warn_only"])
+        if old["env"] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = old["env"]
+
+    def describe(self) -> str:
+        """The record's `deterministic:` line of this run's setting."""
+        if not self.on:
+            return "deterministic: off"
+        inductor = "" if self._old["inductor"] is None else ", inductor deterministic"
+        return (f"deterministic: on (use_deterministic_algorithms warn_only, backward strict, "
+                f"CUBLAS_WORKSPACE_CONFIG={os.environ.get('CUBLAS_WORKSPACE_CONFIG')}, cudnn deterministic{inductor})")
+
+    def attach(self, log) -> None:
+        """Send the op lines to `log` (the record's), those seen so far first."""
+        self.log = log
+        for line in self.lines:
+            log(line)
+
+    def note(self, message: str) -> bool:
+        """Whether `message` names an op without a deterministic implementation; its line is logged the first time."""
+        for pattern in NONDETERMINISTIC_WARNINGS:
+            found = pattern.search(message)
+            if found:
+                op = found.group(1).strip()
+                if op not in self.ops:
+                    self.ops.add(op)
+                    self.lines.append(f"deterministic: no deterministic implementation of {op}")
+                    if self.log is not None:
+                        self.log(self.lines[-1])
+                return True
+        return False
+
+    def _showwarning(self, message, category, filename, lineno, file=None, line=None):
+        if not self.note(str(message)):
+            self._old["showwarning"](message, category, filename, lineno, file, line)
+
+    @contextlib.contextmanager
+    def backward(self):
+        """Within: strict mode (no warn_only), so ops with a deterministic algorithm used only there (flash attention's
+        backward) take it; an op with none stops the run with its name."""
+        if not self.on:
+            yield
+            return
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        try:
+            yield
+        except RuntimeError as e:
+            if "does not have a deterministic implementation" not in str(e):
+                raise
+            raise SystemExit(f"--deterministic 1: {str(e).splitlines()[0]}; run with --deterministic 0") from None
+        finally:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 class Timer:
     """Milliseconds of one region of a step: CUDA events on the GPU (no sync until read), the host clock on CPU."""
 
@@ -1723,7 +1840,7 @@ CHECKPOINT_FORMAT = 1
 RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir", "compile", "compile_mode",
                      "device_batch_size", "loss_chunk", "attention", "activation_budget", "recompute_gelu",
                      "gram_overlap", "matmul_check", "input_bin", "input_val_bin",
-                     "records_dir")
+                     "records_dir", "deterministic")
 # Tests only: "after:K" makes every process SIGKILL itself right after step K (and its save, if any); "save:K" during
 # step K's save, once every file is written into step_<K>.tmp/ but before the rename (a kill in the middle of a save).
 TEST_KILL_ENV = "TRAIN_GPT2_TEST_KILL"
@@ -1997,15 +2114,15 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     """Train, validate, write a record and checkpoints; returns the record's path on process 0 ('' elsewhere) and the
     model. Stops early on SIGTERM/SIGINT with a checkpoint (exit code 128 + the signal), and when the train loss or a
     parameter stops being finite, without one (exit code 1; the record says diverged)."""
-    with StopSignals() as signals:  # first: a signal during start-up stops the run after its first step
+    with StopSignals() as signals, Determinism(args.deterministic) as determinism:  # before any CUDA work
         try:
-            return _train(args, signals)
+            return _train(args, signals, determinism)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
 
-def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]:
+def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism) -> tuple[str, nn.Module]:
     rank, world, device = setup_distributed()
     master = rank == 0
     accum = validate_args(args, world)
@@ -2030,6 +2147,8 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
     record = Record(args, world, device, resume) if master else None
     log = record.log if master else (lambda *a, **k: None)
     log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, {args.batch_size * T} tokens/step")
+    log(determinism.describe())
+    determinism.attach(log)
     run_name = [os.path.splitext(os.path.basename(record.path))[0] if master else ""]
     if world > 1:
         dist.broadcast_object_list(run_name, src=0)
@@ -2058,7 +2177,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
     if world > 1:  # buffers (the Gram sums) stay per process until refresh_gram reduces them
         model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    backend = ATTENTION_BACKENDS[args.attention]
+    backend = (DETERMINISTIC_ATTENTION if args.deterministic else ATTENTION_BACKENDS)[args.attention]
     attention = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
     x, y = loader.next_batch()
 
@@ -2120,7 +2239,8 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
                     raw_model.collect_gram(False)
                     optimizers[-1].refresh_gram(n_tokens=args.batch_size * T, stream=gram_stream)
                 x, y = loader.next_batch()  # the next batch is read while the GPU works
-                (loss / accum).backward()
+                with determinism.backward():
+                    (loss / accum).backward()
             train_loss += loss.detach() / accum
         mult = lr_multiplier(step, args)
         opt_timer.start()

@@ -2,6 +2,7 @@
 
     python records/compare.py                                   # every *.txt under records/ (recursively)
     python records/compare.py records/ upstream/**/*.txt --by label --target 3.28 --plot cmp.png --since 2025-01-01
+    python records/compare.py modded-nanogpt/records/           # upstream's logs, grouped by the optimizer they build
 
 Reads three formats (see `parse_record`):
   ours          this project's records (train_gpt2.Record): RECORD_MARK, the source, RECORD_MARK,
@@ -13,15 +14,20 @@ Reads three formats (see `parse_record`):
   upstream      modded-nanogpt logs since Oct 2024: any header (source, `====`, nvidia-smi), then the same `step:` lines
                 (train lines usually without train_loss; extra words such as `final_eval` are ignored) and maybe
                 `peak memory consumption: M MiB` or `peak memory allocated: M MiB reserved: R MiB`.
-  upstream_old  llm.c-style logs: `s:<step> tel:<val loss>` and `s:<step> trl:<train loss> [lr:... norm:...]`.
+  upstream_old  llm.c-style logs: `s:<step> tel:<val loss>` and `s:<step> trl:<train loss> [lr:... norm:...]`
+                (also read as *.log under the folders given, where other *.log files are skipped).
 
+An upstream run's optimizer is the one its code (the header before the first `====`) builds: upstream-muon (Muon,
+or OrthogonalNesterov as at b9979e6), upstream-soap (the SOAP fork's SOAP), upstream-adamw (AdamW/Adam only); a log
+without such code (upstream_old, or none found) is a group of its own, `? <folder>/<file>`.
 Groups complete runs by optimizer, label or config (a hash of the hyperparameters without CONFIG_EXCLUDE) and
-prints one table with a one-sided t-test of "mean final val loss < target" per group and, with exactly two groups,
-Welch's t-test between them with a 95% interval for the difference of the means. Runs that crashed, diverged or are
-still going (ours: no peak-memory line, a `diverged:` line or last step < N, where a run that `--stop_at K` ended
+prints one table (n runs, mean ± std of the final val loss) with a one-sided t-test of "mean final val loss <
+target" per group, then Welch's t-test with a 95% interval for the difference of the means and whether it leaves out
+0: of every pair (up to MAX_ALL_PAIRS groups), or of each group against --baseline. Runs that crashed, diverged or
+are still going (ours: no peak-memory line, a `diverged:` line or last step < N, where a run that `--stop_at K` ended
 counts as complete at K; upstream: no val loss at step N) are listed
 under the table with the last step reached (diverged: the step and the last good step); files that are not records
-are named and skipped.
+are named and skipped, and the other files under the folders counted by kind.
 """
 from __future__ import annotations
 
@@ -229,12 +235,26 @@ def _timestamp(path: Path, fmt: str) -> dt.datetime:
     return dt.datetime.fromtimestamp(path.stat().st_mtime)
 
 
-def _upstream_optimizer(header: str) -> str:
-    if re.search(r"\bMuon\(", header):
-        return "upstream-muon"
-    if re.search(r"\bAdamW?\(", header):
-        return "upstream-adam"
-    return "upstream"
+# an optimizer the trainer's code builds: a call, not its `class X(...)` line (comments are dropped before the search)
+_BUILT = re.compile(r"(?<!class )\b(?:torch\.optim\.)?(SOAP|Muon|OrthogonalNesterov|AdamW|Adam)\(")
+UPSTREAM_OPTIMIZERS = {"SOAP": "soap", "Muon": "muon", "OrthogonalNesterov": "muon"}  # the block matrices' optimizer
+
+
+def upstream_optimizer(code: str) -> str | None:
+    """The optimizer an upstream trainer's code builds, as 'upstream-<name>': soap (SOAP(...), the SOAP fork), muon
+    (Muon(...), or OrthogonalNesterov(...) as at modded-nanogpt b9979e6), both joined by '+'; adamw where it builds
+    only AdamW/Adam; None where it builds none of these (or carries no code). Commented-out lines do not count."""
+    code = "\n".join(line.split("#", 1)[0] for line in code.splitlines())
+    built = {m[1] for m in _BUILT.finditer(code)}
+    names = sorted({UPSTREAM_OPTIMIZERS[b] for b in built if b in UPSTREAM_OPTIMIZERS})
+    if not names and built:
+        names = ["adamw"]
+    return "upstream-" + "+".join(names) if names else None
+
+
+def unknown_optimizer(path: Path) -> str:
+    """The group of an upstream run whose optimizer is not known: its own, named by its folder and file."""
+    return f"? {path.parent.name}/{path.name}"
 
 
 def parse_record(path: str | os.PathLike) -> Run | None:
@@ -361,7 +381,8 @@ def _parse_upstream(path: Path, lines: list[str]) -> Run:
     val, train, n, step_avg = _parse_steps(lines, opt_ms=False)
     final, at_n = _final(val, n)
     config = "upstream-" + hashlib.sha256(header.encode()).hexdigest()[:8] if header.strip() else "upstream"
-    return Run(path=str(path), format="upstream", optimizer=_upstream_optimizer(header), label=path.parent.name,
+    optimizer = upstream_optimizer(header) or unknown_optimizer(path)
+    return Run(path=str(path), format="upstream", optimizer=optimizer, label=path.parent.name,
                config=config, hyperparameters={}, val=val, train=train, num_iterations=n, final_val_loss=final,
                step_avg=step_avg, peak_mib=_peak(lines), complete=at_n, timestamp=_timestamp(path, "upstream"))
 
@@ -376,7 +397,7 @@ def _parse_upstream_old(path: Path, lines: list[str]) -> Run:
             else:
                 train.append((int(m[1]), x, None, None))
     n = val[-1][0] if val else None  # these logs never say N: the last validation is taken as the end
-    return Run(path=str(path), format="upstream_old", optimizer="upstream", label=path.parent.name,
+    return Run(path=str(path), format="upstream_old", optimizer=unknown_optimizer(path), label=path.parent.name,
                config="upstream_old", hyperparameters={}, val=val, train=train, num_iterations=n,
                final_val_loss=val[-1][1] if val else None, step_avg=None, peak_mib=None, complete=bool(val),
                timestamp=_timestamp(path, "upstream_old"))
@@ -458,6 +479,36 @@ def welch(a: list[float], b: list[float], confidence: float = 0.95) -> dict | No
                 low=diff - half, high=diff + half, confidence=confidence)
 
 
+MAX_ALL_PAIRS = 6  # up to this many groups, Welch's test of every pair; more: each group against --baseline
+
+
+def welch_pairs(rows: list[dict], baseline: str | None = None,
+                confidence: float = 0.95) -> list[tuple[str, str, dict | None]]:
+    """(a, b, welch(a's losses, b's losses) or None) for the pairs to test: each other group against `baseline`
+    (as a - baseline); without one, every pair in table order when there are at most MAX_ALL_PAIRS groups, else
+    none."""
+    losses = {r["group"]: r["losses"] for r in rows}
+    if baseline is not None:
+        pairs = [(g, baseline) for g in losses if g != baseline]
+    elif len(losses) <= MAX_ALL_PAIRS:
+        names = list(losses)
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    else:
+        pairs = []
+    return [(a, b, welch(losses[a], losses[b], confidence)) for a, b in pairs]
+
+
+def welch_line(a: str, b: str, w: dict | None) -> str:
+    """One line of a Welch test: the difference of the means, its interval, t, df, p and whether the two differ at
+    the interval's confidence (p < 1 - confidence: the interval leaves out 0)."""
+    if w is None:
+        return f"{a} - {b}: Welch's t-test needs two complete runs or more in each group"
+    verdict = (f"differ at {w['confidence']:.0%}" if w["p_value"] < 1 - w["confidence"]
+               else f"not told apart at {w['confidence']:.0%}")
+    return (f"{a} - {b}: {w['diff']:+.4f}, {w['confidence']:.0%} interval [{w['low']:+.4f}, {w['high']:+.4f}] "
+            f"(Welch t={w['statistic']:.3f}, df={w['df']:.1f}, p={w['p_value']:.3g}): {verdict}")
+
+
 def config_differences(groups: dict[str, list[Run]]) -> dict[str, dict]:
     """For `--by config`: per group, the settings (of its first run with hyperparameters) whose values are not the
     same in every group; empty dicts where no group has hyperparameters (upstream logs)."""
@@ -502,10 +553,10 @@ def format_table(rows: list[dict], by: str, target: float, baseline: str | None 
     blocks = any(r.get("blocks_ms") is not None for r in rows)  # records that time the block matrices' optimizer apart
     base = None
     if baseline is not None:
-        base = optimizer_cost(next((r for r in rows if r["group"] == baseline), {}))
-        if base is None:
-            raise ValueError(f"baseline {baseline!r} is not a group with optimizer ms here; groups: "
+        if baseline not in [r["group"] for r in rows]:
+            raise ValueError(f"baseline {baseline!r} is not a group here; groups: "
                              + ", ".join(r["group"] for r in rows))
+        base = optimizer_cost(next(r for r in rows if r["group"] == baseline))  # None: no column (no opt ms logged)
     head = [by, "runs", "val_loss mean ± std", "min", "steps", "tokens", "time", "step_avg", *(["MFU"] if mfu else []),
             "opt ms/step (plain, refresh)" if split else "opt ms/step",
             *(["blocks ms/step"] if blocks else []), *(["collect ms/step"] if collect else []),
@@ -615,6 +666,21 @@ def find_files(items: list[str]) -> tuple[list[Path], list[str]]:
     return unique, missing
 
 
+def folder_files(items: list[str]) -> list[Path]:
+    """Every file under the folders among `items` (named, or matched by a glob), recursively, sorted."""
+    folders = []
+    for item in items:
+        folders += [Path(item)] if Path(item).is_dir() else [Path(m) for m in sorted(glob.glob(item, recursive=True))
+                                                              if Path(m).is_dir()]
+    return sorted({f for d in folders for f in d.rglob("*") if f.is_file()})
+
+
+def _names(paths: list[Path], every: bool, first: int = 3) -> str:
+    """The paths, all of them or the first few and how to see the rest."""
+    shown = paths if every or len(paths) <= first else paths[:first]
+    return ", ".join(map(str, shown)) + ("" if len(shown) == len(paths) else ", ... (--skipped names each)")
+
+
 def _date(text: str) -> dt.date:
     try:
         return dt.datetime.strptime(text, "%Y-%m-%d").date()
@@ -644,18 +710,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by", choices=GROUPINGS, default="optimizer", help="how to group runs")
     parser.add_argument("--plot", metavar="PNG", help="write val-loss curves to this PNG")
     parser.add_argument("--since", type=_date, metavar="YYYY-MM-DD", help="only runs started on or after this date")
-    parser.add_argument("--baseline", metavar="GROUP", help="add a column of each group's optimizer (+ collect) ms a "
-                                                            "step over this group's, e.g. adamw (--by optimizer)")
+    parser.add_argument("--baseline", metavar="GROUP", help="the group the others are measured against: Welch's "
+                                                            "t-test of each against it, and a column of each group's "
+                                                            "optimizer (+ collect) ms a step over its, e.g. adamw")
+    parser.add_argument("--skipped", action="store_true", help="name every file skipped, not only the first few")
     args = parser.parse_args(argv)
 
-    files, missing = find_files(args.paths or [str(Path(__file__).resolve().parent)])
-    runs, skipped = [], []
+    items = args.paths or [str(Path(__file__).resolve().parent)]
+    files, missing = find_files(items)
+    runs, skipped, other_logs, others = [], [], [], []
     for f in files:
         run = parse_record(f)
         if run is None:
             skipped.append(f)
         else:
             runs.append(run)
+    named = {f.resolve() for f in files}
+    for f in folder_files(items):  # beside the *.txt: the old `s:N tel:X` logs, named *.log; the rest is counted
+        if f.resolve() in named:
+            continue
+        run = parse_record(f) if f.suffix == ".log" else None
+        if run is not None and run.format == "upstream_old":
+            runs.append(run)
+        else:
+            (other_logs if f.suffix == ".log" else others).append(f)
     left_out = 0
     if args.since is not None:
         kept = [r for r in runs if r.timestamp is None or r.timestamp.date() >= args.since]
@@ -675,15 +753,18 @@ def main(argv: list[str] | None = None) -> int:
                 print("\nconfigs differ in:")
                 for name, d in diffs.items():
                     print(f"  {name}: " + (" ".join(f"{k}={json.dumps(v)}" for k, v in d.items()) or "(upstream)"))
-        if len(rows) == 2:
-            a, b = rows
-            w = welch(a["losses"], b["losses"])
-            if w is None:
-                print(f"\nWelch's t-test {a['group']} vs {b['group']}: needs two complete runs or more in each group")
+        if len(rows) > 1:
+            pairs = welch_pairs(rows, args.baseline)
+            if pairs:
+                print("\nfinal val loss, Welch's t-test" + (f" against {args.baseline}:" if args.baseline else ":"))
+                for a, b, w in pairs:
+                    print("  " + welch_line(a, b, w))
+                mixed = [r["group"] for r in rows if len(r["steps"]) > 1]
+                if mixed:
+                    print(f"  note: {', '.join(mixed)} mix(es) runs of different lengths; compare one protocol "
+                          f"(--by config, or one experiment's folder)")
             else:
-                print(f"\n{a['group']} - {b['group']}: {w['diff']:+.4f}, {w['confidence']:.0%} interval "
-                      f"[{w['low']:+.4f}, {w['high']:+.4f}] (Welch t={w['statistic']:.3f}, df={w['df']:.1f}, "
-                      f"p={w['p_value']:.3g})")
+                print(f"\n{len(rows)} groups: pass --baseline GROUP for Welch's t-test of each against it")
         incomplete = [r for r in runs if not r.complete]
         if incomplete:
             print("\nincomplete (stopped, crashed, diverged or still going):")
@@ -702,6 +783,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{left_out} run(s) before {args.since} left out (--since)")
     for f in skipped:
         print(f"skipped {f}: not a record")
+    if other_logs:
+        print(f"skipped {len(other_logs)} .log file(s) under the folders, not `s:N tel:X` logs (read only when named): "
+              + _names(other_logs, args.skipped))
+    if others:
+        kinds: dict[str, list[Path]] = {}
+        for f in others:
+            kinds.setdefault(f.suffix or "(no suffix)", []).append(f)
+        print("not read, under the folders (neither .txt nor .log): "
+              + ", ".join(f"{len(v)} {k}" for k, v in sorted(kinds.items())))
+        if args.skipped:
+            for f in others:
+                print(f"  {f}")
     for item in missing:
         print(f"skipped {item}: no such file")
     return 0 if runs else 1

@@ -208,7 +208,7 @@ def test_parse_upstream_old(tmp_path):
     assert run.val == [(s, val_curve(s, 20, 3.29), None) for s in (0, 8, 16, 20)]
     assert run.train[3] == (3, round(val_curve(3, 20, 3.29) + 0.02, 4), None, None) and len(run.train) == 20
     assert (run.num_iterations, run.final_val_loss, run.label, run.optimizer) == (20, 3.29, "2024-06-06_AdamW",
-                                                                                 "upstream")
+                                                                                 "? 2024-06-06_AdamW/f66d.log")
     assert run.train_time_ms is None and run.step_avg is None and run.peak_mib is None
 
 
@@ -551,3 +551,123 @@ def test_mfu_column_and_optimizer_ms_over_a_baseline(tmp_path, capsys):
 
 def c_args(run) -> t.Hyperparameters:
     return t.Hyperparameters(**run.hyperparameters)
+
+
+# ----------------------------------------------------------------------------- upstream logs by optimizer
+
+# short stand-ins for the code upstream logs carry: what each trainer builds (and what it defines but does not use)
+ORTHOGONAL_NESTEROV = """class OrthogonalNesterov(torch.optim.Optimizer):
+    pass
+def zeroth_power_via_newtonschulz5(G, steps=5, eps=1e-7):
+    pass
+optimizer = CombinedOptimizer([
+    torch.optim.AdamW(self.lm_head.parameters(), lr=learning_rate, betas=betas, weight_decay=0),
+    OrthogonalNesterov(self.transformer.h.parameters(), lr=10 * learning_rate, momentum=0.95)
+])
+"""
+SOAP_FORK = """from soap import SOAP
+class OrthogonalNesterov(torch.optim.Optimizer):
+    pass
+optimizer = CombinedOptimizer([
+    torch.optim.AdamW(self.lm_head.parameters(), lr=0.0018, betas=betas, weight_decay=0),
+    SOAP(self.transformer.h.parameters(), lr=learning_rate, betas=(.95, .95), precondition_frequency=10)
+    #OrthogonalNesterov(self.transformer.h.parameters(), lr=10 * learning_rate, momentum=0.95)
+])
+"""
+ADAMW_ONLY = "optimizer = torch.optim.AdamW(model.parameters(), lr=0.0018, betas=(0.9, 0.95))\n"
+NO_OPTIMIZER = "import torch\nprint('hello')\n"
+
+
+def upstream_with(path: Path, source: str, final: float) -> Path:
+    """write_upstream with `source` as the code the log carries."""
+    write_upstream(path, final=final)
+    path.write_text(path.read_text().replace(UPSTREAM_SOURCE, source, 1))
+    return path
+
+
+@pytest.mark.parametrize("source,optimizer", [(UPSTREAM_SOURCE, "upstream-muon"),
+                                              (ORTHOGONAL_NESTEROV, "upstream-muon"), (SOAP_FORK, "upstream-soap"),
+                                              (ADAMW_ONLY, "upstream-adamw"),
+                                              (UPSTREAM_SOURCE + SOAP_FORK, "upstream-muon+soap"),
+                                              (NO_OPTIMIZER, None), ("", None)])
+def test_upstream_optimizer_is_what_the_code_builds(source, optimizer):
+    """Built, not defined: the SOAP fork defines OrthogonalNesterov and builds SOAP (its OrthogonalNesterov call
+    commented out); b9979e6 builds OrthogonalNesterov, current upstream Muon; AdamW alone is adamw."""
+    assert c.upstream_optimizer(source) == optimizer
+
+
+def test_upstream_folder_lists_runs_by_optimizer_and_names_what_it_skipped(tmp_path, capsys):
+    """A folder of upstream logs: SOAP and Muon runs are separate groups (the SOAP fork also defines Muon's class);
+    logs whose code builds no known optimizer, and old `s:N tel:X` .log files inside the folders, are one row per
+    file; a .log that is not an old log is skipped and named, other files are counted by kind."""
+    up = tmp_path / "upstream"
+    upstream_with(up / "100424_Muon" / "a.txt", ORTHOGONAL_NESTEROV, 3.28)
+    upstream_with(up / "101024_Muon" / "b.txt", UPSTREAM_SOURCE, 3.27)
+    upstream_with(up / "100524_SOAP" / "s1.txt", SOAP_FORK, 3.31)
+    upstream_with(up / "100524_SOAP" / "s2.txt", SOAP_FORK, 3.32)
+    upstream_with(up / "misc" / "x.txt", NO_OPTIMIZER, 3.40)
+    upstream_with(up / "misc" / "y.txt", NO_OPTIMIZER, 3.41)
+    write_upstream_old(up / "2024-06-06_llmc" / "main.log", final=3.29)
+    (up / "misc" / "stdout.log").write_text("step:1/10 train_time:3ms step_avg:3.00ms\n")
+    (up / "misc" / "README.md").write_text("# notes\n")
+    (up / "misc" / "curve.png").write_bytes(b"\x89PNG")
+    assert c.main([str(up)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0].strip(): line.split() for line in out.split("\n\n")[0].splitlines()[2:]}
+    assert set(rows) == {"upstream-muon", "upstream-soap", "? misc/x.txt", "? misc/y.txt",
+                         "? 2024-06-06_llmc/main.log"}
+    assert rows["upstream-muon"][1] == "2" and rows["upstream-muon"][2:5] == [f"{np.mean([3.28, 3.27]):.4f}", "±",
+                                                                              f"{np.std([3.28, 3.27], ddof=1):.4f}"]
+    assert rows["upstream-soap"][1] == "2" and rows["? 2024-06-06_llmc/main.log"][2] == "1"
+    w = c.welch([3.28, 3.27], [3.31, 3.32])
+    assert f"upstream-muon - upstream-soap: {w['diff']:+.4f}" in out
+    assert f"skipped 1 .log file(s) under the folders, not `s:N tel:X` logs (read only when named): " \
+           f"{up / 'misc' / 'stdout.log'}" in out
+    assert "not read, under the folders (neither .txt nor .log): 1 .md, 1 .png" in out
+
+
+# ----------------------------------------------------------------------------- Welch's tests between groups
+
+
+def three_groups(folder: Path) -> dict[str, list[float]]:
+    finals = {"adamw": [3.40, 3.41, 3.43], "muon": [3.30, 3.31, 3.29], "soap": [3.305, 3.32, 3.28]}
+    for opt, losses in finals.items():
+        for i, loss in enumerate(losses):
+            write_ours(folder, optimizer=opt, seed=i, final=loss, tag=f"{opt}{i}")
+    return finals
+
+
+def test_welch_of_every_pair_says_whether_they_differ(tmp_path, capsys):
+    """Three groups: one Welch line per pair (scipy's numbers), `differ at 95%` exactly where p < 0.05; the table
+    gives n and mean ± std per group."""
+    finals = three_groups(tmp_path)
+    assert c.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for opt, losses in finals.items():
+        row = next(line for line in out.splitlines() if line.startswith(opt + " ")).split()
+        assert row[1:5] == ["3", f"{np.mean(losses):.4f}", "±", f"{np.std(losses, ddof=1):.4f}"]
+    pairs = [("adamw", "muon"), ("adamw", "soap"), ("muon", "soap")]
+    lines = [line.strip() for line in out.splitlines() if " - " in line and "Welch" in line]
+    assert len(lines) == 3
+    for (a, b), line in zip(pairs, lines):
+        p = stats.ttest_ind(finals[a], finals[b], equal_var=False).pvalue
+        assert line.startswith(f"{a} - {b}: {np.mean(finals[a]) - np.mean(finals[b]):+.4f}") and f"p={p:.3g}" in line
+        assert line.endswith("differ at 95%" if p < 0.05 else "not told apart at 95%")
+    assert lines[0].endswith(": differ at 95%") and lines[2].endswith("not told apart at 95%")
+
+
+def test_welch_against_a_baseline_and_too_many_groups(tmp_path, capsys):
+    """--baseline: each other group against it (baseline second), even where it has no optimizer ms; more than
+    MAX_ALL_PAIRS groups without one: a line asking for it."""
+    three_groups(tmp_path)
+    assert c.main([str(tmp_path), "--baseline", "muon"]) == 0
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines() if " - " in line and "Welch" in line]
+    assert [line.split(":")[0] for line in lines] == ["adamw - muon", "soap - muon"]
+    assert "Welch's t-test against muon:" in out and "over muon ms" not in out  # no opt_ms in these records
+    for i in range(c.MAX_ALL_PAIRS + 1):
+        write_ours(tmp_path / "many", label=f"g{i}", seed=0, tag=f"g{i}")
+        write_ours(tmp_path / "many", label=f"g{i}", seed=1, tag=f"h{i}")
+    assert c.main([str(tmp_path / "many"), "--by", "label"]) == 0
+    out = capsys.readouterr().out
+    assert "7 groups: pass --baseline GROUP for Welch's t-test of each against it" in out and " - g" not in out

@@ -1,0 +1,355 @@
+"""The original trainers beside this project, in one command: the same shards, schedule and val tokens, n runs each.
+
+    python records/originals.py --originals .originals --out records/h200-enwiki/originals --seeds 3 \\
+        --input_bin 'data/enwiki/*_train_*.bin' --input_val_bin 'data/enwiki/*_val_*.bin' [--preset compare] \\
+        [--which muon,soap] [--parallel 1] [--dry_run] [-- any train_gpt2.py setting, e.g. --attention flash]
+
+--originals holds the user's copies (never committed):
+    modded-nanogpt/train_gpt2.py                  KellerJordan/modded-nanogpt at b9979e6 (Muon, as OrthogonalNesterov)
+    modded-nanogpt-SOAP/train_gpt2.py + soap.py   nikhilvyas/modded-nanogpt-SOAP (SOAP)
+The project's protocol (--preset and the settings after --) is mapped onto each original's command line
+(original_args): its d12 model, --batch_size = the project's device batch, --accumulation the rest of its batch,
+--sequence_length, --num_iterations, --warmup_iters, --warmdown_iters, --learning_rate, --val_loss_every, and
+--val_max_steps = val_tokens / (device batch x sequence length); settings an original hard-codes (its learning-rate
+ratios, betas, SOAP's refresh period, no weight decay) must match the project's or the script refuses. Runs go one
+after the other on one GPU (--parallel k: k at once), each original in its own folder under --work (its
+logs/<id>/log.txt, kept, and its final checkpoint, deleted: ~1.5 GB each), then its log is converted into <out>/
+original-<opt>/<time>-original-<opt>-<i>.txt (convert_log: an upstream-format log whose header names the original,
+its sha256 and the optimizers it builds, so records/compare.py groups it), and the project's runs write records into
+<out>/project-<opt>/ (--label project-<opt>, --seed i; checkpoints under --work, deleted at the end). Every run's
+output: <out>/stdout/<label>-<i>.log; the command and every job's: <out>/originals.json. Last, compare.py --by
+label over <out>, and per optimizer whether the project's mean lies within two standard errors of the original's.
+
+The originals seed nothing: torch's default CPU seed makes every run start from the same init, so their spread is
+the GPU kernels' nondeterminism alone; the project's runs take --seed 0 .. n-1 (their spread includes the init's).
+The originals validate without autocast (fp32 forward), the project under bf16 autocast.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+import compare  # noqa: E402
+import train_gpt2  # noqa: E402
+
+LAUNCHER = "torchrun --standalone --nproc_per_node=1"  # the originals need torchrun's RANK/WORLD_SIZE (NCCL)
+# the originals' models: (n_layer, n_head, n_embd, vocab_size) -> --model
+MODELS = {(12, 12, 768, 50257): "d12", (24, 16, 1024, 50257): "d24", (36, 20, 1280, 50257): "d36",
+          (48, 25, 1600, 50257): "d48"}
+
+
+@dataclass
+class Original:
+    """One original trainer: where its files are under --originals, what it is, and the project settings it
+    hard-codes (project field -> the value its code uses; "lr": its --learning_rate, "10lr": 10x that)."""
+    name: str
+    repo: str
+    commit: str
+    files: list[str]
+    sha256: str  # of files[0] at that commit
+    fixed: dict = field(default_factory=dict)
+
+
+ORIGINALS = {
+    "muon": Original("muon", "KellerJordan/modded-nanogpt", "b9979e6df16c7e18c3bb4da0070ad88bae530de4",
+                     ["modded-nanogpt/train_gpt2.py"],
+                     "02b9a5723e63af85ccb41fae9925fd2e43b823837ff882e058607bf1a8a3b569",
+                     dict(optimizer="muon", embed_lr="lr", muon_lr="10lr", muon_momentum=0.95, muon_nesterov=True,
+                          ns_coeffs="simple", muon_shape_scale=False, embed_betas=(0.9, 0.95))),
+    "soap": Original("soap", "nikhilvyas/modded-nanogpt-SOAP", "618af27156c1875ef028882f543bb1be04485eb2",
+                     ["modded-nanogpt-SOAP/train_gpt2.py", "modded-nanogpt-SOAP/soap.py"],
+                     "9f01d9475f2469b29f576fbf14012e3279a387e334286df689cd762dcc1b174c",
+                     dict(optimizer="soap", embed_lr=0.0018, soap_lr="lr", soap_betas=(0.95, 0.95),
+                          soap_shampoo_beta=-1.0, soap_eps=1e-8, soap_weight_decay=0.0,
+                          soap_precondition_frequency=10, soap_max_precond_dim=10000, embed_betas=(0.9, 0.95))),
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def project_settings(preset: str, extra: list[str], optimizer: str) -> train_gpt2.Hyperparameters:
+    """The project's settings for one optimizer: --preset, the settings after --, --optimizer."""
+    return train_gpt2.parse_args(["--preset", preset, *extra, "--optimizer", optimizer])
+
+
+def original_args(args: train_gpt2.Hyperparameters, original: Original) -> list[str]:
+    """The original's command-line arguments for the project's settings `args` on one GPU; refuses (SystemExit, one
+    line) what an original cannot run as the project does: another model, --stop_at, val tokens not whole batches,
+    or a setting the original hard-codes set otherwise in the project."""
+    model = MODELS.get((args.n_layer, args.n_head, args.n_embd, args.vocab_size))
+    if model is None:
+        raise SystemExit(f"--n_layer {args.n_layer} --n_head {args.n_head} --n_embd {args.n_embd} --vocab_size "
+                         f"{args.vocab_size}: the originals build only {', '.join(MODELS.values())}")
+    if args.stop_at:
+        raise SystemExit("--stop_at: the originals have no such setting; run the whole schedule")
+    if args.batch_size % args.device_batch_size:
+        raise SystemExit(f"--device_batch_size {args.device_batch_size} does not divide --batch_size {args.batch_size}")
+    per_batch = args.device_batch_size * args.sequence_length
+    if args.val_tokens % per_batch:
+        raise SystemExit(f"--val_tokens {args.val_tokens}: the originals validate on whole batches of {per_batch} "
+                         f"tokens (--device_batch_size x --sequence_length)")
+    lr = args.embed_lr if original.fixed.get("embed_lr") == "lr" else getattr(args, f"{original.name}_lr")
+    for name, want in original.fixed.items():
+        want = {"lr": lr, "10lr": 10 * lr}.get(want, want) if isinstance(want, str) and want.endswith("lr") else want
+        have = getattr(args, name)
+        if (math.isclose(have, want, rel_tol=1e-12) if isinstance(want, float) and not isinstance(have, bool)
+                else have == want):
+            continue
+        raise SystemExit(f"--{name} {have}: {original.repo} at {original.commit[:7]} hard-codes {want} "
+                         f"(with --learning_rate {lr}); set --{name} {want} to compare like with like")
+    return ["--input_bin", args.input_bin, "--input_val_bin", args.input_val_bin, "--model", model,
+            "--batch_size", str(args.device_batch_size),
+            "--accumulation", str(args.batch_size // args.device_batch_size),
+            "--sequence_length", str(args.sequence_length), "--num_iterations", str(args.num_iterations),
+            "--warmup_iters", str(args.warmup_iters), "--warmdown_iters", str(args.warmdown_iters),
+            "--learning_rate", repr(lr), "--weight_decay", "0", "--val_loss_every", str(args.val_loss_every),
+            "--val_max_steps", str(args.val_tokens // per_batch)]
+
+
+@dataclass
+class Job:
+    """One run: its command, working folder and stdout file; after(): what to do with its output."""
+    what: str
+    cmd: list[str]
+    cwd: Path
+    stdout: Path
+    after: object = None
+    env: dict | None = None
+
+
+def plan(ns: argparse.Namespace) -> list[Job]:
+    """The jobs: per optimizer, --seeds runs of the original (each in its folder under ns.work), then as many of the
+    project (checkpoints under ns.work); every run's output in <out>/stdout/<label>-<i>.log."""
+    root, out, work = Path(ns.originals), Path(ns.out), Path(ns.work)
+    jobs = []
+    for name in ns.which:
+        original = ORIGINALS[name]
+        missing = [f for f in original.files if not (root / f).is_file()]
+        if missing:
+            raise SystemExit(f"{root / missing[0]}: missing; put {original.repo} (commit {original.commit[:7]}) there")
+        args = project_settings(ns.preset, ns.project, name)
+        oargs = original_args(args, original)
+        script = (root / original.files[0]).resolve()
+        for i in range(ns.seeds):
+            cmd = [*shlex.split(ns.launcher), str(script), *oargs]
+            jobs.append(Job(f"original-{name} run {i}", cmd, work / f"original-{name}-{i}",
+                            out / "stdout" / f"original-{name}-{i}.log",
+                            after=lambda job, name=name, i=i: collect(job, ORIGINALS[name], root, out, i)))
+        for i in range(ns.seeds):
+            label = f"project-{name}"
+            cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--preset", ns.preset, *ns.project, "--optimizer",
+                   name, "--seed", str(i), "--label", label, "--records_dir", str((out / label).resolve()),
+                   "--checkpoint_dir", str((work / "checkpoints").resolve())]
+            jobs.append(Job(f"{label} seed {i}", cmd, REPO, out / "stdout" / f"{label}-{i}.log"))
+    return jobs
+
+
+_STDOUT_STEP = re.compile(r"^step\s+(\d+)/(\d+) \| train loss (\S+) \|.*\(([\d.]+) ms \|")
+_PEAK = re.compile(r"^peak memory consumption: (\d+) MiB")
+_OLD = re.compile(r"^s:(\d+) (tel|trl):(\S+)")
+UNTIMED = 10  # as the project: the first 10 steps are compile warm-up, left out of train_time
+
+
+def convert_log(log: str, stdout: str, header: list[str]) -> str:
+    """An original's logs/<id>/log.txt (`s:N tel:X`, `s:N trl:X`) and stdout (`step   s/N | train loss X | ... (T ms
+    | ...`) as an upstream-format log compare.py reads: `header` lines, a `====` line, then `step:s/N val_loss:X
+    train_time:Tms step_avg:Ams` (val at step s, 0 .. N) and `step:s+1/N train_loss:X train_time:... step_avg:...`
+    (the train line of step index s), train_time summing the stdout's step times after the first UNTIMED steps, and
+    `peak memory consumption: M MiB` when the run got there."""
+    ms, n, peak = {}, None, None
+    for line in stdout.splitlines():
+        if m := _STDOUT_STEP.match(line):
+            ms[int(m[1])], n = float(m[4]), int(m[2])
+        elif m := _PEAK.match(line):
+            peak = int(m[1])
+    elapsed = lambda s: sum(t for k, t in ms.items() if UNTIMED < k <= s)
+    avg = lambda s: f"{elapsed(s) / (s - UNTIMED):.2f}" if s > UNTIMED else "nan"
+    steps = []
+    for line in log.splitlines():
+        if m := _OLD.match(line):
+            s, kind, value = int(m[1]), m[2], float(m[3])
+            steps.append((s, kind, value))
+    if n is None:  # no step finished: N from the last val step (the log never says it)
+        n = max((s for s, k, _ in steps if k == "tel"), default=0)
+    out = [*header, "=" * 100]
+    for s, kind, value in steps:
+        done = s if kind == "tel" else s + 1
+        what = "val_loss" if kind == "tel" else "train_loss"
+        out.append(f"step:{done}/{n} {what}:{value:.4f} train_time:{elapsed(done):.0f}ms step_avg:{avg(done)}ms")
+    if peak is not None:
+        out.append(f"peak memory consumption: {peak} MiB")
+    return "\n".join(out) + "\n"
+
+
+def header_lines(original: Original, root: Path, cmd: list[str]) -> list[str]:
+    """What a converted log says of its original: repo, commit, files with sha256 (and whether they are that
+    commit's), the optimizers its code builds (by name, as compare.upstream_optimizer finds them), the command, and
+    that it seeds nothing."""
+    lines = [f"original: {original.repo} at {original.commit}"]
+    for f in original.files:
+        digest = sha256(root / f)
+        note = "" if f != original.files[0] or digest == original.sha256 else " (not that commit's file)"
+        lines.append(f"file: {f} sha256:{digest}{note}")
+    code = "\n".join((root / f).read_text() for f in original.files[:1])
+    code = "\n".join(line.split("#", 1)[0] for line in code.splitlines())
+    built = sorted({m[1] for m in compare._BUILT.finditer(code)})
+    lines.append("builds: " + ", ".join(f"{b}(...)" for b in built))
+    lines.append("command: " + shlex.join(cmd))
+    lines.append("seed: none (the original seeds nothing: every run starts from torch's default-seed init)")
+    return lines
+
+
+def collect(job: Job, original: Original, root: Path, out: Path, i: int) -> Path | None:
+    """Convert the run's log into <out>/original-<name>/ and remove its folder's checkpoints; the converted path, or
+    None (said) when the run left no log."""
+    logs = sorted(job.cwd.glob("logs/*/log.txt"))
+    stdout = job.stdout.read_text(errors="replace") if job.stdout.exists() else ""
+    if not logs:
+        print(f"{job.what}: no logs/<id>/log.txt in {job.cwd}; its output: {job.stdout}")
+        return None
+    text = convert_log(logs[-1].read_text(), stdout, header_lines(original, root, job.cmd))
+    if not re.search(r"^step:", text, re.M):
+        print(f"{job.what}: its log {logs[-1]} has no step; its output: {job.stdout}")
+        return None
+    folder = out / f"original-{original.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-original-{original.name}-{i}.txt"
+    path.write_text(text)
+    for state in job.cwd.glob("logs/*/state_step*.pt"):  # the original saves its model at the end
+        state.unlink()
+    print(f"{job.what}: {path}", flush=True)
+    return path
+
+
+def run_jobs(jobs: list[Job], parallel: int) -> list[int]:
+    """Run the jobs, `parallel` at a time, in order; each one's stdout and stderr into its file; after() of each
+    as it ends. Returns the exit codes."""
+    codes, running, queue = [0] * len(jobs), [], list(enumerate(jobs))
+    while queue or running:
+        while queue and len(running) < parallel:
+            i, job = queue.pop(0)
+            job.cwd.mkdir(parents=True, exist_ok=True)
+            job.stdout.parent.mkdir(parents=True, exist_ok=True)
+            f = open(job.stdout, "w")
+            print(f"start {job.what}: {shlex.join(job.cmd)}", flush=True)
+            running.append((i, job, f, subprocess.Popen(job.cmd, cwd=job.cwd, stdout=f, stderr=subprocess.STDOUT,
+                                                          env=job.env)))
+        for entry in list(running):
+            i, job, f, proc = entry
+            if proc.poll() is not None:
+                f.close()
+                running.remove(entry)
+                codes[i] = proc.returncode
+                print(f"done {job.what}: exit {proc.returncode}" + ("" if proc.returncode == 0 else
+                                                                    f" (see {job.stdout})"), flush=True)
+                if job.after is not None:
+                    job.after(job)
+        time.sleep(0.2)
+    return codes
+
+
+def within_two_se(out: Path, which: list[str]) -> list[str]:
+    """Per optimizer: the project's mean final val loss against the original's, and whether it lies within two
+    standard errors (std / sqrt(n)) of the original's mean."""
+    runs = [r for r in map(compare.parse_record, compare.find_files([str(out)])[0]) if r is not None]
+    groups = compare.group_runs(runs, "label")
+    rows = {r["group"]: r for r in compare.summarize(groups)}
+    lines = []
+    for name in which:
+        o, p = rows.get(f"original-{name}"), rows.get(f"project-{name}")
+        if not o or not p or o["mean"] is None or p["mean"] is None:
+            lines.append(f"{name}: no complete runs of both to compare")
+            continue
+        if o["std"] is None:
+            lines.append(f"{name}: project {p['mean']:.4f} vs original {o['mean']:.4f} (one original run: no standard "
+                         f"error)")
+            continue
+        se = o["std"] / math.sqrt(o["runs"])
+        diff = p["mean"] - o["mean"]
+        lines.append(f"{name}: project {p['mean']:.4f} (n={p['runs']}) - original {o['mean']:.4f} (n={o['runs']}) = "
+                     f"{diff:+.4f}; 2 standard errors of the original's mean: {2 * se:.4f}: "
+                     + ("within" if abs(diff) <= 2 * se else "outside"))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(argv)
+    project = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s --originals DIR --out DIR --input_bin GLOB --input_val_bin GLOB "
+                                           "[options] [-- train_gpt2.py settings]")
+    parser.add_argument("--originals", required=True, help="folder of the copies (see above)")
+    parser.add_argument("--out", required=True, help="the experiment's records folder")
+    parser.add_argument("--input_bin", required=True, help="train shards (glob), for every run")
+    parser.add_argument("--input_val_bin", required=True, help="val shards (glob), for every run")
+    parser.add_argument("--seeds", type=int, default=3, help="runs of each (the project's: --seed 0 .. n-1)")
+    parser.add_argument("--which", default="muon,soap", help="originals to run: muon, soap or both (comma-separated)")
+    parser.add_argument("--preset", default="compare", help="the project's protocol (train_gpt2.py --preset)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once on the GPU")
+    parser.add_argument("--launcher", default=LAUNCHER, help=f"what runs an original (default: {LAUNCHER})")
+    parser.add_argument("--work", help="where the originals run and the project's checkpoints go (default: a new "
+                                       "temporary folder; the originals' raw logs stay there)")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    ns = parser.parse_args(argv)
+    ns.which = [w.strip() for w in ns.which.split(",") if w.strip()]
+    bad = [w for w in ns.which if w not in ORIGINALS]
+    if bad or not ns.which:
+        parser.error(f"--which: {', '.join(bad) or 'nothing'}; choose from {', '.join(ORIGINALS)}")
+    if ns.seeds < 1 or ns.parallel < 1:
+        parser.error("--seeds and --parallel must be >= 1")
+    # absolute: the originals run in their own folders
+    ns.input_bin, ns.input_val_bin = os.path.abspath(ns.input_bin), os.path.abspath(ns.input_val_bin)
+    ns.project = ["--input_bin", ns.input_bin, "--input_val_bin", ns.input_val_bin, *project]
+    ns.work = ns.work or (os.path.join(tempfile.gettempdir(), "originals-<new>") if ns.dry_run
+                          else tempfile.mkdtemp(prefix="originals-"))
+    try:
+        jobs = plan(ns)
+    except SystemExit as e:
+        print(f"error: {e.code}", file=sys.stderr)
+        return 2
+    if ns.dry_run:
+        for job in jobs:
+            print(f"{job.what} (in {job.cwd}): {shlex.join(job.cmd)}")
+        return 0
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "originals.json").write_text(json.dumps(dict(
+        command=shlex.join(["python", "records/originals.py", *given]),
+        jobs=[dict(what=j.what, cmd=shlex.join(j.cmd)) for j in jobs]), indent=1) + "\n")
+    codes = run_jobs(jobs, ns.parallel)
+    shutil.rmtree(Path(ns.work) / "checkpoints", ignore_errors=True)  # the project's: ~1.5 GB a run
+    print(f"\nthe originals' own logs: {ns.work}")
+    print()
+    compare.main([str(out), "--by", "label"])
+    print()
+    for line in within_two_se(out, ns.which):
+        print(line)
+    failed = [j.what for j, c in zip(jobs, codes) if c != 0]
+    if failed:
+        print(f"\n{len(failed)} run(s) failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Make the golden figures of tests/test_golden.py from the original optimizers' own code, once:
+
+    python tests/golden/make_golden.py [--originals .originals]
+
+The originals are the user's copies (git-ignored, never committed), under --originals:
+    modded-nanogpt/train_gpt2.py                  KellerJordan/modded-nanogpt at b9979e6 (Muon: OrthogonalNesterov
+                                                  and zeroth_power_via_newtonschulz5)
+    modded-nanogpt-SOAP/soap.py                   nikhilvyas/modded-nanogpt-SOAP at 618af27 (SOAP)
+    Emerging-Optimizers/emerging_optimizers/      NVIDIA-NeMo/Emerging-Optimizers at fd77292 (PolarGrad)
+Each file must be the version named in ORIGINALS (its sha256 is checked). Each original optimizer runs in float64 on
+CPU on one fixed gradient stream (stream(): seeded normal parameters and gradients of a few shapes, wide, tall and
+square); what had to change in its code to run so is only the dtype, listed per file in PATCHES and in the data's
+provenance. Writes tests/golden/<name>.json: provenance, settings, shapes, the initial parameters, the gradients and
+the parameters after every step (and for SOAP the bases of its first step, which the project's run adopts: on the
+null space of a rank-deficient first L or R the eigenbasis is arbitrary in both codes).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHAPES = [(4, 6), (6, 4), (5, 5), (4, 6)]  # wide, tall, square, and a second wide one (the project batches by shape)
+SEED = 20241004
+
+# what each original's step is run with (the project's test builds its optimizer with the same values)
+SETTINGS = {
+    "muon": dict(steps=5, lr=0.02, momentum=0.95, nesterov=True),
+    "soap": dict(steps=8, lr=0.01, betas=[0.95, 0.95], eps=1e-8, weight_decay=0.01, precondition_frequency=3),
+    # gradients ~1e3 (Frobenius norms ~5e3), lr 2e-5: steps of the size lr 0.02 takes on unit gradients. The project
+    # normalizes D by ||D||_F + 1e-7 (as modded-nanogpt), NVIDIA by max(||D||_F, 1e-15): a relative 1e-7 / ||D||_F
+    # in O, which moves the parameters by ~1.7e-6 lr for these shapes whatever the gradients' scale (1.7e-8 at lr
+    # 0.01 on unit gradients, and 9e-16 with NVIDIA's normalization put in); at this scale it is ~3e-11
+    "polargrad": dict(steps=5, lr=2e-5, momentum=0.95, nesterov=False, weight_decay=0.01, ns_coeffs="quintic",
+                      grad_scale=1000.0),
+}
+
+# repo, commit, path under --originals, path in the repo, sha256 of the copy these figures were made from
+ORIGINALS = {
+    "muon": [("KellerJordan/modded-nanogpt", "b9979e6df16c7e18c3bb4da0070ad88bae530de4",
+              "modded-nanogpt/train_gpt2.py", "train_gpt2.py",
+              "02b9a5723e63af85ccb41fae9925fd2e43b823837ff882e058607bf1a8a3b569")],
+    "soap": [("nikhilvyas/modded-nanogpt-SOAP", "618af27156c1875ef028882f543bb1be04485eb2",
+              "modded-nanogpt-SOAP/soap.py", "soap.py",
+              "0057aeb7e20872787989c26fc66589d91c9782149435d2bfda0b9e9972e01ff3")],
+    "polargrad": [("NVIDIA-NeMo/Emerging-Optimizers", "fd7729267109a8848709e9406bf19e53e970c3f4",
+                   f"Emerging-Optimizers/emerging_optimizers/{p}", f"emerging_optimizers/{p}", sha) for p, sha in [
+                       ("orthogonalized_optimizers/polargrad.py",
+                        "3e0953de29e9a0f6cb901fbc0975019bdc66127eccbdbbef168a6a3154c615f8"),
+                       ("orthogonalized_optimizers/orthogonalized_optimizer.py",
+                        "96bc80d7075752ff14672d8e5460cfcb31d28b2faba6b25f7b8ce691255aff5c"),
+                       ("orthogonalized_optimizers/muon_utils.py",
+                        "c098769ecbf2f1dccba562863f388c8f24401d6fe76b64bd9653d7cc80714f50"),
+                       ("mixin.py", "7453acd6013dec97b1cc160e486cb7e884d1d792f1db774e8b7cc659585d15cc")]],
+}
+
+# (file under --originals, old text, new text, times it occurs): all dtype changes, nothing else
+PATCHES = {
+    "muon": [("modded-nanogpt/train_gpt2.py", "@torch.compile\ndef zeroth_power_via_newtonschulz5",
+              "def zeroth_power_via_newtonschulz5", 1,
+              "no torch.compile (Inductor on CPU; the same math eagerly)"),
+             ("modded-nanogpt/train_gpt2.py", "X = G.bfloat16() / (G.norm() + eps)",
+              "X = G.double() / (G.norm() + eps)", 1, "Newton-Schulz in float64, not bfloat16")],
+    "soap": [("modded-nanogpt-SOAP/soap.py", ".float()", ".double()", 5,
+              "eigh and the refresh's QR in float64, not float32"),
+             ("modded-nanogpt-SOAP/soap.py", "torch.zeros(sh, sh, device=grad.device)",
+              "torch.zeros(sh, sh, device=grad.device, dtype=grad.dtype)", 1, "L and R in the gradient's dtype")],
+    "polargrad": [("Emerging-Optimizers/emerging_optimizers/orthogonalized_optimizers/muon_utils.py",
+                   "if x.dtype != torch.float32:", "if x.dtype != torch.float64:", 1,
+                   "newton_schulz takes float64 (it refuses anything but float32)"),
+                  ("Emerging-Optimizers/emerging_optimizers/orthogonalized_optimizers/muon_utils.py",
+                   "X = X.to(torch.float32)", "X = X.to(torch.float64)", 1, "and returns float64")],
+}
+SHIMS = {"polargrad": "absl.logging replaced by no-op functions (absl-py not needed: logging only); "
+                      "emerging_optimizers.registry replaced by a decorator that returns the class (its PEP 695 "
+                      "syntax needs Python >= 3.12; name registration only); typing.override = identity on "
+                      "Python < 3.12"}
+
+
+NOTES = {
+    "muon": "b9979e6's Muon is OrthogonalNesterov(lr, momentum=0.95, nesterov=True) with "
+            "zeroth_power_via_newtonschulz5 (a, b, c) = (3.4445, -4.7750, 2.0315), 5 steps; the project's Muon with "
+            "coeffs simple and NS_DTYPE float64",
+    "soap": "the fork keeps m in the parameter space and projects it each step, the project keeps it in the eigenbasis "
+            "and carries it over at a refresh: the same rule; the fork's refresh QR is Householder's, the project's "
+            "CholeskyQR3 (equal up to column signs, to which SOAP is invariant); first_bases: the fork's eigh bases "
+            "after step 1, which the project adopts (arbitrary on the null space of the rank-deficient first L or R)",
+    "polargrad": "NVIDIA's default coefficient set quintic (5 steps), the project's quintic with nuclear inner; the "
+                 "project's polar_express differs from NVIDIA's (theirs rounded to 4 decimals, all 5 divided by 1.01, "
+                 "no 1.01 on the norm) and is not compared. The project normalizes D by ||D||_F + 1e-7, NVIDIA by "
+                 "max(||D||_F, 1e-15): ~1.7e-6 lr on the parameters for this stream (3e-11 here; 1.7e-8 at lr 0.01 "
+                 "on unit gradients; 9e-16 with NVIDIA's normalization put into the project)",
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_copies(root: Path, name: str) -> None:
+    """Refuse a missing copy or one that is not the version ORIGINALS names (its sha256)."""
+    for repo, commit, rel, _, want in ORIGINALS[name]:
+        path = root / rel
+        if not path.is_file():
+            raise SystemExit(f"{path}: missing; put {repo} at commit {commit[:7]} there (see this script's docstring)")
+        if sha256(path) != want:
+            raise SystemExit(f"{path}: sha256 {sha256(path)} is not that of {repo} at {commit[:7]} ({want}); "
+                             f"check out that commit")
+
+
+def patched_source(root: Path, rel: str, name: str) -> str:
+    """The file's text with PATCHES[name] for it applied, each found exactly as often as listed."""
+    text = (root / rel).read_text()
+    for path, old, new, count, _ in PATCHES[name]:
+        if path == rel:
+            if text.count(old) != count:
+                raise SystemExit(f"{root / rel}: {old!r} occurs {text.count(old)} times, expected {count}")
+            text = text.replace(old, new)
+    return text
+
+
+def load_module(name: str, source: str, filename: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__file__ = filename
+    sys.modules[name] = module
+    exec(compile(source, filename, "exec"), module.__dict__)
+    return module
+
+
+def stream(steps: int, scale: float = 1.0) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Initial parameters and `steps` gradients per parameter, float64 normals from one seeded generator (gradients
+    times scale)."""
+    gen = torch.Generator().manual_seed(SEED)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = [[scale * torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES] for _ in range(steps)]
+    return params, grads
+
+
+def run(make, steps: int, scale: float = 1.0):
+    """Parameters after each step of an optimizer made by make(params) on stream(steps, scale)."""
+    init, grads = stream(steps, scale)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = make(params)
+    trajectory = []
+    for g in grads:
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+        opt.step()
+        trajectory.append([p.detach().clone() for p in params])
+    return init, grads, trajectory, opt
+
+
+def original_muon(root: Path):
+    rel = "modded-nanogpt/train_gpt2.py"
+    mod = load_module("original_b9979e6", patched_source(root, rel, "muon"), str(root / rel))
+    s = SETTINGS["muon"]
+    return run(lambda ps: mod.OrthogonalNesterov(ps, lr=s["lr"], momentum=s["momentum"],
+                                                       nesterov=s["nesterov"]), s["steps"])[:3], {}
+
+
+def original_soap(root: Path):
+    rel = "modded-nanogpt-SOAP/soap.py"
+    mod = load_module("original_soap", patched_source(root, rel, "soap"), str(root / rel))
+    s = SETTINGS["soap"]
+    make = lambda ps: mod.SOAP(ps, lr=s["lr"], betas=tuple(s["betas"]), eps=s["eps"], weight_decay=s["weight_decay"],
+                               precondition_frequency=s["precondition_frequency"])
+    # its bases after the first step (eigh of L and R, no update yet), which the project's run adopts
+    _, _, _, first = run(make, 1)
+    bases = [[q.tolist() for q in first.state[p]["Q"]] for group in first.param_groups for p in group["params"]]
+    return run(make, s["steps"])[:3], {"first_bases": bases}
+
+
+def original_polargrad(root: Path):
+    pkg = root / "Emerging-Optimizers"
+    absl = types.ModuleType("absl")
+    absl.logging = types.SimpleNamespace(debug=lambda *a, **k: None, info=lambda *a, **k: None,
+                                         warning=lambda *a, **k: None, error=lambda *a, **k: None,
+                                         log_first_n=lambda *a, **k: None, INFO=20, ERROR=40)
+    sys.modules.setdefault("absl", absl)
+    sys.modules.setdefault("absl.logging", absl.logging)
+    if not hasattr(typing, "override"):
+        typing.override = lambda f: f
+    registry = types.ModuleType("emerging_optimizers.registry")
+    registry.register_optimizer = lambda name: (lambda cls: cls)
+    sys.modules["emerging_optimizers.registry"] = registry
+    sys.path.insert(0, str(pkg))
+    rel = "Emerging-Optimizers/emerging_optimizers/orthogonalized_optimizers/muon_utils.py"
+    import emerging_optimizers  # noqa: F401  (the package; its orthogonalized_optimizers imports muon_utils first)
+    emerging_optimizers.registry = registry
+    load_module("emerging_optimizers.orthogonalized_optimizers.muon_utils", patched_source(root, rel, "polargrad"),
+                str(root / rel))
+    from emerging_optimizers.orthogonalized_optimizers.polargrad import PolarGrad
+    s = SETTINGS["polargrad"]
+    return run(lambda ps: PolarGrad(ps, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
+                                          nesterov=s["nesterov"], coefficient_type=s["ns_coeffs"], num_ns_steps=5),
+               s["steps"], s["grad_scale"])[:3], {}
+
+
+def provenance(root: Path, name: str) -> dict:
+    return dict(
+        files=[dict(repo=repo, commit=commit, path=path, sha256=sha) for repo, commit, _, path, sha in ORIGINALS[name]],
+        changed=[dict(file=rel.split("/", 1)[1], old=old, new=new, why=why) for rel, old, new, _, why in PATCHES[name]],
+        shims=SHIMS.get(name, ""), note=NOTES[name], run="float64 on CPU, torch " + torch.__version__,
+        made_by="tests/golden/make_golden.py")
+
+
+def write(name: str, root: Path, result, extra: dict) -> Path:
+    init, grads, trajectory = result
+    data = dict(provenance=provenance(root, name), settings=SETTINGS[name], seed=SEED, shapes=SHAPES,
+                init=[p.tolist() for p in init], grads=[[g.tolist() for g in step] for step in grads],
+                params=[[p.tolist() for p in step] for step in trajectory], **extra)
+    path = HERE / f"{name}.json"
+    path.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--originals", default=str(HERE.parents[1] / ".originals"),
+                        help="the folder holding the copies (default: .originals/ at the repo root)")
+    parser.add_argument("--only", choices=list(ORIGINALS), action="append", help="make only these (repeatable)")
+    args = parser.parse_args(argv)
+    root = Path(args.originals)
+    for name in args.only or list(ORIGINALS):
+        check_copies(root, name)
+        result, extra = {"muon": original_muon, "soap": original_soap, "polargrad": original_polargrad}[name](root)
+        print(f"{name}: {write(name, root, result, extra)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The project's Muon, SOAP and PolarGrad against figures their originals produced (tests/golden/*.json, made by
+tests/golden/make_golden.py from modded-nanogpt b9979e6, the SOAP fork's soap.py and NVIDIA Emerging-Optimizers, in
+float64 on CPU): the same gradient stream gives the same parameters after every step, to 1e-10; a changed rule (a
+Newton-Schulz coefficient, a beta, the refresh's sort, the nuclear norm) misses them by far more."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt2 as t
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+TOLERANCE = 1e-10
+
+
+def golden(name: str) -> dict:
+    return json.loads((GOLDEN / f"{name}.json").read_text())
+
+
+def make(name: str, params: list[torch.Tensor], s: dict):
+    """The project's optimizer for a golden file's settings (betas as the project takes them: a tuple)."""
+    if name == "muon":
+        return t.Muon(params, lr=s["lr"], momentum=s["momentum"], nesterov=s["nesterov"], coeffs="simple")
+    if name == "soap":
+        return t.SOAP(params, lr=s["lr"], betas=tuple(s["betas"]), eps=s["eps"], weight_decay=s["weight_decay"],
+                      precondition_frequency=s["precondition_frequency"])
+    return t.PolarGrad(params, lr=s["lr"], momentum=s["momentum"], nesterov=s["nesterov"],
+                       weight_decay=s["weight_decay"], nuclear="inner", coeffs=s["ns_coeffs"])
+
+
+def project_error(name: str, monkeypatch, settings: dict | None = None) -> float:
+    """max |project - original| over every parameter after every step of the golden stream. Newton-Schulz runs in
+    float64 (NS_DTYPE), as the originals did for these figures; SOAP adopts the original's first-step bases."""
+    data = golden(name)
+    monkeypatch.setattr(t, "NS_DTYPE", torch.float64)
+    params = [torch.nn.Parameter(torch.tensor(p, dtype=torch.float64)) for p in data["init"]]
+    opt = make(name, params, dict(data["settings"], **(settings or {})))
+    worst = 0.0
+    for step, (grads, want) in enumerate(zip(data["grads"], data["params"])):
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        if name == "soap" and step == 0:
+            for p, (QL, QR) in zip(params, data["first_bases"]):
+                opt.state[p]["QL"].copy_(torch.tensor(QL, dtype=torch.float64))
+                opt.state[p]["QR"].copy_(torch.tensor(QR, dtype=torch.float64))
+        for p, w in zip(params, want):
+            worst = max(worst, (p.detach() - torch.tensor(w, dtype=torch.float64)).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("name", ["muon", "soap", "polargrad"])
+def test_golden_figures_have_provenance(name):
+    """Each file names the original's repository, commit, files and hashes, what was changed to run it in float64,
+    and holds a stream that moves the parameters (so equality is not trivial) across SOAP's refreshes."""
+    data = golden(name)
+    files = data["provenance"]["files"]
+    assert files and all(len(f["commit"]) == 40 and len(f["sha256"]) == 64 for f in files)
+    assert data["provenance"]["changed"] and all(f["why"] for f in data["provenance"]["changed"])
+    moved = max(abs(a - b) for p0, p1 in zip(data["init"], data["params"][-1])
+                for a, b in zip(torch.tensor(p0).flatten().tolist(), torch.tensor(p1).flatten().tolist()))
+    assert moved > 0.01
+    if name == "soap":
+        assert len(data["params"]) - 1 >= 2 * data["settings"]["precondition_frequency"]  # two refreshes or more
+
+
+@pytest.mark.parametrize("name", ["muon", "soap", "polargrad"])
+def test_project_equals_the_original(name, monkeypatch):
+    assert project_error(name, monkeypatch) <= TOLERANCE
+
+
+MUTATIONS = {
+    "muon: Newton-Schulz c 2.0315 -> 2.0316": ("muon", lambda m: m.setitem(t.NS_COEFFS, "simple",
+                                                                           ([(3.4445, -4.7750, 2.0316)] * 5, 1.0)), {}),
+    "muon: momentum 0.95 -> 0.9": ("muon", None, {"momentum": 0.9}),
+    "muon: no Nesterov": ("muon", None, {"nesterov": False}),
+    "soap: beta2 0.95 -> 0.951": ("soap", None, {"betas": [0.95, 0.951]}),
+    "soap: refresh without the sort": ("soap", lambda m: m.setattr(t, "power_step", lambda P, Q: (
+        P @ Q, torch.arange(Q.size(-1)).expand(Q.shape[:-1]))), {}),
+    "soap: no weight decay": ("soap", None, {"weight_decay": 0.0}),
+    "polargrad: exact nuclear norm for <O, D>": ("polargrad", lambda m: m.setattr(
+        t, "nuclear_norm", lambda M, mode="exact", O=None: t.torch.linalg.matrix_norm(M, "nuc")), {}),
+    "polargrad: quintic a 4.0848 -> 4.0849": ("polargrad", lambda m: m.setitem(t.NS_COEFFS, "quintic", (
+        [(4.0849, -6.8946, 2.9270)] + t.NS_COEFFS["quintic"][0][1:], 1.0)), {}),
+    "polargrad: momentum 0.95 -> 0.9": ("polargrad", None, {"momentum": 0.9}),
+}
+
+
+@pytest.mark.parametrize("case", list(MUTATIONS))
+def test_a_changed_rule_misses_the_golden_figures(case, monkeypatch):
+    """Each change of the rule puts the project at least 1e4 x the tolerance away from the original's figures."""
+    name, mutate, settings = MUTATIONS[case]
+    if mutate is not None:
+        mutate(monkeypatch)
+    assert project_error(name, monkeypatch, settings) > 1e4 * TOLERANCE

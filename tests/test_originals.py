@@ -1,0 +1,156 @@
+"""records/originals.py: the originals' command lines from the project's protocol, the conversion of their logs into
+logs compare.py groups by optimizer, and one whole run beside the project with stand-ins for the originals."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_gpt2 as t
+from conftest import SMALL_VOCAB, TINY, make_shards
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "records"))
+import compare as c  # noqa: E402
+import originals as o  # noqa: E402
+
+# a stand-in for an original trainer: its command line (the originals' argparse), its log.txt and stdout formats,
+# the checkpoint it saves at the end; BUILDS is the optimizer line its code carries
+FAKE = '''import argparse, json, os, sys, uuid
+class OrthogonalNesterov:
+    pass
+def make():
+    return BUILDS
+p = argparse.ArgumentParser()
+for name, kind in [("input_bin", str), ("input_val_bin", str), ("model", str), ("batch_size", int),
+                   ("accumulation", int), ("sequence_length", int), ("num_iterations", int), ("learning_rate", float),
+                   ("warmup_iters", int), ("warmdown_iters", int), ("weight_decay", float), ("val_loss_every", int),
+                   ("val_max_steps", int), ("save_every", int)]:
+    p.add_argument("--" + name, type=kind)
+args = p.parse_args()
+json.dump(sys.argv[1:], open("argv.json", "w"))
+run = "logs/" + str(uuid.uuid4())
+os.makedirs(run)
+n, final = args.num_iterations, float(os.environ.get("FAKE_FINAL", "5.0")) + 0.01 * len(os.listdir(".."))
+with open(run + "/log.txt", "w") as f:
+    for step in range(n + 1):
+        if step == n or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+            f.write("s:%d tel:%f\\n" % (step, final + (n - step) * 0.1))
+        if step == n:
+            break
+        print(f"step {step + 1:4d}/{n} | train loss {7.5:.4f} | lr_scale {1.0:.2e} | ({12.5:.2f} ms | 1000 tok/s)")
+        f.write("s:%d trl:%f\\n" % (step, 7.5))
+open(run + "/state_step%06d.pt" % n, "w").write("weights")
+print("peak memory consumption: 123 MiB")
+'''
+
+
+def fake_originals(root: Path) -> Path:
+    """An --originals folder whose trainers are FAKE, building Muon (OrthogonalNesterov) and SOAP."""
+    (root / "modded-nanogpt").mkdir(parents=True)
+    (root / "modded-nanogpt-SOAP").mkdir(parents=True)
+    (root / "modded-nanogpt" / "train_gpt2.py").write_text(FAKE.replace(
+        "BUILDS", "OrthogonalNesterov(params, lr=10 * learning_rate, momentum=0.95)"))
+    (root / "modded-nanogpt-SOAP" / "train_gpt2.py").write_text(FAKE.replace(
+        "BUILDS", "SOAP(params, lr=learning_rate, betas=(.95, .95))"))
+    (root / "modded-nanogpt-SOAP" / "soap.py").write_text("class SOAP:\n    pass\n")
+    return root
+
+
+def test_compare_preset_maps_onto_the_originals_command_line():
+    """--preset compare is the originals' `--batch_size 64 --num_iterations 400 --warmup_iters 15 --warmdown_iters 115
+    --learning_rate 0.0018 --val_loss_every 100 --val_max_steps 64`, with their d12 model and 1024-token sequences
+    (their default is 64) on one GPU without accumulation."""
+    args = o.project_settings("compare", ["--input_bin", "/d/tr_*.bin", "--input_val_bin", "/d/va_*.bin"], "muon")
+    want = ["--input_bin", "/d/tr_*.bin", "--input_val_bin", "/d/va_*.bin", "--model", "d12", "--batch_size", "64",
+            "--accumulation", "1", "--sequence_length", "1024", "--num_iterations", "400", "--warmup_iters", "15",
+            "--warmdown_iters", "115", "--learning_rate", "0.0018", "--weight_decay", "0", "--val_loss_every", "100",
+            "--val_max_steps", "64"]
+    assert o.original_args(args, o.ORIGINALS["muon"]) == want
+    soap = o.project_settings("compare", ["--input_bin", "/d/tr_*.bin", "--input_val_bin", "/d/va_*.bin"], "soap")
+    assert o.original_args(soap, o.ORIGINALS["soap"]) == want
+    big = o.project_settings("compare", ["--batch_size", "256", "--val_tokens", str(32 * 64 * 1024)], "muon")
+    got = dict(zip(o.original_args(big, o.ORIGINALS["muon"])[::2], o.original_args(big, o.ORIGINALS["muon"])[1::2]))
+    assert (got["--batch_size"], got["--accumulation"], got["--val_max_steps"]) == ("64", "4", "32")
+
+
+@pytest.mark.parametrize("optimizer,extra,fragments", [
+    ("muon", ["--muon_lr", "0.02"], ["--muon_lr 0.02", "hard-codes 0.018", "set --muon_lr 0.018"]),
+    ("muon", ["--muon_momentum", "0.9"], ["--muon_momentum 0.9", "hard-codes 0.95"]),
+    ("soap", ["--soap_betas", "0.9,0.95"], ["--soap_betas (0.9, 0.95)", "hard-codes (0.95, 0.95)"]),
+    ("soap", ["--embed_lr", "0.003"], ["--embed_lr 0.003", "hard-codes 0.0018"]),
+    ("muon", ["--n_layer", "2"], ["--n_layer 2", "the originals build only d12"]),
+    ("muon", ["--stop_at", "100"], ["--stop_at", "run the whole schedule"]),
+    ("muon", ["--val_tokens", "1000"], ["--val_tokens 1000", "whole batches of 65536"]),
+])
+def test_what_an_original_cannot_run_as_the_project_is_refused(optimizer, extra, fragments):
+    with pytest.raises(SystemExit) as refused:
+        o.original_args(o.project_settings("compare", extra, optimizer), o.ORIGINALS[optimizer])
+    for fragment in fragments:
+        assert fragment in refused.value.code
+
+
+def test_converted_log_is_read_by_compare_with_its_optimizer(tmp_path):
+    """log.txt + stdout -> an upstream-format log: val lines at 0 and N, a train line per step, train_time over the
+    steps after the first 10, the peak memory; compare groups it by the optimizer its header names (built, not
+    defined) and labels it by its folder."""
+    log = "".join(f"s:{s} tel:{6 - s / 10:.6f}\n" if s in (0, 20) else "" for s in range(21))
+    log += "".join(f"s:{s} trl:{7 - s / 10:.6f}\n" for s in range(20))
+    stdout = "".join(f"step {s:4d}/20 | train loss 7.0 | lr_scale 1.00e+00 | (20.00 ms | 100 tok/s)\n"
+                     for s in range(1, 21)) + "peak memory consumption: 77 MiB\n"
+    header = ["original: KellerJordan/modded-nanogpt at b9979e6", "builds: AdamW(...), OrthogonalNesterov(...)"]
+    path = tmp_path / "original-muon" / "x.txt"
+    path.parent.mkdir()
+    path.write_text(o.convert_log(log, stdout, header))
+    run = c.parse_record(path)
+    assert run.format == "upstream" and run.complete and run.optimizer == "upstream-muon"
+    assert run.label == "original-muon" and run.peak_mib == 77
+    assert run.val == [(0, 6.0, 0.0), (20, 4.0, 200.0)]  # steps 11..20 timed, 20 ms each
+    assert len(run.train) == 20 and run.train[-1] == (20, 5.1, 200.0, None) and run.step_avg == 20.0
+    soap = o.convert_log(log, stdout, ["builds: AdamW(...), SOAP(...)"])
+    (tmp_path / "s.txt").write_text(soap)
+    assert c.parse_record(tmp_path / "s.txt").optimizer == "upstream-soap"
+
+
+def test_originals_beside_the_project_in_one_command(tmp_path, monkeypatch, capsys):
+    """A stand-in original (muon, 2 runs) and the project's tiny runs (seeds 0 and 1), 2 at once: the original got
+    the mapped command line and ran in its own folder, its checkpoint removed, its log converted into original-muon/;
+    the project's records are in project-muon/; compare.py reads both groups side by side and the project's mean is
+    set against two standard errors of the original's."""
+    monkeypatch.setitem(o.MODELS, (2, 2, 64, SMALL_VOCAB), "tiny")
+    train, val = make_shards(tmp_path / "shards", vocab=SMALL_VOCAB)
+    root, out, work = fake_originals(tmp_path / "orig"), tmp_path / "exp", tmp_path / "work"
+    code = o.main(["--originals", str(root), "--out", str(out), "--work", str(work), "--input_bin", train,
+                   "--input_val_bin", val, "--seeds", "2", "--parallel", "2", "--launcher", sys.executable,
+                   "--which", "muon", "--",
+                   *TINY, "--vocab_size", str(SMALL_VOCAB), "--matmul_check", "0"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    for name in ["muon"]:
+        argv = json.loads((work / f"original-{name}-0" / "argv.json").read_text())
+        assert argv[argv.index("--model") + 1] == "tiny" and argv[argv.index("--accumulation") + 1] == "2"
+        assert argv[argv.index("--val_max_steps") + 1] == "4"  # 256 val tokens in batches of 2 x 32
+        assert not list((work / f"original-{name}-0").glob("logs/*/state_step*.pt"))
+        converted = sorted((out / f"original-{name}").glob("*.txt"))
+        assert len(converted) == 2 and "seed: none" in converted[0].read_text()
+        runs = [c.parse_record(p) for p in converted]
+        assert all(r.complete and r.optimizer == f"upstream-{name}" and r.label == f"original-{name}" for r in runs)
+        records = [c.parse_record(p) for p in sorted((out / f"project-{name}").glob("*.txt"))]
+        assert sorted(r.hyperparameters["seed"] for r in records) == [0, 1] and all(r.complete for r in records)
+        assert {r.label for r in records} == {f"project-{name}"}
+        assert len(list((out / "stdout").glob(f"*-{name}-*.log"))) == 4
+    assert not (out / "original-soap").exists()
+    assert not (work / "checkpoints").exists()
+    lines = printed.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["label", "runs"])
+    rows = {line.split()[0]: line.split()[1] for line in lines[head + 2: head + 4]}
+    assert rows == {"original-muon": "2", "project-muon": "2"}
+    assert "original-muon - project-muon:" in printed
+    finals = [c.parse_record(p).final_val_loss for p in sorted((out / "original-muon").glob("*.txt"))]
+    mine = [c.parse_record(p).final_val_loss for p in sorted((out / "project-muon").glob("*.txt"))]
+    se = (sum((x - sum(finals) / 2) ** 2 for x in finals) / 1) ** 0.5 / math.sqrt(2)
+    diff = sum(mine) / 2 - sum(finals) / 2
+    assert f"muon: project {sum(mine) / 2:.4f} (n=2) - original {sum(finals) / 2:.4f} (n=2) = {diff:+.4f}; 2 " \
+           f"standard errors of the original's mean: {2 * se:.4f}: " + ("within" if abs(diff) <= 2 * se else
+                                                                       "outside") in printed
+    assert json.loads((out / "originals.json").read_text())["command"].startswith("python records/originals.py")

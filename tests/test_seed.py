@@ -1,0 +1,156 @@
+"""--seed varies the init and only the init; --deterministic 1 makes reruns bit-identical (and leaves the process's
+flags as they were); both are in the record."""
+import json
+import os
+import random
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt2 as t
+from conftest import SMALL_VOCAB, TINY, make_shards
+
+OP_WARNING = ("index_add_cuda_ does not have a deterministic implementation, but you set "
+              "'torch.use_deterministic_algorithms(True, warn_only=True)'.")
+
+ORIGINAL = t.DataLoader.next_batch, t.val_batches, t.build_optimizers  # what run() wraps, not a wrapper of before
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("seed")
+    train, val = make_shards(root / "shards", vocab=SMALL_VOCAB)
+    return TINY + ["--vocab_size", str(SMALL_VOCAB), "--input_bin", train, "--input_val_bin", val,
+                   "--matmul_check", "0", "--records_dir", str(root / "records")]
+
+
+def run(argv: list[str], monkeypatch) -> dict:
+    """One tiny run on one thread, observed: the batches it trained and validated on, its parameters as built (and the
+    global RNG states right then), its record's step lines, settings and final parameters, the RNG states after."""
+    seen = dict(train=[], val=[])
+    next_batch, val_batches, build = ORIGINAL
+
+    def record_batch(self):
+        x, y = next_batch(self)
+        seen["train"].append(x.clone())
+        return x, y
+
+    def record_val(*a, **k):
+        for x, y in val_batches(*a, **k):
+            seen["val"].append(x.clone())
+            yield x, y
+
+    def record_init(model, args):
+        seen["init"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        seen["rng_after_init"] = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+        return build(model, args)
+
+    monkeypatch.setattr(t.DataLoader, "next_batch", record_batch)
+    monkeypatch.setattr(t, "val_batches", record_val)
+    monkeypatch.setattr(t, "build_optimizers", record_init)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path, model = t.train(t.parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
+    seen["rng_at_end"] = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    seen["final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    text = open(path).read().split(t.RECORD_MARK)[-1]
+    seen["steps"] = re.findall(r"^step:\d+/\d+ (?:train|val)_loss:\S+", text, re.M)
+    seen["settings"] = json.loads(re.search(r"^hyperparameters: (.*)$", text, re.M).group(1))
+    seen["text"] = text
+    return seen
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seed_changes_the_init_and_nothing_else(shards, monkeypatch):
+    """Seeds 0 and 1: different initial parameters; the same train batches, in the same order, and the same val
+    tokens; after the init nothing draws from the seeded generators (torch, numpy, random): their states at the end
+    are those right after the init. The same seed again: the identical run (step lines and final parameters)."""
+    a = run(shards + ["--seed", "0"], monkeypatch)
+    b = run(shards + ["--seed", "1"], monkeypatch)
+    again = run(shards + ["--seed", "0"], monkeypatch)
+    assert a["settings"]["seed"] == 0 and b["settings"]["seed"] == 1
+    assert not any(torch.equal(a["init"][k], b["init"][k]) for k in a["init"] if a["init"][k].is_floating_point()
+                   and k.endswith("weight"))
+    assert len(a["train"]) == len(b["train"]) > 5 and all(torch.equal(x, y) for x, y in zip(a["train"], b["train"]))
+    assert len(a["val"]) == len(b["val"]) > 0 and all(torch.equal(x, y) for x, y in zip(a["val"], b["val"]))
+    for r in (a, b):
+        (t0, n0, p0), (t1, n1, p1) = r["rng_after_init"], r["rng_at_end"]
+        assert torch.equal(t0, t1) and np.array_equal(n0, n1) and p0 == p1
+    assert a["steps"] != b["steps"]
+    assert same(a["init"], again["init"]) and same(a["final"], again["final"]) and a["steps"] == again["steps"]
+
+
+def test_deterministic_reruns_are_identical_and_recorded(shards, monkeypatch):
+    """Two runs with --deterministic 1 (soap: its refresh at step 2 runs too): the same step lines and final
+    parameters; the record says deterministic (settings and its `deterministic: on` line); the process's flags are
+    as before afterwards. Without it the record says off."""
+    argv = shards + ["--deterministic", "1", "--seed", "3", "--optimizer", "soap",
+                     "--soap_precondition_frequency", "2"]
+    before = torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    a, b = run(argv, monkeypatch), run(argv, monkeypatch)
+    assert len(a["steps"]) == 6 and a["steps"] == b["steps"] and same(a["final"], b["final"])
+    assert a["settings"]["deterministic"] is True
+    assert re.search(r"^deterministic: on \(use_deterministic_algorithms warn_only, backward strict, "
+                     r"CUBLAS_WORKSPACE_CONFIG=:\d+:8", a["text"], re.M)
+    assert (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before
+    off = run(shards + ["--seed", "3", "--num_iterations", "2", "--warmup_iters", "1", "--warmdown_iters", "1"],
+              monkeypatch)
+    assert off["settings"]["deterministic"] is False and re.search(r"^deterministic: off$", off["text"], re.M)
+
+
+def test_determinism_sets_the_flags_and_restores_them(monkeypatch):
+    """Within Determinism(True): deterministic algorithms in warn_only mode, CUBLAS_WORKSPACE_CONFIG, cudnn
+    deterministic without benchmarking, Inductor's deterministic mode; strict (no warn_only) within backward(); all
+    as before on exit. Determinism(False) touches nothing."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark,
+              torch._inductor.config.deterministic)
+    with t.Determinism(False):
+        assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with t.Determinism(True) as d:
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == t.CUBLAS_DETERMINISTIC
+        assert cudnn.deterministic and not cudnn.benchmark and torch._inductor.config.deterministic
+        with d.backward():
+            assert torch.are_deterministic_algorithms_enabled()
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark,
+            torch._inductor.config.deterministic) == before
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_ops_without_a_deterministic_implementation_are_named_once(monkeypatch):
+    """A warn_only warning naming an op becomes one `deterministic: no deterministic implementation of <op>` line (twice
+    warned, once logged; lines seen before the record opens are logged when it attaches), flash attention's too;
+    other warnings reach the previous handler. In backward(), strict mode's error for such an op stops the run with
+    the op named and the fix."""
+    shown, logged = [], []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: shown.append(str(message)))
+    with t.Determinism(True) as d:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(OP_WARNING)
+            d.attach(logged.append)
+            warnings.warn(OP_WARNING)
+            warnings.warn("Flash Attention defaults to a non-deterministic algorithm. To explicitly enable "
+                          "determinism call torch.use_deterministic_algorithms(True, warn_only=False).")
+            warnings.warn("an unrelated warning")
+        with pytest.raises(SystemExit) as stop:
+            with d.backward():
+                raise RuntimeError(OP_WARNING.replace(", warn_only=True", ""))
+    assert logged == ["deterministic: no deterministic implementation of index_add_cuda_",
+                      "deterministic: no deterministic implementation of Flash Attention"]
+    assert shown == ["an unrelated warning"]
+    assert "index_add_cuda_ does not have a deterministic implementation" in stop.value.code
+    assert "--deterministic 0" in stop.value.code
