@@ -1448,10 +1448,15 @@ class ShardError(ValueError):
 
 def shard_token_count(path: str) -> int:
     """Token count from a shard's 256-int32 header (magic 20240520, version 1, count), checked against the file size."""
-    size = os.path.getsize(path)
-    if size < HEADER_INTS * 4:
-        raise ShardError(path, f"{size} bytes, shorter than the {HEADER_INTS * 4}-byte header")
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if not os.path.isfile(path):
+        raise ShardError(path, "not a file (a folder?): the pattern must match shard files, e.g. 'dir/*_train_*.bin'")
+    try:
+        size = os.path.getsize(path)
+        if size < HEADER_INTS * 4:
+            raise ShardError(path, f"{size} bytes, shorter than the {HEADER_INTS * 4}-byte header")
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        raise ShardError(path, f"cannot read it ({e.strerror or e})") from None
     if header[0] != SHARD_MAGIC:
         raise ShardError(path, f"magic number {header[0]}, expected {SHARD_MAGIC}: not a FineWeb-format shard")
     if header[1] != SHARD_VERSION:
@@ -1475,12 +1480,24 @@ def check_shards(pattern: str, min_tokens: int, what: str) -> list[str]:
 
 
 def load_shard(path: str, vocab_size: int) -> np.ndarray:
-    """Memory-mapped uint16 tokens of one shard; token ids >= vocab_size are refused."""
-    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(shard_token_count(path),))
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        raise ShardError(path, f"token id {int(tokens.max())} >= vocab size {vocab_size}: not GPT-2 tokens",
+    """Memory-mapped uint16 tokens of one shard; token ids >= vocab_size are refused (one vectorized max over the map:
+    0.01 s for a 100M-token shard in the page cache; else reading its 200 MB from the disk)."""
+    try:
+        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(shard_token_count(path),))
+        top = int(tokens.max()) if len(tokens) else -1
+    except OSError as e:
+        raise ShardError(path, f"cannot read it ({e.strerror or e})") from None
+    if top >= vocab_size:
+        raise ShardError(path, f"token id {top} >= vocab size {vocab_size}: not GPT-2 tokens",
                          fix="re-tokenize with data/fineweb.py")
     return tokens
+
+
+def check_token_ids(files: list[str], vocab_size: int) -> None:
+    """Every token id of every shard below vocab_size (load_shard of each), before the first step: a bad id in a later
+    shard stops the run here, not at the step that reaches it."""
+    for f in files:
+        load_shard(f, vocab_size)
 
 
 class DataLoader:
@@ -1762,10 +1779,39 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
 
 
+def os_error(e: OSError) -> str:
+    """One line for an OS error: 'Read-only file system: /path' (the errno's text and the file)."""
+    return f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else (e.strerror or str(e) or type(e).__name__)
+
+
+class _Writes:
+    """A file object's write and flush that keep the OSError behind a failed torch.save, which raises only a
+    RuntimeError ('unexpected pos ...') when the disk is full or read-only."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _save_synced(obj, path: str) -> None:
-    """torch.save, flushed to the disk before returning."""
+    """torch.save, flushed to the disk before returning; a failed write raises its OSError (ENOSPC, EROFS, ...)."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        out = _Writes(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise OSError(out.error.errno, out.error.strerror, path) from None
         f.flush()
         os.fsync(f.fileno())
 
@@ -1810,16 +1856,67 @@ class Checkpoints:
         if self.world > 1:
             dist.barrier()
 
+    def _agree(self, error: str) -> str:
+        """This process's failure ('' if none) once every process knows whether any failed (collective): '' if none
+        did; another process's failure reads 'a write failed on another process'."""
+        if self.world > 1:
+            failed = torch.tensor([float(bool(error))], device=self.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if failed.item() and not error:
+                return "a write failed on another process"
+        return error
+
     def save(self, step: int, progress: dict) -> str:
-        """Write step_<step>/ (all processes), remove the oldest beyond --keep_checkpoints; returns its path."""
+        """Write step_<step>/ (all processes), remove the oldest beyond --keep_checkpoints; returns its path. A failed
+        write (any OSError: a read-only or full disk) on any process removes step_<step>.tmp/ and returns '', the
+        reason in self.error; the previous checkpoint stays self.last and the run goes on."""
         final = os.path.join(self.folder, f"step_{step:06d}")
-        tmp = final + ".tmp"
+        tmp, error = final + ".tmp", ""
         if self.rank == 0:
-            os.makedirs(self.folder, exist_ok=True)
-            for stale in glob.glob(os.path.join(glob.escape(self.folder), "step_*.tmp")):  # saves cut by a kill
-                shutil.rmtree(stale)
-            os.makedirs(tmp)
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                for stale in glob.glob(os.path.join(glob.escape(self.folder), "step_*.tmp")):  # saves cut by a kill
+                    shutil.rmtree(stale)
+                os.makedirs(tmp)
+            except OSError as e:
+                error = os_error(e)
+        error = self._agree(error)
+        if not error:
+            try:
+                self._write(tmp, step, progress)
+            except OSError as e:
+                error = os_error(e)
+            error = self._agree(error)
+        if not error:
+            maybe_test_kill("save", step)
+            if self.rank == 0:
+                try:
+                    if os.path.exists(final):  # a step saved before, on a branch of the run that a resume abandoned
+                        shutil.rmtree(final)
+                    os.rename(tmp, final)
+                    fd = os.open(self.folder, os.O_RDONLY)  # make the rename itself durable
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as e:
+                    error = os_error(e)
+            error = self._agree(error)
+        self.error = error
+        if error:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._barrier()
+            return ""
+        if self.rank == 0:
+            for old in checkpoints_in(self.folder)[:-self.args.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
         self._barrier()
+        self.last = final
+        return final
+
+    def _write(self, tmp: str, step: int, progress: dict) -> None:
+        """This process's files of step <step>'s save into tmp/: rank<r>.pt; on process 0 main.pt and meta.json too."""
         states = []
         for opt in self.optimizers:
             params = optimizer_params(opt)
@@ -1837,22 +1934,6 @@ class Checkpoints:
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
-        self._barrier()
-        maybe_test_kill("save", step)
-        if self.rank == 0:
-            if os.path.exists(final):  # a step saved before, on a branch of the run that a resume abandoned
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fd = os.open(self.folder, os.O_RDONLY)  # make the rename itself durable
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            for old in checkpoints_in(self.folder)[:-self.args.keep_checkpoints]:
-                shutil.rmtree(old)
-        self._barrier()
-        self.last = final
-        return final
 
     def load(self, path: str) -> dict:
         """Restore model, optimizers, data loader and RNGs from a checkpoint (all processes); returns its progress:
@@ -1954,6 +2035,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
                 raise ShardError(pattern, f"the {what} shards (names and token counts) differ from the "
                                           f"{len(meta[what + '_files'])} the checkpoint {resume} was saved with",
                                  fix="resume on the same shards")
+    check_token_ids(train_files + val_files, args.vocab_size)
     val_tokens = load_val_tokens(val_files, args.val_tokens, args.vocab_size)
     cuda = device.type == "cuda"
     record = Record(args, world, device, resume) if master else None
@@ -2090,32 +2172,54 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
         log(f"step:{done}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms "
             f"step_avg:{now_ms / timed if timed else float('nan'):.2f}ms "
             f"opt_ms:{opt_timer.ms():.2f} blocks_ms:{blocks_timer.ms():.2f}")
-        if stop or done in (args.num_iterations, args.stop_at) or (args.save_every and done % args.save_every == 0):
+        at_end = done in (args.num_iterations, args.stop_at)  # saved after the final validation and record lines
+        stop = stop and not at_end  # a signal during the last step: the run ends as it would have
+        if stop or (args.save_every and done % args.save_every == 0 and not at_end):
             sync()
             if step >= warm_until:  # saving is not training time
                 training_ms += 1000 * (time.perf_counter() - t0)
-            path = checkpoints.save(done, dict(step=done, training_ms=training_ms, timed_steps=timed, losses=losses))
-            log(f"checkpoint: step:{done}/{args.num_iterations} {path}")
+            save_logged(checkpoints, done, dict(step=done, training_ms=training_ms, timed_steps=timed, losses=losses),
+                        args, log)
             t0 = time.perf_counter()
         maybe_test_kill("after", done)
         if stop:
             how = signal.Signals(signals.signum).name if signals.signum else "a signal to another process"
-            log(f"stopped: step:{done}/{args.num_iterations} by {how}; continue with --resume {checkpoints.last}")
+            log(f"stopped: step:{done}/{args.num_iterations} by {how}; {resume_hint(checkpoints.last)}")
             if master:
-                record.file.close()
+                record.close()
             raise SystemExit(128 + (signals.signum or signal.SIGTERM))
 
-    if step == args.stop_at > 0:
-        log(f"stopped: step:{step}/{args.num_iterations} by --stop_at; continue with --resume {checkpoints.last}")
     if timed > 0:  # model FLOPs over the timed steps (the loop ended on a validation: training_ms holds them all)
         log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
             f"{flops_per_token(args) * args.batch_size * T * timed / training_ms / 1e9:.1f} TFLOP/s")
         if args.matmul_check:
             log(matmul_check(args, training_ms / timed, device, world, rate_before))
+    # the checkpoint of the last step comes after its validation and record lines: a failed save loses no result
+    save_logged(checkpoints, step, dict(step=step, training_ms=training_ms, timed_steps=timed, losses=losses),
+                args, log)
+    if step == args.stop_at > 0:
+        log(f"stopped: step:{step}/{args.num_iterations} by --stop_at; {resume_hint(checkpoints.last)}")
     if master:
         record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # on CPU: the process's peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     return (record.path if master else ""), raw_model
+
+
+def save_logged(checkpoints: Checkpoints, step: int, progress: dict, args: Hyperparameters, log) -> None:
+    """checkpoints.save, then its record line: `checkpoint: step:s/N PATH`, or, when a write failed (the run goes on),
+    `checkpoint: step:s/N not saved (the reason); ...` naming the checkpoint kept."""
+    path = checkpoints.save(step, progress)
+    if path:
+        log(f"checkpoint: step:{step}/{args.num_iterations} {path}")
+    else:
+        kept = f"the previous one stays: {checkpoints.last}" if checkpoints.last else "no earlier checkpoint"
+        log(f"checkpoint: step:{step}/{args.num_iterations} not saved ({checkpoints.error}); its partial files are "
+            f"removed, {kept}")
+
+
+def resume_hint(last: str) -> str:
+    """How to go on from the newest checkpoint of the run, or that there is none."""
+    return f"continue with --resume {last}" if last else "no checkpoint to continue from"
 
 
 def stop_diverged(step: int, loss: float, refresh_error: str, model: nn.Module, optimizers: list[torch.optim.Optimizer],
@@ -2130,7 +2234,7 @@ def stop_diverged(step: int, loss: float, refresh_error: str, model: nn.Module, 
     if record is not None:
         record.log(f"diverged: step:{step}/{args.num_iterations} last_good_step:{step - 1} optimizer:{args.optimizer} "
                    f"{what}")
-        record.file.close()
+        record.close()
     raise SystemExit(message if record is not None else 1)
 
 
@@ -2195,6 +2299,7 @@ class Record:
     `diverged: step:s/N last_good_step:g optimizer:NAME ...` where a run ended early."""
 
     def __init__(self, args: Hyperparameters, world: int, device: torch.device, resume: str = ""):
+        self.lost = ""  # why a write to the record failed, once one has
         if resume:  # continue the checkpoint's record: a `resumed:` line, then the lines of the steps after it
             meta = read_checkpoint_meta(resume)
             self.path, self.file = meta["record"], open(meta["record"], "a")
@@ -2219,13 +2324,27 @@ class Record:
         print(f"record: {self.path}")
 
     def log(self, line: str) -> None:
+        """Print the line and append it to the record; once a write fails (a full disk), say so once and print only."""
         print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
+        if self.lost:
+            return
+        try:
+            self.file.write(line + "\n")
+            self.file.flush()
+        except OSError as e:
+            self.lost = os_error(e)
+            print(f"record: cannot write {self.path} ({self.lost}): it ends before the line above; the run goes on, "
+                  f"its lines printed here only", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError:  # the lines it could not write were reported by log
+            pass
 
     def finish(self, peak_mib: int) -> None:
         self.log(f"peak memory consumption: {peak_mib} MiB")
-        self.file.close()
+        self.close()
 
 
 RECORD_MARK = "=" * 40 + " train_gpt2.py record " + "=" * 40
