@@ -19,6 +19,7 @@ import resource
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -165,15 +166,22 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        key, _, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if arg in ("-h", "--help"):
+            print(__doc__ + "\nsettings (--name value or --name=value; the last of a repeated one wins):\n  "
+                  + " ".join("--" + k for k in kinds))
+            raise SystemExit(0)
+        key, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if key not in kinds:
             hint = difflib.get_close_matches(key or arg, list(kinds), n=1)
             raise SystemExit(f"unknown setting {arg!r}" + (f"; did you mean --{hint[0]}?" if hint else "")
                              + f"\nsettings: {' '.join('--' + k for k in kinds)}")
-        if not val:
+        if not eq:  # the value is the next argument; --name= is the empty value
             if i + 1 >= len(argv):
                 raise SystemExit(f"--{key} needs a value")
             i, val = i + 1, argv[i + 1]
+            if val.startswith("--"):
+                raise SystemExit(f"--{key} needs a value, got the setting {val}; to pass {val!r} as the value write "
+                                 f"--{key}={val}")
         given[key] = val
         i += 1
     preset = given.get("preset", "speedrun")
@@ -1583,6 +1591,10 @@ def validate_args(args: Hyperparameters, world: int) -> int:
                  "n_head", "n_embd", "vocab_size"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name}: must be positive, got {getattr(args, name)}")
+    for name, what in (("input_bin", "a glob pattern of train shards"), ("input_val_bin", "a glob pattern of val "
+                       "shards"), ("records_dir", "the folder of the records")):
+        if not getattr(args, name).strip():
+            raise SystemExit(f"--{name}: must not be empty ({what})")
     per_micro = world * args.device_batch_size
     if args.batch_size % per_micro:
         raise SystemExit(f"--device_batch_size {args.device_batch_size} x {world} processes = {per_micro} sequences "
@@ -1714,16 +1726,39 @@ def find_checkpoint(spec: str, root: str) -> str:
     return os.path.abspath(found[-1])
 
 
+# meta.json's keys and their types (bool is not an int here)
+CHECKPOINT_META = {"format": int, "step": int, "num_iterations": int, "world_size": int, "record": str, "args": dict,
+                   "train_files": list, "val_files": list}
+
+
 def read_checkpoint_meta(path: str) -> dict:
-    """meta.json of a checkpoint folder, checked: this format, and main.pt plus one rank<r>.pt per saving process."""
+    """meta.json of a checkpoint folder, checked: this format, every key of CHECKPOINT_META with its type, 0 <= step
+    <= num_iterations, world_size >= 1, shard lists of [name, token count], and main.pt plus one rank<r>.pt per saving
+    process present."""
+    def damaged(what: str):
+        raise SystemExit(f"--resume {path}: its meta.json {what}: damaged, or not written by train_gpt2.py; resume "
+                         f"another checkpoint of the run (a step_<n>/ folder beside it)")
+
     try:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
+        with open(os.path.join(path, "meta.json"), "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise SystemExit(f"--resume {path}: cannot read its meta.json ({e})") from None
+    if not isinstance(meta, dict):
+        damaged(f"holds a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"--resume {path}: checkpoint format {meta.get('format')!r}; this train_gpt2.py reads format "
                          f"{CHECKPOINT_FORMAT}")
+    for key, kind in CHECKPOINT_META.items():
+        if not isinstance(meta.get(key), kind) or (kind is int and isinstance(meta[key], bool)):
+            damaged(f"has no {key!r} ({kind.__name__})" if key not in meta else
+                    f"has {key!r} = {meta[key]!r}, not a {kind.__name__}")
+    if meta["world_size"] < 1 or not 0 <= meta["step"] <= meta["num_iterations"]:
+        damaged(f"says step {meta['step']} of {meta['num_iterations']} on {meta['world_size']} processes")
+    for key in ("train_files", "val_files"):
+        if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int
+                   for e in meta[key]):
+            damaged(f"has {key!r} that is not a list of [shard name, token count]")
     missing = [n for n in ["main.pt"] + [f"rank{r}.pt" for r in range(meta["world_size"])]
                if not os.path.isfile(os.path.join(path, n))]
     if missing:
@@ -1731,13 +1766,30 @@ def read_checkpoint_meta(path: str) -> dict:
     return meta
 
 
+def _saved_value_fits(kind: str, v) -> bool:
+    """Whether a value from meta.json's args is of the setting's type (kind as in Hyperparameters' annotations)."""
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "int":
+        return type(v) is int
+    if kind == "float":
+        return type(v) in (int, float)
+    if kind == "str":
+        return isinstance(v, str)
+    return isinstance(v, list) and all(type(x) in (int, float) for x in v)  # tuple[float, float]
+
+
 def checkpoint_settings(path: str) -> Hyperparameters:
-    """The settings a checkpoint was saved with."""
+    """The settings a checkpoint was saved with (each of its setting's type; settings it lacks: the defaults)."""
     saved, kinds = read_checkpoint_meta(path)["args"], {f.name: str(f.type) for f in fields(Hyperparameters)}
     unknown = sorted(set(saved) - set(kinds))
     if unknown:
         raise SystemExit(f"--resume {path}: saved with settings this train_gpt2.py does not have "
                          f"({', '.join(unknown)}); resume it with the version that saved it")
+    for k, v in saved.items():
+        if not _saved_value_fits(kinds[k], v):
+            raise SystemExit(f"--resume {path}: its meta.json has args.{k} = {v!r}, not a {kinds[k]}: damaged, or not "
+                             f"written by train_gpt2.py; resume another checkpoint of the run")
     return Hyperparameters(**{k: tuple(v) if kinds[k].startswith("tuple") else v for k, v in saved.items()})
 
 
@@ -1779,9 +1831,22 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
 
 
+def check_writable(folder: str, setting: str) -> None:
+    """Refuse a folder that cannot be made or written in (read-only, full, a file in its path): before any model,
+    record or step. Creates it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--{setting} {folder}: cannot write there ({os_error(e)}); pass a writable folder") from None
+
+
 def os_error(e: OSError) -> str:
     """One line for an OS error: 'Read-only file system: /path' (the errno's text and the file)."""
-    return f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else (e.strerror or str(e) or type(e).__name__)
+    what = e.strerror or str(e) or type(e).__name__
+    return f"{what}: {e.filename}" if e.filename else what
 
 
 class _Writes:
@@ -1937,23 +2002,87 @@ class Checkpoints:
 
     def load(self, path: str) -> dict:
         """Restore model, optimizers, data loader and RNGs from a checkpoint (all processes); returns its progress:
-        step, training_ms, timed_steps, losses."""
+        step, training_ms, timed_steps, losses. Every file is read and checked first (read_checkpoint_file,
+        check_weights, check_states); anything that still does not fit ends in one SystemExit line: the run has not
+        written anything yet."""
         meta = read_checkpoint_meta(path)
-        main = torch.load(os.path.join(path, "main.pt"), map_location="cpu", weights_only=True)
-        self.model.load_state_dict(main["model"])
+        main = read_checkpoint_file(path, "main.pt", ("model", "loader", "progress", "param_groups"))
+        check_weights(path, main["model"], self.model)
+        if not isinstance(main["progress"], dict) or main["progress"].get("step") != meta["step"]:
+            raise SystemExit(f"--resume {path}: main.pt is not at step {meta['step']}, where its meta.json says: a "
+                             f"damaged or mixed checkpoint; {RESUME_ANOTHER}")
         states: list[dict] = [{} for _ in self.optimizers]
         for r in range(meta["world_size"]):
-            part = torch.load(os.path.join(path, f"rank{r}.pt"), map_location="cpu", weights_only=True)
+            part = read_checkpoint_file(path, f"rank{r}.pt", ("optimizers", "rng"))
+            if not isinstance(part["optimizers"], list) or len(part["optimizers"]) != len(self.optimizers):
+                raise SystemExit(f"--resume {path}: rank{r}.pt does not hold the state of {len(self.optimizers)} "
+                                 f"optimizers: a damaged or mixed checkpoint; {RESUME_ANOTHER}")
             for opt, saved, mine in zip(self.optimizers, part["optimizers"], states):
+                check_states(path, f"rank{r}.pt", opt, saved)
                 params = optimizer_params(opt)
                 mine.update({i: s for i, s in saved.items() if self._holds(opt, params[i], writing=False)})
             if r == self.rank % meta["world_size"]:
                 rng = part["rng"]
-        for opt, state, groups in zip(self.optimizers, states, main["param_groups"]):
-            opt.load_state_dict({"state": state, "param_groups": groups})
-        self.loader.load_state(main["loader"])
-        set_rng_state(rng, self.device)
-        return main["progress"]
+        try:
+            self.model.load_state_dict(main["model"])
+            for opt, state, groups in zip(self.optimizers, states, main["param_groups"], strict=True):
+                opt.load_state_dict({"state": state, "param_groups": groups})
+            self.loader.load_state(main["loader"])
+            set_rng_state(rng, self.device)
+            return {k: main["progress"][k] for k in ("step", "training_ms", "timed_steps", "losses")}
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise SystemExit(f"--resume {path}: its files do not fit the model, optimizers and data its meta.json "
+                             f"describes ({type(e).__name__}: {first_line(e)}); {RESUME_ANOTHER}") from None
+
+
+RESUME_ANOTHER = "resume another checkpoint of the run (a step_<n>/ folder beside it)"
+STATE_LIKE_PARAM = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # optimizer states of their parameter's shape
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def read_checkpoint_file(path: str, name: str, keys: tuple[str, ...]) -> dict:
+    """torch.load (weights only) of one file of a checkpoint, a dict holding `keys`; SystemExit naming it if not."""
+    try:
+        obj = torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (EOFError, RuntimeError), random bytes (UnpicklingError), unreadable (OSError)
+        raise SystemExit(f"--resume {path}: cannot read {name} ({type(e).__name__}: {first_line(e)}): truncated or "
+                         f"damaged; {RESUME_ANOTHER}") from None
+    if not isinstance(obj, dict) or set(keys) - set(obj):
+        raise SystemExit(f"--resume {path}: {name} does not hold {', '.join(keys)}: not a train_gpt2.py checkpoint "
+                         f"file; {RESUME_ANOTHER}")
+    return obj
+
+
+def check_weights(path: str, saved, model: nn.Module) -> None:
+    """main.pt's weights have exactly the names and shapes of the model that meta.json's settings build."""
+    want = model.state_dict()
+    saved = saved if isinstance(saved, dict) else {}
+    fault = next((f"has no {k}" for k in want if k not in saved), None) or next(
+        (f"holds {k}, which they do not make" for k in saved if k not in want), None) or next(
+        (f"holds {k} of shape {tuple(getattr(v, 'shape', ()))}, they make {tuple(want[k].shape)}"
+         for k, v in saved.items() if not isinstance(v, torch.Tensor) or v.shape != want[k].shape), None)
+    if fault:
+        raise SystemExit(f"--resume {path}: main.pt {fault} by the settings in its meta.json: meta.json and the "
+                         f"weights disagree (a damaged or edited checkpoint); {RESUME_ANOTHER}")
+
+
+def check_states(path: str, name: str, opt: torch.optim.Optimizer, saved) -> None:
+    """An optimizer's saved state: a dict of parameter index -> state, indices in range, STATE_LIKE_PARAM tensors of
+    their parameter's shape."""
+    params = optimizer_params(opt)
+    for i, st in (saved.items() if isinstance(saved, dict) else [(None, None)]):
+        if type(i) is not int or not 0 <= i < len(params) or not isinstance(st, dict):
+            raise SystemExit(f"--resume {path}: {name} holds a {type(opt).__name__} state for parameter {i!r}, which "
+                             f"it does not have ({len(params)}): a damaged or mixed checkpoint; {RESUME_ANOTHER}")
+        for key in STATE_LIKE_PARAM:
+            v = st.get(key)
+            if isinstance(v, torch.Tensor) and v.shape != params[i].shape:
+                raise SystemExit(f"--resume {path}: {name} holds {type(opt).__name__}'s {key} of parameter {i} with "
+                                 f"shape {tuple(v.shape)}, the parameter has {tuple(params[i].shape)}: a damaged or "
+                                 f"mixed checkpoint; {RESUME_ANOTHER}")
 
 
 class StopSignals:
@@ -2010,9 +2139,24 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     with StopSignals() as signals:  # first: a signal during start-up stops the run after its first step
         try:
             return _train(args, signals)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            detail = first_line(e)
+            detail = detail[max(detail.find("DefaultCPUAllocator"), 0):]  # past the CPU allocator's source location
+            raise SystemExit(f"out of memory ({detail}): the model (--n_layer, --n_embd, --vocab_size) or the "
+                             f"batch (--device_batch_size x --sequence_length, --val_tokens) does not fit this "
+                             f"device; a smaller --device_batch_size keeps the step (accumulation makes up the rest)"
+                             ) from None
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is an allocation the device or host could not make (CUDA OOM, numpy's MemoryError, the CPU
+    allocator's RuntimeError)."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
 
 
 def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]:
@@ -2036,12 +2180,12 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
                                           f"{len(meta[what + '_files'])} the checkpoint {resume} was saved with",
                                  fix="resume on the same shards")
     check_token_ids(train_files + val_files, args.vocab_size)
+    for folder, setting in ([] if resume else [(args.records_dir, "records_dir")]) + [
+            (os.path.dirname(resume) if resume else checkpoint_root(args), "checkpoint_dir")]:
+        check_writable(folder, setting)
     val_tokens = load_val_tokens(val_files, args.val_tokens, args.vocab_size)
     cuda = device.type == "cuda"
-    record = Record(args, world, device, resume) if master else None
-    log = record.log if master else (lambda *a, **k: None)
-    log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, {args.batch_size * T} tokens/step")
-    run_name = [os.path.splitext(os.path.basename(record.path))[0] if master else ""]
+    run_name = [record_name(args) if master else ""]
     if world > 1:
         dist.broadcast_object_list(run_name, src=0)
 
@@ -2051,10 +2195,14 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
     model = raw_model = GPT(args).to(device)
     optimizers = build_optimizers(raw_model, args)  # before compiling: feature-gram optimizers add buffers
     loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
+    record_path = meta["record"] if resume else os.path.join(args.records_dir, run_name[0] + ".txt")
     checkpoints = Checkpoints(os.path.dirname(resume) if resume else os.path.join(checkpoint_root(args), run_name[0]),
                               args, rank, world, device, raw_model, optimizers, loader,
-                              record.path if master else "", train_files, val_files)
+                              record_path if master else "", train_files, val_files)
     progress = checkpoints.load(resume) if resume else dict(step=0, training_ms=0.0, timed_steps=0, losses=[])
+    record = Record(args, world, device, record_path, resume) if master else None  # written after the load succeeds
+    log = record.log if master else (lambda *a, **k: None)
+    log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, {args.batch_size * T} tokens/step")
     if cuda and args.compile:
         global _muon_step, _polargrad_step
         if args.activation_budget < 1:  # the partitioner saves less and recomputes the rest in the backward
@@ -2298,29 +2446,39 @@ class Record:
     (lines of steps after s above it were redone), `stopped: step:s/N by SIGTERM; ...` and
     `diverged: step:s/N last_good_step:g optimizer:NAME ...` where a run ended early."""
 
-    def __init__(self, args: Hyperparameters, world: int, device: torch.device, resume: str = ""):
-        self.lost = ""  # why a write to the record failed, once one has
+    def __init__(self, args: Hyperparameters, world: int, device: torch.device, path: str, resume: str = ""):
+        self.path, self.lost = path, ""  # lost: why a write to the record failed, once one has
         if resume:  # continue the checkpoint's record: a `resumed:` line, then the lines of the steps after it
             meta = read_checkpoint_meta(resume)
-            self.path, self.file = meta["record"], open(meta["record"], "a")
+            try:
+                self.file = open(path, "a")
+            except OSError as e:
+                raise SystemExit(f"--resume {resume}: cannot append to its record ({os_error(e)}); make it "
+                                 f"writable") from None
             saved = checkpoint_settings(resume)
             changed = {k: getattr(args, k) for k in RESUME_MAY_CHANGE[1:] if getattr(args, k) != getattr(saved, k)}
             self.log(f"resumed: step:{meta['step']}/{args.num_iterations} from {resume} world_size:{world} "
                      f"(saved with {meta['world_size']})" + (f" changed: {json.dumps(changed)}" if changed else ""))
             return
-        os.makedirs(args.records_dir, exist_ok=True)
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}-{args.optimizer}-{uuid.uuid4().hex[:8]}.txt"
-        self.path = os.path.join(args.records_dir, name)
-        self.file = open(self.path, "x")  # never overwrite
         with open(__file__) as f:
             source = f.read()
         devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                    if device.type == "cuda" else ["cpu"])
-        self.file.write(f"{RECORD_MARK}\n{source}\n{RECORD_MARK}\n")
-        self.file.write(f"hyperparameters: {json.dumps(dataclasses.asdict(args))}\n")
-        self.file.write(f"torch: {torch.__version__} cuda: {torch.version.cuda} python: {sys.version.split()[0]}\n")
-        self.file.write(f"devices: {json.dumps(devices)}\nworld_size: {world}\n")
-        self.file.flush()
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "x")  # never overwrite
+            self.file.write(f"{RECORD_MARK}\n{source}\n{RECORD_MARK}\n")
+            self.file.write(f"hyperparameters: {json.dumps(dataclasses.asdict(args))}\n")
+            self.file.write(f"torch: {torch.__version__} cuda: {torch.version.cuda} python: {sys.version.split()[0]}\n")
+            self.file.write(f"devices: {json.dumps(devices)}\nworld_size: {world}\n")
+            self.file.flush()
+        except OSError as e:  # no stub record: what was written goes
+            if hasattr(self, "file"):
+                self.close()
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            raise SystemExit(f"--records_dir {args.records_dir}: cannot write the record {path} ({os_error(e)}); "
+                             f"free space or pass a writable --records_dir") from None
         print(f"record: {self.path}")
 
     def log(self, line: str) -> None:
@@ -2348,6 +2506,11 @@ class Record:
 
 
 RECORD_MARK = "=" * 40 + " train_gpt2.py record " + "=" * 40
+
+
+def record_name(args: Hyperparameters) -> str:
+    """<time>-<preset>-<optimizer>-<8 random hex digits>: a new run's record (.txt) and checkpoint folder name."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}-{args.optimizer}-{uuid.uuid4().hex[:8]}"
 
 
 def exit_now(code: int | str | None) -> None:

@@ -219,9 +219,12 @@ def main(argv: list[str]) -> None:
         f"fineweb_train_{i:06d}.bin" for i in range(1, n + 1)
     ]
     print(f"fineweb10B: {'val + ' if need_val else ''}{n} train shard(s) from {repo_id} into {local_dir}")
-    local_dir.mkdir(parents=True, exist_ok=True)
-    for filename in files:
-        fetch(filename, local_dir, repo_id)
+    try:
+        local_dir.mkdir(parents=True, exist_ok=True)
+        for filename in files:
+            fetch(filename, local_dir, repo_id)
+    except OSError as e:  # a read-only or full --local_dir (a download's own errors are reported by fetch)
+        sys.exit(f"error: --local_dir {local_dir}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
 
 
 if __name__ == "__main__":

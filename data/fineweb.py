@@ -21,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import multiprocessing as mp
 import os
@@ -43,6 +44,19 @@ def get_encoder() -> tiktoken.Encoding:
     if _enc is None:
         _enc = tiktoken.get_encoding("gpt2")
     return _enc
+
+
+def load_encoder() -> None:
+    """get_encoder() in this process, before any worker starts: without the network and without tiktoken's cached
+    GPT-2 files, one error line saying where they go."""
+    try:
+        get_encoder()
+    except Exception as e:  # requests' ConnectionError (an OSError), a bad cache file (ValueError), ...
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or "a temp folder"
+        raise SystemExit(f"error: cannot load the GPT-2 tokenizer ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:200]}): tiktoken downloads its files once (this "
+                         f"needs the network) into TIKTOKEN_CACHE_DIR ({cache}); run once with the network, or set "
+                         f"TIKTOKEN_CACHE_DIR to a folder holding a copy of them") from None
 
 
 def write_datafile(filename: str, toks: Any) -> None:
@@ -76,10 +90,21 @@ def tokenize(doc: str) -> np.ndarray:
     return tokens.astype(np.uint16)
 
 
+class InputError(Exception):
+    """A local input file that cannot be used (unreadable, not UTF-8): its one-line reason."""
+
+
 def _tokenize_file(path: str) -> np.ndarray:
     """Pool worker: one local file is one document, read as UTF-8 bytes (no newline translation)."""
-    with open(path, "rb") as f:
-        return tokenize(f.read().decode("utf-8"))
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return tokenize(data.decode("utf-8"))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
+                         f"(e.g. iconv -t utf-8) or leave it out") from None
 
 
 def _tokenize_row(row: dict) -> np.ndarray:
@@ -93,18 +118,20 @@ def shard_path(out_dir: str, name: str, index: int) -> str:
     return os.path.join(out_dir, f"{name}_{split}_{index:06d}.bin")
 
 
-def write_shards(docs: Iterable[np.ndarray], out_dir: str, name: str, shard_size: int) -> list[str]:
-    """Pack tokenized documents into shards of `shard_size` tokens; returns the written paths."""
+def write_shards(docs: Iterable[np.ndarray], out_dir: str, name: str, shard_size: int,
+                 paths: list[str] | None = None) -> list[str]:
+    """Pack tokenized documents into shards of `shard_size` tokens; returns the written paths (also appended to
+    `paths` as each is started, so a caller can remove them after a failure)."""
     if shard_size <= 0:
         raise ValueError("shard_size must be positive")
     buf = np.empty((shard_size,), dtype=np.uint16)  # the shard being filled
-    fill, n_docs, n_tokens, paths = 0, 0, 0, []
+    fill, n_docs, n_tokens, paths = 0, 0, 0, ([] if paths is None else paths)
     t0 = time.time()
 
     def flush(tokens: np.ndarray) -> None:
         path = shard_path(out_dir, name, len(paths))
-        write_datafile(path, tokens)
         paths.append(path)
+        write_datafile(path, tokens)
         dt = time.time() - t0
         print(f"wrote {len(tokens):,} tokens to {path} | {n_docs:,} docs, "
               f"{n_tokens:,} tokens so far | {n_tokens / max(dt, 1e-9):,.0f} tok/s", flush=True)
@@ -145,7 +172,11 @@ def load_fineweb(version: str) -> Any:
     except ImportError:
         raise SystemExit("FineWeb mode needs the `datasets` library: pip install datasets")
     remote_name = {"10B": "sample-10BT", "100B": "sample-100BT"}[version]
-    return load_dataset("HuggingFaceFW/fineweb", name=remote_name, split="train")
+    try:
+        return load_dataset("HuggingFaceFW/fineweb", name=remote_name, split="train")
+    except Exception as e:  # no network, offline mode, a full cache disk, ...
+        raise SystemExit(f"error: cannot load FineWeb {remote_name} from the Hugging Face hub ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:200]}); or tokenize local files with --files")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,10 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 2),
                         help="tokenizer processes")
     args = parser.parse_args(argv)
-    if args.shard_size <= 0:
-        parser.error("--shard_size must be positive")
+    if not 0 < args.shard_size < 2**31:
+        parser.error(f"--shard_size must be in [1, {2**31 - 1}] (the header's int32 token count)")
     if args.workers <= 0:
         parser.error("--workers must be positive")
+    if not args.name or os.sep in args.name or args.name.startswith("."):
+        parser.error(f"--name must be a plain file name prefix, got {args.name!r}")
 
     worker: Any
     docs: Iterable[Any]
@@ -179,15 +212,27 @@ def main(argv: list[str] | None = None) -> None:
         out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), f"fineweb{args.version}")
         docs = load_fineweb(args.version)
         worker = _tokenize_row
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir {out_dir}: cannot create it ({e.strerror or e})") from None
     stale = glob.glob(os.path.join(out_dir, f"{args.name}_*.bin"))
     if stale:
         print(f"warning: {len(stale)} existing {args.name}_*.bin shard(s) in {out_dir} may be overwritten", flush=True)
+    load_encoder()  # here, not in each worker: one clear error without the network
 
     t0 = time.time()
-    with mp.Pool(args.workers) as pool:
-        tokenized: Iterator[np.ndarray] = pool.imap(worker, docs, chunksize=16)
-        paths = write_shards(tokenized, out_dir, args.name, args.shard_size)
+    written: list[str] = []
+    try:
+        with mp.Pool(args.workers) as pool:
+            tokenized: Iterator[np.ndarray] = pool.imap(worker, docs, chunksize=16)
+            paths = write_shards(tokenized, out_dir, args.name, args.shard_size, written)
+    except (InputError, OSError) as e:  # a bad input file, a full or read-only disk: no partial set of shards stays
+        for path in written:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        why = str(e) if isinstance(e, InputError) else f"cannot write {e.filename or out_dir} ({e.strerror or e})"
+        raise SystemExit(f"error: {why}; the {len(written)} shard(s) written are removed") from None
     print(f"done: {len(paths)} shard(s) in {out_dir} in {time.time() - t0:.1f}s", flush=True)
 
 

@@ -285,3 +285,16 @@ def test_fake_hub_speaks_the_resolve_protocol(tmp_path):
             assert r.read() == data
         with pytest.raises(urllib.error.HTTPError):
             urlopen(f"{hub.url}/datasets/{REPO_ID}/resolve/main/sub/../../x")
+
+
+def test_local_dir_that_cannot_be_made_is_one_error(tmp_path, shards):
+    """--local_dir through a regular file (ENOTDIR, unwritable for root too): one error line, nothing fetched."""
+    (tmp_path / "file").write_text("x")
+    bad = tmp_path / "file" / "fw"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    with HubServer(files={REPO_ID: shards}) as hub:
+        result = subprocess.run([sys.executable, str(SCRIPT), "1", "--local_dir", str(bad)], capture_output=True,
+                                text=True, timeout=120, cwd=REPO, env=dict(base, HF_ENDPOINT=hub.url,
+                                                                           HF_HOME=str(tmp_path / "hf_home")))
+        assert hub.requests == []
+    assert assert_one_error(result, f"--local_dir {bad}", "Not a directory")

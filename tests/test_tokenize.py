@@ -112,3 +112,66 @@ def test_write_datafile_rejects_out_of_range(tmp_path: Path, bad) -> None:
     with pytest.raises(ValueError):
         write_datafile(str(path), bad)
     assert not path.exists()
+
+
+def run_fineweb_raw(args: list[str], env: dict | None = None, limit_file_bytes: int = 0) -> subprocess.CompletedProcess:
+    """data/fineweb.py with these arguments (not asserting success); limit_file_bytes > 0: RLIMIT_FSIZE."""
+    def limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
+
+    return subprocess.run([sys.executable, str(REPO / "data" / "fineweb.py"), "--workers", "2", *args], cwd=REPO,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit if limit_file_bytes else None)
+
+
+def one_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+def test_no_network_and_no_tokenizer_cache_is_one_error(tmp_path: Path, doc_dir: Path) -> None:
+    """An empty TIKTOKEN_CACHE_DIR and every HTTPS request sent to a closed proxy port: tiktoken cannot fetch the
+    GPT-2 files; one line says where they go, nothing is written."""
+    closed = "http://127.0.0.1:9"
+    proc = run_fineweb_raw(["--files", str(doc_dir / "*.txt"), "--out_dir", str(tmp_path / "out")],
+                           env={"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": closed,
+                                "https_proxy": closed, "NO_PROXY": "", "no_proxy": ""})
+    one_error(proc, "error: cannot load the GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    assert not list((tmp_path / "out").glob("*.bin"))
+
+
+def test_file_that_is_not_utf8_is_one_error_and_no_shards_stay(tmp_path: Path, doc_dir: Path) -> None:
+    (doc_dir / "z_latin1.txt").write_bytes("café crème".encode("latin-1"))
+    proc = run_fineweb_raw(["--files", str(doc_dir / "*.txt"), "--out_dir", str(tmp_path / "out"),
+                            "--shard_size", "40"])
+    one_error(proc, f"error: {doc_dir / 'z_latin1.txt'}: not UTF-8 text (byte 0xe9 at offset 3)", "removed")
+    assert not list((tmp_path / "out").glob("*.bin"))  # the shards written before it are gone
+
+
+def test_out_dir_that_cannot_be_made_is_one_error(tmp_path: Path, doc_dir: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    proc = run_fineweb_raw(["--files", str(doc_dir / "*.txt"), "--out_dir", str(tmp_path / "file" / "out")])
+    one_error(proc, f"error: --out_dir {tmp_path / 'file' / 'out'}: cannot create it (Not a directory)")
+
+
+def test_full_disk_while_writing_shards_removes_them(tmp_path: Path, doc_dir: Path) -> None:
+    """No file may grow past 1200 bytes (a shard of 100 tokens is 1224): the first shard's write fails."""
+    proc = run_fineweb_raw(["--files", str(doc_dir / "*.txt"), "--out_dir", str(tmp_path / "out"),
+                            "--shard_size", "100"], limit_file_bytes=1200)
+    one_error(proc, "error: cannot write", "File too large", "removed")
+    assert not list((tmp_path / "out").glob("*.bin"))
+
+
+@pytest.mark.parametrize("args,fragment", [(["--shard_size", "0"], "--shard_size must be in [1, 2147483647]"),
+                                           (["--shard_size", str(2**31)], "--shard_size must be in"),
+                                           (["--workers", "0"], "--workers must be positive"),
+                                           (["--name", ""], "--name must be a plain file name prefix"),
+                                           (["--name", "a/b"], "--name must be a plain file name prefix")])
+def test_bad_arguments_are_refused(tmp_path: Path, doc_dir: Path, args: list[str], fragment: str) -> None:
+    proc = run_fineweb_raw(["--files", str(doc_dir / "*.txt"), "--out_dir", str(tmp_path / "out"), *args])
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
