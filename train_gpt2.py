@@ -1643,6 +1643,22 @@ def check_run_args(args: Hyperparameters) -> None:
             raise SystemExit(f"--stop_at {args.stop_at}: {path} is at step {step} already; stop later (0: the end)")
 
 
+def check_attention(args: Hyperparameters, device: torch.device) -> None:
+    """Refuse an --attention backend this device cannot run: one causal attention of the run's head size (bf16 on
+    CUDA, fp32 on CPU) tried under it before the run starts."""
+    backend = ATTENTION_BACKENDS[args.attention]
+    if backend is None:
+        return
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.zeros(1, args.n_head, 16, args.n_embd // args.n_head, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel(backend):
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    except RuntimeError as e:
+        raise SystemExit(f"--attention {args.attention}: not available on {device.type} for head size "
+                         f"{q.size(-1)} ({first_line(e).split('. ')[0]}); use --attention auto") from None
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; otherwise one process."""
     cuda = torch.cuda.is_available()
@@ -2163,6 +2179,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
     rank, world, device = setup_distributed()
     master = rank == 0
     accum = validate_args(args, world)
+    check_attention(args, device)
     T, B = args.sequence_length, args.device_batch_size
     train_files = check_shards(args.input_bin, args.batch_size * T + 1, "train")
     val_files = check_shards(args.input_val_bin, 0, "val")

@@ -372,3 +372,12 @@ def test_plot_that_cannot_be_written_is_one_error(stopped, tmp_path, capsys, mon
     assert line.startswith(f"error: --plot {path}: cannot write it (") and not path.exists()
     assert {"read-only": "Read-only file system", "unknown format": "Format 'xyz' is not supported"}.get(
         where, "directory") in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="cuDNN attention exists on CUDA")
+def test_attention_backend_the_cpu_lacks_is_refused_before_the_record(tiny_args, tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        train_here(tiny_args + ["--attention", "cudnn"])
+    assert refused.value.code == ("--attention cudnn: not available on cpu for head size 32 (No viable backend for "
+                                  "scaled_dot_product_attention was found); use --attention auto")
+    assert not list(tmp_path.rglob("*.txt"))
