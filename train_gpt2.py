@@ -1615,7 +1615,7 @@ def check_run_args(args: Hyperparameters) -> None:
     """Refuse a schedule or checkpoint setting out of range: learning rates below the float32 maximum; warmup,
     warmdown >= 0 with warmup + warmdown <= num_iterations; val_loss_every, save_every >= 0; keep_checkpoints >= 1;
     a --resume checkpoint that exists, is complete, has its record, and was saved with the same settings except
-    RESUME_MAY_CHANGE."""
+    RESUME_MAY_CHANGE, and not at the run's last step already (RunComplete)."""
     f32_max = torch.finfo(torch.float32).max
     for name in (f.name for f in fields(Hyperparameters) if f.name.endswith("_lr")):
         if not getattr(args, name) < f32_max:  # check_optimizer_args refuses the non-positive ones
@@ -1641,6 +1641,18 @@ def check_run_args(args: Hyperparameters) -> None:
         refuse_resume_changes(path, saved, {f.name: getattr(args, f.name) for f in fields(Hyperparameters)})
         if 0 < args.stop_at <= step:
             raise SystemExit(f"--stop_at {args.stop_at}: {path} is at step {step} already; stop later (0: the end)")
+        if step == args.num_iterations:
+            raise RunComplete(f"--resume {path}: the run is complete (step {step}/{step}, record {record}); nothing "
+                              f"to do")
+
+
+class RunComplete(SystemExit):
+    """--resume of a checkpoint at the last step of its run: nothing to do, nothing written. Exit status 0 (a job that
+    resumes until done succeeds), the message on stdout."""
+
+    def __init__(self, message: str):
+        super().__init__(0)
+        self.message = message
 
 
 def check_attention(args: Hyperparameters, device: torch.device) -> None:
@@ -2543,6 +2555,10 @@ def exit_now(code: int | str | None) -> None:
 if __name__ == "__main__":
     try:
         train(parse_args(sys.argv[1:]))
+    except RunComplete as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(e.message)
+        exit_now(0)
     except ShardError as e:
         exit_now(f"data error: {e}")
     except SystemExit as e:  # refused settings, a divergence, a stop signal

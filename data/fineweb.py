@@ -9,7 +9,11 @@ Every document is prefixed with <|endoftext|> (50256). Shards hold exactly
 --shard_size tokens (the last one holds the remainder); a document that does
 not fit fills the current shard and its remainder starts the next one.
 Shard 0 is the validation shard: {name}_val_000000.bin, then
-{name}_train_000001.bin, {name}_train_000002.bin, ...
+{name}_train_000001.bin, {name}_train_000002.bin, ... A corpus of at most
+--shard_size tokens is split: val the first tenth, train the rest (a corpus of
+any size >= 2 tokens gives val + train). --out_dir already holding
+{name}_val_/{name}_train_ shards is refused (the trainer's glob would mix them
+in) unless --clean deletes them first. Empty input files are warned about.
 
 Usage:
     # FineWeb from the Hugging Face hub (needs `pip install datasets`)
@@ -25,6 +29,7 @@ import contextlib
 import glob
 import multiprocessing as mp
 import os
+import re
 import time
 from typing import Any, Iterable, Iterator
 
@@ -120,8 +125,10 @@ def shard_path(out_dir: str, name: str, index: int) -> str:
 
 def write_shards(docs: Iterable[np.ndarray], out_dir: str, name: str, shard_size: int,
                  paths: list[str] | None = None) -> list[str]:
-    """Pack tokenized documents into shards of `shard_size` tokens; returns the written paths (also appended to
-    `paths` as each is started, so a caller can remove them after a failure)."""
+    """Pack tokenized documents into shards of `shard_size` tokens, shard 0 the val shard; returns the written paths
+    (also appended to `paths` as each is started, so a caller can remove them after a failure). A full shard is
+    written once more tokens follow it, so any corpus of n >= 2 tokens yields val + train: n <= shard_size is split,
+    val the first max(1, n // 10) tokens, train the rest. n < 2: InputError."""
     if shard_size <= 0:
         raise ValueError("shard_size must be positive")
     buf = np.empty((shard_size,), dtype=np.uint16)  # the shard being filled
@@ -142,15 +149,24 @@ def write_shards(docs: Iterable[np.ndarray], out_dir: str, name: str, shard_size
         pos = 0
         # fill the current shard; whatever does not fit spills into the next one(s)
         while pos < len(tokens):
+            if fill == shard_size:  # full, and more tokens follow
+                flush(buf)
+                fill = 0
             take = min(shard_size - fill, len(tokens) - pos)
             buf[fill:fill + take] = tokens[pos:pos + take]
             fill += take
             pos += take
-            if fill == shard_size:
-                flush(buf)
-                fill = 0
-    if fill > 0:  # last, partial shard
+    if paths:  # the last shard (train), full or partial
         flush(buf[:fill])
+    elif fill >= 2:  # the whole corpus fits in one shard: split it into val and train
+        v = max(1, fill // 10)
+        print(f"note: the corpus has {fill:,} tokens, at most one shard of --shard_size {shard_size:,}: the val shard "
+              f"takes the first {v:,} (a tenth), the train shard the other {fill - v:,}", flush=True)
+        flush(buf[:v])
+        flush(buf[v:fill])
+    else:
+        raise InputError(f"the corpus has {fill} token(s) ({n_docs} document(s)): a val and a train shard need 2 or "
+                         f"more")
     return paths
 
 
@@ -191,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-s", "--shard_size", type=int, default=10**8, help="tokens per shard")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 2),
                         help="tokenizer processes")
+    parser.add_argument("--clean", action="store_true",
+                        help="delete the <name>_val_/<name>_train_ shards already in --out_dir first (without it, such "
+                             "shards are refused: the trainer's glob would mix them with the new ones)")
     args = parser.parse_args(argv)
     if not 0 < args.shard_size < 2**31:
         parser.error(f"--shard_size must be in [1, {2**31 - 1}] (the header's int32 token count)")
@@ -208,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         worker = _tokenize_file
         out_dir = args.out_dir
         print(f"tokenizing {len(docs):,} files", flush=True)
+        empty = [p for p in docs if os.path.getsize(p) == 0]
+        if empty:
+            print(f"warning: {len(empty)} empty file(s), each a document of one <|endoftext|> token: "
+                  f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}", flush=True)
     else:
         out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), f"fineweb{args.version}")
         docs = load_fineweb(args.version)
@@ -216,9 +239,19 @@ def main(argv: list[str] | None = None) -> None:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: --out_dir {out_dir}: cannot create it ({e.strerror or e})") from None
-    stale = glob.glob(os.path.join(out_dir, f"{args.name}_*.bin"))
+    stale = [p for p in sorted(glob.glob(os.path.join(glob.escape(out_dir), glob.escape(args.name) + "_*.bin")))
+             if re.fullmatch(re.escape(args.name) + r"_(val|train)_\d{6}\.bin", os.path.basename(p))]
+    if stale and not args.clean:
+        raise SystemExit(f"error: {out_dir} already holds {len(stale)} shard(s) {args.name}_val_/_train_*.bin of "
+                         f"another run, which the trainer's glob would mix with the new ones: pass --clean to "
+                         f"delete them first, or another --out_dir or --name")
+    for path in stale:
+        try:
+            os.remove(path)
+        except OSError as e:
+            raise SystemExit(f"error: --clean: cannot delete {path} ({e.strerror or e})") from None
     if stale:
-        print(f"warning: {len(stale)} existing {args.name}_*.bin shard(s) in {out_dir} may be overwritten", flush=True)
+        print(f"removed {len(stale)} old shard(s) {args.name}_*.bin from {out_dir} (--clean)", flush=True)
     load_encoder()  # here, not in each worker: one clear error without the network
 
     t0 = time.time()
@@ -232,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
             with contextlib.suppress(OSError):
                 os.remove(path)
         why = str(e) if isinstance(e, InputError) else f"cannot write {e.filename or out_dir} ({e.strerror or e})"
-        raise SystemExit(f"error: {why}; the {len(written)} shard(s) written are removed") from None
+        raise SystemExit(f"error: {why}" + (f"; the {len(written)} shard(s) written are removed" if written else "")
+                         ) from None
     print(f"done: {len(paths)} shard(s) in {out_dir} in {time.time() - t0:.1f}s", flush=True)
 
 
