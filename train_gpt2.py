@@ -1635,9 +1635,7 @@ def check_run_args(args: Hyperparameters) -> None:
     if args.resume:
         path = find_checkpoint(args.resume, checkpoint_root(args))
         saved, meta = checkpoint_settings(path), read_checkpoint_meta(path)
-        record, step = meta["record"], meta["step"]
-        if not os.path.isfile(record):
-            raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it back")
+        record, step = checkpoint_record(path, meta), meta["step"]
         refuse_resume_changes(path, saved, {f.name: getattr(args, f.name) for f in fields(Hyperparameters)})
         if 0 < args.stop_at <= step:
             raise SystemExit(f"--stop_at {args.stop_at}: {path} is at step {step} already; stop later (0: the end)")
@@ -1819,6 +1817,27 @@ def checkpoint_settings(path: str) -> Hyperparameters:
             raise SystemExit(f"--resume {path}: its meta.json has args.{k} = {v!r}, not a {kinds[k]}: damaged, or not "
                              f"written by train_gpt2.py; resume another checkpoint of the run")
     return Hyperparameters(**{k: tuple(v) if kinds[k].startswith("tuple") else v for k, v in saved.items()})
+
+
+def checkpoint_record(path: str, meta: dict) -> str:
+    """The record the checkpoint at `path` continues (meta.json's "record"), confined to its own run: the file must be
+    named <run folder>.txt (the folder holding the checkpoint is named after its record) and be a train_gpt2.py record
+    (first line RECORD_MARK), so a crafted meta.json cannot make a resumed run append to any other file."""
+    record, run = meta["record"], os.path.basename(os.path.dirname(path))
+    if os.path.basename(record) != run + ".txt":
+        raise SystemExit(f"--resume {path}: its meta.json names {record} as its record, not {run}.txt: a checkpoint "
+                         f"continues only its own run's record; refused")
+    if not os.path.isfile(record):
+        raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it back")
+    try:
+        with open(record, "rb") as f:
+            first = f.read(len(RECORD_MARK) + 1)
+    except OSError as e:
+        raise SystemExit(f"--resume {path}: cannot read its record ({os_error(e)})") from None
+    if first != (RECORD_MARK + "\n").encode():
+        raise SystemExit(f"--resume {path}: {record}, which its meta.json names as its record, is not a train_gpt2.py "
+                         f"record (no record mark on its first line); refused")
+    return record
 
 
 def refuse_resume_changes(path: str, saved: Hyperparameters, values: dict) -> None:
@@ -2224,7 +2243,7 @@ def _train(args: Hyperparameters, signals: StopSignals) -> tuple[str, nn.Module]
     model = raw_model = GPT(args).to(device)
     optimizers = build_optimizers(raw_model, args)  # before compiling: feature-gram optimizers add buffers
     loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
-    record_path = meta["record"] if resume else os.path.join(args.records_dir, run_name[0] + ".txt")
+    record_path = checkpoint_record(resume, meta) if resume else os.path.join(args.records_dir, run_name[0] + ".txt")
     checkpoints = Checkpoints(os.path.dirname(resume) if resume else os.path.join(checkpoint_root(args), run_name[0]),
                               args, rank, world, device, raw_model, optimizers, loader,
                               record_path if master else "", train_files, val_files)

@@ -381,3 +381,24 @@ def test_attention_backend_the_cpu_lacks_is_refused_before_the_record(tiny_args,
     assert refused.value.code == ("--attention cudnn: not available on cpu for head size 32 (No viable backend for "
                                   "scaled_dot_product_attention was found); use --attention auto")
     assert not list(tmp_path.rglob("*.txt"))
+
+
+# ----------------------------------------------------------------------------- a crafted checkpoint
+
+
+@pytest.mark.parametrize("victim", ["another name", "the run's name, not a record", "another run's record"])
+def test_checkpoint_cannot_append_to_a_file_outside_its_run(stopped, tmp_path, victim):
+    """meta.json names the file a resumed run appends to: only its own run's record (<run folder>.txt, a record) is
+    accepted; the file named is left as it was."""
+    ck = copy_checkpoint(stopped, tmp_path)
+    target = {"another name": tmp_path / "victim" / ".bashrc",
+              "the run's name, not a record": tmp_path / "victim" / (ck.parent.name + ".txt"),
+              "another run's record": tmp_path / "victim" / "20200101-000000-smoke-muon-00000000.txt"}[victim]
+    target.parent.mkdir()
+    target.write_text(t.RECORD_MARK + "\nsome record\n" if victim == "another run's record" else "precious\n")
+    edit_meta(ck, lambda m: {**m, "record": str(target)})
+    before = target.read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        train_here(["--resume", str(ck)])
+    assert "refused" in refused.value.code and str(target) in refused.value.code, refused.value.code
+    assert target.read_bytes() == before
