@@ -402,3 +402,21 @@ def test_checkpoint_cannot_append_to_a_file_outside_its_run(stopped, tmp_path, v
         train_here(["--resume", str(ck)])
     assert "refused" in refused.value.code and str(target) in refused.value.code, refused.value.code
     assert target.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- no checkpoint unless asked
+
+
+def test_final_checkpoint_off_saves_only_what_is_asked(small_vocab_args, tmp_path):
+    """--final_checkpoint 0 (the smoke preset's): no checkpoint at the end; --save_every still saves, the last step
+    included when it is a multiple."""
+    assert t.PRESETS["smoke"]["final_checkpoint"] is False
+    off = tmp_path / "off"
+    record = train_here(small_vocab_args + ["--final_checkpoint", "0", "--records_dir", str(off)])
+    assert compare.parse_record(record).complete and not lines_of(record, "checkpoint:")
+    assert not list((off / "checkpoints").rglob("step_*"))
+    every = tmp_path / "every"
+    record = train_here(small_vocab_args + ["--final_checkpoint", "0", "--save_every", "5", "--records_dir",
+                                            str(every)])
+    assert [line.split()[1] for line in lines_of(record, "checkpoint:")] == ["step:5/5"]
+    assert [p.name for p in (every / "checkpoints").rglob("step_*")] == ["step_000005"]
