@@ -57,17 +57,17 @@ RETRIES = 3  # attempts in a row that bring no new byte before a download fails 
 
 
 def pop_option(args: list[str], name: str, default: str) -> str:
-    """Remove `--name VALUE` or `--name=VALUE` from args and return VALUE (or default)."""
+    """Remove `--name VALUE` or `--name=VALUE` from args and return VALUE (or default); an empty VALUE, or one that is
+    another option, is refused."""
     for i, arg in enumerate(args):
-        if arg == name:
-            if i + 1 == len(args):
+        if arg == name or arg.startswith(name + "="):
+            if arg == name and i + 1 == len(args):
                 sys.exit(f"error: {name} needs a value")
-            value = args[i + 1]
-            del args[i : i + 2]
+            value = args[i + 1] if arg == name else arg[len(name) + 1 :]
+            if not value.strip() or (arg == name and value.startswith("--")):
+                sys.exit(f"error: {name} needs a value, got {value!r}")
+            del args[i : i + (2 if arg == name else 1)]
             return value
-        if arg.startswith(name + "="):
-            del args[i]
-            return arg[len(name) + 1 :]
     return default
 
 

@@ -358,3 +358,14 @@ def test_download_with_another_sha256_is_fetched_again(tmp_path, shards, redirec
         always = run(hub, tmp_path, "1")
     assert_one_error(always, train(1), "twice but it is not a valid shard", "is not the hub's")
     assert sorted(p.name for p in (tmp_path / "fw").iterdir()) == [VAL]  # no shard, no .part
+
+
+@pytest.mark.parametrize("args,fragment", [(["--local_dir="], "--local_dir needs a value, got ''"),
+                                           (["--local_dir", "--repo_id", "x"], "needs a value, got '--repo_id'"),
+                                           (["--repo_id="], "--repo_id needs a value, got ''"),
+                                           (["--local_dir"], "--local_dir needs a value")])
+def test_empty_or_flag_like_option_values_are_refused(tmp_path, args, fragment):
+    result = subprocess.run([sys.executable, str(SCRIPT), "1", *args], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env={k: v for k, v in os.environ.items() if not k.startswith("HF_")})
+    assert_one_error(result, fragment)
+    assert list(tmp_path.iterdir()) == []  # nothing downloaded into the working folder
