@@ -125,6 +125,15 @@ def test_bad_token_id_in_a_later_shard_stops_before_the_first_step(tmp_path):
     assert "step:" not in r.stdout
 
 
+def test_pattern_matching_a_folder_is_a_data_error(tmp_path):
+    train, val = make_shards(tmp_path / "s")
+    (tmp_path / "s" / "t_train_dir").mkdir()
+    with pytest.raises(t.ShardError, match=r"t_train_dir: not a file \(a folder\?\): the pattern must match shard"):
+        train_here(TINY + ["--input_bin", str(tmp_path / "s" / "t_train_*"), "--input_val_bin", val,
+                           "--records_dir", str(tmp_path / "rec")])
+    assert not (tmp_path / "rec").exists()
+
+
 # ----------------------------------------------------------------------------- broken checkpoints
 
 
