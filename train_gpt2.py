@@ -2,7 +2,7 @@
 settings -> optimizers -> model -> data -> training loop -> records.
 
     torchrun --standalone --nproc_per_node=8 train_gpt2.py                 # the Muon record: 7000 steps, ~3.28 val loss
-    python train_gpt2.py --preset smoke                                    # tiny model, CPU, about a minute
+    python train_gpt2.py --preset smoke                                    # tiny model, CPU: < 1 min on 2 cores
     python train_gpt2.py --optimizer adamw --num_iterations 400 --label x  # any field: --field value
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import resource
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -123,8 +124,9 @@ class Hyperparameters:
     records_dir: str = "records"
     label: str = ""
     preset: str = "speedrun"
-    # checkpoints (README: Checkpoints, resume, divergence): always saved at the end and on SIGTERM/SIGINT
+    # checkpoints (README: Checkpoints, resume, divergence): saved at the end (final_checkpoint) and on SIGTERM/SIGINT
     save_every: int = 0  # also every this many steps; 0: never in between
+    final_checkpoint: bool = True  # 0: none at the end of the run (--save_every, --stop_at and stop signals still save)
     keep_checkpoints: int = 2  # the newest this many checkpoints of a run are kept
     checkpoint_dir: str = ""  # "": <records_dir>/checkpoints; one folder per record inside
     resume: str = ""  # a checkpoint folder, a run's folder of checkpoints, or "latest" (under checkpoint_dir)
@@ -132,10 +134,11 @@ class Hyperparameters:
 
 PRESETS: dict[str, dict] = {
     "speedrun": {},  # the record: the dataclass defaults
-    "smoke": dict(  # a tiny model on the sample shipped in data/sample/: the whole pipeline in about a minute on CPU
-        input_bin="data/sample/sample_train_*.bin", input_val_bin="data/sample/sample_val_*.bin",
-        n_layer=2, n_head=2, n_embd=128, batch_size=8, device_batch_size=4, sequence_length=128,
-        num_iterations=60, warmup_iters=5, warmdown_iters=20, val_loss_every=20, val_tokens=16384,
+    "smoke": dict(  # a tiny model on the sample shipped in data/sample/: the whole pipeline in under a minute on 2 CPU
+        input_bin="data/sample/sample_train_*.bin", input_val_bin="data/sample/sample_val_*.bin",  # cores; no
+        n_layer=2, n_head=2, n_embd=64, batch_size=4, device_batch_size=2, sequence_length=128,  # checkpoint
+        num_iterations=60, warmup_iters=5, warmdown_iters=20, val_loss_every=20, val_tokens=4096,  # unless asked
+        final_checkpoint=False,
     ),
     "bench": dict(  # the record's model and batch for 50 steps (10 untimed + 40 timed), one validation at the end:
         num_iterations=50, warmup_iters=10, warmdown_iters=10, val_loss_every=0, val_tokens=1048576,  # the benchmark
@@ -171,15 +174,22 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        key, _, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if arg in ("-h", "--help"):
+            print(__doc__ + "\nsettings (--name value or --name=value; the last of a repeated one wins):\n  "
+                  + " ".join("--" + k for k in kinds))
+            raise SystemExit(0)
+        key, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if key not in kinds:
             hint = difflib.get_close_matches(key or arg, list(kinds), n=1)
             raise SystemExit(f"unknown setting {arg!r}" + (f"; did you mean --{hint[0]}?" if hint else "")
                              + f"\nsettings: {' '.join('--' + k for k in kinds)}")
-        if not val:
+        if not eq:  # the value is the next argument; --name= is the empty value
             if i + 1 >= len(argv):
                 raise SystemExit(f"--{key} needs a value")
             i, val = i + 1, argv[i + 1]
+            if val.startswith("--"):
+                raise SystemExit(f"--{key} needs a value, got the setting {val}; to pass {val!r} as the value write "
+                                 f"--{key}={val}")
         given[key] = val
         i += 1
     preset = given.get("preset", "speedrun")
@@ -1524,10 +1534,15 @@ class ShardError(ValueError):
 
 def shard_token_count(path: str) -> int:
     """Token count from a shard's 256-int32 header (magic 20240520, version 1, count), checked against the file size."""
-    size = os.path.getsize(path)
-    if size < HEADER_INTS * 4:
-        raise ShardError(path, f"{size} bytes, shorter than the {HEADER_INTS * 4}-byte header")
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if not os.path.isfile(path):
+        raise ShardError(path, "not a file (a folder?): the pattern must match shard files, e.g. 'dir/*_train_*.bin'")
+    try:
+        size = os.path.getsize(path)
+        if size < HEADER_INTS * 4:
+            raise ShardError(path, f"{size} bytes, shorter than the {HEADER_INTS * 4}-byte header")
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        raise ShardError(path, f"cannot read it ({e.strerror or e})") from None
     if header[0] != SHARD_MAGIC:
         raise ShardError(path, f"magic number {header[0]}, expected {SHARD_MAGIC}: not a FineWeb-format shard")
     if header[1] != SHARD_VERSION:
@@ -1551,12 +1566,24 @@ def check_shards(pattern: str, min_tokens: int, what: str) -> list[str]:
 
 
 def load_shard(path: str, vocab_size: int) -> np.ndarray:
-    """Memory-mapped uint16 tokens of one shard; token ids >= vocab_size are refused."""
-    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(shard_token_count(path),))
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        raise ShardError(path, f"token id {int(tokens.max())} >= vocab size {vocab_size}: not GPT-2 tokens",
+    """Memory-mapped uint16 tokens of one shard; token ids >= vocab_size are refused (one vectorized max over the map:
+    0.01 s for a 100M-token shard in the page cache; else reading its 200 MB from the disk)."""
+    try:
+        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(shard_token_count(path),))
+        top = int(tokens.max()) if len(tokens) else -1
+    except OSError as e:
+        raise ShardError(path, f"cannot read it ({e.strerror or e})") from None
+    if top >= vocab_size:
+        raise ShardError(path, f"token id {top} >= vocab size {vocab_size}: not GPT-2 tokens",
                          fix="re-tokenize with data/fineweb.py")
     return tokens
+
+
+def check_token_ids(files: list[str], vocab_size: int) -> None:
+    """Every token id of every shard below vocab_size (load_shard of each), before the first step: a bad id in a later
+    shard stops the run here, not at the step that reaches it."""
+    for f in files:
+        load_shard(f, vocab_size)
 
 
 class DataLoader:
@@ -1642,6 +1669,10 @@ def validate_args(args: Hyperparameters, world: int) -> int:
                  "n_head", "n_embd", "vocab_size"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name}: must be positive, got {getattr(args, name)}")
+    for name, what in (("input_bin", "a glob pattern of train shards"), ("input_val_bin", "a glob pattern of val "
+                       "shards"), ("records_dir", "the folder of the records")):
+        if not getattr(args, name).strip():
+            raise SystemExit(f"--{name}: must not be empty ({what})")
     per_micro = world * args.device_batch_size
     if args.batch_size % per_micro:
         raise SystemExit(f"--device_batch_size {args.device_batch_size} x {world} processes = {per_micro} sequences "
@@ -1667,7 +1698,7 @@ def check_run_args(args: Hyperparameters) -> None:
     """Refuse a schedule or checkpoint setting out of range: learning rates below the float32 maximum; warmup,
     warmdown >= 0 with warmup + warmdown <= num_iterations; val_loss_every, save_every >= 0; keep_checkpoints >= 1;
     a --resume checkpoint that exists, is complete, has its record, and was saved with the same settings except
-    RESUME_MAY_CHANGE."""
+    RESUME_MAY_CHANGE, and not at the run's last step already (RunComplete)."""
     f32_max = torch.finfo(torch.float32).max
     for name in (f.name for f in fields(Hyperparameters) if f.name.endswith("_lr")):
         if not getattr(args, name) < f32_max:  # check_optimizer_args refuses the non-positive ones
@@ -1687,12 +1718,38 @@ def check_run_args(args: Hyperparameters) -> None:
     if args.resume:
         path = find_checkpoint(args.resume, checkpoint_root(args))
         saved, meta = checkpoint_settings(path), read_checkpoint_meta(path)
-        record, step = meta["record"], meta["step"]
-        if not os.path.isfile(record):
-            raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it back")
+        record, step = checkpoint_record(path, meta), meta["step"]
         refuse_resume_changes(path, saved, {f.name: getattr(args, f.name) for f in fields(Hyperparameters)})
         if 0 < args.stop_at <= step:
             raise SystemExit(f"--stop_at {args.stop_at}: {path} is at step {step} already; stop later (0: the end)")
+        if step == args.num_iterations:
+            raise RunComplete(f"--resume {path}: the run is complete (step {step}/{step}, record {record}); nothing "
+                              f"to do")
+
+
+class RunComplete(SystemExit):
+    """--resume of a checkpoint at the last step of its run: nothing to do, nothing written. Exit status 0 (a job that
+    resumes until done succeeds), the message on stdout."""
+
+    def __init__(self, message: str):
+        super().__init__(0)
+        self.message = message
+
+
+def check_attention(args: Hyperparameters, device: torch.device) -> None:
+    """Refuse an --attention backend this device cannot run: one causal attention of the run's head size (bf16 on
+    CUDA, fp32 on CPU) tried under it before the run starts."""
+    backend = ATTENTION_BACKENDS[args.attention]
+    if backend is None:
+        return
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.zeros(1, args.n_head, 16, args.n_embd // args.n_head, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel(backend):
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    except RuntimeError as e:
+        raise SystemExit(f"--attention {args.attention}: not available on {device.type} for head size "
+                         f"{q.size(-1)} ({first_line(e).split('. ')[0]}); use --attention auto") from None
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -1837,7 +1894,8 @@ class Timer:
 CHECKPOINT_FORMAT = 1
 # what a resumed run may change: where it stops, where and how often it saves, how it runs, where the same shards are
 # (checked by name and token count) and where records go (it continues its own); every other setting is the checkpoint's
-RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir", "compile", "compile_mode",
+RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir", "final_checkpoint",
+                     "compile", "compile_mode",
                      "device_batch_size", "loss_chunk", "attention", "activation_budget", "recompute_gelu",
                      "gram_overlap", "matmul_check", "input_bin", "input_val_bin",
                      "records_dir", "deterministic")
@@ -1885,16 +1943,39 @@ def find_checkpoint(spec: str, root: str) -> str:
     return os.path.abspath(found[-1])
 
 
+# meta.json's keys and their types (bool is not an int here)
+CHECKPOINT_META = {"format": int, "step": int, "num_iterations": int, "world_size": int, "record": str, "args": dict,
+                   "train_files": list, "val_files": list}
+
+
 def read_checkpoint_meta(path: str) -> dict:
-    """meta.json of a checkpoint folder, checked: this format, and main.pt plus one rank<r>.pt per saving process."""
+    """meta.json of a checkpoint folder, checked: this format, every key of CHECKPOINT_META with its type, 0 <= step
+    <= num_iterations, world_size >= 1, shard lists of [name, token count], and main.pt plus one rank<r>.pt per saving
+    process present."""
+    def damaged(what: str):
+        raise SystemExit(f"--resume {path}: its meta.json {what}: damaged, or not written by train_gpt2.py; resume "
+                         f"another checkpoint of the run (a step_<n>/ folder beside it)")
+
     try:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
+        with open(os.path.join(path, "meta.json"), "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise SystemExit(f"--resume {path}: cannot read its meta.json ({e})") from None
+    if not isinstance(meta, dict):
+        damaged(f"holds a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"--resume {path}: checkpoint format {meta.get('format')!r}; this train_gpt2.py reads format "
                          f"{CHECKPOINT_FORMAT}")
+    for key, kind in CHECKPOINT_META.items():
+        if not isinstance(meta.get(key), kind) or (kind is int and isinstance(meta[key], bool)):
+            damaged(f"has no {key!r} ({kind.__name__})" if key not in meta else
+                    f"has {key!r} = {meta[key]!r}, not a {kind.__name__}")
+    if meta["world_size"] < 1 or not 0 <= meta["step"] <= meta["num_iterations"]:
+        damaged(f"says step {meta['step']} of {meta['num_iterations']} on {meta['world_size']} processes")
+    for key in ("train_files", "val_files"):
+        if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int
+                   for e in meta[key]):
+            damaged(f"has {key!r} that is not a list of [shard name, token count]")
     missing = [n for n in ["main.pt"] + [f"rank{r}.pt" for r in range(meta["world_size"])]
                if not os.path.isfile(os.path.join(path, n))]
     if missing:
@@ -1902,14 +1983,52 @@ def read_checkpoint_meta(path: str) -> dict:
     return meta
 
 
+def _saved_value_fits(kind: str, v) -> bool:
+    """Whether a value from meta.json's args is of the setting's type (kind as in Hyperparameters' annotations)."""
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "int":
+        return type(v) is int
+    if kind == "float":
+        return type(v) in (int, float)
+    if kind == "str":
+        return isinstance(v, str)
+    return isinstance(v, list) and all(type(x) in (int, float) for x in v)  # tuple[float, float]
+
+
 def checkpoint_settings(path: str) -> Hyperparameters:
-    """The settings a checkpoint was saved with."""
+    """The settings a checkpoint was saved with (each of its setting's type; settings it lacks: the defaults)."""
     saved, kinds = read_checkpoint_meta(path)["args"], {f.name: str(f.type) for f in fields(Hyperparameters)}
     unknown = sorted(set(saved) - set(kinds))
     if unknown:
         raise SystemExit(f"--resume {path}: saved with settings this train_gpt2.py does not have "
                          f"({', '.join(unknown)}); resume it with the version that saved it")
+    for k, v in saved.items():
+        if not _saved_value_fits(kinds[k], v):
+            raise SystemExit(f"--resume {path}: its meta.json has args.{k} = {v!r}, not a {kinds[k]}: damaged, or not "
+                             f"written by train_gpt2.py; resume another checkpoint of the run")
     return Hyperparameters(**{k: tuple(v) if kinds[k].startswith("tuple") else v for k, v in saved.items()})
+
+
+def checkpoint_record(path: str, meta: dict) -> str:
+    """The record the checkpoint at `path` continues (meta.json's "record"), confined to its own run: the file must be
+    named <run folder>.txt (the folder holding the checkpoint is named after its record) and be a train_gpt2.py record
+    (first line RECORD_MARK), so a crafted meta.json cannot make a resumed run append to any other file."""
+    record, run = meta["record"], os.path.basename(os.path.dirname(path))
+    if os.path.basename(record) != run + ".txt":
+        raise SystemExit(f"--resume {path}: its meta.json names {record} as its record, not {run}.txt: a checkpoint "
+                         f"continues only its own run's record; refused")
+    if not os.path.isfile(record):
+        raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it back")
+    try:
+        with open(record, "rb") as f:
+            first = f.read(len(RECORD_MARK) + 1)
+    except OSError as e:
+        raise SystemExit(f"--resume {path}: cannot read its record ({os_error(e)})") from None
+    if first != (RECORD_MARK + "\n").encode():
+        raise SystemExit(f"--resume {path}: {record}, which its meta.json names as its record, is not a train_gpt2.py "
+                         f"record (no record mark on its first line); refused")
+    return record
 
 
 def refuse_resume_changes(path: str, saved: Hyperparameters, values: dict) -> None:
@@ -1950,10 +2069,52 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
 
 
+def check_writable(folder: str, setting: str) -> None:
+    """Refuse a folder that cannot be made or written in (read-only, full, a file in its path): before any model,
+    record or step. Creates it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--{setting} {folder}: cannot write there ({os_error(e)}); pass a writable folder") from None
+
+
+def os_error(e: OSError) -> str:
+    """One line for an OS error: 'Read-only file system: /path' (the errno's text and the file)."""
+    what = e.strerror or str(e) or type(e).__name__
+    return f"{what}: {e.filename}" if e.filename else what
+
+
+class _Writes:
+    """A file object's write and flush that keep the OSError behind a failed torch.save, which raises only a
+    RuntimeError ('unexpected pos ...') when the disk is full or read-only."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _save_synced(obj, path: str) -> None:
-    """torch.save, flushed to the disk before returning."""
+    """torch.save, flushed to the disk before returning; a failed write raises its OSError (ENOSPC, EROFS, ...)."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        out = _Writes(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise OSError(out.error.errno, out.error.strerror, path) from None
         f.flush()
         os.fsync(f.fileno())
 
@@ -1998,16 +2159,67 @@ class Checkpoints:
         if self.world > 1:
             dist.barrier()
 
+    def _agree(self, error: str) -> str:
+        """This process's failure ('' if none) once every process knows whether any failed (collective): '' if none
+        did; another process's failure reads 'a write failed on another process'."""
+        if self.world > 1:
+            failed = torch.tensor([float(bool(error))], device=self.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if failed.item() and not error:
+                return "a write failed on another process"
+        return error
+
     def save(self, step: int, progress: dict) -> str:
-        """Write step_<step>/ (all processes), remove the oldest beyond --keep_checkpoints; returns its path."""
+        """Write step_<step>/ (all processes), remove the oldest beyond --keep_checkpoints; returns its path. A failed
+        write (any OSError: a read-only or full disk) on any process removes step_<step>.tmp/ and returns '', the
+        reason in self.error; the previous checkpoint stays self.last and the run goes on."""
         final = os.path.join(self.folder, f"step_{step:06d}")
-        tmp = final + ".tmp"
+        tmp, error = final + ".tmp", ""
         if self.rank == 0:
-            os.makedirs(self.folder, exist_ok=True)
-            for stale in glob.glob(os.path.join(glob.escape(self.folder), "step_*.tmp")):  # saves cut by a kill
-                shutil.rmtree(stale)
-            os.makedirs(tmp)
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                for stale in glob.glob(os.path.join(glob.escape(self.folder), "step_*.tmp")):  # saves cut by a kill
+                    shutil.rmtree(stale)
+                os.makedirs(tmp)
+            except OSError as e:
+                error = os_error(e)
+        error = self._agree(error)
+        if not error:
+            try:
+                self._write(tmp, step, progress)
+            except OSError as e:
+                error = os_error(e)
+            error = self._agree(error)
+        if not error:
+            maybe_test_kill("save", step)
+            if self.rank == 0:
+                try:
+                    if os.path.exists(final):  # a step saved before, on a branch of the run that a resume abandoned
+                        shutil.rmtree(final)
+                    os.rename(tmp, final)
+                    fd = os.open(self.folder, os.O_RDONLY)  # make the rename itself durable
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as e:
+                    error = os_error(e)
+            error = self._agree(error)
+        self.error = error
+        if error:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._barrier()
+            return ""
+        if self.rank == 0:
+            for old in checkpoints_in(self.folder)[:-self.args.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
         self._barrier()
+        self.last = final
+        return final
+
+    def _write(self, tmp: str, step: int, progress: dict) -> None:
+        """This process's files of step <step>'s save into tmp/: rank<r>.pt; on process 0 main.pt and meta.json too."""
         states = []
         for opt in self.optimizers:
             params = optimizer_params(opt)
@@ -2025,42 +2237,90 @@ class Checkpoints:
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
-        self._barrier()
-        maybe_test_kill("save", step)
-        if self.rank == 0:
-            if os.path.exists(final):  # a step saved before, on a branch of the run that a resume abandoned
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fd = os.open(self.folder, os.O_RDONLY)  # make the rename itself durable
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            for old in checkpoints_in(self.folder)[:-self.args.keep_checkpoints]:
-                shutil.rmtree(old)
-        self._barrier()
-        self.last = final
-        return final
 
     def load(self, path: str) -> dict:
         """Restore model, optimizers, data loader and RNGs from a checkpoint (all processes); returns its progress:
-        step, training_ms, timed_steps, losses."""
+        step, training_ms, timed_steps, losses. Every file is read and checked first (read_checkpoint_file,
+        check_weights, check_states); anything that still does not fit ends in one SystemExit line: the run has not
+        written anything yet."""
         meta = read_checkpoint_meta(path)
-        main = torch.load(os.path.join(path, "main.pt"), map_location="cpu", weights_only=True)
-        self.model.load_state_dict(main["model"])
+        main = read_checkpoint_file(path, "main.pt", ("model", "loader", "progress", "param_groups"))
+        check_weights(path, main["model"], self.model)
+        if not isinstance(main["progress"], dict) or main["progress"].get("step") != meta["step"]:
+            raise SystemExit(f"--resume {path}: main.pt is not at step {meta['step']}, where its meta.json says: a "
+                             f"damaged or mixed checkpoint; {RESUME_ANOTHER}")
         states: list[dict] = [{} for _ in self.optimizers]
         for r in range(meta["world_size"]):
-            part = torch.load(os.path.join(path, f"rank{r}.pt"), map_location="cpu", weights_only=True)
+            part = read_checkpoint_file(path, f"rank{r}.pt", ("optimizers", "rng"))
+            if not isinstance(part["optimizers"], list) or len(part["optimizers"]) != len(self.optimizers):
+                raise SystemExit(f"--resume {path}: rank{r}.pt does not hold the state of {len(self.optimizers)} "
+                                 f"optimizers: a damaged or mixed checkpoint; {RESUME_ANOTHER}")
             for opt, saved, mine in zip(self.optimizers, part["optimizers"], states):
+                check_states(path, f"rank{r}.pt", opt, saved)
                 params = optimizer_params(opt)
                 mine.update({i: s for i, s in saved.items() if self._holds(opt, params[i], writing=False)})
             if r == self.rank % meta["world_size"]:
                 rng = part["rng"]
-        for opt, state, groups in zip(self.optimizers, states, main["param_groups"]):
-            opt.load_state_dict({"state": state, "param_groups": groups})
-        self.loader.load_state(main["loader"])
-        set_rng_state(rng, self.device)
-        return main["progress"]
+        try:
+            self.model.load_state_dict(main["model"])
+            for opt, state, groups in zip(self.optimizers, states, main["param_groups"], strict=True):
+                opt.load_state_dict({"state": state, "param_groups": groups})
+            self.loader.load_state(main["loader"])
+            set_rng_state(rng, self.device)
+            return {k: main["progress"][k] for k in ("step", "training_ms", "timed_steps", "losses")}
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise SystemExit(f"--resume {path}: its files do not fit the model, optimizers and data its meta.json "
+                             f"describes ({type(e).__name__}: {first_line(e)}); {RESUME_ANOTHER}") from None
+
+
+RESUME_ANOTHER = "resume another checkpoint of the run (a step_<n>/ folder beside it)"
+STATE_LIKE_PARAM = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # optimizer states of their parameter's shape
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def read_checkpoint_file(path: str, name: str, keys: tuple[str, ...]) -> dict:
+    """torch.load (weights only) of one file of a checkpoint, a dict holding `keys`; SystemExit naming it if not."""
+    try:
+        obj = torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (EOFError, RuntimeError), random bytes (UnpicklingError), unreadable (OSError)
+        raise SystemExit(f"--resume {path}: cannot read {name} ({type(e).__name__}: {first_line(e)}): truncated or "
+                         f"damaged; {RESUME_ANOTHER}") from None
+    if not isinstance(obj, dict) or set(keys) - set(obj):
+        raise SystemExit(f"--resume {path}: {name} does not hold {', '.join(keys)}: not a train_gpt2.py checkpoint "
+                         f"file; {RESUME_ANOTHER}")
+    return obj
+
+
+def check_weights(path: str, saved, model: nn.Module) -> None:
+    """main.pt's weights have exactly the names and shapes of the model that meta.json's settings build."""
+    want = model.state_dict()
+    saved = saved if isinstance(saved, dict) else {}
+    fault = next((f"has no {k}" for k in want if k not in saved), None) or next(
+        (f"holds {k}, which they do not make" for k in saved if k not in want), None) or next(
+        (f"holds {k} of shape {tuple(getattr(v, 'shape', ()))}, they make {tuple(want[k].shape)}"
+         for k, v in saved.items() if not isinstance(v, torch.Tensor) or v.shape != want[k].shape), None)
+    if fault:
+        raise SystemExit(f"--resume {path}: main.pt {fault} by the settings in its meta.json: meta.json and the "
+                         f"weights disagree (a damaged or edited checkpoint); {RESUME_ANOTHER}")
+
+
+def check_states(path: str, name: str, opt: torch.optim.Optimizer, saved) -> None:
+    """An optimizer's saved state: a dict of parameter index -> state, indices in range, STATE_LIKE_PARAM tensors of
+    their parameter's shape."""
+    params = optimizer_params(opt)
+    for i, st in (saved.items() if isinstance(saved, dict) else [(None, None)]):
+        if type(i) is not int or not 0 <= i < len(params) or not isinstance(st, dict):
+            raise SystemExit(f"--resume {path}: {name} holds a {type(opt).__name__} state for parameter {i!r}, which "
+                             f"it does not have ({len(params)}): a damaged or mixed checkpoint; {RESUME_ANOTHER}")
+        for key in STATE_LIKE_PARAM:
+            v = st.get(key)
+            if isinstance(v, torch.Tensor) and v.shape != params[i].shape:
+                raise SystemExit(f"--resume {path}: {name} holds {type(opt).__name__}'s {key} of parameter {i} with "
+                                 f"shape {tuple(v.shape)}, the parameter has {tuple(params[i].shape)}: a damaged or "
+                                 f"mixed checkpoint; {RESUME_ANOTHER}")
 
 
 class StopSignals:
@@ -2117,15 +2377,31 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     with StopSignals() as signals, Determinism(args.deterministic) as determinism:  # before any CUDA work
         try:
             return _train(args, signals, determinism)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            detail = first_line(e)
+            detail = detail[max(detail.find("DefaultCPUAllocator"), 0):]  # past the CPU allocator's source location
+            raise SystemExit(f"out of memory ({detail}): the model (--n_layer, --n_embd, --vocab_size) or the "
+                             f"batch (--device_batch_size x --sequence_length, --val_tokens) does not fit this "
+                             f"device; a smaller --device_batch_size keeps the step (accumulation makes up the rest)"
+                             ) from None
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is an allocation the device or host could not make (CUDA OOM, numpy's MemoryError, the CPU
+    allocator's RuntimeError)."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
 
 
 def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism) -> tuple[str, nn.Module]:
     rank, world, device = setup_distributed()
     master = rank == 0
     accum = validate_args(args, world)
+    check_attention(args, device)
     T, B = args.sequence_length, args.device_batch_size
     train_files = check_shards(args.input_bin, args.batch_size * T + 1, "train")
     val_files = check_shards(args.input_val_bin, 0, "val")
@@ -2142,14 +2418,13 @@ def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism
                 raise ShardError(pattern, f"the {what} shards (names and token counts) differ from the "
                                           f"{len(meta[what + '_files'])} the checkpoint {resume} was saved with",
                                  fix="resume on the same shards")
+    check_token_ids(train_files + val_files, args.vocab_size)
+    for folder, setting in ([] if resume else [(args.records_dir, "records_dir")]) + [
+            (os.path.dirname(resume) if resume else checkpoint_root(args), "checkpoint_dir")]:
+        check_writable(folder, setting)
     val_tokens = load_val_tokens(val_files, args.val_tokens, args.vocab_size)
     cuda = device.type == "cuda"
-    record = Record(args, world, device, resume) if master else None
-    log = record.log if master else (lambda *a, **k: None)
-    log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, {args.batch_size * T} tokens/step")
-    log(determinism.describe())
-    determinism.attach(log)
-    run_name = [os.path.splitext(os.path.basename(record.path))[0] if master else ""]
+    run_name = [record_name(args) if master else ""]
     if world > 1:
         dist.broadcast_object_list(run_name, src=0)
 
@@ -2159,10 +2434,16 @@ def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism
     model = raw_model = GPT(args).to(device)
     optimizers = build_optimizers(raw_model, args)  # before compiling: feature-gram optimizers add buffers
     loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
+    record_path = checkpoint_record(resume, meta) if resume else os.path.join(args.records_dir, run_name[0] + ".txt")
     checkpoints = Checkpoints(os.path.dirname(resume) if resume else os.path.join(checkpoint_root(args), run_name[0]),
                               args, rank, world, device, raw_model, optimizers, loader,
-                              record.path if master else "", train_files, val_files)
+                              record_path if master else "", train_files, val_files)
     progress = checkpoints.load(resume) if resume else dict(step=0, training_ms=0.0, timed_steps=0, losses=[])
+    record = Record(args, world, device, record_path, resume) if master else None  # written after the load succeeds
+    log = record.log if master else (lambda *a, **k: None)
+    log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, {args.batch_size * T} tokens/step")
+    log(determinism.describe())
+    determinism.attach(log)
     if cuda and args.compile:
         global _muon_step, _polargrad_step
         if args.activation_budget < 1:  # the partitioner saves less and recomputes the rest in the backward
@@ -2289,32 +2570,55 @@ def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism
         log(f"step:{done}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms "
             f"step_avg:{now_ms / timed if timed else float('nan'):.2f}ms "
             f"opt_ms:{opt_timer.ms():.2f} blocks_ms:{blocks_timer.ms():.2f}")
-        if stop or done in (args.num_iterations, args.stop_at) or (args.save_every and done % args.save_every == 0):
+        at_end = done in (args.num_iterations, args.stop_at)  # saved after the final validation and record lines
+        stop = stop and not at_end  # a signal during the last step: the run ends as it would have
+        if stop or (args.save_every and done % args.save_every == 0 and not at_end):
             sync()
             if step >= warm_until:  # saving is not training time
                 training_ms += 1000 * (time.perf_counter() - t0)
-            path = checkpoints.save(done, dict(step=done, training_ms=training_ms, timed_steps=timed, losses=losses))
-            log(f"checkpoint: step:{done}/{args.num_iterations} {path}")
+            save_logged(checkpoints, done, dict(step=done, training_ms=training_ms, timed_steps=timed, losses=losses),
+                        args, log)
             t0 = time.perf_counter()
         maybe_test_kill("after", done)
         if stop:
             how = signal.Signals(signals.signum).name if signals.signum else "a signal to another process"
-            log(f"stopped: step:{done}/{args.num_iterations} by {how}; continue with --resume {checkpoints.last}")
+            log(f"stopped: step:{done}/{args.num_iterations} by {how}; {resume_hint(checkpoints.last)}")
             if master:
-                record.file.close()
+                record.close()
             raise SystemExit(128 + (signals.signum or signal.SIGTERM))
 
-    if step == args.stop_at > 0:
-        log(f"stopped: step:{step}/{args.num_iterations} by --stop_at; continue with --resume {checkpoints.last}")
     if timed > 0:  # model FLOPs over the timed steps (the loop ended on a validation: training_ms holds them all)
         log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
             f"{flops_per_token(args) * args.batch_size * T * timed / training_ms / 1e9:.1f} TFLOP/s")
         if args.matmul_check:
             log(matmul_check(args, training_ms / timed, device, world, rate_before))
+    # the checkpoint of the last step comes after its validation and record lines: a failed save loses no result
+    if args.final_checkpoint or step == args.stop_at > 0 or (args.save_every and step % args.save_every == 0):
+        save_logged(checkpoints, step, dict(step=step, training_ms=training_ms, timed_steps=timed, losses=losses),
+                    args, log)
+    if step == args.stop_at > 0:
+        log(f"stopped: step:{step}/{args.num_iterations} by --stop_at; {resume_hint(checkpoints.last)}")
     if master:
         record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # on CPU: the process's peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     return (record.path if master else ""), raw_model
+
+
+def save_logged(checkpoints: Checkpoints, step: int, progress: dict, args: Hyperparameters, log) -> None:
+    """checkpoints.save, then its record line: `checkpoint: step:s/N PATH`, or, when a write failed (the run goes on),
+    `checkpoint: step:s/N not saved (the reason); ...` naming the checkpoint kept."""
+    path = checkpoints.save(step, progress)
+    if path:
+        log(f"checkpoint: step:{step}/{args.num_iterations} {path}")
+    else:
+        kept = f"the previous one stays: {checkpoints.last}" if checkpoints.last else "no earlier checkpoint"
+        log(f"checkpoint: step:{step}/{args.num_iterations} not saved ({checkpoints.error}); its partial files are "
+            f"removed, {kept}")
+
+
+def resume_hint(last: str) -> str:
+    """How to go on from the newest checkpoint of the run, or that there is none."""
+    return f"continue with --resume {last}" if last else "no checkpoint to continue from"
 
 
 def stop_diverged(step: int, loss: float, refresh_error: str, model: nn.Module, optimizers: list[torch.optim.Optimizer],
@@ -2329,7 +2633,7 @@ def stop_diverged(step: int, loss: float, refresh_error: str, model: nn.Module, 
     if record is not None:
         record.log(f"diverged: step:{step}/{args.num_iterations} last_good_step:{step - 1} optimizer:{args.optimizer} "
                    f"{what}")
-        record.file.close()
+        record.close()
     raise SystemExit(message if record is not None else 1)
 
 
@@ -2395,41 +2699,71 @@ class Record:
     k of M matrices ...` before the step line of a Gram refresh at which k Choleskys of C + damping I failed (counts
     by the damping factor that then held)."""
 
-    def __init__(self, args: Hyperparameters, world: int, device: torch.device, resume: str = ""):
+    def __init__(self, args: Hyperparameters, world: int, device: torch.device, path: str, resume: str = ""):
+        self.path, self.lost = path, ""  # lost: why a write to the record failed, once one has
         if resume:  # continue the checkpoint's record: a `resumed:` line, then the lines of the steps after it
             meta = read_checkpoint_meta(resume)
-            self.path, self.file = meta["record"], open(meta["record"], "a")
+            try:
+                self.file = open(path, "a")
+            except OSError as e:
+                raise SystemExit(f"--resume {resume}: cannot append to its record ({os_error(e)}); make it "
+                                 f"writable") from None
             saved = checkpoint_settings(resume)
             changed = {k: getattr(args, k) for k in RESUME_MAY_CHANGE[1:] if getattr(args, k) != getattr(saved, k)}
             self.log(f"resumed: step:{meta['step']}/{args.num_iterations} from {resume} world_size:{world} "
                      f"(saved with {meta['world_size']})" + (f" changed: {json.dumps(changed)}" if changed else ""))
             return
-        os.makedirs(args.records_dir, exist_ok=True)
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}-{args.optimizer}-{uuid.uuid4().hex[:8]}.txt"
-        self.path = os.path.join(args.records_dir, name)
-        self.file = open(self.path, "x")  # never overwrite
         with open(__file__) as f:
             source = f.read()
         devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                    if device.type == "cuda" else ["cpu"])
-        self.file.write(f"{RECORD_MARK}\n{source}\n{RECORD_MARK}\n")
-        self.file.write(f"hyperparameters: {json.dumps(dataclasses.asdict(args))}\n")
-        self.file.write(f"torch: {torch.__version__} cuda: {torch.version.cuda} python: {sys.version.split()[0]}\n")
-        self.file.write(f"devices: {json.dumps(devices)}\nworld_size: {world}\n")
-        self.file.flush()
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "x")  # never overwrite
+            self.file.write(f"{RECORD_MARK}\n{source}\n{RECORD_MARK}\n")
+            self.file.write(f"hyperparameters: {json.dumps(dataclasses.asdict(args))}\n")
+            self.file.write(f"torch: {torch.__version__} cuda: {torch.version.cuda} python: {sys.version.split()[0]}\n")
+            self.file.write(f"devices: {json.dumps(devices)}\nworld_size: {world}\n")
+            self.file.flush()
+        except OSError as e:  # no stub record: what was written goes
+            if hasattr(self, "file"):
+                self.close()
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            raise SystemExit(f"--records_dir {args.records_dir}: cannot write the record {path} ({os_error(e)}); "
+                             f"free space or pass a writable --records_dir") from None
         print(f"record: {self.path}")
 
     def log(self, line: str) -> None:
+        """Print the line and append it to the record; once a write fails (a full disk), say so once and print only."""
         print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
+        if self.lost:
+            return
+        try:
+            self.file.write(line + "\n")
+            self.file.flush()
+        except OSError as e:
+            self.lost = os_error(e)
+            print(f"record: cannot write {self.path} ({self.lost}): it ends before the line above; the run goes on, "
+                  f"its lines printed here only", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError:  # the lines it could not write were reported by log
+            pass
 
     def finish(self, peak_mib: int) -> None:
         self.log(f"peak memory consumption: {peak_mib} MiB")
-        self.file.close()
+        self.close()
 
 
 RECORD_MARK = "=" * 40 + " train_gpt2.py record " + "=" * 40
+
+
+def record_name(args: Hyperparameters) -> str:
+    """<time>-<preset>-<optimizer>-<8 random hex digits>: a new run's record (.txt) and checkpoint folder name."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}-{args.optimizer}-{uuid.uuid4().hex[:8]}"
 
 
 def exit_now(code: int | str | None) -> None:
@@ -2445,6 +2779,10 @@ def exit_now(code: int | str | None) -> None:
 if __name__ == "__main__":
     try:
         train(parse_args(sys.argv[1:]))
+    except RunComplete as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(e.message)
+        exit_now(0)
     except ShardError as e:
         exit_now(f"data error: {e}")
     except SystemExit as e:  # refused settings, a divergence, a stop signal

@@ -9,10 +9,12 @@ Files come from the dataset repo kjj0/fineweb10B-gpt2: fineweb_val_000000.bin an
 fineweb_train_000001.bin ... fineweb_train_000103.bin, each a 1024-byte header plus up to 100M uint16
 tokens (~200 MB), and land in data/fineweb10B/ (or --local_dir). A file whose header agrees with its
 size is skipped; one whose size disagrees is reported, deleted and downloaded again (and so is a
-download that comes out so: twice, then it is an error). Bytes arrive in <name>.<etag>.part, which an
-interrupted download (a cut connection, a killed job) leaves behind: the next attempt or run asks for
-the rest only (HTTP Range). A failure (no network, 404, wrong repo id, offline mode) ends with one
-`error:` line and exit status 1. Set HF_ENDPOINT to use a hub mirror.
+download that comes out so, or whose sha256 is not the one the hub gives, X-Linked-Etag: twice, then
+it is an error). Bytes arrive in <name>.<16 hex digits of the etag>.part, which an interrupted download
+(a cut connection, a killed job) leaves behind: the next attempt or run asks for the rest only (HTTP
+Range). The Hugging Face token goes to the hub's own host only, never to the host it redirects a
+download to. A failure (no network, 404, wrong repo id, offline mode) ends with one `error:` line and
+exit status 1. Set HF_ENDPOINT to use a hub mirror.
 
 If the first argument is an integer it is N, the number of train shards (0..103). Otherwise N is
 what the trainer reads: ceil(num_iterations * batch_size * sequence_length / 1e8), computed from the
@@ -23,11 +25,14 @@ train and validate on other data (e.g. --preset smoke), nothing is downloaded.
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # to import train_gpt2 from the repo root
@@ -52,17 +57,17 @@ RETRIES = 3  # attempts in a row that bring no new byte before a download fails 
 
 
 def pop_option(args: list[str], name: str, default: str) -> str:
-    """Remove `--name VALUE` or `--name=VALUE` from args and return VALUE (or default)."""
+    """Remove `--name VALUE` or `--name=VALUE` from args and return VALUE (or default); an empty VALUE, or one that is
+    another option, is refused."""
     for i, arg in enumerate(args):
-        if arg == name:
-            if i + 1 == len(args):
+        if arg == name or arg.startswith(name + "="):
+            if arg == name and i + 1 == len(args):
                 sys.exit(f"error: {name} needs a value")
-            value = args[i + 1]
-            del args[i : i + 2]
+            value = args[i + 1] if arg == name else arg[len(name) + 1 :]
+            if not value.strip() or (arg == name and value.startswith("--")):
+                sys.exit(f"error: {name} needs a value, got {value!r}")
+            del args[i : i + (2 if arg == name else 1)]
             return value
-        if arg.startswith(name + "="):
-            del args[i]
-            return arg[len(name) + 1 :]
     return default
 
 
@@ -112,18 +117,49 @@ def transient(error: Exception) -> bool:
     return isinstance(error, httpx2.TransportError)
 
 
+class ChecksumError(ValueError):
+    """A complete download whose sha256 is not the one the hub gave for the file."""
+
+
+def part_path(local_dir: Path, filename: str, etag: str | None) -> Path:
+    """local_dir/<filename>.<tag>.part: tag the first 16 of the etag's hex digits (an LFS etag is the file's sha256),
+    or of the sha256 of any other etag, so a server's header never shapes a path."""
+    tag = etag or "no-etag"
+    tag = tag.lower() if re.fullmatch(r"[0-9a-fA-F]{16,128}", tag) else hashlib.sha256(tag.encode()).hexdigest()
+    return local_dir / f"{filename}.{tag[:16]}.part"
+
+
+def same_origin(a: str, b: str) -> bool:
+    """Whether two urls have one scheme, host and port (the default port of the scheme when none is written)."""
+    ua, ub = urlsplit(a), urlsplit(b)
+    default = {"http": 80, "https": 443}
+    return (ua.scheme, (ua.hostname or "").lower(), ua.port or default.get(ua.scheme)) == (
+        ub.scheme, (ub.hostname or "").lower(), ub.port or default.get(ub.scheme))
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def download(filename: str, local_dir: Path, repo_id: str) -> None:
     """local_dir/filename from the dataset repo, through local_dir/<filename>.<etag>.part: each attempt asks the hub
     for the file's size, etag and location (HEAD; signed CDN urls expire), then GETs the bytes past the part file's
     length (Range: bytes=<length>-), appending them as they arrive; a complete part is renamed into place. A cut
     connection or 5xx is retried at once after progress, else up to RETRIES attempts in a row; a part of another
-    version of the file (other etag) or longer than the file is deleted."""
+    version of the file (other etag) or longer than the file is deleted. The user's token (Authorization) goes only
+    to the hub's own scheme, host and port, never to a host it redirects to (as huggingface_hub's own download; httpx
+    drops it on any further cross-origin redirect). An etag of 64 hex digits is the file's sha256 (the hub's
+    X-Linked-Etag of an LFS file): the complete part must have it, else it is deleted (ChecksumError)."""
     url, stalled = hf_hub_url(repo_id, filename, repo_type="dataset"), 0
     while True:
         part, have = None, 0
         try:
             meta = get_hf_file_metadata(url)
-            part = local_dir / f"{filename}.{(meta.etag or 'no-etag')[:16]}.part"
+            part = part_path(local_dir, filename, meta.etag)
             for other in glob.glob(glob.escape(str(local_dir / filename)) + ".*.part"):
                 if Path(other) != part:
                     os.remove(other)
@@ -135,6 +171,8 @@ def download(filename: str, local_dir: Path, repo_id: str) -> None:
                 if have:
                     print(f"resuming  {filename} at byte {have:,} of {meta.size:,}")
                 headers = {**build_hf_headers(), "Accept-Encoding": "identity"}
+                if not same_origin(meta.location, url):  # a CDN: no token
+                    headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 if have:
                     headers["Range"] = f"bytes={have}-"
                 with get_session().stream("GET", meta.location, headers=headers, follow_redirects=True,
@@ -145,6 +183,11 @@ def download(filename: str, local_dir: Path, repo_id: str) -> None:
                         for chunk in response.iter_bytes():
                             f.write(chunk)
             if meta.size is None or part.stat().st_size == meta.size:
+                if meta.etag and re.fullmatch(r"[0-9a-f]{64}", meta.etag.lower()):
+                    got = sha256_of(part)
+                    if got != meta.etag.lower():
+                        part.unlink()
+                        raise ChecksumError(f"its sha256 {got[:16]}... is not the hub's {meta.etag.lower()[:16]}...")
                 os.replace(part, local_dir / filename)
                 return
             raise httpx2.RemoteProtocolError(f"the response ended at byte {part.stat().st_size:,} of {meta.size:,}")
@@ -176,14 +219,17 @@ def fetch(filename: str, local_dir: Path, repo_id: str) -> None:
     for attempt in (1, 2):
         try:
             download(filename, local_dir, repo_id)
+        except ChecksumError as e:  # deleted already
+            fault = str(e)
         except Exception as e:  # HTTP errors, OSError, httpx errors: all mean "this file failed"
             sys.exit(f"error: could not download {filename} from dataset repo {repo_id} at {constants.ENDPOINT}: "
                      f"{failure_reason(e)}")
-        tokens, fault = check_shard(path)
-        if fault is None:
-            print(f"downloaded {filename} ({tokens:,} tokens)")
-            return
-        path.unlink()
+        else:
+            tokens, fault = check_shard(path)
+            if fault is None:
+                print(f"downloaded {filename} ({tokens:,} tokens)")
+                return
+            path.unlink()
         if attempt == 1:
             print(f"bad        {filename} as downloaded ({fault}); deleted, downloading it again")
     sys.exit(f"error: downloaded {filename} from dataset repo {repo_id} twice but it is not a valid shard: {fault} "
@@ -219,9 +265,12 @@ def main(argv: list[str]) -> None:
         f"fineweb_train_{i:06d}.bin" for i in range(1, n + 1)
     ]
     print(f"fineweb10B: {'val + ' if need_val else ''}{n} train shard(s) from {repo_id} into {local_dir}")
-    local_dir.mkdir(parents=True, exist_ok=True)
-    for filename in files:
-        fetch(filename, local_dir, repo_id)
+    try:
+        local_dir.mkdir(parents=True, exist_ok=True)
+        for filename in files:
+            fetch(filename, local_dir, repo_id)
+    except OSError as e:  # a read-only or full --local_dir (a download's own errors are reported by fetch)
+        sys.exit(f"error: --local_dir {local_dir}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
 
 
 if __name__ == "__main__":

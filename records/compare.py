@@ -775,7 +775,13 @@ def main(argv: list[str] | None = None) -> int:
                        if r.diverged_at is not None else f"reached step {r.last_step}/{n}")
                 print(f"  {r.path} [{r.key(args.by)}]: {how}{last}{_timing(r)}")
         if args.plot:
-            plot_runs(runs, args.by, args.plot, target=args.target)
+            try:
+                plot_runs(runs, args.by, args.plot, target=args.target)
+            except (OSError, ValueError) as e:  # a read-only or missing folder; a file type matplotlib cannot write
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+                print(f"error: --plot {args.plot}: cannot write it ({why}); pass a writable path ending in .png",
+                      file=sys.stderr)
+                return 2
             print(f"\nplot: {args.plot}")
     else:
         print("no records found")

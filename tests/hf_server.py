@@ -13,9 +13,10 @@ The ETag is the sha256 of the content (like an LFS file), the commit is a fixed 
 revision may be "main" or that sha. Errors carry the hub's X-Error-Code header, so huggingface_hub
 raises its usual types: unknown repo -> 404 RepoNotFound (RepositoryNotFoundError), unknown file ->
 404 EntryNotFound (RemoteEntryNotFoundError), unknown revision -> 404 RevisionNotFound.
-With `redirect=True`, /resolve answers like the real hub does for LFS files: 302 to a "CDN" url on
-the other loopback name (localhost <-> 127.0.0.1, so huggingface_hub treats it as a foreign host)
-with X-Linked-Etag / X-Linked-Size; the CDN url serves the bytes.
+With `redirect=True` (or "host"), /resolve answers like the real hub does for LFS files: 302 to a "CDN"
+url on the other loopback name (localhost <-> 127.0.0.1, so huggingface_hub treats it as a foreign host)
+with X-Linked-Etag / X-Linked-Size; the CDN url serves the bytes. With redirect="port" the CDN url is on
+a second server of the same host name, another port.
 No Xet headers are ever sent, so hf_xet is never used even when installed; tests may still set
 HF_HUB_DISABLE_XET=1 to be explicit (hf_transfer no longer exists in 2.4.0). Nothing else of the hub
 API (other /api/ calls, tree listings, so no snapshot_download) is implemented: such paths get 404.
@@ -26,7 +27,7 @@ Usage:
     with HubServer(files={"kjj0/fineweb10B-gpt2": {"fineweb_val_000000.bin": b"..."}}) as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
         ...                          # run hf_hub_download / a subprocess
-        hub.requests                 # [Request(method, path, range), ...] in arrival order
+        hub.requests                 # [Request(method, path, range, authorization, port), ...] in arrival order
         hub.gets()                   # the GETs of file content; hub.clear() empties the log
 
 Failure knobs (all optional, changeable between runs through the attributes of the same name):
@@ -40,6 +41,9 @@ Failure knobs (all optional, changeable between runs through the attributes of t
                             the server stops (a download to kill mid-file)
     truncate={name: k}      the hub "holds" only the first k bytes of `name` (headers agree with that), for
                             the first `truncate_times` content GETs of it (default: all; HEADs follow suit)
+    corrupt={name: k}       the first k content GETs of `name` serve it with one byte flipped (byte 1100, past
+                            a shard's header), the headers (size, sha256 ETag) those of the true file
+    etags={name: text}      the ETag (X-Linked-Etag with redirect) of `name` is `text`, as sent, not its sha256
 `files` maps repo_id to either {filename: bytes} or a directory whose files are served.
 """
 
@@ -61,6 +65,8 @@ class Request:
     method: str
     path: str
     range: str | None  # the Range header, e.g. "bytes=1000-"
+    authorization: str | None = None  # the Authorization header, e.g. "Bearer hf_..."
+    port: int = 0  # the port the request came to (the hub's, or the CDN's with redirect="port")
 
 
 class HubServer:
@@ -69,13 +75,15 @@ class HubServer:
         files: dict[str, dict[str, bytes] | str | Path] | None = None,
         *,
         repo_type: str = "dataset",
-        redirect: bool = False,
+        redirect: bool | str = False,
         not_found: bool = False,
         cut_after: dict[str, int] | None = None,
         cut_times: int = 1,
         stall_after: dict[str, int] | None = None,
         truncate: dict[str, int] | None = None,
         truncate_times: int | None = None,
+        corrupt: dict[str, int] | None = None,
+        etags: dict[str, str] | None = None,
     ) -> None:
         self.files = files or {}
         self.prefix = PREFIXES[repo_type]
@@ -86,6 +94,8 @@ class HubServer:
         self.stall_after = dict(stall_after or {})
         self.truncate = dict(truncate or {})
         self.truncate_times = truncate_times
+        self.corrupt = dict(corrupt or {})
+        self.etags = dict(etags or {})
         self.requests: list[Request] = []
         self._cuts: dict[str, int] = {}
         self._stalls: set[str] = set()
@@ -93,6 +103,7 @@ class HubServer:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
+        self._cdn: ThreadingHTTPServer | None = None  # redirect="port": the second server
 
     # -- lifecycle -----------------------------------------------------------------------------
     def __enter__(self) -> HubServer:
@@ -101,16 +112,19 @@ class HubServer:
         class Handler(_Handler):
             server_hub = hub
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers = [ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in range(2 if self.redirect == "port" else 1)]
+        self._httpd, self._cdn = servers[0], (servers[1] if len(servers) > 1 else None)
+        for server in servers:
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._httpd is not None
         self._stop.set()  # lets stalled responses end
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        for server in filter(None, (self._httpd, self._cdn)):
+            server.shutdown()
+            server.server_close()
 
     @property
     def port(self) -> int:
@@ -160,6 +174,15 @@ class HubServer:
             self._cuts[filename] = self._cuts.get(filename, 0) + 1
             return self.cut_after[filename]
 
+    def _take_corrupt(self, filename: str, body: bytes) -> bytes:
+        """body, with byte 1100 flipped while `corrupt` says so for this content GET of `filename`."""
+        with self._lock:
+            left = self.corrupt.get(filename, 0)
+            if not left or len(body) <= 1100:
+                return body
+            self.corrupt[filename] = left - 1
+        return body[:1100] + bytes([body[1100] ^ 0xFF]) + body[1101:]
+
     def _take_stall(self, filename: str) -> int | None:
         """Bytes to send before hanging this GET of `filename`, or None."""
         with self._lock:
@@ -186,7 +209,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, send_body: bool) -> None:
         hub = self.server_hub
         path = urlsplit(self.path).path
-        hub.requests.append(Request(self.command, path, self.headers.get("Range")))
+        hub.requests.append(Request(self.command, path, self.headers.get("Range"), self.headers.get("Authorization"),
+                                    self.server.server_address[1]))
         if hub.not_found:
             return self._error(404, "RepoNotFound", "Repository not found")
         if path == "/api/agent-harnesses":  # huggingface_hub's best-effort user-agent registry fetch
@@ -209,11 +233,15 @@ class _Handler(BaseHTTPRequestHandler):
         data = hub.content(repo_id, filename, count=send_body and not hub.redirect)
         if data is None:
             return self._error(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": COMMIT})
-        etag = hashlib.sha256(data).hexdigest()
+        etag = hub.etags.get(filename, hashlib.sha256(data).hexdigest())
         if hub.redirect:
-            other = "localhost" if self.headers.get("Host", "").startswith("127.0.0.1") else "127.0.0.1"
+            if hub.redirect == "port":
+                where = f"127.0.0.1:{hub._cdn.server_address[1]}"
+            else:  # the other loopback name
+                other = "localhost" if self.headers.get("Host", "").startswith("127.0.0.1") else "127.0.0.1"
+                where = f"{other}:{hub.port}"
             return self._send(302, b"", {
-                "Location": f"http://{other}:{hub.port}/cdn/{repo_id}/{filename}",
+                "Location": f"http://{where}/cdn/{repo_id}/{filename}",
                 "X-Repo-Commit": COMMIT, "X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data)),
             }, send_body)
         self._send_file(data, filename, send_body, {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"'})
@@ -240,7 +268,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"}, send_body)
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-        body = data[start:end]
+        body = self.server_hub._take_corrupt(filename, data)[start:end] if send_body else data[start:end]
         stall = self.server_hub._take_stall(filename) if send_body else None
         cut = stall if stall is not None else self.server_hub._take_cut(filename) if send_body else None
         if cut is None or cut >= len(body):

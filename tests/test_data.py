@@ -81,7 +81,7 @@ def test_run_refuses_bad_data_before_building_anything(tmp_path, fault):
     msg = {"missing": "no train shards match", "truncated": "truncated or corrupt",
            "val_too_small": "val shards hold 200 tokens", "token_ids": "token id 50300 >= vocab size"}[fault]
     assert msg in r.stderr and "fix:" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert not (tmp_path / "rec").exists() or fault == "token_ids"  # shard contents are checked as they load
+    assert not (tmp_path / "rec").exists()  # token ids too: every shard is checked before the record
 
 
 def batches(loader, steps, accum):

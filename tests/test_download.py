@@ -299,3 +299,87 @@ def test_fake_hub_speaks_the_resolve_protocol(tmp_path):
             assert r.read() == data
         with pytest.raises(urllib.error.HTTPError):
             urlopen(f"{hub.url}/datasets/{REPO_ID}/resolve/main/sub/../../x")
+
+
+def test_local_dir_that_cannot_be_made_is_one_error(tmp_path, shards):
+    """--local_dir through a regular file (ENOTDIR, unwritable for root too): one error line, nothing fetched."""
+    (tmp_path / "file").write_text("x")
+    bad = tmp_path / "file" / "fw"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    with HubServer(files={REPO_ID: shards}) as hub:
+        result = subprocess.run([sys.executable, str(SCRIPT), "1", "--local_dir", str(bad)], capture_output=True,
+                                text=True, timeout=120, cwd=REPO, env=dict(base, HF_ENDPOINT=hub.url,
+                                                                           HF_HOME=str(tmp_path / "hf_home")))
+        assert hub.requests == []
+    assert assert_one_error(result, f"--local_dir {bad}", "Not a directory")
+
+
+TOKEN = "hf_secret_token_of_the_test"
+
+
+@pytest.mark.parametrize("redirect", [False, "host", "port"])
+def test_token_goes_to_the_hub_only(tmp_path, shards, redirect):
+    """With a token set, the hub's own host and port get it (HEAD, and the GET when the hub serves the bytes); a
+    download the hub redirects to another host name (localhost vs 127.0.0.1) or to another port never does."""
+    with HubServer(files={REPO_ID: shards}, redirect=redirect) as hub:
+        result = run(hub, tmp_path, "1", env={"HF_TOKEN": TOKEN})
+        assert result.returncode == 0, result.stderr
+        hub_requests = [r for r in hub.requests if "/resolve/" in r.path]
+        cdn_requests = [r for r in hub.requests if r.path.startswith("/cdn/")]
+    assert hub_requests and all(r.authorization == f"Bearer {TOKEN}" and r.port == hub.port for r in hub_requests)
+    assert len(cdn_requests) == (2 if redirect else 0)  # the val shard and one train shard
+    assert all(r.authorization is None for r in cdn_requests)
+    assert [r.port != hub.port for r in cdn_requests] == [redirect == "port"] * len(cdn_requests)
+    for name in (VAL, train(1)):
+        assert (tmp_path / "fw" / name).read_bytes() == shards[name]
+
+
+def test_etag_never_shapes_a_path(tmp_path, shards):
+    """An ETag that is a path ('../../escape') names no file: the .part file is named by 16 hex digits of its sha256,
+    inside --local_dir; the download completes and nothing appears elsewhere."""
+    with HubServer(files={REPO_ID: shards}, etags={VAL: "../../escape"}, stall_after={VAL: 700}) as hub:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env = dict(base, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1",
+                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "0", "--local_dir", str(tmp_path / "a" / "b" / "fw")],
+                                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not list((tmp_path / "a" / "b" / "fw").glob("*.part")):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    import hashlib
+    (part,) = (tmp_path / "a" / "b" / "fw").iterdir()  # the interrupted download's part, and nothing else
+    assert part.name == f"{VAL}.{hashlib.sha256(b'../../escape').hexdigest()[:16]}.part"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "hf_home", "shards"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b"]
+
+
+@pytest.mark.parametrize("redirect", [False, True])
+def test_download_with_another_sha256_is_fetched_again(tmp_path, shards, redirect):
+    """One byte of the first transfer flipped (size and header intact: only the hub's sha256 tells): reported, deleted,
+    fetched again; flipped every time: one error line, nothing left."""
+    with HubServer(files={REPO_ID: shards}, redirect=redirect, corrupt={train(1): 1}) as hub:
+        once = run(hub, tmp_path, "1")
+        assert once.returncode == 0, once.stderr
+        assert len(hub.gets(train(1))) == 2
+    (bad,) = lines(once.stdout, "bad")
+    assert train(1) in bad and "its sha256" in bad and "is not the hub's" in bad
+    assert (tmp_path / "fw" / train(1)).read_bytes() == shards[train(1)]
+    (tmp_path / "fw" / train(1)).unlink()
+    with HubServer(files={REPO_ID: shards}, redirect=redirect, corrupt={train(1): 9}) as hub:
+        always = run(hub, tmp_path, "1")
+    assert_one_error(always, train(1), "twice but it is not a valid shard", "is not the hub's")
+    assert sorted(p.name for p in (tmp_path / "fw").iterdir()) == [VAL]  # no shard, no .part
+
+
+@pytest.mark.parametrize("args,fragment", [(["--local_dir="], "--local_dir needs a value, got ''"),
+                                           (["--local_dir", "--repo_id", "x"], "needs a value, got '--repo_id'"),
+                                           (["--repo_id="], "--repo_id needs a value, got ''"),
+                                           (["--local_dir"], "--local_dir needs a value")])
+def test_empty_or_flag_like_option_values_are_refused(tmp_path, args, fragment):
+    result = subprocess.run([sys.executable, str(SCRIPT), "1", *args], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env={k: v for k, v in os.environ.items() if not k.startswith("HF_")})
+    assert_one_error(result, fragment)
+    assert list(tmp_path.iterdir()) == []  # nothing downloaded into the working folder

@@ -65,8 +65,8 @@ def test_lr_schedule(it, expected):
 def test_parse_args_presets_and_errors():
     a = t.parse_args(["--num_iterations", "10", "--compile=0", "--embed_betas", "0.8,0.9"])
     assert (a.num_iterations, a.compile, a.embed_betas, a.muon_lr) == (10, False, (0.8, 0.9), 0.018)
-    s = t.parse_args(["--device_batch_size", "2", "--preset", "smoke"])  # explicit settings win over the preset
-    assert (s.preset, s.n_layer, s.device_batch_size) == ("smoke", 2, 2)
+    s = t.parse_args(["--device_batch_size", "1", "--preset", "smoke"])  # explicit settings win over the preset
+    assert (s.preset, s.n_layer, s.device_batch_size) == ("smoke", 2, 1)
     with pytest.raises(SystemExit, match="did you mean --num_iterations"):
         t.parse_args(["--num_iteration", "3"])
     with pytest.raises(SystemExit, match="unknown preset"):

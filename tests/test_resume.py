@@ -299,3 +299,17 @@ def test_stop_at_saves_and_the_resumed_run_is_the_whole_schedule(small_vocab_arg
     run = compare.parse_record(record)
     assert run.complete and run.resumed_at == [3] and run.stopped_at is None and run.end_step == 8
     assert run.config == compare.parse_record(reference).config
+
+
+def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(small_vocab_args, tmp_path):
+    """--resume latest on a run that reached its last step: one line on stdout, exit status 0, the record and the
+    checkpoints as they were (no re-validation, no duplicated lines)."""
+    records = tmp_path / "records"
+    record = train_here(small_vocab_args + ["--records_dir", str(records)])
+    (run,) = (records / "checkpoints").iterdir()
+    before = Path(record).read_bytes(), sorted(p.name for p in run.iterdir())
+    r = launch(1, ["--resume", "latest", "--records_dir", str(records)])
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
+    assert r.stdout == (f"--resume {run / 'step_000005'}: the run is complete (step 5/5, record {record}); nothing to "
+                        f"do\n")
+    assert (Path(record).read_bytes(), sorted(p.name for p in run.iterdir())) == before

@@ -78,7 +78,7 @@ CASES = [
     ("resume with another optimizer setting", ["--resume", "RESUME", "--muon_lr", "0.02"], 1,
      ["--muon_lr", "saved with 0.018, got 0.02"]),
     ("resume with another schedule", ["--resume", "RESUME", "--num_iterations", "10"], 1,
-     ["--num_iterations", "saved with 2, got 10"]),
+     ["--num_iterations", "saved with 4, got 10"]),
     ("resume on a world size that does not divide the batch", ["--resume", "RESUME"], 3,
      ["--device_batch_size 2 x 3 processes = 6", "--batch_size 4"]),
     ("resume whose record is gone", ["--resume", "NO_RECORD"], 1, ["--resume", "the record it continues", "missing"]),
@@ -87,12 +87,12 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> dict[str, str]:
-    """A finished 2-step run's checkpoint (muon), a copy whose record is gone, an empty records folder, a plain
-    folder."""
+    """A 4-step run's checkpoint at step 2 (muon, --stop_at 2), a copy whose record is gone, an empty records folder,
+    a plain folder."""
     root = tmp_path_factory.mktemp("settings")
     train, val = make_shards(root / "shards", vocab=SMALL_VOCAB)
     args = TINY + ["--vocab_size", str(SMALL_VOCAB), "--input_bin", train, "--input_val_bin", val,
-                   "--num_iterations", "2", "--warmup_iters", "1", "--warmdown_iters", "1"]
+                   "--num_iterations", "4", "--warmup_iters", "1", "--warmdown_iters", "1", "--stop_at", "2"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -132,7 +132,7 @@ def test_bad_setting_is_refused_with_field_and_range(tmp_path, checkpoint, monke
 
 def test_valid_resume_settings_pass_and_keep_the_checkpoint(checkpoint):
     args = t.parse_args(["--resume", checkpoint["RESUME"], "--save_every", "5", "--device_batch_size", "1"])
-    assert (args.n_layer, args.n_embd, args.optimizer, args.num_iterations, args.vocab_size) == (2, 64, "muon", 2, 256)
+    assert (args.n_layer, args.n_embd, args.optimizer, args.num_iterations, args.vocab_size) == (2, 64, "muon", 4, 256)
     assert (args.save_every, args.device_batch_size, args.resume) == (5, 1, checkpoint["RESUME"])
     assert t.validate_args(args, 2) == 2  # 4 sequences = 2 processes x 1 x accumulation 2
     same = t.parse_args(["--resume", checkpoint["RESUME"], "--n_layer", "2", "--optimizer", "muon"])
@@ -174,7 +174,8 @@ def test_resume_checks_the_shards_not_their_paths(checkpoint, tmp_path, monkeypa
     record = t.train(t.parse_args(["--resume", checkpoint["RESUME"], "--input_bin", str(moved / "t_train_*.bin"),
                                    "--input_val_bin", str(moved / "t_val_*.bin")]))[0]
     (resumed,) = [line for line in Path(record).read_text().splitlines() if line.startswith("resumed: ")]
-    assert f'changed: {{"input_bin": "{moved}/t_train_*.bin", "input_val_bin": "{moved}/t_val_*.bin"}}' in resumed
+    assert f'changed: {{"stop_at": 0, "input_bin": "{moved}/t_train_*.bin", "input_val_bin": "{moved}/t_val_*.bin"}}' \
+        in resumed
 
 
 @pytest.mark.parametrize("preset", list(t.PRESETS))
