@@ -2654,10 +2654,15 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 50, dtype=tor
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def rate_text(tflops: float) -> str:
+    """A TFLOP/s figure: one decimal, or three significant digits below 1 (a busy CPU's 512^3 rate would read 0.0)."""
+    return f"{tflops:.1f}" if tflops >= 1 else f"{tflops:.3g}"
+
+
 def mfu_line(args: Hyperparameters, step_avg_ms: float, tflops: float, world: int, what: str) -> str:
     """The record's `matmul:` line: MFU = floor / step_avg, floor = flops_per_token * tokens a step / (world rate)."""
     floor_ms = flops_per_token(args) * args.batch_size * args.sequence_length / (world * tflops * 1e12) * 1e3
-    return (f"matmul: {what} {tflops:.1f} TFLOP/s per device, mfu: {100 * floor_ms / step_avg_ms:.1f}% "
+    return (f"matmul: {what} {rate_text(tflops)} TFLOP/s per device, mfu: {100 * floor_ms / step_avg_ms:.1f}% "
             f"(floor {floor_ms:.1f} ms a step, step_avg {step_avg_ms:.2f} ms)")
 
 
@@ -2682,7 +2687,8 @@ def matmul_check(args: Hyperparameters, step_avg_ms: float, device: torch.device
     n, dtype, _ = MATMUL_CHECK[device.type == "cuda"]
     name = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu") + (
         f", mean of {world}" if world > 1 else "")
-    what = (f"{n}^3 {str(dtype).removeprefix('torch.')} ({name}; {before:.1f} before training, {after:.1f} after: "
+    what = (f"{n}^3 {str(dtype).removeprefix('torch.')} ({name}; {rate_text(before)} before training, "
+            f"{rate_text(after)} after: "
             f"the larger)")
     return mfu_line(args, step_avg_ms, max(before, after), world, what)
 
