@@ -2278,6 +2278,7 @@ STATE_LIKE_PARAM = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # optimizer sta
 
 
 def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ('' if none)."""
     return (str(e).strip().splitlines() or [""])[0]
 
 

@@ -5,7 +5,6 @@ tests."""
 import errno
 import json
 import re
-import os
 import resource
 import subprocess
 import sys
