@@ -157,7 +157,7 @@ def test_run_sh_on_two_nodes_equals_one_process_with_accumulation(tiny_args, tmp
     """run.sh without a GPU says so and runs the smoke preset (here overridden by the tiny settings) in one process;
     with NNODES=2 NODE_RANK=0/1 MASTER_ADDR/MASTER_PORT it starts torchrun's static rendezvous: 2 "nodes" x 1 gloo
     process on localhost train what 1 process with accumulation 2 trains (train and val losses, final parameters)."""
-    extra = ["--optimizer", "muon", "--val_loss_every", "2"]
+    extra = ["--optimizer", "muon", "--val_loss_every", "2", "--final_checkpoint", "1"]  # the smoke preset saves none
     out = finished(run_sh(tiny_args + extra + ["--records_dir", str(tmp_path / "one")], {}))
     assert out.splitlines()[0].startswith("run.sh: no CUDA GPU found: running the smoke preset on the CPU")
     with socket.socket() as s:  # a free port for the rendezvous
