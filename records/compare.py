@@ -41,7 +41,7 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -406,6 +406,17 @@ def _parse_upstream_old(path: Path, lines: list[str]) -> Run:
 # ----------------------------------------------------------------------------- grouping and statistics
 
 
+def at_step(run: Run, step: int) -> Run:
+    """The run as if it had ended at `step` (--at): its lines up to `step`; complete iff it logged a val loss there
+    (a run stopped or cut later counts), final_val_loss = that loss."""
+    val = [v for v in run.val if v[0] <= step]
+    final = next((v[1] for v in val if v[0] == step), None)
+    diverged = run.diverged_at if run.diverged_at is not None and run.diverged_at <= step else None
+    return replace(run, val=val, train=[t for t in run.train if t[0] <= step], stopped_at=step,
+                   final_val_loss=final if final is not None else (val[-1][1] if val else None),
+                   complete=final is not None and diverged is None, diverged_at=diverged)
+
+
 def group_runs(runs: list[Run], by: str = "optimizer") -> dict[str, list[Run]]:
     """Runs (complete and not) by their key, keys sorted; each list in the order given."""
     groups: dict[str, list[Run]] = {}
@@ -713,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", metavar="GROUP", help="the group the others are measured against: Welch's "
                                                             "t-test of each against it, and a column of each group's "
                                                             "optimizer (+ collect) ms a step over its, e.g. adamw")
+    parser.add_argument("--at", type=int, metavar="STEP", help="the val loss at STEP instead of the final one: every "
+                                                           "run that logged it counts, runs cut later included")
     parser.add_argument("--skipped", action="store_true", help="name every file skipped, not only the first few")
     args = parser.parse_args(argv)
 
@@ -739,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
         kept = [r for r in runs if r.timestamp is None or r.timestamp.date() >= args.since]
         left_out, runs = len(runs) - len(kept), kept
 
+    if args.at is not None:
+        runs = [at_step(r, args.at) for r in runs]
     if runs:
         groups = group_runs(runs, args.by)
         rows = summarize(groups, args.target)
@@ -756,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(rows) > 1:
             pairs = welch_pairs(rows, args.baseline)
             if pairs:
-                print("\nfinal val loss, Welch's t-test" + (f" against {args.baseline}:" if args.baseline else ":"))
+                print(("\nfinal val loss" if args.at is None else f"\nval loss at step {args.at}") + ", Welch's t-test" + (f" against {args.baseline}:" if args.baseline else ":"))
                 for a, b, w in pairs:
                     print("  " + welch_line(a, b, w))
                 mixed = [r["group"] for r in rows if len(r["steps"]) > 1]

@@ -671,3 +671,25 @@ def test_welch_against_a_baseline_and_too_many_groups(tmp_path, capsys):
     assert c.main([str(tmp_path / "many"), "--by", "label"]) == 0
     out = capsys.readouterr().out
     assert "7 groups: pass --baseline GROUP for Welch's t-test of each against it" in out and " - g" not in out
+
+
+def test_at_a_step_counts_every_run_that_logged_a_val_loss_there(tmp_path, capsys):
+    """--at 30: the val loss logged at step 30 of each run, runs cut later included; a run cut before 30 is
+    listed as incomplete; the table says step 30 and the Welch line names it."""
+    finals = {"m0": 3.27, "m1": 3.29}
+    for tag, final in finals.items():
+        write_ours(tmp_path, optimizer="muon", final=final, tag=tag)
+    write_ours(tmp_path, optimizer="muon", final=3.31, stop_at=33, tag="cut33")
+    early = write_ours(tmp_path, optimizer="muon", final=3.25, stop_at=23, tag="cut23")
+    write_ours(tmp_path, optimizer="adamw", final=3.4, tag="a0")
+    write_ours(tmp_path, optimizer="adamw", final=3.5, tag="a1")
+    assert c.main([str(tmp_path), "--at", "30"]) == 0
+    out = capsys.readouterr().out
+    at30 = [val_curve(30, 40, f) for f in (3.27, 3.29, 3.31)]
+    muon = next(line for line in out.splitlines() if line.startswith("muon ")).split()
+    assert muon[1:5] == ["3", f"{np.mean(at30):.4f}", "±", f"{np.std(at30, ddof=1):.4f}"] and muon[6] == "30"
+    assert "val loss at step 30, Welch's t-test" in out
+    assert f"{early} [muon]: reached step 24/40" in out
+    assert c.main([str(tmp_path)]) == 0  # without --at: the final val loss of the two complete runs
+    muon = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("muon ")).split()
+    assert muon[1] == "2"
