@@ -33,7 +33,7 @@ MUTANTS = [
      'scales = [max(1.0, p.size(0) / p.size(1)) ** 0.5 if group["shape_scale"] else 1.0 for p in params]',
      "scales = [1.0 for p in params]", [f"{OPT}::test_muon_rule_exact", f"{RULES}::test_newton_muon_shape_scale"]),
     ("ns-swapped-coefficients", "Newton-Schulz polynomial a I + c A + b A^2 instead of a I + b A + c A^2",
-     "B = c * syrk(A).float() + b * A.float() + a * eye", "B = b * syrk(A).float() + c * A.float() + a * eye",
+     "B = c * syrk(A).to(acc) + b * A.to(acc) + a * eye", "B = b * syrk(A).to(acc) + c * A.to(acc) + a * eye",
      [f"{OPT}::test_orthogonalize_matches_float64_and_batches"]),
     ("polar-express-last-unscaled", "the 5th Polar Express polynomial without the safety factor",
      "        (3.3184196573706015, -2.488488024314874, 0.51004894012372),\n"
