@@ -219,6 +219,8 @@ def lr_multiplier(it: int, args: Hyperparameters) -> float:
     return (args.num_iterations - it) / args.warmdown_iters
 
 # ----------------------------------------------------------------------------- optimizers
+# The rules: Newton-Schulz (orthogonalize) and the shared helpers, one class per optimizer, the table that
+# --optimizer reads. The speed machinery they call (kernels, stacking, factorizations) follows in the next section.
 
 # (a, b, c) per Newton-Schulz step: X <- a X + b (X X^T) X + c (X X^T)^2 X, and the factor on ||X||_F before the first step
 NS_COEFFS: dict[str, tuple[list[tuple[float, float, float]], float]] = {
@@ -235,6 +237,8 @@ NS_COEFFS: dict[str, tuple[list[tuple[float, float, float]], float]] = {
         (3.3184196573706015, -2.488488024314874, 0.51004894012372),
         (2.300652019954817, -1.6689039845747493, 0.4188073119525673)]], 1.01),
 }
+
+
 # Where orthogonalize(G) puts the singular values: if every singular value of G is >= x0 ||G||_F, every singular value
 # of the bf16 result lies in NS_BANDS[set][x0] (measured: the scalar polynomial in float64 over x in [x0, 1], widened by
 # the bf16 noise seen on random 768x3072 matrices of many spectra; tests/test_optimizers.py checks it). Smaller singular
@@ -244,53 +248,6 @@ NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
     "quintic": {1e-2: (0.96, 1.05), 2e-3: (0.84, 1.16)},
     "polar_express": {1e-2: (0.85, 1.15), 2e-3: (0.85, 1.15)},
 }
-
-
-NS_DTYPE = torch.bfloat16  # what Newton-Schulz runs in (the momentum rule hands it its input already cast)
-SYRK_TILE = dict(BS=128, BK=64, num_warps=8, num_stages=3)  # syrk's tiles (BS x BS outputs, BK-deep loads)
-
-if triton is not None:
-    @triton.jit
-    def _syrk_kernel(X, C, M, K, sxb, sxm, sxk, scb, scm, scn, BS: tl.constexpr, BK: tl.constexpr):
-        """C[b] = X[b] X[b]^T for X (B, M, K): program (i, j, b) computes output tile (i, j) only if i <= j, in fp32,
-        and stores it at (i, j) and, transposed, at (j, i)."""
-        i, j, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        if i > j:
-            return
-        X += b.to(tl.int64) * sxb
-        C += b.to(tl.int64) * scb
-        rm, rn, rk = i * BS + tl.arange(0, BS), j * BS + tl.arange(0, BS), tl.arange(0, BK)
-        pa = X + rm[:, None] * sxm + rk[None, :] * sxk  # rows of tile i and of tile j, each read along K
-        pb = X + rn[:, None] * sxm + rk[None, :] * sxk
-        acc = tl.zeros((BS, BS), tl.float32)
-        for k in range(0, K, BK):
-            in_k = rk[None, :] < K - k
-            a = tl.load(pa, mask=(rm[:, None] < M) & in_k, other=0.0)
-            bt = tl.load(pb, mask=(rn[:, None] < M) & in_k, other=0.0)
-            acc = tl.dot(a, tl.trans(bt), acc)
-            pa += BK * sxk
-            pb += BK * sxk
-        out = acc.to(C.dtype.element_ty)
-        mask = (rm[:, None] < M) & (rn[None, :] < M)
-        tl.store(C + rm[:, None] * scm + rn[None, :] * scn, out, mask=mask)
-        if i != j:
-            tl.store(C + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=tl.trans(mask))
-
-
-def syrk(X: torch.Tensor) -> torch.Tensor:
-    """X X^T for X (B, m, k), in X's dtype with fp32 accumulation. With Triton, on CUDA (or interpreted): only the
-    t(t+1)/2 tiles on and above the diagonal of the t x t tile grid (t = ceil(m / BS)) are multiplied, each stored
-    twice, 58% of the products for m = 768 (t = 6), for bf16 and fp16 X; else X @ X^T (fp32 included, where
-    Triton's dot would round to TF32)."""
-    half = X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
-    if triton is None or not (half or TRITON_INTERPRETED):
-        return X @ X.mT
-    X = X if X.stride(-1) == 1 else X.contiguous()  # the kernel reads rows along K
-    B, M, K = X.shape
-    C = torch.empty(B, M, M, dtype=X.dtype, device=X.device)
-    t = triton.cdiv(M, SYRK_TILE["BS"])
-    _syrk_kernel[(t, t, B)](X, C, M, K, *X.stride(), *C.stride(), **SYRK_TILE)
-    return C
 
 
 def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
@@ -334,19 +291,27 @@ def nuclear_norm(M: torch.Tensor, mode: str = "exact", O: torch.Tensor | None = 
     return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(-1)
 
 
-def optimizer_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """opt's parameters in the order of its state_dict()'s indices."""
-    return [p for g in opt.param_groups for p in g["params"]]
+def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str, low_precision: bool | None = None) -> torch.Tensor:
+    """G R for G (out, d) and gram_factor's R: full G @ R; block: each b-column block of G times its (b, b) block;
+    diag: G * R. In fp32 (fp64 for fp64), or with bf16 operands (low_precision; default: on CUDA, where R's
+    application then costs a bf16 matmul like the model's own), returned in G's dtype."""
+    if mode == "diag":
+        return (G * R).to(G.dtype)
+    low = bf16_operands(G) if low_precision is None else low_precision
+    dtype = torch.bfloat16 if low else torch.promote_types(G.dtype, torch.float32)
+    X, R = G.to(dtype), R.to(dtype)
+    if mode == "block":  # (out, d) -> (d/b, out, b) @ (d/b, b, b) -> (out, d)
+        out, d = G.shape
+        return (X.view(out, R.size(0), -1).transpose(0, 1) @ R).transpose(0, 1).reshape(out, d).to(G.dtype)
+    return (X @ R).to(G.dtype)
 
 
-def assign_owners(costs: list[float], world: int) -> list[int]:
-    """The process that owns each matrix: largest cost first, each to the least-loaded process (ties: lowest rank), so
-    the busiest process carries at most sum(costs)/W + max(costs). Deterministic: the same on every process."""
-    load, owner = [0.0] * world, [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: costs[i], reverse=True):  # stable sort
-        r = min(range(world), key=lambda j: load[j])
-        owner[i], load[r] = r, load[r] + costs[i]
-    return owner
+def trace_over_d(C: torch.Tensor, mode: str) -> torch.Tensor:
+    """tr(C) / d per matrix for C full (..., d, d), block (..., d/b, b, b) or diag (..., d)."""
+    if mode == "diag":
+        return C.mean(-1)
+    D = C.diagonal(dim1=-2, dim2=-1)
+    return D.flatten(-2).mean(-1) if mode == "block" else D.mean(-1)
 
 
 class MatrixOptimizer(torch.optim.Optimizer):
@@ -409,25 +374,443 @@ class MatrixOptimizer(torch.optim.Optimizer):
             for ps in batches.values():
                 self.update(ps, group)
         if self.world > 1:
-            self._share()
+            all_gather_owned(self)
 
-    def _share(self) -> None:
-        """All processes receive every owner's updated parameters: one all_gather of padded flat buffers."""
-        mine = [[p for p in self._params() if self.owner[p] == r] for r in range(self.world)]
-        sizes = [[p.numel() for p in ps] for ps in mine]
-        size = max(sum(s) for s in sizes)
-        p0 = self._params()[0]
-        if self._gather_buf is None:
-            self._gather_buf = torch.empty(self.world * size, dtype=p0.dtype, device=p0.device)
-        flat = torch.zeros(size, dtype=p0.dtype, device=p0.device)
-        if mine[self.rank]:
-            torch.cat([p.reshape(-1) for p in mine[self.rank]], out=flat[: sum(sizes[self.rank])])
-        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newer name first
-        all_gather(self._gather_buf, flat)
-        for r, ps in enumerate(mine):
-            if r != self.rank and ps:
-                chunks = self._gather_buf[r * size: r * size + sum(sizes[r])].split(sizes[r])
-                torch._foreach_copy_(ps, [c.view_as(p) for c, p in zip(chunks, ps)])
+
+class Muon(MatrixOptimizer):
+    """buf = m buf + G; G' = G + m buf (Nesterov) or buf; p -= lr * s * orthogonalize(G'), s = max(1, rows/cols)^0.5 or 1."""
+
+    def __init__(self, params, lr: float = 0.018, momentum: float = 0.95, nesterov: bool = True,
+                 coeffs: str = "simple", shape_scale: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, coeffs=coeffs,
+                                      shape_scale=shape_scale))
+
+    @staticmethod
+    def batch_key(p: torch.Tensor) -> tuple:
+        return wide_key(p)  # m x n and n x m matrices in one batch
+
+    def update(self, params, group, factors: list[torch.Tensor] | None = None):
+        grads = [p.grad for p in params] if factors else self.gradients(params, group)
+        bufs = self.momentum_buffers(params)
+        scales = [max(1.0, p.size(0) / p.size(1)) ** 0.5 if group["shape_scale"] else 1.0 for p in params]
+        _muon_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
+                   group["nesterov"], group["coeffs"], scales, factors, group.get("gram", "full"),
+                   group.get("precondition", "before"))
+
+
+class PolarGrad(MatrixOptimizer):
+    """PolarGrad (Lau, Long & Su 2025, arXiv:2505.21799) as merged in NVIDIA Emerging-Optimizers: Muon's direction
+    scaled by its nuclear norm (steepest descent in the spectral norm rather than its LMO):
+    M = b M + (1 - b) G;  D = b M + (1 - b) G (Nesterov) or M;  O = orthogonalize(D);
+    p = (1 - lr wd) p - lr ||D||_* O,  ||D||_* = nuclear_norm(D, nuclear, O)."""
+
+    def __init__(self, params, lr: float = 0.3, momentum: float = 0.95, nesterov: bool = False,
+                 weight_decay: float = 0.0, nuclear: str = "inner", coeffs: str = "polar_express"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      nuclear=nuclear, coeffs=coeffs))
+
+    @staticmethod
+    def batch_key(p: torch.Tensor) -> tuple:
+        return wide_key(p)  # m x n and n x m matrices in one batch
+
+    def update(self, params: list[torch.Tensor], group: dict) -> None:
+        grads = self.gradients(params, group)
+        bufs = self.momentum_buffers(params)
+        _polargrad_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
+                        group["nesterov"], group["weight_decay"], group["nuclear"], group["coeffs"])
+
+
+class SOAP(MatrixOptimizer):
+    """SOAP (Vyas et al. 2024, arXiv:2409.11321): Adam in the eigenbasis of Shampoo's preconditioner, following
+    nikhilvyas/SOAP soap.py (commit f42d296, the class with project/project_back). As there, the first moment m lives
+    in the eigenbasis; the reference maps it back and forth at every step, the identity except when the basis changes,
+    so here m is carried over only then: m <- Q_L'^T (Q_L m Q_R^T) Q_R'. Per matrix, with s = shampoo_beta (b2 if < 0):
+      first step: L = (1-s) G G^T, R = (1-s) G^T G, (Q_L, Q_R) = eigenbasis(L, R); no update, so G never
+        preconditions itself;
+      step t = 1, 2, ...: G~ = Q_L^T G Q_R;  m = b1 m + (1-b1) G~;  v = b2 v + (1-b2) G~^2;
+        p = p - lr sqrt(1-b2^t)/(1-b1^t) Q_L (m / (sqrt(v) + eps)) Q_R^T;  p = p - lr wd p;
+        L = s L + (1-s) G G^T;  R = s R + (1-s) G^T G;
+        t % precondition_frequency == 0: (A_L, o_L) = power_step(L, Q_L); Q_L = orthonormalize(A_L); the same for R;
+        v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m carried over as above. The refresh runs after
+        all batches' updates, their bases' QRs batched by size (one orthonormalize for every n x n basis).
+    A side longer than max_precond_dim gets no preconditioner (Q = I). All state and math in fp32 (fp64 for fp64
+    parameters; the refresh's QR in fp64); tf32: the step's fp32 matmuls on TF32 tensor cores (CUDA; ~1e-3 relative
+    rounding in the rotations, L, R and the power iteration). The matrices of one shape keep each state entry
+    stacked, one tensor updated in place, so eigh, QR and the rotations run batched without copying the state each
+    step; self.state[p][name] is a view of p's slice, so state dicts stay per matrix (state not made here, e.g.
+    loaded, is restacked once)."""
+
+    def __init__(self, params, lr: float = 0.0018, betas: tuple[float, float] = (0.95, 0.95),
+                 shampoo_beta: float = -1.0, eps: float = 1e-8, weight_decay: float = 0.0,
+                 precondition_frequency: int = 10, max_precond_dim: int = 10000, tf32: bool = False):
+        super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
+                                      weight_decay=weight_decay, precondition_frequency=precondition_frequency,
+                                      max_precond_dim=max_precond_dim, tf32=tf32))
+        self._due: list[tuple[dict[str, torch.Tensor], dict]] = []  # (stacked state, group) whose bases refresh now
+        # ids of a batch's params -> (stacked state, the per-matrix views handed to self.state)
+        self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._due = []
+        super().step()
+        if self._due:
+            refresh_soap_bases(self._due)
+
+    def update(self, params: list[torch.Tensor], group: dict) -> None:
+        by_step: dict[int, list[torch.Tensor]] = {}
+        for p in params:
+            by_step.setdefault(self.state[p].get("step", -1), []).append(p)
+        if len(by_step) > 1:  # matrices that missed a step (no grad) are batched apart, each once
+            for ps in by_step.values():
+                self.update(ps, group)
+            return
+        (b1, b2), lr = group["betas"], group["lr"]
+        s = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
+        G = torch.stack(self.gradients(params, group)).to(torch.promote_types(params[0].dtype, torch.float32))
+        S = soap_state(self, params, G, group["max_precond_dim"])
+        t = next(iter(by_step)) + 1
+        QL, QR = S.get("QL"), S.get("QR")
+        with tf32_matmuls(group["tf32"]):
+            if t > 0:
+                Gr = _rotate(G, QL, QR)
+                S["exp_avg"].lerp_(Gr, 1 - b1)
+                S["exp_avg_sq"].mul_(b2).addcmul_(Gr, Gr, value=1 - b2)
+                U = _rotate(S["exp_avg"] / S["exp_avg_sq"].sqrt().add_(group["eps"]), QL, QR, back=True)
+                torch._foreach_add_(params, list(U.unbind(0)), alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))
+                if group["weight_decay"]:
+                    torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            for side, X in (("L", G), ("R", G.mT)):
+                if side in S:  # L = s L + (1-s) G G^T, R = s R + (1-s) G^T G, the EMA in the matmul's epilogue
+                    S[side].baddbmm_(X, X.mT, beta=s, alpha=1 - s)
+            if t == 0:
+                for side in ("L", "R"):
+                    if side in S:
+                        S["Q" + side].copy_(eigenbasis(S[side]))
+            elif t % group["precondition_frequency"] == 0:
+                self._due.append((S, group))  # refreshed in step(), after every batch: one orthonormalize per size
+        for p in params:
+            self.state[p]["step"] = t
+
+
+class FeatureGram(MatrixOptimizer):
+    """Base of the feature-gram optimizers: each block matrix W (out x d) is preconditioned on the right by the Gram
+    matrix of its layer's input X, C = X^T X / n_tokens (full, block-diagonal or diagonal), which the model collects on
+    refresh steps (GPT.collect_gram). On a refresh, refresh_gram averages the collected sums over processes (one
+    all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the right preconditioner
+    (gram_factor, batched over the matrices of one shape; on CUDA stored in bf16, the operand dtype right_precondition
+    gives it there) for the matrices this process owns; each step then costs one matmul per matrix
+    (right_precondition). Before the first refresh the preconditioner is the identity."""
+
+    def __init__(self, params, layers: list[nn.Module], defaults: dict):
+        super().__init__(params, defaults)
+        self.layers = dict(zip([id(p) for p in params], layers))
+        assert all(self.layers[id(p)].weight is p for p in self._params())
+        self._pending: list = []  # refresh_gram's batches, each with its failure flag, for finish_refresh
+        self._refreshed: torch.cuda.Event | None = None  # set when refresh_gram ran on a side stream
+        # matrices of this process whose Cholesky of C + gamma I failed at the last refresh, by the factor on gamma
+        # that held (finish_refresh); the training loop writes them to the record (`gram_fallbacks:`)
+        self.fallbacks: dict[int, int] = dict.fromkeys(FALLBACK_BOOSTS, 0)
+
+    def damping(self, C: torch.Tensor, group: dict) -> torch.Tensor | float:
+        """gamma of C + gamma I, for C batched over its first dim: relative (Newton-Muon) or absolute (LocoProp-S)."""
+        raise NotImplementedError
+
+    def factor(self, C: torch.Tensor, group: dict, wait: bool = True, boosts: list | None = None):
+        """The cached right preconditioner for a batch of C's of one shape (wait, boosts: as gram_factor's)."""
+        return gram_factor(C, self.damping(C, group), group["gram"], group["f"], wait, boosts)
+
+    def _store_factors(self, ps: list[torch.Tensor], Rs: torch.Tensor, group: dict) -> None:
+        for p, R in zip(ps, Rs):
+            low = bf16_operands(p) and group["gram"] != "diag"  # stored as right_precondition's operand
+            self.state[p]["factor"] = R.bfloat16() if low else R
+
+    def _stacked_grams(self, ps: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self.state[p]["gram"] for p in ps])
+
+    def refresh_gram(self, n_tokens: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Take the Gram sums the model collected over n_tokens tokens (all processes): C, then the cached factors, one
+        attempt per batch without a host sync; finish_refresh() (or the next step()) redoes a batch whose Cholesky
+        failed. With a CUDA `stream`, everything after the all-reduce is queued on it behind the current stream's work,
+        so the factorization overlaps what the current stream does next (the backward); finish_refresh() joins it."""
+        refresh_gram_factors(self, n_tokens, stream)
+
+    def finish_refresh(self) -> None:
+        """Join a refresh_gram(stream=...): the current stream waits for it; a batch whose Cholesky failed is redone
+        here with gram_factor's damping boosts (host syncs, only then; raises LinAlgError if C is not finite)."""
+        finish_gram_refresh(self)
+
+    def step(self) -> None:
+        self.finish_refresh()  # a no-op unless a refresh_gram is still pending
+        super().step()
+
+    def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """G (C + gamma I)^-1 for each matrix that has a factor; G itself before the first refresh."""
+        return [right_precondition(p.grad, self.state[p]["factor"], group["gram"])
+                if "factor" in self.state[p] else p.grad for p in params]
+
+
+class NewtonMuon(FeatureGram):
+    """Newton-Muon (arXiv:2604.01472): Muon on the right-preconditioned gradient, R = (C + gamma I)^-1 (or its square
+    root, f) with gamma = damping tr(C)/d, R the one of the last refresh;
+    precondition before:  buf = m buf + G R;  p -= lr msign(G R + m buf) (Nesterov; msign(buf) without);
+    precondition after:   buf = m buf + G;    p -= lr msign((G + m buf) R) (Nesterov; msign(buf R) without).
+    They differ only after a refresh (before: buf's older terms keep their older R). p's step is also multiplied by
+    max(1, rows/cols)^0.5 with shape_scale, as Muon's. With C = c I both are Muon (msign is scale-free)."""
+
+    def __init__(self, params, layers, lr: float = 0.018, momentum: float = 0.95, nesterov: bool = True,
+                 coeffs: str = "simple", gram: str = "full", damping: float = 0.2, gram_beta: float = 0.0,
+                 f: str = "solve", precondition: str = "before", shape_scale: bool = False):
+        super().__init__(params, layers, dict(lr=lr, momentum=momentum, nesterov=nesterov, coeffs=coeffs,
+                                              shape_scale=shape_scale, gram=gram, damping=damping,
+                                              gram_beta=gram_beta, f=f, precondition=precondition))
+
+    def damping(self, C, group):
+        return group["damping"] * trace_over_d(C, group["gram"])
+
+    @staticmethod
+    def batch_key(p: torch.Tensor) -> tuple:
+        return wide_key(p)  # m x n and n x m matrices in one batch
+
+    def update(self, params, group):
+        """Muon on G (C + gamma I)^-1: the preconditioning inside muon_step once every matrix has its factor."""
+        factors = [self.state[p].get("factor") for p in params]
+        Muon.update(self, params, group, factors if all(f is not None for f in factors) else None)
+
+
+class LocoPropS(FeatureGram):
+    """LocoProp-S (Amid, Anil & Warmuth, AISTATS 2022), square-loss local problems: the layer's local loss
+    1/2 ||X W^T - (X W0^T - eta dY)||^2 + lam/2 ||W - W0||^2 (means over tokens) has gradient
+    (W - W0)(C + lam I) + eta G, so with A = C + lam I (lam: lambda, or lambda tr(C)/d with lambda_mode relative) its
+    minimizer is dW = -eta G A^-1 (steps = 0), and K inner gradient steps of size s = nu / L from W0, with
+    L = eigenvalue_bound(C) + lam >= lambda_max(A), give dW = -s eta G sum_{j<K} (I - s A)^j (steps = K). On A's
+    eigenvector i (eigenvalue a_i) that is -eta G's component / a_i times 1 - (1 - nu a_i / L)^K: for nu in (0, 2) it
+    converges to the minimizer for every C (|1 - nu a_i / L| < 1), for nu <= 1 monotonically in K (the factor is in
+    [0, 1)). (A step nu not scaled by 1/L diverges once nu lambda_max(A) > 2: nu = 0.5, lam = 1 gave spectral radii
+    14.6, 72.8 and 43 for c_attn, c_fc and the MLP's c_proj of the 768-wide model at init.) G may first go through
+    heavy-ball momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
+
+    def __init__(self, params, layers, lr: float = 0.3, lam: float = 1.0, steps: int = 0, nu: float = 1.0,
+                 momentum: float = 0.0, gram: str = "full", gram_beta: float = 0.0, lambda_mode: str = "absolute"):
+        super().__init__(params, layers, dict(lr=lr, damping=lam, steps=steps, nu=nu, momentum=momentum, gram=gram,
+                                              gram_beta=gram_beta, f="solve", lambda_mode=lambda_mode))
+
+    def damping(self, C, group):
+        """lambda of A = C + lambda I: absolute, the setting itself; relative, setting * tr(C)/d per matrix."""
+        if group["lambda_mode"] == "relative":
+            return group["damping"] * trace_over_d(C, group["gram"])
+        return group["damping"]
+
+    def factor(self, C, group, wait=True, boosts=None):  # A^-1 (steps = 0) or the K-step polynomial P_K
+        if group["steps"] == 0:
+            return super().factor(C, group, wait, boosts)
+        lam = self.damping(C, group)
+        step = group["nu"] / (eigenvalue_bound(C, group["gram"]) + lam)
+        return cannot_fail(inner_steps_polynomial(C, lam, step, group["steps"], group["gram"]), wait)
+
+    def update(self, params, group):
+        grads = [p.grad for p in params]
+        if group["momentum"]:
+            bufs = self.momentum_buffers(params)
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            grads = bufs
+        dirs = [right_precondition(g, self.state[p]["factor"], group["gram"]) if "factor" in self.state[p] else g
+                for p, g in zip(params, grads)]  # the identity before the first refresh
+        torch._foreach_add_(params, dirs, alpha=-group["lr"])
+
+
+# name -> (block matrices, settings, fused) -> optimizer; `--optimizer` takes these names
+OPTIMIZERS = {
+    "muon": lambda ps, a, fused: Muon(ps, lr=a.muon_lr, momentum=a.muon_momentum, nesterov=a.muon_nesterov,
+                                      coeffs=a.ns_coeffs, shape_scale=a.muon_shape_scale),
+    "polargrad": lambda ps, a, fused: PolarGrad(ps, lr=a.polargrad_lr, momentum=a.polargrad_momentum,
+                                                nesterov=a.polargrad_nesterov, weight_decay=a.polargrad_weight_decay,
+                                                nuclear=a.polargrad_nuclear, coeffs=a.polargrad_ns_coeffs),
+    "soap": lambda ps, a, fused: SOAP(ps, lr=a.soap_lr, betas=a.soap_betas, shampoo_beta=a.soap_shampoo_beta,
+                                      eps=a.soap_eps, weight_decay=a.soap_weight_decay,
+                                      precondition_frequency=a.soap_precondition_frequency,
+                                      max_precond_dim=a.soap_max_precond_dim, tf32=a.soap_tf32),
+    "newton_muon": lambda ps, a, layers: NewtonMuon(ps, layers, lr=a.muon_lr, momentum=a.muon_momentum,
+                                                    nesterov=a.muon_nesterov, coeffs=a.ns_coeffs, gram=a.gram,
+                                                    damping=a.gram_damping, gram_beta=a.gram_beta, f=a.gram_f,
+                                                    precondition=a.newton_muon_precondition,
+                                                    shape_scale=a.muon_shape_scale),
+    "locoprop": lambda ps, a, layers: LocoPropS(ps, layers, lr=a.locoprop_lr, lam=a.locoprop_lambda,
+                                                steps=a.locoprop_steps, nu=a.locoprop_nu,
+                                                momentum=a.locoprop_momentum, gram=a.gram, gram_beta=a.gram_beta,
+                                                lambda_mode=a.locoprop_lambda_mode),
+    "adamw": lambda ps, a, fused: torch.optim.AdamW(ps, lr=a.adamw_lr, betas=a.adamw_betas,
+                                                    weight_decay=a.adamw_weight_decay, fused=fused),
+}
+
+
+def build_optimizers(model: nn.Module, args: Hyperparameters) -> list[torch.optim.Optimizer]:
+    """AdamW on the tied embedding/head; OPTIMIZERS[args.optimizer] on every matrix inside the blocks."""
+    fused = next(model.parameters()).is_cuda
+    embed = torch.optim.AdamW([model.lm_head.weight], lr=args.embed_lr, betas=args.embed_betas, weight_decay=0.0,
+                              fused=fused)
+    if args.optimizer not in OPTIMIZERS:
+        raise SystemExit(f"--optimizer: unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if args.optimizer in ("newton_muon", "locoprop"):  # these also need each matrix's layer, which collects its C
+        model.setup_gram(args.gram, args.gram_block)
+        layers = model.gram_layers()
+        blocks = OPTIMIZERS[args.optimizer]([m.weight for m in layers], args, layers)
+    else:
+        blocks = OPTIMIZERS[args.optimizer](list(model.transformer.h.parameters()), args, fused)
+    for opt in (embed, blocks):
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return [embed, blocks]
+
+
+def check_optimizer_args(args: Hyperparameters) -> None:
+    """Refuse optimizer settings out of range: lr, eps in (0, inf); momentum, betas in [0, 1); weight decay >= 0;
+    soap_shampoo_beta < 1 (negative: soap_betas[1]); frequency, max dim >= 1; soap_tf32 a bool; polargrad_nuclear
+    exact | inner."""
+    def bad(name: str, want: str):
+        raise SystemExit(f"--{name}: must be {want}, got {getattr(args, name)!r}")
+
+    for name in ("embed_lr", "muon_lr", "adamw_lr", "polargrad_lr", "soap_lr", "soap_eps"):
+        if not 0 < getattr(args, name) < math.inf:
+            bad(name, "positive and finite")
+    for name in ("muon_momentum", "polargrad_momentum"):
+        if not 0 <= getattr(args, name) < 1:
+            bad(name, "in [0, 1)")
+    for name in ("embed_betas", "adamw_betas", "soap_betas"):
+        if len(getattr(args, name)) != 2 or not all(0 <= b < 1 for b in getattr(args, name)):
+            bad(name, "two numbers in [0, 1), e.g. 0.9,0.95")
+    for name in ("adamw_weight_decay", "polargrad_weight_decay", "soap_weight_decay"):
+        if not 0 <= getattr(args, name) < math.inf:
+            bad(name, ">= 0")
+    if not args.soap_shampoo_beta < 1:
+        bad("soap_shampoo_beta", "in [0, 1), or negative for soap_betas[1]")
+    for name in ("soap_precondition_frequency", "soap_max_precond_dim"):
+        if getattr(args, name) < 1:
+            bad(name, ">= 1")
+    if not isinstance(args.soap_tf32, bool):
+        bad("soap_tf32", "a bool (0 or 1)")
+    if args.polargrad_nuclear not in ("exact", "inner"):
+        bad("polargrad_nuclear", "exact or inner")
+    if args.gram not in ("full", "block", "diag"):
+        bad("gram", "full, block or diag")
+    if args.gram == "block" and (args.gram_block < 1 or args.n_embd % args.gram_block):
+        bad("gram_block", f"a divisor of every layer's input width ({args.n_embd} and {4 * args.n_embd})")
+    if args.gram_f not in ("solve", "inverse_sqrt"):
+        bad("gram_f", "solve or inverse_sqrt")
+    if args.newton_muon_precondition not in ("before", "after"):
+        bad("newton_muon_precondition", "before or after")
+    if args.locoprop_lambda_mode not in ("absolute", "relative"):
+        bad("locoprop_lambda_mode", "absolute or relative")
+    for name in ("gram_every", "locoprop_steps"):
+        if getattr(args, name) < (1 if name == "gram_every" else 0):
+            bad(name, ">= 1" if name == "gram_every" else ">= 0")
+    for name in ("gram_beta", "locoprop_momentum"):
+        if not 0 <= getattr(args, name) < 1:
+            bad(name, "in [0, 1)")
+    for name in ("gram_damping", "locoprop_lr", "locoprop_lambda"):
+        if not 0 < getattr(args, name) < math.inf:
+            bad(name, "positive and finite")
+    if not 0 < args.locoprop_nu < 2:
+        bad("locoprop_nu", "in (0, 2) (the inner step is locoprop_nu / L, L >= lambda_max(C + lambda I))")
+
+
+# ----------------------------------------------------------------------------- optimizers: speed machinery
+# What the rules above call to run fast: the syrk kernel, batching by shape across processes, SOAP's stacked
+# state and batched refresh, blocked Cholesky/inverse/QR, the feature-gram factors and their side-stream refresh.
+
+NS_DTYPE = torch.bfloat16  # what Newton-Schulz runs in (the momentum rule hands it its input already cast)
+
+
+SYRK_TILE = dict(BS=128, BK=64, num_warps=8, num_stages=3)  # syrk's tiles (BS x BS outputs, BK-deep loads)
+
+
+if triton is not None:
+    @triton.jit
+    def _syrk_kernel(X, C, M, K, sxb, sxm, sxk, scb, scm, scn, BS: tl.constexpr, BK: tl.constexpr):
+        """C[b] = X[b] X[b]^T for X (B, M, K): program (i, j, b) computes output tile (i, j) only if i <= j, in fp32,
+        and stores it at (i, j) and, transposed, at (j, i)."""
+        i, j, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if i > j:
+            return
+        X += b.to(tl.int64) * sxb
+        C += b.to(tl.int64) * scb
+        rm, rn, rk = i * BS + tl.arange(0, BS), j * BS + tl.arange(0, BS), tl.arange(0, BK)
+        pa = X + rm[:, None] * sxm + rk[None, :] * sxk  # rows of tile i and of tile j, each read along K
+        pb = X + rn[:, None] * sxm + rk[None, :] * sxk
+        acc = tl.zeros((BS, BS), tl.float32)
+        for k in range(0, K, BK):
+            in_k = rk[None, :] < K - k
+            a = tl.load(pa, mask=(rm[:, None] < M) & in_k, other=0.0)
+            bt = tl.load(pb, mask=(rn[:, None] < M) & in_k, other=0.0)
+            acc = tl.dot(a, tl.trans(bt), acc)
+            pa += BK * sxk
+            pb += BK * sxk
+        out = acc.to(C.dtype.element_ty)
+        mask = (rm[:, None] < M) & (rn[None, :] < M)
+        tl.store(C + rm[:, None] * scm + rn[None, :] * scn, out, mask=mask)
+        if i != j:
+            tl.store(C + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=tl.trans(mask))
+
+
+def syrk(X: torch.Tensor) -> torch.Tensor:
+    """X X^T for X (B, m, k), in X's dtype with fp32 accumulation. With Triton, on CUDA (or interpreted): only the
+    t(t+1)/2 tiles on and above the diagonal of the t x t tile grid (t = ceil(m / BS)) are multiplied, each stored
+    twice, 58% of the products for m = 768 (t = 6), for bf16 and fp16 X; else X @ X^T (fp32 included, where
+    Triton's dot would round to TF32)."""
+    half = X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
+    if triton is None or not (half or TRITON_INTERPRETED):
+        return X @ X.mT
+    X = X if X.stride(-1) == 1 else X.contiguous()  # the kernel reads rows along K
+    B, M, K = X.shape
+    C = torch.empty(B, M, M, dtype=X.dtype, device=X.device)
+    t = triton.cdiv(M, SYRK_TILE["BS"])
+    _syrk_kernel[(t, t, B)](X, C, M, K, *X.stride(), *C.stride(), **SYRK_TILE)
+    return C
+
+
+def bf16_operands(G: torch.Tensor) -> bool:
+    """Whether right_precondition multiplies in bf16 by default: on CUDA, where it then costs a bf16 matmul."""
+    return G.is_cuda
+
+
+def optimizer_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """opt's parameters in the order of its state_dict()'s indices."""
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def assign_owners(costs: list[float], world: int) -> list[int]:
+    """The process that owns each matrix: largest cost first, each to the least-loaded process (ties: lowest rank), so
+    the busiest process carries at most sum(costs)/W + max(costs). Deterministic: the same on every process."""
+    load, owner = [0.0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: costs[i], reverse=True):  # stable sort
+        r = min(range(world), key=lambda j: load[j])
+        owner[i], load[r] = r, load[r] + costs[i]
+    return owner
+
+
+def all_gather_owned(opt: MatrixOptimizer) -> None:
+    """All processes receive every owner's updated parameters: one all_gather of padded flat buffers."""
+    mine = [[p for p in opt._params() if opt.owner[p] == r] for r in range(opt.world)]
+    sizes = [[p.numel() for p in ps] for ps in mine]
+    size = max(sum(s) for s in sizes)
+    p0 = opt._params()[0]
+    if opt._gather_buf is None:
+        opt._gather_buf = torch.empty(opt.world * size, dtype=p0.dtype, device=p0.device)
+    flat = torch.zeros(size, dtype=p0.dtype, device=p0.device)
+    if mine[opt.rank]:
+        torch.cat([p.reshape(-1) for p in mine[opt.rank]], out=flat[: sum(sizes[opt.rank])])
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newer name first
+    all_gather(opt._gather_buf, flat)
+    for r, ps in enumerate(mine):
+        if r != opt.rank and ps:
+            chunks = opt._gather_buf[r * size: r * size + sum(sizes[r])].split(sizes[r])
+            torch._foreach_copy_(ps, [c.view_as(p) for c, p in zip(chunks, ps)])
+
+
+def wide_key(p: torch.Tensor) -> tuple:
+    """One batch for m x n and n x m matrices (Muon, PolarGrad, Newton-Muon): the MLP's 3072 x 768 and 768 x 3072."""
+    return tuple(sorted(p.shape))
 
 
 def stack_wide(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -439,11 +822,6 @@ def stack_wide(ts: list[torch.Tensor]) -> torch.Tensor:
 def unstack_like(X: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     """stack_wide undone: X[i] in like[i]'s orientation."""
     return [x.mT if p.size(-2) > p.size(-1) else x for x, p in zip(X.unbind(0), like)]
-
-
-def wide_key(p: torch.Tensor) -> tuple:
-    """One batch for m x n and n x m matrices (Muon, PolarGrad, Newton-Muon): the MLP's 3072 x 768 and 768 x 3072."""
-    return tuple(sorted(p.shape))
 
 
 def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float, nesterov: bool,
@@ -501,51 +879,94 @@ def polargrad_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: 
 _muon_step, _polargrad_step = muon_step, polargrad_step  # replaced by compiled versions on CUDA (see train)
 
 
-class Muon(MatrixOptimizer):
-    """buf = m buf + G; G' = G + m buf (Nesterov) or buf; p -= lr * s * orthogonalize(G'), s = max(1, rows/cols)^0.5 or 1."""
-
-    def __init__(self, params, lr: float = 0.018, momentum: float = 0.95, nesterov: bool = True,
-                 coeffs: str = "simple", shape_scale: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, coeffs=coeffs,
-                                      shape_scale=shape_scale))
-
-    batch_key = staticmethod(wide_key)
-
-    def update(self, params, group, factors: list[torch.Tensor] | None = None):
-        grads = [p.grad for p in params] if factors else self.gradients(params, group)
-        bufs = self.momentum_buffers(params)
-        scales = [max(1.0, p.size(0) / p.size(1)) ** 0.5 if group["shape_scale"] else 1.0 for p in params]
-        _muon_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
-                   group["nesterov"], group["coeffs"], scales, factors, group.get("gram", "full"),
-                   group.get("precondition", "before"))
-
-
-class PolarGrad(MatrixOptimizer):
-    """PolarGrad (Lau, Long & Su 2025, arXiv:2505.21799) as merged in NVIDIA Emerging-Optimizers: Muon's direction
-    scaled by its nuclear norm (steepest descent in the spectral norm rather than its LMO):
-    M = b M + (1 - b) G;  D = b M + (1 - b) G (Nesterov) or M;  O = orthogonalize(D);
-    p = (1 - lr wd) p - lr ||D||_* O,  ||D||_* = nuclear_norm(D, nuclear, O)."""
-
-    def __init__(self, params, lr: float = 0.3, momentum: float = 0.95, nesterov: bool = False,
-                 weight_decay: float = 0.0, nuclear: str = "inner", coeffs: str = "polar_express"):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                      nuclear=nuclear, coeffs=coeffs))
-
-    batch_key = staticmethod(wide_key)
-
-    def update(self, params: list[torch.Tensor], group: dict) -> None:
-        grads = self.gradients(params, group)
-        bufs = self.momentum_buffers(params)
-        _polargrad_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
-                        group["nesterov"], group["weight_decay"], group["nuclear"], group["coeffs"])
-
-
 def eigenbasis(P: torch.Tensor) -> torch.Tensor:
     """Q of P = Q diag(l) Q^T for symmetric P (batched), columns by descending l; fp64 if fp32 eigh fails."""
     try:
         return torch.linalg.eigh(P).eigenvectors.flip(-1)
     except torch.linalg.LinAlgError:
         return torch.linalg.eigh(P.double()).eigenvectors.flip(-1).to(P.dtype)
+
+
+def power_step(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One power iteration towards the eigenvectors of P from the basis Q (batched), sorted by the eigenvalue
+    estimates: order = argsort(diag(Q^T P Q), descending); returns (P Q)[:, order], order. SOAP's refreshed basis is
+    orthonormalize of it (the Q of its QR, up to column signs, to which SOAP is invariant)."""
+    PQ = P @ Q
+    order = torch.argsort((Q * PQ).sum(-2), dim=-1, descending=True)
+    return PQ.gather(-1, order[..., None, :].expand_as(PQ)), order
+
+
+def _rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None, back: bool = False) -> torch.Tensor:
+    """Q_L^T X Q_R (into the eigenbasis) or Q_L X Q_R^T (back); a missing side (None) is the identity."""
+    if QL is not None:
+        X = (QL if back else QL.mT) @ X
+    if QR is not None:
+        X = X @ (QR.mT if back else QR)
+    return X
+
+
+@contextlib.contextmanager
+def tf32_matmuls(on: bool = True):
+    """Within: CUDA fp32 matmuls may use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 = True); on exit the
+    flag and its fp32_precision spelling are as they were, even after an exception. No-op if off or already allowed."""
+    mm = torch.backends.cuda.matmul
+    if not on or mm.allow_tf32:
+        yield
+        return
+    spelling = mm.fp32_precision  # "none" (never set) reads as allow_tf32 False, but setting False spells it "ieee"
+    mm.allow_tf32 = True  # the legacy setter sets both spellings (a new-API "tf32" alone would make matmuls raise)
+    try:
+        yield
+    finally:
+        mm.allow_tf32 = False
+        mm.fp32_precision = spelling
+
+
+def soap_state(opt: SOAP, params: list[torch.Tensor], G: torch.Tensor, max_dim: int) -> dict[str, torch.Tensor]:
+    """The state of `params` (same shape and step) as one tensor per entry, made the first time (zeros), or by
+    stacking when opt.state no longer holds the views made here (a loaded state dict, another batching)."""
+    key, states = tuple(map(id, params)), [opt.state[p] for p in params]
+    S, views = opt._stacks.get(key, (None, []))
+    if S is not None and all(st.get(k) is v for st, vs in zip(states, views) for k, v in vs.items()):
+        return S
+    if "step" in states[0]:
+        S = {k: torch.stack([st[k] for st in states]).to(G.dtype) for k in states[0] if k != "step"}
+    else:
+        S = {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
+        for side, n in (("L", G.size(-2)), ("R", G.size(-1))):
+            if n <= max_dim:
+                S[side], S["Q" + side] = G.new_zeros(len(params), n, n), G.new_zeros(len(params), n, n)
+    views = [{k: v[i] for k, v in S.items()} for i in range(len(params))]
+    for st, vs in zip(states, views):
+        st.update(vs)
+    opt._stacks = {k: v for k, v in opt._stacks.items() if not set(k) & set(key)}  # superseded stacks
+    opt._stacks[key] = S, views
+    return S
+
+
+def refresh_soap_bases(due: list[tuple[dict[str, torch.Tensor], dict]]) -> None:
+    """The refresh of each stacked state S in `due`: m to the parameter space by the old bases, a power step of
+    each side, all sides of one size orthonormalized as one batch (the 3072-wide bases of the MLP's two matrices
+    together, and every 768-wide one: fewer, larger fp64 batches), v permuted, m into the new bases."""
+    ms, steps = [], []  # m in the parameter space; (S, side, A = sorted P Q, order)
+    for S, group in due:
+        with tf32_matmuls(group["tf32"]):
+            ms.append(_rotate(S["exp_avg"], S.get("QL"), S.get("QR"), back=True))
+            steps += [(S, side, *power_step(S[side], S["Q" + side])) for side in ("L", "R") if side in S]
+    by_size: dict[int, list[int]] = {}
+    for i, (_, _, A, _) in enumerate(steps):
+        by_size.setdefault(A.size(-1), []).append(i)
+    for idx in by_size.values():
+        Qs = orthonormalize(torch.cat([steps[i][2] for i in idx])).split([steps[i][2].size(0) for i in idx])
+        for i, Q in zip(idx, Qs):
+            S, side, _, o = steps[i]
+            S["Q" + side].copy_(Q)
+            v = S["exp_avg_sq"]  # its rows (L) or columns (R) follow their sorted basis vectors
+            v.copy_(v.gather(-2, o[..., :, None].expand_as(v)) if side == "L" else
+                    v.gather(-1, o[..., None, :].expand_as(v)))
+    for (S, group), m in zip(due, ms):
+        with tf32_matmuls(group["tf32"]):
+            S["exp_avg"].copy_(_rotate(m, S.get("QL"), S.get("QR")))
 
 
 LINALG_BLOCK = 512  # the column panel of cholesky_blocked and tri_inverse
@@ -670,159 +1091,6 @@ def orthonormalize(A: torch.Tensor) -> torch.Tensor:
     return Q
 
 
-def power_step(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One power iteration towards the eigenvectors of P from the basis Q (batched), sorted by the eigenvalue
-    estimates: order = argsort(diag(Q^T P Q), descending); returns (P Q)[:, order], order. SOAP's refreshed basis is
-    orthonormalize of it (the Q of its QR, up to column signs, to which SOAP is invariant)."""
-    PQ = P @ Q
-    order = torch.argsort((Q * PQ).sum(-2), dim=-1, descending=True)
-    return PQ.gather(-1, order[..., None, :].expand_as(PQ)), order
-
-
-def _rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None, back: bool = False) -> torch.Tensor:
-    """Q_L^T X Q_R (into the eigenbasis) or Q_L X Q_R^T (back); a missing side (None) is the identity."""
-    if QL is not None:
-        X = (QL if back else QL.mT) @ X
-    if QR is not None:
-        X = X @ (QR.mT if back else QR)
-    return X
-
-
-@contextlib.contextmanager
-def tf32_matmuls(on: bool = True):
-    """Within: CUDA fp32 matmuls may use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 = True); on exit the
-    flag and its fp32_precision spelling are as they were, even after an exception. No-op if off or already allowed."""
-    mm = torch.backends.cuda.matmul
-    if not on or mm.allow_tf32:
-        yield
-        return
-    spelling = mm.fp32_precision  # "none" (never set) reads as allow_tf32 False, but setting False spells it "ieee"
-    mm.allow_tf32 = True  # the legacy setter sets both spellings (a new-API "tf32" alone would make matmuls raise)
-    try:
-        yield
-    finally:
-        mm.allow_tf32 = False
-        mm.fp32_precision = spelling
-
-
-class SOAP(MatrixOptimizer):
-    """SOAP (Vyas et al. 2024, arXiv:2409.11321): Adam in the eigenbasis of Shampoo's preconditioner, following
-    nikhilvyas/SOAP soap.py (commit f42d296, the class with project/project_back). As there, the first moment m lives
-    in the eigenbasis; the reference maps it back and forth at every step, the identity except when the basis changes,
-    so here m is carried over only then: m <- Q_L'^T (Q_L m Q_R^T) Q_R'. Per matrix, with s = shampoo_beta (b2 if < 0):
-      first step: L = (1-s) G G^T, R = (1-s) G^T G, (Q_L, Q_R) = eigenbasis(L, R); no update, so G never
-        preconditions itself;
-      step t = 1, 2, ...: G~ = Q_L^T G Q_R;  m = b1 m + (1-b1) G~;  v = b2 v + (1-b2) G~^2;
-        p = p - lr sqrt(1-b2^t)/(1-b1^t) Q_L (m / (sqrt(v) + eps)) Q_R^T;  p = p - lr wd p;
-        L = s L + (1-s) G G^T;  R = s R + (1-s) G^T G;
-        t % precondition_frequency == 0: (A_L, o_L) = power_step(L, Q_L); Q_L = orthonormalize(A_L); the same for R;
-        v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m carried over as above. The refresh runs after
-        all batches' updates, their bases' QRs batched by size (one orthonormalize for every n x n basis).
-    A side longer than max_precond_dim gets no preconditioner (Q = I). All state and math in fp32 (fp64 for fp64
-    parameters; the refresh's QR in fp64); tf32: the step's fp32 matmuls on TF32 tensor cores (CUDA; ~1e-3 relative
-    rounding in the rotations, L, R and the power iteration). The matrices of one shape keep each state entry
-    stacked, one tensor updated in place, so eigh, QR and the rotations run batched without copying the state each
-    step; self.state[p][name] is a view of p's slice, so state dicts stay per matrix (state not made here, e.g.
-    loaded, is restacked once)."""
-
-    def __init__(self, params, lr: float = 0.0018, betas: tuple[float, float] = (0.95, 0.95),
-                 shampoo_beta: float = -1.0, eps: float = 1e-8, weight_decay: float = 0.0,
-                 precondition_frequency: int = 10, max_precond_dim: int = 10000, tf32: bool = False):
-        super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
-                                      weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-                                      max_precond_dim=max_precond_dim, tf32=tf32))
-        self._due: list[tuple[dict[str, torch.Tensor], dict]] = []  # (stacked state, group) whose bases refresh now
-        # ids of a batch's params -> (stacked state, the per-matrix views handed to self.state)
-        self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
-
-    def _stacked(self, params: list[torch.Tensor], G: torch.Tensor, max_dim: int) -> dict[str, torch.Tensor]:
-        """The state of `params` (same shape and step) as one tensor per entry, made the first time (zeros), or by
-        stacking when self.state no longer holds the views made here (a loaded state dict, another batching)."""
-        key, states = tuple(map(id, params)), [self.state[p] for p in params]
-        S, views = self._stacks.get(key, (None, []))
-        if S is not None and all(st.get(k) is v for st, vs in zip(states, views) for k, v in vs.items()):
-            return S
-        if "step" in states[0]:
-            S = {k: torch.stack([st[k] for st in states]).to(G.dtype) for k in states[0] if k != "step"}
-        else:
-            S = {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
-            for side, n in (("L", G.size(-2)), ("R", G.size(-1))):
-                if n <= max_dim:
-                    S[side], S["Q" + side] = G.new_zeros(len(params), n, n), G.new_zeros(len(params), n, n)
-        views = [{k: v[i] for k, v in S.items()} for i in range(len(params))]
-        for st, vs in zip(states, views):
-            st.update(vs)
-        self._stacks = {k: v for k, v in self._stacks.items() if not set(k) & set(key)}  # superseded stacks
-        self._stacks[key] = S, views
-        return S
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self._due = []
-        super().step()
-        if self._due:
-            self._refresh_bases(self._due)
-
-    def _refresh_bases(self, due: list[tuple[dict[str, torch.Tensor], dict]]) -> None:
-        """The refresh of each stacked state S in `due`: m to the parameter space by the old bases, a power step of
-        each side, all sides of one size orthonormalized as one batch (the 3072-wide bases of the MLP's two matrices
-        together, and every 768-wide one: fewer, larger fp64 batches), v permuted, m into the new bases."""
-        ms, steps = [], []  # m in the parameter space; (S, side, A = sorted P Q, order)
-        for S, group in due:
-            with tf32_matmuls(group["tf32"]):
-                ms.append(_rotate(S["exp_avg"], S.get("QL"), S.get("QR"), back=True))
-                steps += [(S, side, *power_step(S[side], S["Q" + side])) for side in ("L", "R") if side in S]
-        by_size: dict[int, list[int]] = {}
-        for i, (_, _, A, _) in enumerate(steps):
-            by_size.setdefault(A.size(-1), []).append(i)
-        for idx in by_size.values():
-            Qs = orthonormalize(torch.cat([steps[i][2] for i in idx])).split([steps[i][2].size(0) for i in idx])
-            for i, Q in zip(idx, Qs):
-                S, side, _, o = steps[i]
-                S["Q" + side].copy_(Q)
-                v = S["exp_avg_sq"]  # its rows (L) or columns (R) follow their sorted basis vectors
-                v.copy_(v.gather(-2, o[..., :, None].expand_as(v)) if side == "L" else
-                        v.gather(-1, o[..., None, :].expand_as(v)))
-        for (S, group), m in zip(due, ms):
-            with tf32_matmuls(group["tf32"]):
-                S["exp_avg"].copy_(_rotate(m, S.get("QL"), S.get("QR")))
-
-    def update(self, params: list[torch.Tensor], group: dict) -> None:
-        by_step: dict[int, list[torch.Tensor]] = {}
-        for p in params:
-            by_step.setdefault(self.state[p].get("step", -1), []).append(p)
-        if len(by_step) > 1:  # matrices that missed a step (no grad) are batched apart, each once
-            for ps in by_step.values():
-                self.update(ps, group)
-            return
-        (b1, b2), lr = group["betas"], group["lr"]
-        s = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
-        G = torch.stack(self.gradients(params, group)).to(torch.promote_types(params[0].dtype, torch.float32))
-        S = self._stacked(params, G, group["max_precond_dim"])
-        t = next(iter(by_step)) + 1
-        QL, QR = S.get("QL"), S.get("QR")
-        with tf32_matmuls(group["tf32"]):
-            if t > 0:
-                Gr = _rotate(G, QL, QR)
-                S["exp_avg"].lerp_(Gr, 1 - b1)
-                S["exp_avg_sq"].mul_(b2).addcmul_(Gr, Gr, value=1 - b2)
-                U = _rotate(S["exp_avg"] / S["exp_avg_sq"].sqrt().add_(group["eps"]), QL, QR, back=True)
-                torch._foreach_add_(params, list(U.unbind(0)), alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))
-                if group["weight_decay"]:
-                    torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            for side, X in (("L", G), ("R", G.mT)):
-                if side in S:  # L = s L + (1-s) G G^T, R = s R + (1-s) G^T G, the EMA in the matmul's epilogue
-                    S[side].baddbmm_(X, X.mT, beta=s, alpha=1 - s)
-            if t == 0:
-                for side in ("L", "R"):
-                    if side in S:
-                        S["Q" + side].copy_(eigenbasis(S[side]))
-            elif t % group["precondition_frequency"] == 0:
-                self._due.append((S, group))  # refreshed in step(), after every batch: one orthonormalize per size
-        for p in params:
-            self.state[p]["step"] = t
-
-
 def cannot_fail(R: torch.Tensor, wait: bool):
     """A factor without a Cholesky, as gram_factor returns it: R, or (R, a false failure flag) with wait=False."""
     return R if wait else (R, torch.zeros((), dtype=torch.bool, device=R.device))
@@ -867,199 +1135,6 @@ def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool 
     return gram_upper(tri_inverse(L), lower=True)  # A^-1 = L^-T L^-1
 
 
-def bf16_operands(G: torch.Tensor) -> bool:
-    """Whether right_precondition multiplies in bf16 by default: on CUDA, where it then costs a bf16 matmul."""
-    return G.is_cuda
-
-
-def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str, low_precision: bool | None = None) -> torch.Tensor:
-    """G R for G (out, d) and gram_factor's R: full G @ R; block: each b-column block of G times its (b, b) block;
-    diag: G * R. In fp32 (fp64 for fp64), or with bf16 operands (low_precision; default: on CUDA, where R's
-    application then costs a bf16 matmul like the model's own), returned in G's dtype."""
-    if mode == "diag":
-        return (G * R).to(G.dtype)
-    low = bf16_operands(G) if low_precision is None else low_precision
-    dtype = torch.bfloat16 if low else torch.promote_types(G.dtype, torch.float32)
-    X, R = G.to(dtype), R.to(dtype)
-    if mode == "block":  # (out, d) -> (d/b, out, b) @ (d/b, b, b) -> (out, d)
-        out, d = G.shape
-        return (X.view(out, R.size(0), -1).transpose(0, 1) @ R).transpose(0, 1).reshape(out, d).to(G.dtype)
-    return (X @ R).to(G.dtype)
-
-
-class FeatureGram(MatrixOptimizer):
-    """Base of the feature-gram optimizers: each block matrix W (out x d) is preconditioned on the right by the Gram
-    matrix of its layer's input X, C = X^T X / n_tokens (full, block-diagonal or diagonal), which the model collects on
-    refresh steps (GPT.collect_gram). On a refresh, refresh_gram averages the collected sums over processes (one
-    all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the right preconditioner
-    (gram_factor, batched over the matrices of one shape; on CUDA stored in bf16, the operand dtype right_precondition
-    gives it there) for the matrices this process owns; each step then costs one matmul per matrix
-    (right_precondition). Before the first refresh the preconditioner is the identity."""
-
-    def __init__(self, params, layers: list[nn.Module], defaults: dict):
-        super().__init__(params, defaults)
-        self.layers = dict(zip([id(p) for p in params], layers))
-        assert all(self.layers[id(p)].weight is p for p in self._params())
-        self._pending: list = []  # refresh_gram's batches, each with its failure flag, for finish_refresh
-        self._refreshed: torch.cuda.Event | None = None  # set when refresh_gram ran on a side stream
-        # matrices of this process whose Cholesky of C + gamma I failed at the last refresh, by the factor on gamma
-        # that held (finish_refresh); the training loop writes them to the record (`gram_fallbacks:`)
-        self.fallbacks: dict[int, int] = dict.fromkeys(FALLBACK_BOOSTS, 0)
-
-    def damping(self, C: torch.Tensor, group: dict) -> torch.Tensor | float:
-        """gamma of C + gamma I, for C batched over its first dim: relative (Newton-Muon) or absolute (LocoProp-S)."""
-        raise NotImplementedError
-
-    def factor(self, C: torch.Tensor, group: dict, wait: bool = True, boosts: list | None = None):
-        """The cached right preconditioner for a batch of C's of one shape (wait, boosts: as gram_factor's)."""
-        return gram_factor(C, self.damping(C, group), group["gram"], group["f"], wait, boosts)
-
-    def _store_factors(self, ps: list[torch.Tensor], Rs: torch.Tensor, group: dict) -> None:
-        for p, R in zip(ps, Rs):
-            low = bf16_operands(p) and group["gram"] != "diag"  # stored as right_precondition's operand
-            self.state[p]["factor"] = R.bfloat16() if low else R
-
-    def _stacked_grams(self, ps: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([self.state[p]["gram"] for p in ps])
-
-    @torch.no_grad()
-    def refresh_gram(self, n_tokens: int, stream: torch.cuda.Stream | None = None) -> None:
-        """Take the Gram sums the model collected over n_tokens tokens (all processes): C, then the cached factors, one
-        attempt per batch without a host sync; finish_refresh() (or the next step()) redoes a batch whose Cholesky
-        failed. With a CUDA `stream`, everything after the all-reduce is queued on it behind the current stream's work,
-        so the factorization overlaps what the current stream does next (the backward); finish_refresh() joins it."""
-        grams = [self.layers[id(p)].gram for p in self._params()]
-        if self.world > 1:
-            flat = torch.cat([g.reshape(-1) for g in grams])
-            dist.all_reduce(flat)
-            torch._foreach_copy_(grams, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grams]), grams)])
-        self._pending = []
-        self.fallbacks = dict.fromkeys(FALLBACK_BOOSTS, 0)
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for group in self.param_groups:
-                by_shape: dict[torch.Size, list[torch.Tensor]] = {}
-                for p in group["params"]:
-                    if self.owner[p] == self.rank:
-                        st, new = self.state[p], self.layers[id(p)].gram / n_tokens
-                        st["gram"] = new if "gram" not in st else st["gram"].lerp_(new, 1 - group["gram_beta"])
-                        by_shape.setdefault(st["gram"].shape, []).append(p)
-                for ps in by_shape.values():
-                    Rs, failed = self.factor(self._stacked_grams(ps), group, wait=False)
-                    self._store_factors(ps, Rs, group)
-                    if failed.is_cuda:  # to the host without a sync: read once the stream is done
-                        failed = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(failed, non_blocking=True)
-                    self._pending.append((ps, group, failed))
-        self._refreshed = None
-        if stream is not None:
-            self._refreshed = torch.cuda.Event()
-            self._refreshed.record(stream)
-
-    @torch.no_grad()
-    def finish_refresh(self) -> None:
-        """Join a refresh_gram(stream=...): the current stream waits for it; a batch whose Cholesky failed is redone
-        here with gram_factor's damping boosts (host syncs, only then; raises LinAlgError if C is not finite)."""
-        pending, self._pending = self._pending, []  # taken once, also when a redo raises
-        if not pending:
-            return
-        if self._refreshed is not None:
-            torch.cuda.current_stream().wait_event(self._refreshed)
-            self._refreshed.synchronize()  # the failure flags are on the host: waits for the side stream only
-        for ps, group, flag in pending:
-            if flag.item():
-                boosts: list[torch.Tensor] = []
-                self._store_factors(ps, self.factor(self._stacked_grams(ps), group, boosts=boosts), group)
-                for b in boosts[0].reshape(len(ps), -1).amax(-1).tolist():  # a matrix's largest (block mode)
-                    if b > 1:
-                        self.fallbacks[b] += 1
-
-    def step(self) -> None:
-        self.finish_refresh()  # a no-op unless a refresh_gram is still pending
-        super().step()
-
-    def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
-        """G (C + gamma I)^-1 for each matrix that has a factor; G itself before the first refresh."""
-        return [right_precondition(p.grad, self.state[p]["factor"], group["gram"])
-                if "factor" in self.state[p] else p.grad for p in params]
-
-
-def trace_over_d(C: torch.Tensor, mode: str) -> torch.Tensor:
-    """tr(C) / d per matrix for C full (..., d, d), block (..., d/b, b, b) or diag (..., d)."""
-    if mode == "diag":
-        return C.mean(-1)
-    D = C.diagonal(dim1=-2, dim2=-1)
-    return D.flatten(-2).mean(-1) if mode == "block" else D.mean(-1)
-
-
-class NewtonMuon(FeatureGram):
-    """Newton-Muon (arXiv:2604.01472): Muon on the right-preconditioned gradient, R = (C + gamma I)^-1 (or its square
-    root, f) with gamma = damping tr(C)/d, R the one of the last refresh;
-    precondition before:  buf = m buf + G R;  p -= lr msign(G R + m buf) (Nesterov; msign(buf) without);
-    precondition after:   buf = m buf + G;    p -= lr msign((G + m buf) R) (Nesterov; msign(buf R) without).
-    They differ only after a refresh (before: buf's older terms keep their older R). p's step is also multiplied by
-    max(1, rows/cols)^0.5 with shape_scale, as Muon's. With C = c I both are Muon (msign is scale-free)."""
-
-    def __init__(self, params, layers, lr: float = 0.018, momentum: float = 0.95, nesterov: bool = True,
-                 coeffs: str = "simple", gram: str = "full", damping: float = 0.2, gram_beta: float = 0.0,
-                 f: str = "solve", precondition: str = "before", shape_scale: bool = False):
-        super().__init__(params, layers, dict(lr=lr, momentum=momentum, nesterov=nesterov, coeffs=coeffs,
-                                              shape_scale=shape_scale, gram=gram, damping=damping,
-                                              gram_beta=gram_beta, f=f, precondition=precondition))
-
-    def damping(self, C, group):
-        return group["damping"] * trace_over_d(C, group["gram"])
-
-    batch_key = staticmethod(wide_key)
-
-    def update(self, params, group):
-        """Muon on G (C + gamma I)^-1: the preconditioning inside muon_step once every matrix has its factor."""
-        factors = [self.state[p].get("factor") for p in params]
-        Muon.update(self, params, group, factors if all(f is not None for f in factors) else None)
-
-
-class LocoPropS(FeatureGram):
-    """LocoProp-S (Amid, Anil & Warmuth, AISTATS 2022), square-loss local problems: the layer's local loss
-    1/2 ||X W^T - (X W0^T - eta dY)||^2 + lam/2 ||W - W0||^2 (means over tokens) has gradient
-    (W - W0)(C + lam I) + eta G, so with A = C + lam I (lam: lambda, or lambda tr(C)/d with lambda_mode relative) its
-    minimizer is dW = -eta G A^-1 (steps = 0), and K inner gradient steps of size s = nu / L from W0, with
-    L = eigenvalue_bound(C) + lam >= lambda_max(A), give dW = -s eta G sum_{j<K} (I - s A)^j (steps = K). On A's
-    eigenvector i (eigenvalue a_i) that is -eta G's component / a_i times 1 - (1 - nu a_i / L)^K: for nu in (0, 2) it
-    converges to the minimizer for every C (|1 - nu a_i / L| < 1), for nu <= 1 monotonically in K (the factor is in
-    [0, 1)). (A step nu not scaled by 1/L diverges once nu lambda_max(A) > 2: nu = 0.5, lam = 1 gave spectral radii
-    14.6, 72.8 and 43 for c_attn, c_fc and the MLP's c_proj of the 768-wide model at init.) G may first go through
-    heavy-ball momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
-
-    def __init__(self, params, layers, lr: float = 0.3, lam: float = 1.0, steps: int = 0, nu: float = 1.0,
-                 momentum: float = 0.0, gram: str = "full", gram_beta: float = 0.0, lambda_mode: str = "absolute"):
-        super().__init__(params, layers, dict(lr=lr, damping=lam, steps=steps, nu=nu, momentum=momentum, gram=gram,
-                                              gram_beta=gram_beta, f="solve", lambda_mode=lambda_mode))
-
-    def damping(self, C, group):
-        """lambda of A = C + lambda I: absolute, the setting itself; relative, setting * tr(C)/d per matrix."""
-        if group["lambda_mode"] == "relative":
-            return group["damping"] * trace_over_d(C, group["gram"])
-        return group["damping"]
-
-    def factor(self, C, group, wait=True, boosts=None):  # A^-1 (steps = 0) or the K-step polynomial P_K
-        if group["steps"] == 0:
-            return super().factor(C, group, wait, boosts)
-        lam = self.damping(C, group)
-        step = group["nu"] / (eigenvalue_bound(C, group["gram"]) + lam)
-        return cannot_fail(inner_steps_polynomial(C, lam, step, group["steps"], group["gram"]), wait)
-
-    def update(self, params, group):
-        grads = [p.grad for p in params]
-        if group["momentum"]:
-            bufs = self.momentum_buffers(params)
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads)
-            grads = bufs
-        dirs = [right_precondition(g, self.state[p]["factor"], group["gram"]) if "factor" in self.state[p] else g
-                for p, g in zip(params, grads)]  # the identity before the first refresh
-        torch._foreach_add_(params, dirs, alpha=-group["lr"])
-
-
 def eigenvalue_bound(C: torch.Tensor, mode: str, squarings: int = 4) -> torch.Tensor:
     """L >= lambda_max(C) per matrix for symmetric positive semidefinite C, batched: full (..., d, d); block
     (..., d/b, b, b), the max over its blocks; diag (..., d), max_i C_i (exact). Full and block: the Schatten norm
@@ -1100,99 +1175,55 @@ def inner_steps_polynomial(C: torch.Tensor, lam, nu, K: int, mode: str) -> torch
     return P
 
 
-def build_optimizers(model: nn.Module, args: Hyperparameters) -> list[torch.optim.Optimizer]:
-    """AdamW on the tied embedding/head; OPTIMIZERS[args.optimizer] on every matrix inside the blocks."""
-    fused = next(model.parameters()).is_cuda
-    embed = torch.optim.AdamW([model.lm_head.weight], lr=args.embed_lr, betas=args.embed_betas, weight_decay=0.0,
-                              fused=fused)
-    if args.optimizer not in OPTIMIZERS:
-        raise SystemExit(f"--optimizer: unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if args.optimizer in ("newton_muon", "locoprop"):  # these also need each matrix's layer, which collects its C
-        model.setup_gram(args.gram, args.gram_block)
-        layers = model.gram_layers()
-        blocks = OPTIMIZERS[args.optimizer]([m.weight for m in layers], args, layers)
-    else:
-        blocks = OPTIMIZERS[args.optimizer](list(model.transformer.h.parameters()), args, fused)
-    for opt in (embed, blocks):
-        for g in opt.param_groups:
-            g["base_lr"] = g["lr"]
-    return [embed, blocks]
+@torch.no_grad()
+def refresh_gram_factors(opt: FeatureGram, n_tokens: int, stream: torch.cuda.Stream | None = None) -> None:
+    """FeatureGram.refresh_gram: C from the collected sums, then the cached factors (see there)."""
+    grams = [opt.layers[id(p)].gram for p in opt._params()]
+    if opt.world > 1:
+        flat = torch.cat([g.reshape(-1) for g in grams])
+        dist.all_reduce(flat)
+        torch._foreach_copy_(grams, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grams]), grams)])
+    opt._pending = []
+    opt.fallbacks = dict.fromkeys(FALLBACK_BOOSTS, 0)
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        for group in opt.param_groups:
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if opt.owner[p] == opt.rank:
+                    st, new = opt.state[p], opt.layers[id(p)].gram / n_tokens
+                    st["gram"] = new if "gram" not in st else st["gram"].lerp_(new, 1 - group["gram_beta"])
+                    by_shape.setdefault(st["gram"].shape, []).append(p)
+            for ps in by_shape.values():
+                Rs, failed = opt.factor(opt._stacked_grams(ps), group, wait=False)
+                opt._store_factors(ps, Rs, group)
+                if failed.is_cuda:  # to the host without a sync: read once the stream is done
+                    failed = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(failed, non_blocking=True)
+                opt._pending.append((ps, group, failed))
+    opt._refreshed = None
+    if stream is not None:
+        opt._refreshed = torch.cuda.Event()
+        opt._refreshed.record(stream)
 
 
-# name -> (block matrices, settings, fused) -> optimizer; `--optimizer` takes these names
-OPTIMIZERS = {
-    "muon": lambda ps, a, fused: Muon(ps, lr=a.muon_lr, momentum=a.muon_momentum, nesterov=a.muon_nesterov,
-                                      coeffs=a.ns_coeffs, shape_scale=a.muon_shape_scale),
-    "polargrad": lambda ps, a, fused: PolarGrad(ps, lr=a.polargrad_lr, momentum=a.polargrad_momentum,
-                                                nesterov=a.polargrad_nesterov, weight_decay=a.polargrad_weight_decay,
-                                                nuclear=a.polargrad_nuclear, coeffs=a.polargrad_ns_coeffs),
-    "soap": lambda ps, a, fused: SOAP(ps, lr=a.soap_lr, betas=a.soap_betas, shampoo_beta=a.soap_shampoo_beta,
-                                      eps=a.soap_eps, weight_decay=a.soap_weight_decay,
-                                      precondition_frequency=a.soap_precondition_frequency,
-                                      max_precond_dim=a.soap_max_precond_dim, tf32=a.soap_tf32),
-    "newton_muon": lambda ps, a, layers: NewtonMuon(ps, layers, lr=a.muon_lr, momentum=a.muon_momentum,
-                                                    nesterov=a.muon_nesterov, coeffs=a.ns_coeffs, gram=a.gram,
-                                                    damping=a.gram_damping, gram_beta=a.gram_beta, f=a.gram_f,
-                                                    precondition=a.newton_muon_precondition,
-                                                    shape_scale=a.muon_shape_scale),
-    "locoprop": lambda ps, a, layers: LocoPropS(ps, layers, lr=a.locoprop_lr, lam=a.locoprop_lambda,
-                                                steps=a.locoprop_steps, nu=a.locoprop_nu,
-                                                momentum=a.locoprop_momentum, gram=a.gram, gram_beta=a.gram_beta,
-                                                lambda_mode=a.locoprop_lambda_mode),
-    "adamw": lambda ps, a, fused: torch.optim.AdamW(ps, lr=a.adamw_lr, betas=a.adamw_betas,
-                                                    weight_decay=a.adamw_weight_decay, fused=fused),
-}
+@torch.no_grad()
+def finish_gram_refresh(opt: FeatureGram) -> None:
+    """FeatureGram.finish_refresh: join the side stream; redo a failed batch with more damping (see there)."""
+    pending, opt._pending = opt._pending, []  # taken once, also when a redo raises
+    if not pending:
+        return
+    if opt._refreshed is not None:
+        torch.cuda.current_stream().wait_event(opt._refreshed)
+        opt._refreshed.synchronize()  # the failure flags are on the host: waits for the side stream only
+    for ps, group, flag in pending:
+        if flag.item():
+            boosts: list[torch.Tensor] = []
+            opt._store_factors(ps, opt.factor(opt._stacked_grams(ps), group, boosts=boosts), group)
+            for b in boosts[0].reshape(len(ps), -1).amax(-1).tolist():  # a matrix's largest (block mode)
+                if b > 1:
+                    opt.fallbacks[b] += 1
 
-
-def check_optimizer_args(args: Hyperparameters) -> None:
-    """Refuse optimizer settings out of range: lr, eps in (0, inf); momentum, betas in [0, 1); weight decay >= 0;
-    soap_shampoo_beta < 1 (negative: soap_betas[1]); frequency, max dim >= 1; soap_tf32 a bool; polargrad_nuclear
-    exact | inner."""
-    def bad(name: str, want: str):
-        raise SystemExit(f"--{name}: must be {want}, got {getattr(args, name)!r}")
-
-    for name in ("embed_lr", "muon_lr", "adamw_lr", "polargrad_lr", "soap_lr", "soap_eps"):
-        if not 0 < getattr(args, name) < math.inf:
-            bad(name, "positive and finite")
-    for name in ("muon_momentum", "polargrad_momentum"):
-        if not 0 <= getattr(args, name) < 1:
-            bad(name, "in [0, 1)")
-    for name in ("embed_betas", "adamw_betas", "soap_betas"):
-        if len(getattr(args, name)) != 2 or not all(0 <= b < 1 for b in getattr(args, name)):
-            bad(name, "two numbers in [0, 1), e.g. 0.9,0.95")
-    for name in ("adamw_weight_decay", "polargrad_weight_decay", "soap_weight_decay"):
-        if not 0 <= getattr(args, name) < math.inf:
-            bad(name, ">= 0")
-    if not args.soap_shampoo_beta < 1:
-        bad("soap_shampoo_beta", "in [0, 1), or negative for soap_betas[1]")
-    for name in ("soap_precondition_frequency", "soap_max_precond_dim"):
-        if getattr(args, name) < 1:
-            bad(name, ">= 1")
-    if not isinstance(args.soap_tf32, bool):
-        bad("soap_tf32", "a bool (0 or 1)")
-    if args.polargrad_nuclear not in ("exact", "inner"):
-        bad("polargrad_nuclear", "exact or inner")
-    if args.gram not in ("full", "block", "diag"):
-        bad("gram", "full, block or diag")
-    if args.gram == "block" and (args.gram_block < 1 or args.n_embd % args.gram_block):
-        bad("gram_block", f"a divisor of every layer's input width ({args.n_embd} and {4 * args.n_embd})")
-    if args.gram_f not in ("solve", "inverse_sqrt"):
-        bad("gram_f", "solve or inverse_sqrt")
-    if args.newton_muon_precondition not in ("before", "after"):
-        bad("newton_muon_precondition", "before or after")
-    if args.locoprop_lambda_mode not in ("absolute", "relative"):
-        bad("locoprop_lambda_mode", "absolute or relative")
-    for name in ("gram_every", "locoprop_steps"):
-        if getattr(args, name) < (1 if name == "gram_every" else 0):
-            bad(name, ">= 1" if name == "gram_every" else ">= 0")
-    for name in ("gram_beta", "locoprop_momentum"):
-        if not 0 <= getattr(args, name) < 1:
-            bad(name, "in [0, 1)")
-    for name in ("gram_damping", "locoprop_lr", "locoprop_lambda"):
-        if not 0 < getattr(args, name) < math.inf:
-            bad(name, "positive and finite")
-    if not 0 < args.locoprop_nu < 2:
-        bad("locoprop_nu", "in (0, 2) (the inner step is locoprop_nu / L, L >= lambda_max(C + lambda I))")
 
 # ----------------------------------------------------------------------------- model
 
