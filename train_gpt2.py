@@ -2429,12 +2429,44 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
 
 
-def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism) -> tuple[str, nn.Module]:
-    rank, world, device = setup_distributed()
-    master = rank == 0
-    accum = validate_args(args, world)
-    check_attention(args, device)
-    T, B = args.sequence_length, args.device_batch_size
+@dataclass
+class Run:
+    """What one training run holds, made by start_run. model: what the steps call (compiled on CUDA, DDP-wrapped with
+    several processes); raw_model: the GPT itself. progress: step, training_ms, timed_steps, losses (from a checkpoint
+    when resuming). log: the record's log on process 0, a no-op elsewhere."""
+    args: Hyperparameters
+    rank: int
+    world: int
+    device: torch.device
+    accum: int
+    val_tokens: np.ndarray
+    model: nn.Module
+    raw_model: GPT
+    optimizers: list[torch.optim.Optimizer]
+    loader: DataLoader
+    checkpoints: Checkpoints
+    record: Record | None
+    log: object
+    progress: dict
+    autocast: object
+    attention: object
+    gram_stream: torch.cuda.Stream | None
+    timers: tuple[Timer, Timer]  # all optimizers; the block matrices' alone
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def check_inputs(args: Hyperparameters, world: int) -> tuple[list[str], list[str], str, dict | None]:
+    """Refuse, before any training work, shards that are missing, too small or out of the vocabulary, a checkpoint
+    saved on other shards, and folders that cannot be written. Returns (train files, val files, the checkpoint to
+    resume or "", its meta or None)."""
+    B, T = args.device_batch_size, args.sequence_length
     train_files = check_shards(args.input_bin, args.batch_size * T + 1, "train")
     val_files = check_shards(args.input_val_bin, 0, "val")
     have = sum(shard_token_count(f) for f in val_files)
@@ -2443,8 +2475,8 @@ def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism
                                              f"{args.val_tokens} + 1", fix=f"pass --val_tokens <= {have - 1} "
                                              f"(a multiple of {world * B * T})")
     resume = find_checkpoint(args.resume, checkpoint_root(args)) if args.resume else ""
+    meta = read_checkpoint_meta(resume) if resume else None
     if resume:
-        meta = read_checkpoint_meta(resume)
         for pattern, files, what in ((args.input_bin, train_files, "train"), (args.input_val_bin, val_files, "val")):
             if meta[f"{what}_files"] != shard_list(files):
                 raise ShardError(pattern, f"the {what} shards (names and token counts) differ from the "
@@ -2454,8 +2486,33 @@ def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism
     for folder, setting in ([] if resume else [(args.records_dir, "records_dir")]) + [
             (os.path.dirname(resume) if resume else checkpoint_root(args), "checkpoint_dir")]:
         check_writable(folder, setting)
+    return train_files, val_files, resume, meta
+
+
+def compile_for_cuda(model: nn.Module, args: Hyperparameters) -> nn.Module:
+    """The compiled model, and Muon's and PolarGrad's update steps compiled in place of the eager ones: one graph per
+    transposition class, no dynamic kernels, without Inductor's loop reordering after fusion, whose pass failed an
+    assertion (torch 2.11, CUDA) on Muon's stack of transposed foreach outputs."""
+    global _muon_step, _polargrad_step
+    if args.activation_budget < 1:  # the partitioner saves less and recomputes the rest in the backward
+        torch._functorch.config.activation_memory_budget = args.activation_budget
+    no_reorder = {k: False for k in ("loop_ordering_after_fusion", "loop_reindexing_after_fusion")
+                  if hasattr(torch._inductor.config, k)}
+    _muon_step = torch.compile(muon_step, dynamic=False, options=no_reorder)
+    _polargrad_step = torch.compile(polargrad_step, dynamic=False, options=no_reorder)
+    return compile_model(model, args)
+
+
+def start_run(args: Hyperparameters, determinism: Determinism) -> Run:
+    """Processes, checked inputs, the val tokens, the seeded model and its optimizers, the data loader, the
+    checkpoints (loaded when resuming) and the record with its first lines; then compiled (CUDA) and DDP-wrapped."""
+    rank, world, device = setup_distributed()
+    master, cuda = rank == 0, device.type == "cuda"
+    accum = validate_args(args, world)
+    check_attention(args, device)
+    B, T = args.device_batch_size, args.sequence_length
+    train_files, val_files, resume, meta = check_inputs(args, world)
     val_tokens = load_val_tokens(val_files, args.val_tokens, args.vocab_size)
-    cuda = device.type == "cuda"
     run_name = [record_name(args) if master else ""]
     if world > 1:
         dist.broadcast_object_list(run_name, src=0)
@@ -2477,39 +2534,125 @@ def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism
     log(determinism.describe())
     determinism.attach(log)
     if cuda and args.compile:
-        global _muon_step, _polargrad_step
-        if args.activation_budget < 1:  # the partitioner saves less and recomputes the rest in the backward
-            torch._functorch.config.activation_memory_budget = args.activation_budget
-        # one graph per transposition class, no dynamic kernels; without Inductor's loop reordering after fusion,
-        # whose pass failed an assertion (torch 2.11, CUDA) on Muon's stack of transposed foreach outputs
-        no_reorder = {k: False for k in ("loop_ordering_after_fusion", "loop_reindexing_after_fusion")
-                      if hasattr(torch._inductor.config, k)}
-        _muon_step = torch.compile(muon_step, dynamic=False, options=no_reorder)
-        _polargrad_step = torch.compile(polargrad_step, dynamic=False, options=no_reorder)
-        model = compile_model(model, args)
+        model = compile_for_cuda(model, args)
     if world > 1:  # buffers (the Gram sums) stay per process until refresh_gram reduces them
         model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     backend = (DETERMINISTIC_ATTENTION if args.deterministic else ATTENTION_BACKENDS)[args.attention]
     attention = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
-    x, y = loader.next_batch()
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    opt_timer, blocks_timer = Timer(cuda), Timer(cuda)  # all optimizers; the block matrices' alone
     # a high-priority side stream for the Gram factors (refresh_gram), so their small latency-bound kernels slot in
     # between the backward's
     gram_stream = torch.cuda.Stream(priority=-1) if cuda and args.gram_overlap and isinstance(
         optimizers[-1], FeatureGram) else None
-    params = list(raw_model.parameters())
-    # this process's [a Gram refresh failed, a stop signal came, Cholesky fallbacks by boost], all-reduced
-    flags = torch.zeros(2 + len(FALLBACK_BOOSTS), device=device)
+    return Run(args, rank, world, device, accum, val_tokens, model, raw_model, optimizers, loader, checkpoints,
+               record, log, progress, autocast, attention, gram_stream, (Timer(cuda), Timer(cuda)))
 
-    start, training_ms, timed_before, losses = (progress[k] for k in ("step", "training_ms", "timed_steps", "losses"))
-    warm_until = start + 10  # the first 10 steps of each start (compile warm-up) are not timed
-    rate_before = matmul_rate(device, world) if args.matmul_check else 0.0  # on a cool GPU; again after training
+
+def evaluate(run: Run) -> float:
+    """The mean loss over the val tokens (each process its share of the batches; averaged over processes)."""
+    B, T = run.args.device_batch_size, run.args.sequence_length
+    run.model.eval()
+    val_loss, n = torch.zeros((), device=run.device), 0
+    with torch.no_grad():
+        for vx, vy in val_batches(run.val_tokens, B, T, run.rank, run.world, run.device):
+            with run.autocast, run.attention():
+                val_loss += run.model(vx, vy)
+            n += 1
+    val_loss /= n
+    if run.world > 1:
+        dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
+    run.model.train()
+    return val_loss.item()
+
+
+@dataclass
+class StepOutcome:
+    """What train_step tells the loop, agreed by every process: the mean train loss, whether the parameters are all
+    finite, the Gram refresh's error here ("" if none) and whether any process had one, whether a stop signal came,
+    and the Cholesky fallbacks of the refresh by boost (summed over processes)."""
+    train_loss: float
+    finite: bool
+    refresh_error: str
+    refresh_failed: bool
+    stop: bool
+    fallbacks: list[int]
+
+
+def train_step(run: Run, step: int, batch: tuple[torch.Tensor, torch.Tensor], signals: StopSignals,
+               determinism: Determinism) -> tuple[StepOutcome, tuple[torch.Tensor, torch.Tensor]]:
+    """One optimizer step: `accum` micro-batches forward and backward (on a refresh step also collecting each layer's
+    input Gram matrix, factored during the last backward), the lr schedule, every optimizer's step, then one
+    all-reduce of the loss and the flags. Returns the outcome and the next batch (read while the GPU works)."""
+    args, optimizers, (opt_timer, blocks_timer) = run.args, run.optimizers, run.timers
+    x, y = batch
+    train_loss = torch.zeros((), device=run.device)
+    refresh = isinstance(optimizers[-1], FeatureGram) and step % args.gram_every == 0
+    if refresh:  # this step's forward passes also collect each layer's input Gram matrix
+        run.raw_model.collect_gram(True)
+    for micro in range(run.accum):
+        no_sync = run.model.no_sync() if run.world > 1 and micro < run.accum - 1 else contextlib.nullcontext()
+        with no_sync:
+            with run.autocast, run.attention():
+                loss = run.model(x, y)
+            if refresh and micro == run.accum - 1:  # C is complete: its factors (on gram_stream: during the backward)
+                run.raw_model.collect_gram(False)
+                optimizers[-1].refresh_gram(n_tokens=args.batch_size * args.sequence_length, stream=run.gram_stream)
+            x, y = run.loader.next_batch()  # the next batch is read while the GPU works
+            with determinism.backward():
+                (loss / run.accum).backward()
+        train_loss += loss.detach() / run.accum
+    mult = lr_multiplier(step, args)
+    opt_timer.start()
+    refresh_error = ""
+    if refresh:
+        try:
+            optimizers[-1].finish_refresh()
+        except torch.linalg.LinAlgError as e:  # C is not finite: a divergence, reported after this step
+            refresh_error = str(e)
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        if opt is optimizers[-1]:
+            blocks_timer.start()
+        opt.step()
+    blocks_timer.stop()
+    opt_timer.stop()
+    run.model.zero_grad(set_to_none=True)
+    return agree(run, train_loss, refresh_error, signals.signum > 0, refresh), (x, y)
+
+
+def agree(run: Run, train_loss: torch.Tensor, refresh_error: str, stop: bool, refresh: bool) -> StepOutcome:
+    """The step's outcome as every process sees it: with several processes one all-reduce carries the train loss,
+    whether any process failed a refresh or got a signal, and the Cholesky fallbacks of all processes; the parameters'
+    finiteness is identical everywhere. Waits for the step, so the timers are complete after it."""
+    n_boosts = len(FALLBACK_BOOSTS)
+    fallbacks = list(run.optimizers[-1].fallbacks.values()) if refresh else [0] * n_boosts
+    stats = train_loss.view(1)
+    if run.world > 1:
+        flags = torch.tensor([float(bool(refresh_error)), float(stop)] + fallbacks, device=run.device)
+        stats = torch.cat([stats, flags])
+        dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+    params = list(run.raw_model.parameters())
+    finite = torch.stack(torch._foreach_norm(params, float("inf"))).isfinite().all()
+    stats = torch.cat([stats, finite.view(1).float()]).tolist()
+    refresh_failed = bool(refresh_error)
+    if run.world > 1:  # every process decides on the all-reduced flags alone, so all stop (or go on) together
+        refresh_failed, stop = stats[1] > 0, stats[2] > 0
+        fallbacks = [round(x * run.world) for x in stats[3:3 + n_boosts]]  # means of counts: sums
+    return StepOutcome(stats[0], stats[-1] == 1.0, refresh_error, refresh_failed, stop, fallbacks)
+
+
+def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism) -> tuple[str, nn.Module]:
+    """start_run, then per step: a validation when due (val_loss_every, and the last step), train_step, the
+    divergence check, the record's step line, checkpoints when due or on a stop signal; finish_run at the end. The
+    first 10 steps of each start are compile warm-up and not timed; validation and saving are not training time."""
+    run = start_run(args, determinism)
+    log, sync, opt_timer, blocks_timer = run.log, run.sync, *run.timers
+    start, training_ms, timed_before, losses = (run.progress[k] for k in ("step", "training_ms", "timed_steps",
+                                                                          "losses"))
+    warm_until = start + 10
+    rate_before = matmul_rate(run.device, run.world) if args.matmul_check else 0.0  # on a cool GPU; again after
+    batch = run.loader.next_batch()
     t0 = time.perf_counter()
     for step in range(start, args.num_iterations + 1):
         last = step == args.num_iterations or step == args.stop_at > 0
@@ -2521,119 +2664,72 @@ def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism
             sync()
             if step >= warm_until:
                 training_ms += 1000 * (time.perf_counter() - t0)
-            model.eval()
-            val_loss, n = torch.zeros((), device=device), 0
-            with torch.no_grad():
-                for vx, vy in val_batches(val_tokens, B, T, rank, world, device):
-                    with autocast, attention():
-                        val_loss += model(vx, vy)
-                    n += 1
-            val_loss /= n
-            if world > 1:
-                dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
-            model.train()
-            log(f"step:{step}/{args.num_iterations} val_loss:{val_loss.item():.4f} train_time:{training_ms:.0f}ms "
+            val_loss = evaluate(run)
+            log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{training_ms:.0f}ms "
                 f"step_avg:{training_ms / timed if timed else float('nan'):.2f}ms")
             sync()
             t0 = time.perf_counter()
         if last:
             break
 
-        train_loss = torch.zeros((), device=device)
-        refresh = isinstance(optimizers[-1], FeatureGram) and step % args.gram_every == 0
-        if refresh:  # this step's forward passes also collect each layer's input Gram matrix
-            raw_model.collect_gram(True)
-        for micro in range(accum):
-            no_sync = model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
-            with no_sync:
-                with autocast, attention():
-                    loss = model(x, y)
-                if refresh and micro == accum - 1:  # C is complete: its factors (on gram_stream: during the backward)
-                    raw_model.collect_gram(False)
-                    optimizers[-1].refresh_gram(n_tokens=args.batch_size * T, stream=gram_stream)
-                x, y = loader.next_batch()  # the next batch is read while the GPU works
-                with determinism.backward():
-                    (loss / accum).backward()
-            train_loss += loss.detach() / accum
-        mult = lr_multiplier(step, args)
-        opt_timer.start()
-        refresh_error = ""
-        if refresh:
-            try:
-                optimizers[-1].finish_refresh()
-            except torch.linalg.LinAlgError as e:  # C is not finite: a divergence, reported after this step
-                refresh_error = str(e)
-        for opt in optimizers:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * mult
-            if opt is optimizers[-1]:
-                blocks_timer.start()
-            opt.step()
-        blocks_timer.stop()
-        opt_timer.stop()
-        model.zero_grad(set_to_none=True)
-        stats = train_loss.view(1)
-        stop = signals.signum > 0  # read once: a signal arriving after this counts at the next step
-        fallbacks = list(optimizers[-1].fallbacks.values()) if refresh else [0] * len(FALLBACK_BOOSTS)
-        if world > 1:  # one all-reduce: the mean train loss, whether any process failed a refresh or got a signal,
-            flags[0].fill_(float(bool(refresh_error)))  # and the Cholesky fallbacks of all processes
-            flags[1].fill_(float(stop))
-            flags[2:].copy_(torch.tensor(fallbacks, dtype=flags.dtype))
-            stats = torch.cat([stats, flags])
-            dist.all_reduce(stats, op=dist.ReduceOp.AVG)
-        finite = torch.stack(torch._foreach_norm(params, float("inf"))).isfinite().all()  # identical on every process
-        stats = torch.cat([stats, finite.view(1).float()]).tolist()  # waits for the step: the timings are complete
-        train_loss, refresh_failed = stats[0], bool(refresh_error)
-        if world > 1:  # every process decides on the all-reduced flags alone, so all stop (or go on) together
-            refresh_failed, stop = stats[1] > 0, stats[2] > 0
-            fallbacks = [round(x * world) for x in stats[3:3 + len(FALLBACK_BOOSTS)]]  # means of counts: sums
-        if not (math.isfinite(train_loss) and stats[-1] == 1.0) or refresh_failed:
-            stop_diverged(step + 1, train_loss, refresh_error or ("a Gram refresh failed on another process"
-                                                                  if refresh_failed else ""),
-                          raw_model, optimizers, args, record, checkpoints.last)
-        losses.append(train_loss)
+        out, batch = train_step(run, step, batch, signals, determinism)
+        if not (math.isfinite(out.train_loss) and out.finite) or out.refresh_failed:
+            stop_diverged(step + 1, out.train_loss, out.refresh_error or ("a Gram refresh failed on another process"
+                                                                          if out.refresh_failed else ""),
+                          run.raw_model, run.optimizers, args, run.record, run.checkpoints.last)
+        losses.append(out.train_loss)
         done = step + 1
-        if sum(fallbacks):
-            log(f"gram_fallbacks: step:{done}/{args.num_iterations} {sum(fallbacks)} of "
-                f"{len(optimizer_params(optimizers[-1]))} matrices failed the Cholesky of C + damping I and were "
-                f"refactored with more damping: " + ", ".join(f"x{b}: {n}" for b, n in zip(FALLBACK_BOOSTS, fallbacks)))
+        if sum(out.fallbacks):
+            log(f"gram_fallbacks: step:{done}/{args.num_iterations} {sum(out.fallbacks)} of "
+                f"{len(optimizer_params(run.optimizers[-1]))} matrices failed the Cholesky of C + damping I and were "
+                f"refactored with more damping: " + ", ".join(f"x{b}: {n}" for b, n in zip(FALLBACK_BOOSTS,
+                                                                                          out.fallbacks)))
         now_ms = training_ms + (1000 * (time.perf_counter() - t0) if step >= warm_until else 0.0)
         timed = timed_before + max(done - warm_until, 0)
-        log(f"step:{done}/{args.num_iterations} train_loss:{train_loss:.4f} train_time:{now_ms:.0f}ms "
+        log(f"step:{done}/{args.num_iterations} train_loss:{out.train_loss:.4f} train_time:{now_ms:.0f}ms "
             f"step_avg:{now_ms / timed if timed else float('nan'):.2f}ms "
             f"opt_ms:{opt_timer.ms():.2f} blocks_ms:{blocks_timer.ms():.2f}")
         at_end = done in (args.num_iterations, args.stop_at)  # saved after the final validation and record lines
-        stop = stop and not at_end  # a signal during the last step: the run ends as it would have
+        stop = out.stop and not at_end  # a signal during the last step: the run ends as it would have
         if stop or (args.save_every and done % args.save_every == 0 and not at_end):
             sync()
             if step >= warm_until:  # saving is not training time
                 training_ms += 1000 * (time.perf_counter() - t0)
-            save_logged(checkpoints, done, dict(step=done, training_ms=training_ms, timed_steps=timed, losses=losses),
-                        args, log)
+            save_logged(run.checkpoints, done, dict(step=done, training_ms=training_ms, timed_steps=timed,
+                                                    losses=losses), args, log)
             t0 = time.perf_counter()
         maybe_test_kill("after", done)
         if stop:
             how = signal.Signals(signals.signum).name if signals.signum else "a signal to another process"
-            log(f"stopped: step:{done}/{args.num_iterations} by {how}; {resume_hint(checkpoints.last)}")
-            if master:
-                record.close()
+            log(f"stopped: step:{done}/{args.num_iterations} by {how}; {resume_hint(run.checkpoints.last)}")
+            if run.record is not None:
+                run.record.close()
             raise SystemExit(128 + (signals.signum or signal.SIGTERM))
+    return finish_run(run, step, training_ms, timed, losses, rate_before)
 
+
+def finish_run(run: Run, step: int, training_ms: float, timed: int, losses: list[float],
+               rate_before: float) -> tuple[str, nn.Module]:
+    """The record's closing lines (model FLOP rate, the matmul check), the last checkpoint (after them: a failed save
+    loses no result), --stop_at's line, the peak memory. Returns the record's path (process 0; '' elsewhere) and the
+    model."""
+    args, log = run.args, run.log
     if timed > 0:  # model FLOPs over the timed steps (the loop ended on a validation: training_ms holds them all)
         log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
-            f"{flops_per_token(args) * args.batch_size * T * timed / training_ms / 1e9:.1f} TFLOP/s")
+            f"{flops_per_token(args) * args.batch_size * args.sequence_length * timed / training_ms / 1e9:.1f} "
+            f"TFLOP/s")
         if args.matmul_check:
-            log(matmul_check(args, training_ms / timed, device, world, rate_before))
-    # the checkpoint of the last step comes after its validation and record lines: a failed save loses no result
+            log(matmul_check(args, training_ms / timed, run.device, run.world, rate_before))
     if args.final_checkpoint or step == args.stop_at > 0 or (args.save_every and step % args.save_every == 0):
-        save_logged(checkpoints, step, dict(step=step, training_ms=training_ms, timed_steps=timed, losses=losses),
+        save_logged(run.checkpoints, step, dict(step=step, training_ms=training_ms, timed_steps=timed, losses=losses),
                     args, log)
     if step == args.stop_at > 0:
-        log(f"stopped: step:{step}/{args.num_iterations} by --stop_at; {resume_hint(checkpoints.last)}")
-    if master:
-        record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # on CPU: the process's peak RSS
+        log(f"stopped: step:{step}/{args.num_iterations} by --stop_at; {resume_hint(run.checkpoints.last)}")
+    if run.record is None:
+        return "", run.raw_model
+    run.record.finish(torch.cuda.max_memory_allocated() // 2**20 if run.cuda else  # on CPU: the process's peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
-    return (record.path if master else ""), raw_model
+    return run.record.path, run.raw_model
 
 
 def save_logged(checkpoints: Checkpoints, step: int, progress: dict, args: Hyperparameters, log) -> None:
