@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import difflib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -2710,7 +2711,7 @@ def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism
 
 def finish_run(run: Run, step: int, training_ms: float, timed: int, losses: list[float],
                rate_before: float) -> tuple[str, nn.Module]:
-    """The record's closing lines (model FLOP rate, the matmul check), the last checkpoint (after them: a failed save
+    """The record's closing lines (model FLOP rate, the matmul check, params_sha256), the last checkpoint (after them: a failed save
     loses no result), --stop_at's line, the peak memory. Returns the record's path (process 0; '' elsewhere) and the
     model."""
     args, log = run.args, run.log
@@ -2720,6 +2721,7 @@ def finish_run(run: Run, step: int, training_ms: float, timed: int, losses: list
             f"TFLOP/s")
         if args.matmul_check:
             log(matmul_check(args, training_ms / timed, run.device, run.world, rate_before))
+    log(f"params_sha256: {params_digest(run.raw_model)}")
     if args.final_checkpoint or step == args.stop_at > 0 or (args.save_every and step % args.save_every == 0):
         save_logged(run.checkpoints, step, dict(step=step, training_ms=training_ms, timed_steps=timed, losses=losses),
                     args, log)
@@ -2730,6 +2732,16 @@ def finish_run(run: Run, step: int, training_ms: float, timed: int, losses: list
     run.record.finish(torch.cuda.max_memory_allocated() // 2**20 if run.cuda else  # on CPU: the process's peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     return run.record.path, run.raw_model
+
+
+def params_digest(model: nn.Module) -> str:
+    """sha256 of the model's parameters (named_parameters order, a tied one once, each its raw bytes): equal in two
+    records iff their final parameters are bit-identical (e.g. --deterministic 1 reruns, or an edit that should not
+    change the math)."""
+    h = hashlib.sha256()
+    for _, p in model.named_parameters():
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_logged(checkpoints: Checkpoints, step: int, progress: dict, args: Hyperparameters, log) -> None:

@@ -1,17 +1,20 @@
 """--seed varies the init and only the init; --deterministic 1 makes reruns bit-identical (and leaves the process's
 flags as they were); both are in the record."""
+import hashlib
 import json
 import os
 import random
 import re
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt2 as t
-from conftest import SMALL_VOCAB, TINY, make_shards
+from conftest import REPO, SMALL_VOCAB, TINY, make_shards
 
 OP_WARNING = ("index_add_cuda_ does not have a deterministic implementation, but you set "
               "'torch.use_deterministic_algorithms(True, warn_only=True)'.")
@@ -59,6 +62,8 @@ def run(argv: list[str], monkeypatch) -> dict:
         torch.set_num_threads(threads)
     seen["rng_at_end"] = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     seen["final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    seen["digest"] = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for _, p in model.named_parameters())
+                                    ).hexdigest()
     text = open(path).read().split(t.RECORD_MARK)[-1]
     seen["steps"] = re.findall(r"^step:\d+/\d+ (?:train|val)_loss:\S+", text, re.M)
     seen["settings"] = json.loads(re.search(r"^hyperparameters: (.*)$", text, re.M).group(1))
@@ -87,6 +92,10 @@ def test_seed_changes_the_init_and_nothing_else(shards, monkeypatch):
         assert torch.equal(t0, t1) and np.array_equal(n0, n1) and p0 == p1
     assert a["steps"] != b["steps"]
     assert same(a["init"], again["init"]) and same(a["final"], again["final"]) and a["steps"] == again["steps"]
+    # the record's params_sha256: the final parameters' bytes, equal for the rerun, not for the other seed
+    digests = [re.findall(r"^params_sha256: ([0-9a-f]{64})$", r["text"], re.M) for r in (a, b, again)]
+    assert [len(d) for d in digests] == [1, 1, 1] and digests[0] == digests[2] != digests[1]
+    assert digests[0][0] == a["digest"]
 
 
 def test_deterministic_reruns_are_identical_and_recorded(shards, monkeypatch):
@@ -154,3 +163,35 @@ def test_ops_without_a_deterministic_implementation_are_named_once(monkeypatch):
     assert shown == ["an unrelated warning"]
     assert "index_add_cuda_ does not have a deterministic implementation" in stop.value.code
     assert "--deterministic 0" in stop.value.code
+
+
+def test_diff_checkpoints_finds_the_first_step_and_tensors_that_differ(shards, tmp_path, monkeypatch, capsys):
+    """records/determinism/diff_checkpoints.py on three runs saved every step: a rerun is identical at every step
+    (exit 0); with another muon_lr the first difference is step 1, in the block matrices and the lr, not in the
+    AdamW-trained embedding/head (its step-1 update depends only on the init); Muon's momentum from step 2 (exit 1)."""
+    sys.path.insert(0, str(REPO / "records" / "determinism"))
+    import diff_checkpoints as dc
+
+    def saved(name: str, *extra: str) -> Path:
+        folder = tmp_path / name
+        run(shards + ["--seed", "3", "--save_every", "1", "--keep_checkpoints", "10", "--checkpoint_dir",
+                      str(folder), *extra], monkeypatch)
+        (runs,) = list(folder.iterdir())
+        return runs
+
+    a, b, c = saved("a"), saved("b"), saved("c", "--muon_lr", "0.03")
+    capsys.readouterr()
+    assert dc.main([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert [f"step {s}: identical" in out for s in range(1, 6)] == [True] * 5 and "identical at every" in out
+    assert dc.main([str(a), str(c)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("step 1: ") and "first difference at step 1" in out and "step 2" not in out
+    names = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ")]
+    assert "main.model.transformer.h.0.attn.c_attn.weight" in names and "main.model.lm_head.weight" not in names
+    assert "main.param_groups.1.0.lr" in names  # settings too: lr 0.009 vs 0.015 at step 1 (warmup)
+    assert dc.main([str(a), str(c), "--all", "--top", "100"]) == 1  # the momentum (= the init's gradient at step
+    step2 = capsys.readouterr().out.split("step 2: ")[1].split("step 3: ")[0]  # 1) differs from step 2
+    assert re.search(r"rank0\.optimizers\.1\.\d+\.momentum_buffer", step2)
+    assert dc.main([str(a / "step_000002"), str(b / "step_000002")]) == 0  # one step folder each
+    assert dc.main([str(a), str(tmp_path)]) == 2
