@@ -1375,10 +1375,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dx.to(ctx.dtypes[0]) * grad, (dw * grad).to(ctx.dtypes[1]), None, None
 
 
-@torch.compiler.disable  # a graph break: the chunk loop runs eagerly (CUDA: cuBLAS GEMMs and the softmax kernel)
 def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
-    """mean_i CE(x_i W^T, t_i), `chunk` rows of logits at a time (LinearCrossEntropy)."""
+    """mean_i CE(x_i W^T, t_i), `chunk` rows of logits at a time (LinearCrossEntropy). Eager under torch.compile
+    once a GPT is built (make_loss_eager)."""
     return LinearCrossEntropy.apply(x, w, t, chunk)
+
+
+def make_loss_eager() -> None:
+    """linear_cross_entropy = torch.compiler.disable(linear_cross_entropy): a graph break, so under torch.compile the
+    chunk loop runs eagerly (CUDA: cuBLAS GEMMs and the softmax kernel). Called by GPT() rather than at import, where
+    it would load torch._dynamo (~1 s) in every process importing this file, the downloader's included."""
+    global linear_cross_entropy
+    if not getattr(linear_cross_entropy, "_torchdynamo_disable", False):
+        linear_cross_entropy = torch.compiler.disable(linear_cross_entropy)
 
 
 class Linear(nn.Linear):
@@ -1517,6 +1526,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as upstream: the Linear's init wins
         self.loss_chunk = args.loss_chunk
+        make_loss_eager()
 
     def gram_layers(self) -> list[Linear]:
         """The block matrices' layers, in parameter order; each one's input Gram matrix preconditions its weight."""

@@ -50,7 +50,7 @@ from scipy import stats
 RECORD_MARK = "=" * 40 + " train_gpt2.py record " + "=" * 40  # train_gpt2.RECORD_MARK; the tests check they agree
 # settings that do not make a different configuration
 CONFIG_EXCLUDE = ("seed", "label", "records_dir", "save_every", "keep_checkpoints", "checkpoint_dir", "resume",
-                  "matmul_check")
+                  "matmul_check", "final_checkpoint")
 GROUPINGS = ("optimizer", "label", "config")
 NO_LABEL = "(no label)"
 WARMUP_STEPS = 10  # the trainers do not time the first 10 steps; opt_ms is averaged over the steps after them
@@ -771,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(rows) > 1:
             pairs = welch_pairs(rows, args.baseline)
             if pairs:
-                print(("\nfinal val loss" if args.at is None else f"\nval loss at step {args.at}") + ", Welch's t-test" + (f" against {args.baseline}:" if args.baseline else ":"))
+                what = "final val loss" if args.at is None else f"val loss at step {args.at}"
+                print(f"\n{what}, Welch's t-test" + (f" against {args.baseline}:" if args.baseline else ":"))
                 for a, b, w in pairs:
                     print("  " + welch_line(a, b, w))
                 mixed = [r["group"] for r in rows if len(r["steps"]) > 1]

@@ -95,7 +95,8 @@ MUTANTS = [
      [f"{RULES}::test_eigenvalue_bound"]),
     # Gram collection and refresh
     ("gram-micro-batch-tokens", "C divided by one micro-batch's tokens, not the step's",
-     "refresh_gram(n_tokens=args.batch_size * T,", "refresh_gram(n_tokens=args.device_batch_size * T,",
+     "refresh_gram(n_tokens=args.batch_size * args.sequence_length,",
+     "refresh_gram(n_tokens=args.device_batch_size * args.sequence_length,",
      [f"{LOOP}::test_refresh_every_gram_every_steps_with_the_steps_tokens_and_the_ema"]),
     ("gram-last-micro-batch-only", "each forward replaces the Gram sum (the last micro-batch's alone)",
      "        self.gram += part", "        self.gram.copy_(part)",

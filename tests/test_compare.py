@@ -433,7 +433,8 @@ def test_parse_resumed_record(tmp_path, capsys):
     assert "train_loss:93." in path.read_text()
     assert run.complete and run.resumed_at == [20] and run.diverged_at is None
     assert c.config_hash({**ref.hyperparameters, "save_every": 500, "keep_checkpoints": 3, "checkpoint_dir": "/c",
-                          "resume": "/c/step_000020"}) == ref.config  # checkpointing is not a configuration
+                          "resume": "/c/step_000020", "final_checkpoint": not ref.hyperparameters["final_checkpoint"]}
+                         ) == ref.config  # checkpointing is not a configuration
     assert run.val == ref.val and run.train == ref.train and [s for s, *_ in run.train] == list(range(1, 41))
     assert c.main([str(path)]) == 0 and "incomplete" not in capsys.readouterr().out
 

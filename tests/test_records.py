@@ -35,7 +35,8 @@ def test_smoke_run_writes_a_record(tmp_path):
     out, text = run.stdout, next(p for p in records if p.name in run.stdout).read_text()
     assert text.startswith(t.RECORD_MARK + "\n") and open(REPO / "train_gpt2.py").read() in text
     hyper = json.loads(re.search(r"^hyperparameters: (.*)$", text, re.M).group(1))
-    assert hyper == {**hyper, "preset": "smoke", "num_iterations": 12, "label": "unit", "n_layer": 2, "n_embd": t.PRESETS["smoke"]["n_embd"]}
+    assert hyper == {**hyper, "preset": "smoke", "num_iterations": 12, "label": "unit", "n_layer": 2,
+                     "n_embd": t.PRESETS["smoke"]["n_embd"]}
     assert t.Hyperparameters(**{k: tuple(v) if isinstance(v, list) else v for k, v in hyper.items()}) == \
         t.parse_args(cmd[2:])
     assert re.search(r"^torch: \S+ cuda: \S+ python: 3\.", text, re.M)

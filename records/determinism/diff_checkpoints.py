@@ -63,7 +63,8 @@ def differences(a: dict, b: dict) -> list[tuple[str, str]]:
         x, y = a[name], b[name]
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
             if x.shape != y.shape or x.dtype != y.dtype:
-                rows.append((name, float("inf"), f"shape/dtype {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}"))
+                rows.append((name, float("inf"), f"shape/dtype {tuple(x.shape)} {x.dtype} vs "
+                                                 f"{tuple(y.shape)} {y.dtype}"))
             elif not torch.equal(x, y) and not (x.is_floating_point() and torch.equal(x.isnan(), y.isnan())
                                                 and torch.equal(x.nan_to_num(), y.nan_to_num())):
                 if x.is_floating_point() or x.is_complex():
