@@ -301,6 +301,7 @@ def test_fake_hub_speaks_the_resolve_protocol(tmp_path):
             urlopen(f"{hub.url}/datasets/{REPO_ID}/resolve/main/sub/../../x")
 
 
+@pytest.mark.slow
 def test_local_dir_that_cannot_be_made_is_one_error(tmp_path, shards):
     """--local_dir through a regular file (ENOTDIR, unwritable for root too): one error line, nothing fetched."""
     (tmp_path / "file").write_text("x")
@@ -317,6 +318,7 @@ def test_local_dir_that_cannot_be_made_is_one_error(tmp_path, shards):
 TOKEN = "hf_secret_token_of_the_test"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("redirect", [False, "host", "port"])
 def test_token_goes_to_the_hub_only(tmp_path, shards, redirect):
     """With a token set, the hub's own host and port get it (HEAD, and the GET when the hub serves the bytes); a
@@ -334,6 +336,7 @@ def test_token_goes_to_the_hub_only(tmp_path, shards, redirect):
         assert (tmp_path / "fw" / name).read_bytes() == shards[name]
 
 
+@pytest.mark.slow
 def test_etag_never_shapes_a_path(tmp_path, shards):
     """An ETag that is a path ('../../escape') names no file: the .part file is named by 16 hex digits of its sha256,
     inside --local_dir; the download completes and nothing appears elsewhere."""
@@ -356,6 +359,7 @@ def test_etag_never_shapes_a_path(tmp_path, shards):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("redirect", [False, True])
 def test_download_with_another_sha256_is_fetched_again(tmp_path, shards, redirect):
     """One byte of the first transfer flipped (size and header intact: only the hub's sha256 tells): reported, deleted,
@@ -378,6 +382,7 @@ def test_download_with_another_sha256_is_fetched_again(tmp_path, shards, redirec
                                            (["--local_dir", "--repo_id", "x"], "needs a value, got '--repo_id'"),
                                            (["--repo_id="], "--repo_id needs a value, got ''"),
                                            (["--local_dir"], "--local_dir needs a value")])
+@pytest.mark.slow
 def test_empty_or_flag_like_option_values_are_refused(tmp_path, args, fragment):
     result = subprocess.run([sys.executable, str(SCRIPT), "1", *args], capture_output=True, text=True, timeout=120,
                             cwd=tmp_path, env={k: v for k, v in os.environ.items() if not k.startswith("HF_")})

@@ -69,6 +69,7 @@ def test_cholesky_fallbacks_are_written_to_the_record(small_vocab_args, tmp_path
     assert fallback_lines(tmp_path / "good") == []
 
 
+@pytest.mark.slow
 def test_two_processes_count_every_processs_fallbacks(small_vocab_args, tmp_path):
     """Every block layer's C made indefinite: 2 processes under torchrun (each factoring the matrices it owns) write
     the same gram_fallbacks lines as 1 process, the counts summed over both."""

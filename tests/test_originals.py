@@ -112,6 +112,7 @@ def test_converted_log_is_read_by_compare_with_its_optimizer(tmp_path):
     assert c.parse_record(tmp_path / "s.txt").optimizer == "upstream-soap"
 
 
+@pytest.mark.slow
 def test_originals_beside_the_project_in_one_command(tmp_path, monkeypatch, capsys):
     """A stand-in original (muon, 2 runs) and the project's tiny runs (seeds 0 and 1), 2 at once: the original got
     the mapped command line and ran in its own folder, its checkpoint removed, its log converted into original-muon/;

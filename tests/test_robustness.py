@@ -98,6 +98,7 @@ def test_full_disk_at_every_save_loses_no_result(tiny_args, tmp_path):
     assert [p.name for p in (records / "checkpoints").rglob("*")] == [Path(record).stem]  # an empty run folder
 
 
+@pytest.mark.slow
 def test_two_processes_agree_on_a_failed_save(tiny_args, tmp_path):
     """Process 0's file (the embedding's AdamW state) exceeds the limit, process 1's does not: both see the save
     failed, neither waits for the other forever, the run ends with its record, nothing partial is left."""
