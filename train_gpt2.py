@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -2457,10 +2458,10 @@ class Run:
     loader: DataLoader
     checkpoints: Checkpoints
     record: Record | None
-    log: object
+    log: Callable[[str], None]
     progress: dict
-    autocast: object
-    attention: object
+    autocast: contextlib.AbstractContextManager  # bf16 autocast on CUDA, else a null context
+    attention: Callable[[], contextlib.AbstractContextManager]  # the SDPA backend choice, entered per forward
     gram_stream: torch.cuda.Stream | None
     timers: tuple[Timer, Timer]  # all optimizers; the block matrices' alone
 
