@@ -128,6 +128,17 @@ MUTANTS = [
 ]
 
 
+def stale(source: str, mutants: list = MUTANTS) -> list[str]:
+    """Names of the mutants that cannot be judged against `source` (train_gpt2.py's text): their old text is not in it
+    exactly once, equals the new text, or a test they name does not exist."""
+    def missing(test: str) -> bool:
+        path, func = test.split("::")
+        return f"def {func}(" not in (REPO / path).read_text()
+
+    return [name for name, _, old, new, tests in mutants
+            if source.count(old) != 1 or old == new or any(map(missing, tests))]
+
+
 def copy_repo(source: str, into: Path) -> None:
     """train_gpt2.py (as `source`), tests/, data/ (without downloaded shards) and records/compare.py into `into`."""
     ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache", "fineweb10B")
@@ -163,10 +174,10 @@ def main() -> int:
             print(f"{name:34} {what}\n{'':34} {' '.join(tests)}")
         return 0
     original = (REPO / "train_gpt2.py").read_text()
-    stale = [name for name, _, old, _, _ in chosen if original.count(old) != 1]
-    if stale:
-        print(f"mutants whose text is not in train_gpt2.py exactly once (update tests/mutants.py): {' '.join(stale)}",
-              file=sys.stderr)
+    unusable = stale(original, chosen)
+    if unusable:
+        print(f"mutants whose text is not in train_gpt2.py exactly once, or whose tests are missing (update "
+              f"tests/mutants.py): {' '.join(unusable)}", file=sys.stderr)
         return 1
     every = sorted({test for *_, tests in chosen for test in tests})
     code, tail, seconds = run_tests(original, every)

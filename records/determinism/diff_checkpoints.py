@@ -53,6 +53,11 @@ def load_step(folder: Path) -> dict:
     return out
 
 
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """x's raw bytes, as a flat uint8 tensor."""
+    return x.reshape(-1).contiguous().view(torch.uint8)
+
+
 def differences(a: dict, b: dict) -> list[tuple[str, str]]:
     """(name, how) for each leaf that is not bit-identical, the largest |a - b| first among tensors."""
     rows = []
@@ -65,8 +70,7 @@ def differences(a: dict, b: dict) -> list[tuple[str, str]]:
             if x.shape != y.shape or x.dtype != y.dtype:
                 rows.append((name, float("inf"), f"shape/dtype {tuple(x.shape)} {x.dtype} vs "
                                                  f"{tuple(y.shape)} {y.dtype}"))
-            elif not torch.equal(x, y) and not (x.is_floating_point() and torch.equal(x.isnan(), y.isnan())
-                                                and torch.equal(x.nan_to_num(), y.nan_to_num())):
+            elif not torch.equal(bits(x), bits(y)):  # bitwise: equal NaNs are equal, -0 and +0 are not
                 if x.is_floating_point() or x.is_complex():
                     d = (x.double() - y.double()).abs()
                     n = int((x != y).sum())
