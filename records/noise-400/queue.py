@@ -2,18 +2,23 @@
 
     python records/noise-400/queue.py --parallel 4 --deadline 540 --logs OUT/logs commands.txt
 
-commands.txt: one command per line (blank lines and # comments skipped). Each command's stdout+stderr goes to
-<logs>/<n>.log. A command still running at the deadline + grace is stopped with SIGTERM (the trainer saves a
-checkpoint and its record says `stopped:`). A run that would start later than deadline - --min_left is not started
-and is listed as skipped, so a time-limited machine leaves complete runs only.
+commands.txt: one command per line (blank lines and # comments skipped); a line may end with `# needs N`, the
+seconds it takes (default --min_left). Each command's stdout+stderr goes to <logs>/<n>.log. A command still running
+at the deadline + grace is stopped with SIGTERM (the trainer saves a checkpoint and its record says `stopped:`). A
+command whose needs exceed the time left before the deadline is not started and is listed as skipped (a later, shorter
+one may still start), so a time-limited machine leaves complete runs only.
 """
 import argparse
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
+
+
+NEEDS = re.compile(r"\s+#\s*needs\s+(\d+(?:\.\d+)?)\s*$")
 
 
 def main() -> None:
@@ -26,6 +31,8 @@ def main() -> None:
     ap.add_argument("--logs", default="logs")
     a = ap.parse_args()
     cmds = [c.strip() for c in open(a.commands) if c.strip() and not c.lstrip().startswith("#")]
+    needs = [float(m[1]) if (m := NEEDS.search(c)) else a.min_left for c in cmds]
+    cmds = [NEEDS.sub("", c) for c in cmds]
     os.makedirs(a.logs, exist_ok=True)
     t0, running, done, skipped = time.time(), {}, [], []
     pending = list(enumerate(cmds))
@@ -33,7 +40,7 @@ def main() -> None:
         now = time.time() - t0
         while pending and len(running) < a.parallel:
             i, cmd = pending.pop(0)
-            if now > a.deadline - a.min_left:
+            if now > a.deadline - needs[i]:
                 skipped.append((i, cmd))
                 continue
             log = open(os.path.join(a.logs, f"{i:02d}.log"), "w")
