@@ -1291,22 +1291,26 @@ if triton is not None:
         """Row r of Z (N, Vp), logits in columns < V (the rest padding), target T[r]: L[r] = lse(z) - z[T[r]] in fp32,
         and in place Z[r] <- scale (softmax(z) - onehot(T[r])) (0 in the padding). Two passes over the row (the second
         reads it back from L2): an online max m and sum s = sum exp(z - m) per lane, one exp per element (a new max:
-        s <- s e^(m - z) + 1; else s <- s + e^(z - m)), combined across lanes at the end; then the write."""
+        s <- s e^(m - z) + 1; else s <- s + e^(z - m)), combined across lanes at the end, and z[T[r]] taken from the
+        lane that holds it; then the write. z[T[r]] is read in the first pass: read after it, a warp could see the
+        dz another warp of the row has already written there."""
         r = tl.program_id(0).to(tl.int64)
         Z += r * stride
         cols = tl.arange(0, BLOCK)
+        t = tl.load(T + r)
         m = tl.full((BLOCK,), -float("inf"), tl.float32)
         s = tl.zeros((BLOCK,), tl.float32)
+        zt = tl.zeros((BLOCK,), tl.float32)
         for c in range(0, V, BLOCK):
             valid = cols < V - c
             z = tl.load(Z + c + cols, mask=valid, other=-float("inf")).to(tl.float32)
             e = tl.where(valid, tl.exp(-tl.abs(z - m)), 0.0)  # e^(m - z) past a new max, else e^(z - m)
             s = tl.where(z > m, s * e + 1.0, s + e)
             m = tl.maximum(m, z)
+            zt = tl.where(cols == t - c, z, zt)
         mx = tl.max(m, 0)
         lse = mx + tl.log(tl.sum(tl.where(m > -float("inf"), s * tl.exp(m - mx), 0.0), 0))
-        t = tl.load(T + r)
-        tl.store(L + r, lse - tl.load(Z + t).to(tl.float32))
+        tl.store(L + r, lse - tl.sum(zt, 0))
         for c in range(0, Vp, BLOCK):
             z = tl.load(Z + c + cols, mask=cols < Vp - c, other=0.0).to(tl.float32)
             p = tl.where(cols < V - c, tl.exp(z - lse), 0.0)
