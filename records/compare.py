@@ -475,7 +475,9 @@ def summarize(groups: dict[str, list[Run]], target: float = 3.28) -> list[dict]:
 
 def welch(a: list[float], b: list[float], confidence: float = 0.95) -> dict | None:
     """Welch's t-test of mean(a) != mean(b) (scipy) and the difference mean(a) - mean(b) with its interval on the
-    Welch-Satterthwaite degrees of freedom; None unless both have two runs or more."""
+    Welch-Satterthwaite degrees of freedom; `flips`: of the len(a) x len(b) pairs of one run of each, how many are
+    ordered against the means (one run of the lower group above one of the other); None unless both have two runs
+    or more."""
     if len(a) < 2 or len(b) < 2:
         return None
     with warnings.catch_warnings():
@@ -486,8 +488,9 @@ def welch(a: list[float], b: list[float], confidence: float = 0.95) -> dict | No
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else float("nan")
     diff = float(np.mean(a) - np.mean(b))
     half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+    flips = sum((x - y) * diff < 0 for x in a for y in b)
     return dict(statistic=float(res.statistic), p_value=float(res.pvalue), diff=diff, df=float(df),
-                low=diff - half, high=diff + half, confidence=confidence)
+                low=diff - half, high=diff + half, confidence=confidence, flips=int(flips), pairs=len(a) * len(b))
 
 
 MAX_ALL_PAIRS = 6  # up to this many groups, Welch's test of every pair; more: each group against --baseline
@@ -510,14 +513,16 @@ def welch_pairs(rows: list[dict], baseline: str | None = None,
 
 
 def welch_line(a: str, b: str, w: dict | None) -> str:
-    """One line of a Welch test: the difference of the means, its interval, t, df, p and whether the two differ at
-    the interval's confidence (p < 1 - confidence: the interval leaves out 0)."""
+    """One line of a Welch test: the difference of the means, its interval, t, df, p, the run pairs ordered against
+    the means, and whether the two differ at the interval's confidence (p < 1 - confidence: the interval leaves out
+    0)."""
     if w is None:
         return f"{a} - {b}: Welch's t-test needs two complete runs or more in each group"
     verdict = (f"differ at {w['confidence']:.0%}" if w["p_value"] < 1 - w["confidence"]
                else f"not told apart at {w['confidence']:.0%}")
     return (f"{a} - {b}: {w['diff']:+.4f}, {w['confidence']:.0%} interval [{w['low']:+.4f}, {w['high']:+.4f}] "
-            f"(Welch t={w['statistic']:.3f}, df={w['df']:.1f}, p={w['p_value']:.3g}): {verdict}")
+            f"(Welch t={w['statistic']:.3f}, df={w['df']:.1f}, p={w['p_value']:.3g}; order flipped in "
+            f"{w['flips']} of {w['pairs']} run pairs): {verdict}")
 
 
 def config_differences(groups: dict[str, list[Run]]) -> dict[str, dict]:

@@ -279,6 +279,10 @@ def test_welch_matches_scipy():
     ci = ref.confidence_interval(confidence_level=0.95)
     assert (w["low"], w["high"]) == (pytest.approx(ci.low, rel=1e-10), pytest.approx(ci.high, rel=1e-10))
     assert c.welch(a, b[:1]) is None
+    assert (w["flips"], w["pairs"]) == (0, 12)  # every run of a below every run of b
+    w = c.welch([1.0, 2.0, 5.0], [3.0, 4.0])  # mean(a) < mean(b): 5.0 lies above both runs of b
+    assert (w["flips"], w["pairs"]) == (2, 6)
+    assert c.welch([1.0, 5.0], [3.0, 3.0])["flips"] == 0  # equal means: no order to flip
 
 
 # ----------------------------------------------------------------------------- plot
@@ -655,6 +659,8 @@ def test_welch_of_every_pair_says_whether_they_differ(tmp_path, capsys):
         assert line.startswith(f"{a} - {b}: {np.mean(finals[a]) - np.mean(finals[b]):+.4f}") and f"p={p:.3g}" in line
         assert line.endswith("differ at 95%" if p < 0.05 else "not told apart at 95%")
     assert lines[0].endswith(": differ at 95%") and lines[2].endswith("not told apart at 95%")
+    assert "order flipped in 0 of 9 run pairs" in lines[0]  # every adamw run above every muon run
+    assert "order flipped in 4 of 9 run pairs" in lines[2]  # muon's 3.30, 3.31 (twice), 3.29 above soap's runs
 
 
 def test_welch_against_a_baseline_and_too_many_groups(tmp_path, capsys):
