@@ -1,0 +1,43 @@
+# Do --deterministic 1 runs depend on whether torch.compile's caches were cold or warm? Five short runs of one
+# setting, one after another, each with its own view of Inductor's cache, then one table: the first train loss, the
+# last one and params_sha256 per run (equal hashes: bit-identical parameters).
+#
+#   bash records/determinism/cold_warm.sh TRAIN_SHARD VAL_SHARD OUT [extra train_gpt2.py settings]
+#   (PRESET=smoke: the smoke preset's model instead of the compare preset's)
+#
+#   cold-1  a new, empty cache folder C1          warm-1  C1 again (what cold-1 compiled and tuned)
+#   cold-2  another new cache folder C2           warm-2  C2 again
+#   nocache TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 (compiles everything, reads and writes no cache)
+# Then repeat_step.py (one step three times in one process) with C1: whether forward, backward and step repeat.
+set -u
+train=$1 val=$2 out=$3
+shift 3
+extra=("$@")
+preset=${PRESET:-compare}
+mkdir -p "$out"
+c1=$(mktemp -d) c2=$(mktemp -d)
+run() {  # label, then env assignments
+  local label=$1
+  shift
+  env "$@" python train_gpt2.py --preset "$preset" --input_bin "$train" --input_val_bin "$val" --num_iterations 12 \
+    --warmup_iters 2 --warmdown_iters 2 --val_loss_every 0 --final_checkpoint 0 --matmul_check 0 --deterministic 1 \
+    --records_dir "$out" --label "det-$label" "${extra[@]}" > "$out/$label.log" 2>&1
+}
+run cold-1 TORCHINDUCTOR_CACHE_DIR="$c1"
+run warm-1 TORCHINDUCTOR_CACHE_DIR="$c1"
+run cold-2 TORCHINDUCTOR_CACHE_DIR="$c2"
+run warm-2 TORCHINDUCTOR_CACHE_DIR="$c2"
+run nocache TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
+TORCHINDUCTOR_CACHE_DIR="$c1" python records/determinism/repeat_step.py --repeats 3 --preset "$preset" \
+  --input_bin "$train" --input_val_bin "$val" --matmul_check 0 --deterministic 1 "${extra[@]}" \
+  > "$out/repeat_step.log" 2>&1
+printf "%-8s %-12s %-12s %s\n" run "loss step 1" "loss step 12" params_sha256
+for label in cold-1 warm-1 cold-2 warm-2 nocache; do
+  rec=$(grep -l "\"label\": \"det-$label\"" "$out"/*.txt 2>/dev/null | head -1)
+  [ -z "$rec" ] && { echo "$label: no record (see $out/$label.log)"; continue; }
+  first=$(grep -m1 -oE '^step:1/12 train_loss:[0-9.]+' "$rec" | cut -d: -f3)
+  last=$(grep -m1 -oE '^step:12/12 train_loss:[0-9.]+' "$rec" | cut -d: -f3)
+  printf "%-8s %-12s %-12s %s\n" "$label" "$first" "$last" "$(grep -oE '^params_sha256: [0-9a-f]+' "$rec" | cut -c16-31)"
+done
+grep -E "^repeat|^loss" "$out/repeat_step.log"
+rm -rf "$c1" "$c2"
