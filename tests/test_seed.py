@@ -195,3 +195,31 @@ def test_diff_checkpoints_finds_the_first_step_and_tensors_that_differ(shards, t
     assert re.search(r"rank0\.optimizers\.1\.\d+\.momentum_buffer", step2)
     assert dc.main([str(a / "step_000002"), str(b / "step_000002")]) == 0  # one step folder each
     assert dc.main([str(a), str(tmp_path)]) == 2
+
+
+def test_repeat_step_names_the_stage_that_does_not_repeat(shards, tmp_path, monkeypatch, capsys):
+    """records/determinism/repeat_step.py: on CPU one step repeats bit for bit (exit 0); when a repeat's gradient of
+    one matrix is off by one ulp in one entry, the backward is reported as differing there, the forward not (exit 1)."""
+    sys.path.insert(0, str(REPO / "records" / "determinism"))
+    import repeat_step as rs
+
+    argv = shards + ["--seed", "1", "--deterministic", "1", "--checkpoint_dir", str(tmp_path)]
+    assert rs.main(["--repeats", "2", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "repeat 1 vs 0, forward: identical" in out and "repeat 1 vs 0, step: identical" in out
+
+    one_step, calls = rs.one_step, []
+
+    def nudged(run, *a):
+        loss, grads, after = one_step(run, *a)
+        calls.append(1)
+        if len(calls) == 2:  # the second repeat: h.0's attention matrix gradient one ulp up in one entry
+            i = [n for n, _ in run.raw_model.named_parameters()].index("transformer.h.0.attn.c_attn.weight")
+            grads[i].view(-1)[0] = torch.nextafter(grads[i].view(-1)[0], torch.tensor(float("inf")))
+        return loss, grads, after
+
+    monkeypatch.setattr(rs, "one_step", nudged)
+    assert rs.main(["--repeats", "2", *argv]) == 1
+    out = capsys.readouterr().out
+    assert "repeat 1 vs 0, forward: identical" in out
+    assert "repeat 1 vs 0, backward: 1 differ, first: transformer.h.0.attn.c_attn.weight" in out
