@@ -2,7 +2,7 @@
 
     python records/originals.py --originals .originals --out records/h200-enwiki/originals --seeds 3 \\
         --input_bin 'data/enwiki/*_train_*.bin' --input_val_bin 'data/enwiki/*_val_*.bin' [--preset compare] \\
-        [--which muon,soap] [--parallel 1] [--dry_run] [-- any train_gpt2.py setting, e.g. --attention flash]
+        [--which muon,soap] [--parallel 1] [--project_records DIR] [--dry_run] [-- any train_gpt2.py setting]
 
 --originals holds the user's copies (never committed):
     modded-nanogpt/train_gpt2.py                  KellerJordan/modded-nanogpt at b9979e6 (Muon, as OrthogonalNesterov)
@@ -16,9 +16,13 @@ after the other on one GPU (--parallel k: k at once), each original in its own f
 logs/<id>/log.txt, kept, and its final checkpoint, deleted: ~1.5 GB each), then its log is converted into <out>/
 original-<opt>/<time>-original-<opt>-<i>.txt (convert_log: an upstream-format log whose header names the original,
 its sha256 and the optimizers it builds, so records/compare.py groups it), and the project's runs write records into
-<out>/project-<opt>/ (--label project-<opt>, --seed i; checkpoints under --work, deleted at the end). Every run's
-output: <out>/stdout/<label>-<i>.log; the command and every job's: <out>/originals.json. Last, compare.py --by
-label over <out>, and per optimizer whether the project's mean lies within two standard errors of the original's.
+<out>/project-<opt>/ (--label project-<opt>, --seed i; checkpoints under --work, deleted at the end). With
+--project_records DIR the project is not run: DIR's complete records of each optimizer under the same protocol
+(same_protocol: the model, batch, schedule, validation, shard names and what the original hard-codes) are copied
+into <out>/project-<opt>/ instead, and the others named with the first setting that differs. Every run's output:
+<out>/stdout/<label>-<i>.log; the command and every job's: <out>/originals.json. Last, compare.py --by optimizer
+over <out> (the originals as upstream-<opt>), and per optimizer whether the project's mean lies within two standard
+errors of the original's.
 
 The originals seed nothing: torch's default CPU seed makes every run start from the same init, so their spread is
 the GPU kernels' nondeterminism alone; the project's runs take --seed 0 .. n-1 (their spread includes the init's).
@@ -124,6 +128,50 @@ def original_args(args: train_gpt2.Hyperparameters, original: Original) -> list[
             "--val_max_steps", str(args.val_tokens // per_batch)]
 
 
+PROTOCOL = ("optimizer", "n_layer", "n_head", "n_embd", "vocab_size", "batch_size", "device_batch_size",
+            "sequence_length", "num_iterations", "stop_at", "warmup_iters", "warmdown_iters", "val_loss_every",
+            "val_tokens", "embed_lr", "embed_betas")  # what a record must share with the originals' runs
+
+
+def same_protocol(args: train_gpt2.Hyperparameters, have: dict, original: Original) -> str | None:
+    """None if a record's settings `have` match the protocol `args` on PROTOCOL, the fields `original` hard-codes
+    and the shards' file names (the folder may differ); else the first setting that differs, as `name: have != want`.
+    A field the record lacks (written before the field existed) is not compared."""
+    def norm(v):
+        return [norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+    for name in ("input_bin", "input_val_bin"):
+        if os.path.basename(str(have.get(name))) != os.path.basename(getattr(args, name)):
+            return f"{name}: {have.get(name)} != {getattr(args, name)}"
+    for name in (*PROTOCOL, *original.fixed, f"{original.name}_lr"):
+        if name not in have:
+            continue
+        want, got = norm(getattr(args, name)), norm(have[name])
+        if not (math.isclose(got, want, rel_tol=1e-12) if isinstance(want, float) and isinstance(got, (int, float))
+                else got == want):
+            return f"{name}: {got} != {want}"
+    return None
+
+
+def project_records(folder: Path, ns: argparse.Namespace) -> tuple[dict[str, list[Path]], list[str]]:
+    """Per optimizer of ns.which, the complete records under `folder` (recursively) with its protocol; and one line
+    per record left out, saying why."""
+    found, skipped = {name: [] for name in ns.which}, []
+    for path in compare.find_files([str(folder)])[0]:
+        run = compare.parse_record(path)
+        if run is None or run.format != "ours":
+            continue
+        name = run.hyperparameters.get("optimizer")
+        if name not in found:
+            continue
+        why = ("incomplete" if not run.complete else
+               same_protocol(project_settings(ns.preset, ns.project, name), run.hyperparameters, ORIGINALS[name]))
+        if why:
+            skipped.append(f"{path}: {why}")
+        else:
+            found[name].append(Path(path))
+    return found, skipped
+
+
 @dataclass
 class Job:
     """One run: its command, working folder and stdout file; after(): what to do with its output."""
@@ -153,7 +201,7 @@ def plan(ns: argparse.Namespace) -> list[Job]:
             jobs.append(Job(f"original-{name} run {i}", cmd, work / f"original-{name}-{i}",
                             out / "stdout" / f"original-{name}-{i}.log",
                             after=lambda job, name=name, i=i: collect(job, ORIGINALS[name], root, out, i)))
-        for i in range(ns.seeds):
+        for i in range(0 if ns.project_records else ns.seeds):
             label = f"project-{name}"
             cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--preset", ns.preset, *ns.project, "--optimizer",
                    name, "--seed", str(i), "--label", label, "--records_dir", str((out / label).resolve()),
@@ -269,8 +317,11 @@ def run_jobs(jobs: list[Job], parallel: int) -> list[int]:
 def within_two_se(out: Path, which: list[str]) -> list[str]:
     """Per optimizer: the project's mean final val loss against the original's, and whether it lies within two
     standard errors (std / sqrt(n)) of the original's mean."""
-    runs = [r for r in map(compare.parse_record, compare.find_files([str(out)])[0]) if r is not None]
-    groups = compare.group_runs(runs, "label")
+    groups = {}
+    for kind in ("original", "project"):
+        for name in which:
+            paths = sorted((out / f"{kind}-{name}").glob("*.txt"))
+            groups[f"{kind}-{name}"] = [r for r in map(compare.parse_record, paths) if r is not None]
     rows = {r["group"]: r for r in compare.summarize(groups)}
     lines = []
     for name in which:
@@ -310,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", default=LAUNCHER, help=f"what runs an original (default: {LAUNCHER})")
     parser.add_argument("--work", help="where the originals run and the project's checkpoints go (default: a new "
                                        "temporary folder; the originals' raw logs stay there)")
+    parser.add_argument("--project_records", help="a folder of the project's records under the same protocol: "
+                                                  "compared instead of running the project")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     ns = parser.parse_args(argv)
     ns.which = [w.strip() for w in ns.which.split(",") if w.strip()]
@@ -328,12 +381,21 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         print(f"error: {e.code}", file=sys.stderr)
         return 2
+    mine, skipped = project_records(Path(ns.project_records), ns) if ns.project_records else ({}, [])
+    for name, paths in mine.items():
+        print(f"project-{name}: {len(paths)} record(s) under {ns.project_records}")
+    for line in skipped:
+        print(f"  left out: {line}")
     if ns.dry_run:
         for job in jobs:
             print(f"{job.what} (in {job.cwd}): {shlex.join(job.cmd)}")
         return 0
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name, paths in mine.items():
+        (out / f"project-{name}").mkdir(exist_ok=True)
+        for path in paths:
+            shutil.copy2(path, out / f"project-{name}" / path.name)
     (out / "originals.json").write_text(json.dumps(dict(
         command=shlex.join(["python", "records/originals.py", *given]),
         jobs=[dict(what=j.what, cmd=shlex.join(j.cmd)) for j in jobs]), indent=1) + "\n")
@@ -341,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(Path(ns.work) / "checkpoints", ignore_errors=True)  # the project's: ~1.5 GB a run
     print(f"\nthe originals' own logs: {ns.work}")
     print()
-    compare.main([str(out), "--by", "label"])
+    compare.main([str(out), "--by", "optimizer"])
     print()
     for line in within_two_se(out, ns.which):
         print(line)

@@ -2,6 +2,7 @@
 logs compare.py groups by optimizer, and one whole run beside the project with stand-ins for the originals."""
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def test_originals_beside_the_project_in_one_command(tmp_path, monkeypatch, caps
     """A stand-in original (muon, 2 runs) and the project's tiny runs (seeds 0 and 1), 2 at once: the original got
     the mapped command line and ran in its own folder, its checkpoint removed, its log converted into original-muon/;
     the project's records are in project-muon/; compare.py reads both groups side by side and the project's mean is
-    set against two standard errors of the original's."""
+    set against two standard errors of the original's. Again with --project_records: the original runs alone and the
+    project's matching records are compared instead."""
     monkeypatch.setitem(o.MODELS, (2, 2, 64, SMALL_VOCAB), "tiny")
     train, val = make_shards(tmp_path / "shards", vocab=SMALL_VOCAB)
     root, out, work = fake_originals(tmp_path / "orig"), tmp_path / "exp", tmp_path / "work"
@@ -143,10 +145,10 @@ def test_originals_beside_the_project_in_one_command(tmp_path, monkeypatch, caps
     assert not (out / "original-soap").exists()
     assert not (work / "checkpoints").exists()
     lines = printed.splitlines()
-    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["label", "runs"])
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["optimizer", "runs"])
     rows = {line.split()[0]: line.split()[1] for line in lines[head + 2: head + 4]}
-    assert rows == {"original-muon": "2", "project-muon": "2"}
-    assert "original-muon - project-muon:" in printed
+    assert rows == {"upstream-muon": "2", "muon": "2"}
+    assert "muon - upstream-muon:" in printed
     finals = [c.parse_record(p).final_val_loss for p in sorted((out / "original-muon").glob("*.txt"))]
     mine = [c.parse_record(p).final_val_loss for p in sorted((out / "project-muon").glob("*.txt"))]
     se = (sum((x - sum(finals) / 2) ** 2 for x in finals) / 1) ** 0.5 / math.sqrt(2)
@@ -155,3 +157,23 @@ def test_originals_beside_the_project_in_one_command(tmp_path, monkeypatch, caps
            f"standard errors of the original's mean: {2 * se:.4f}: " + ("within" if abs(diff) <= 2 * se else
                                                                        "outside") in printed
     assert json.loads((out / "originals.json").read_text())["command"].startswith("python records/originals.py")
+
+    # again with the project's records of the first: only the original runs; the two records are copied, a record of
+    # another schedule is left out with the setting that differs
+    other = tmp_path / "mine"
+    shutil.copytree(out / "project-muon", other)
+    text = next(other.iterdir()).read_text()
+    assert text.count('"warmdown_iters": 2,') == 1  # TINY's
+    (other / "long.txt").write_text(text.replace('"warmdown_iters": 2,', '"warmdown_iters": 3,'))
+    out2 = tmp_path / "exp2"
+    code = o.main(["--originals", str(root), "--out", str(out2), "--work", str(tmp_path / "work2"), "--input_bin",
+                   train, "--input_val_bin", val, "--seeds", "2", "--launcher", sys.executable, "--which", "muon",
+                   "--project_records", str(other), "--", *TINY, "--vocab_size", str(SMALL_VOCAB), "--matmul_check",
+                   "0"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "project-muon: 2 record(s) under" in printed and "long.txt: warmdown_iters: 3 != 2" in printed
+    assert "project-muon seed" not in printed and len(list((out2 / "stdout").glob("*.log"))) == 2
+    assert sorted(p.name for p in (out2 / "project-muon").iterdir()) == sorted(
+        p.name for p in (out / "project-muon").iterdir())
+    assert "muon: project " in printed and "(n=2) - original " in printed
