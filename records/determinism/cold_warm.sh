@@ -8,7 +8,8 @@
 #   cold-1  a new, empty cache folder C1          warm-1  C1 again (what cold-1 compiled and tuned)
 #   cold-2  another new cache folder C2           warm-2  C2 again
 #   nocache TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 (compiles everything, reads and writes no cache)
-# Then repeat_step.py (one step three times in one process) with C1: whether forward, backward and step repeat.
+# Then repeat_step.py (one step three times in one process) in a third new cache folder C3, cold, then twice warm:
+# whether forward, backward and step repeat within a process, and its digests across the three processes.
 set -u
 train=$1 val=$2 out=$3
 shift 3
@@ -28,9 +29,12 @@ run warm-1 TORCHINDUCTOR_CACHE_DIR="$c1"
 run cold-2 TORCHINDUCTOR_CACHE_DIR="$c2"
 run warm-2 TORCHINDUCTOR_CACHE_DIR="$c2"
 run nocache TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
-TORCHINDUCTOR_CACHE_DIR="$c1" python records/determinism/repeat_step.py --repeats 3 --preset "$preset" \
-  --input_bin "$train" --input_val_bin "$val" --matmul_check 0 --deterministic 1 "${extra[@]}" \
-  > "$out/repeat_step.log" 2>&1
+c3=$(mktemp -d)
+for label in cold-3 warm-3 warm-3b; do
+  TORCHINDUCTOR_CACHE_DIR="$c3" python records/determinism/repeat_step.py --repeats 3 --preset "$preset" \
+    --input_bin "$train" --input_val_bin "$val" --matmul_check 0 --deterministic 1 "${extra[@]}" \
+    > "$out/repeat_step-$label.log" 2>&1
+done
 printf "%-8s %-12s %-12s %s\n" run "loss step 1" "loss step 12" params_sha256
 for label in cold-1 warm-1 cold-2 warm-2 nocache; do
   rec=$(grep -l "\"label\": \"det-$label\"" "$out"/*.txt 2>/dev/null | head -1)
@@ -39,5 +43,9 @@ for label in cold-1 warm-1 cold-2 warm-2 nocache; do
   last=$(grep -m1 -oE '^step:12/12 train_loss:[0-9.]+' "$rec" | cut -d: -f3)
   printf "%-8s %-12s %-12s %s\n" "$label" "$first" "$last" "$(grep -oE '^params_sha256: [0-9a-f]+' "$rec" | cut -c16-31)"
 done
-grep -E "^repeat|^loss" "$out/repeat_step.log"
-rm -rf "$c1" "$c2"
+for label in cold-3 warm-3 warm-3b; do
+  echo "repeat_step $label: $(grep -cE '^repeat .*identical$' "$out/repeat_step-$label.log") of 6 stage checks" \
+    "identical; $(grep -E '^loss' "$out/repeat_step-$label.log")"
+  grep -E "^repeat .* differ" "$out/repeat_step-$label.log"
+done
+rm -rf "$c1" "$c2" "$c3"

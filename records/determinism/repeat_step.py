@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
             same &= not diff
             print(f"repeat {r} vs 0, {stage}: " + ("identical" if not diff else
                                                     f"{len(diff)} differ, first: {', '.join(diff[:4])}"))
-    print(f"loss {loss0.item():.6f}; sha256 gradients {digest(grads0)}, parameters after the step {digest(after0)}")
+    print(f"loss {loss0.item():.9f}; sha256 gradients {digest(grads0)}, parameters after the step {digest(after0)}")
     return 0 if same else 1
 
 
