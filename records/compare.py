@@ -22,8 +22,9 @@ or OrthogonalNesterov as at b9979e6), upstream-soap (the SOAP fork's SOAP), upst
 without such code (upstream_old, or none found) is a group of its own, `? <folder>/<file>`.
 Groups complete runs by optimizer, label or config (a hash of the hyperparameters without CONFIG_EXCLUDE) and
 prints one table (n runs, mean ± std of the final val loss) with a one-sided t-test of "mean final val loss <
-target" per group, then Welch's t-test with a 95% interval for the difference of the means and whether it leaves out
-0: of every pair (up to MAX_ALL_PAIRS groups), or of each group against --baseline. Runs that crashed, diverged or
+target" per group, then Welch's t-test with a 95% interval for the difference of the means, whether it leaves out
+0 and how many pairs of runs are ordered against the means: of every pair of groups (up to MAX_ALL_PAIRS), or of
+each group against --baseline. Runs that crashed, diverged or
 are still going (ours: no peak-memory line, a `diverged:` line or last step < N, where a run that `--stop_at K` ended
 counts as complete at K; upstream: no val loss at step N) are listed
 under the table with the last step reached (diverged: the step and the last good step); files that are not records
