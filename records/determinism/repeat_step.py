@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,21 +22,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt2 as t  # noqa: E402
+from diff_checkpoints import bits  # noqa: E402
 
 
 def digest(tensors: list[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for x in tensors:
-        h.update(x.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+        h.update(bits(x.detach()).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def differing(names: list[str], a: list[torch.Tensor], b: list[torch.Tensor]) -> list[str]:
-    """`name (max |a - b|)` for each pair not bit-identical."""
+    """`name (max |a - b|)` for each pair not bit-identical, last first (the backward's order: head first)."""
     out = []
-    for name, x, y in zip(names, a, b):
-        if not torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
+    for name, x, y in reversed(list(zip(names, a, b))):
+        if not torch.equal(bits(x), bits(y)):
             out.append(f"{name} ({(x.double() - y.double()).abs().max().item():.2e})")
     return out
 
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> int:
     with t.StopSignals(), t.Determinism(args.deterministic) as determinism:
         run = t.start_run(args, determinism)
         batch = run.loader.next_batch()
-        names = [n for n, _ in run.raw_model.named_parameters()][::-1]  # the backward's order: head first
+        names = [n for n, _ in run.raw_model.named_parameters()]
         model_state = copy.deepcopy(run.raw_model.state_dict())
         opt_states = [copy.deepcopy(o.state_dict()) for o in run.optimizers]
         results = [one_step(run, batch, model_state, opt_states, determinism) for _ in range(repeats)]
@@ -82,12 +83,11 @@ def main(argv: list[str]) -> int:
         for line in determinism.lines:
             print(line)
     loss0, grads0, after0 = results[0]
-    grads0, after0 = grads0[::-1], after0[::-1]
     same = True
     for r, (loss, grads, after) in enumerate(results[1:], 1):
         stages = dict(forward=differing(["loss"], [loss0], [loss]),
-                      backward=differing(names, grads0, grads[::-1]),
-                      step=differing(names, after0, after[::-1]))
+                      backward=differing(names, grads0, grads),
+                      step=differing(names, after0, after))
         for stage, diff in stages.items():
             same &= not diff
             print(f"repeat {r} vs 0, {stage}: " + ("identical" if not diff else
@@ -97,5 +97,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONHASHSEED", "0")
     sys.exit(main(sys.argv[1:]))
