@@ -24,8 +24,9 @@ into <out>/project-<opt>/ instead, and the others named with the first setting t
 over <out> (the originals as upstream-<opt>), and per optimizer whether the project's mean lies within two standard
 errors of the original's.
 
-The originals seed nothing: torch's default CPU seed makes every run start from the same init, so their spread is
-the GPU kernels' nondeterminism alone; the project's runs take --seed 0 .. n-1 (their spread includes the init's).
+The originals seed nothing, and their runs do not start from one init: two runs of b9979e6 on one H200 began at
+val loss 10.9895 and 11.0351 (step 0), so their spread includes the init's, as the project's runs with --seed 0 .. n-1
+do.
 The originals validate without autocast (fp32 forward), the project under bf16 autocast.
 """
 from __future__ import annotations
@@ -261,7 +262,7 @@ def header_lines(original: Original, root: Path, cmd: list[str]) -> list[str]:
     built = sorted({m[1] for m in compare._BUILT.finditer(code)})
     lines.append("builds: " + ", ".join(f"{b}(...)" for b in built))
     lines.append("command: " + shlex.join(cmd))
-    lines.append("seed: none (the original seeds nothing: every run starts from torch's default-seed init)")
+    lines.append("seed: none (the original seeds nothing; its init differs from run to run)")
     return lines
 
 

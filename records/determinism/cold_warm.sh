@@ -8,8 +8,11 @@
 #   cold-1  a new, empty cache folder C1          warm-1  C1 again (what cold-1 compiled and tuned)
 #   cold-2  another new cache folder C2           warm-2  C2 again
 #   nocache TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 (compiles everything, reads and writes no cache)
+# (each cache folder also holds the Triton cache of the trainer's own kernels, TRITON_CACHE_DIR, so cold is cold)
 # Then repeat_step.py (one step three times in one process) in a third new cache folder C3, cold, then twice warm:
 # whether forward, backward and step repeat within a process, and its digests across the three processes.
+# The generated code of each cache (Inductor's .py files and tuned configs) is kept in OUT/inductor-code-N.tgz:
+# `diff -r` of two unpacked caches shows whether two compiles wrote different kernels.
 set -u
 train=$1 val=$2 out=$3
 shift 3
@@ -24,14 +27,14 @@ run() {  # label, then env assignments
     --warmup_iters 2 --warmdown_iters 2 --val_loss_every 0 --final_checkpoint 0 --matmul_check 0 --deterministic 1 \
     --records_dir "$out" --label "det-$label" "${extra[@]}" > "$out/$label.log" 2>&1
 }
-run cold-1 TORCHINDUCTOR_CACHE_DIR="$c1"
-run warm-1 TORCHINDUCTOR_CACHE_DIR="$c1"
-run cold-2 TORCHINDUCTOR_CACHE_DIR="$c2"
-run warm-2 TORCHINDUCTOR_CACHE_DIR="$c2"
-run nocache TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
+run cold-1 TORCHINDUCTOR_CACHE_DIR="$c1" TRITON_CACHE_DIR="$c1/triton-user"
+run warm-1 TORCHINDUCTOR_CACHE_DIR="$c1" TRITON_CACHE_DIR="$c1/triton-user"
+run cold-2 TORCHINDUCTOR_CACHE_DIR="$c2" TRITON_CACHE_DIR="$c2/triton-user"
+run warm-2 TORCHINDUCTOR_CACHE_DIR="$c2" TRITON_CACHE_DIR="$c2/triton-user"
+run nocache TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 TRITON_CACHE_DIR="$(mktemp -d)"
 c3=$(mktemp -d)
 for label in cold-3 warm-3 warm-3b; do
-  TORCHINDUCTOR_CACHE_DIR="$c3" python records/determinism/repeat_step.py --repeats 3 --preset "$preset" \
+  TORCHINDUCTOR_CACHE_DIR="$c3" TRITON_CACHE_DIR="$c3/triton-user" python records/determinism/repeat_step.py --repeats 3 --preset "$preset" \
     --input_bin "$train" --input_val_bin "$val" --matmul_check 0 --deterministic 1 "${extra[@]}" \
     > "$out/repeat_step-$label.log" 2>&1
 done
@@ -47,5 +50,10 @@ for label in cold-3 warm-3 warm-3b; do
   echo "repeat_step $label: $(grep -cE '^repeat .*identical$' "$out/repeat_step-$label.log") of 6 stage checks" \
     "identical; $(grep -E '^loss' "$out/repeat_step-$label.log")"
   grep -E "^repeat .* differ" "$out/repeat_step-$label.log"
+done
+i=0
+for c in "$c1" "$c2" "$c3"; do
+  i=$((i + 1))
+  (cd "$c" && find . \( -name '*.py' -o -name '*.best_config' \) -print0 | tar --null -czf "$out/inductor-code-$i.tgz" -T -)
 done
 rm -rf "$c1" "$c2" "$c3"
