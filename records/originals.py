@@ -2,7 +2,7 @@
 
     python records/originals.py --originals .originals --out records/h200-enwiki/originals --seeds 3 \\
         --input_bin 'data/enwiki/*_train_*.bin' --input_val_bin 'data/enwiki/*_val_*.bin' [--preset compare] \\
-        [--which muon,soap] [--parallel 1] [--project_records DIR] [--dry_run] [-- any train_gpt2.py setting]
+        [--which muon,soap] [--parallel 1] [--project_records DIR] [--deadline S] [--dry_run] [-- settings]
 
 --originals holds the user's copies (never committed):
     modded-nanogpt/train_gpt2.py                  KellerJordan/modded-nanogpt at b9979e6 (Muon, as OrthogonalNesterov)
@@ -12,7 +12,8 @@ The project's protocol (--preset and the settings after --) is mapped onto each 
 --sequence_length, --num_iterations, --warmup_iters, --warmdown_iters, --learning_rate, --val_loss_every, and
 --val_max_steps = val_tokens / (device batch x sequence length); settings an original hard-codes (its learning-rate
 ratios, betas, SOAP's refresh period, no weight decay) must match the project's or the script refuses. Runs go one
-after the other on one GPU (--parallel k: k at once), each original in its own folder under --work (its
+after the other on one GPU (--parallel k: k at once; the later runs of an original wait until its first has compiled,
+~2 min for b9979e6, and load its compile cache), each original in its own folder under --work (its
 logs/<id>/log.txt, kept, and its final checkpoint, deleted: ~1.5 GB each), then its log is converted into <out>/
 original-<opt>/<time>-original-<opt>-<i>.txt (convert_log: an upstream-format log whose header names the original,
 its sha256 and the optimizers it builds, so records/compare.py groups it), and the project's runs write records into
@@ -20,7 +21,10 @@ its sha256 and the optimizers it builds, so records/compare.py groups it), and t
 --project_records DIR the project is not run: DIR's complete records of each optimizer under the same protocol
 (same_protocol: the model, batch, schedule, validation, shard names and what the original hard-codes) are copied
 into <out>/project-<opt>/ instead, and the others named with the first setting that differs. Every run's output:
-<out>/stdout/<label>-<i>.log; the command and every job's: <out>/originals.json. Last, compare.py --by optimizer
+<out>/stdout/<label>-<i>.log; the command and every job's: <out>/originals.json. --deadline S (a time-limited
+machine): no run starts that would not finish within S seconds of the start (judged by the longest finished run of
+its kind), and at S the running ones are stopped; SIGTERM or Ctrl-C stops them at once. A stopped original's log is
+still converted (compare.py lists it as incomplete, with the steps it reached). Last, compare.py --by optimizer
 over <out> (the originals as upstream-<opt>), and per optimizer whether the project's mean lies within two standard
 errors of the original's.
 
@@ -32,6 +36,7 @@ The originals validate without autocast (fp32 forward), the project under bf16 a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -39,6 +44,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -175,13 +181,17 @@ def project_records(folder: Path, ns: argparse.Namespace) -> tuple[dict[str, lis
 
 @dataclass
 class Job:
-    """One run: its command, working folder and stdout file; after(): what to do with its output."""
+    """One run: its command, working folder and stdout file; after(): what to do with its output (also when it was
+    stopped). kind: runs of one kind take about as long (the deadline's estimate); first: a run this one waits for
+    until that one has finished its first step (it compiled; this one loads the compile cache) or ended."""
     what: str
     cmd: list[str]
     cwd: Path
     stdout: Path
     after: object = None
     env: dict | None = None
+    kind: str = ""
+    first: Job | None = None
 
 
 def plan(ns: argparse.Namespace) -> list[Job]:
@@ -201,13 +211,14 @@ def plan(ns: argparse.Namespace) -> list[Job]:
             cmd = [*shlex.split(ns.launcher), str(script), *oargs]
             jobs.append(Job(f"original-{name} run {i}", cmd, work / f"original-{name}-{i}",
                             out / "stdout" / f"original-{name}-{i}.log",
-                            after=lambda job, name=name, i=i: collect(job, ORIGINALS[name], root, out, i)))
+                            after=lambda job, name=name, i=i: collect(job, ORIGINALS[name], root, out, i),
+                            kind=f"original-{name}", first=jobs[-i] if i else None))
         for i in range(0 if ns.project_records else ns.seeds):
             label = f"project-{name}"
             cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--preset", ns.preset, *ns.project, "--optimizer",
                    name, "--seed", str(i), "--label", label, "--records_dir", str((out / label).resolve()),
                    "--checkpoint_dir", str((work / "checkpoints").resolve())]
-            jobs.append(Job(f"{label} seed {i}", cmd, REPO, out / "stdout" / f"{label}-{i}.log"))
+            jobs.append(Job(f"{label} seed {i}", cmd, REPO, out / "stdout" / f"{label}-{i}.log", kind=label))
     return jobs
 
 
@@ -288,30 +299,84 @@ def collect(job: Job, original: Original, root: Path, out: Path, i: int) -> Path
     return path
 
 
-def run_jobs(jobs: list[Job], parallel: int) -> list[int]:
-    """Run the jobs, `parallel` at a time, in order; each one's stdout and stderr into its file; after() of each
-    as it ends. Returns the exit codes."""
-    codes, running, queue = [0] * len(jobs), [], list(enumerate(jobs))
-    while queue or running:
-        while queue and len(running) < parallel:
-            i, job = queue.pop(0)
-            job.cwd.mkdir(parents=True, exist_ok=True)
-            job.stdout.parent.mkdir(parents=True, exist_ok=True)
-            f = open(job.stdout, "w")
-            print(f"start {job.what}: {shlex.join(job.cmd)}", flush=True)
-            running.append((i, job, f, subprocess.Popen(job.cmd, cwd=job.cwd, stdout=f, stderr=subprocess.STDOUT,
-                                                          env=job.env)))
-        for entry in list(running):
-            i, job, f, proc = entry
-            if proc.poll() is not None:
-                f.close()
-                running.remove(entry)
-                codes[i] = proc.returncode
-                print(f"done {job.what}: exit {proc.returncode}" + ("" if proc.returncode == 0 else
-                                                                    f" (see {job.stdout})"), flush=True)
-                if job.after is not None:
-                    job.after(job)
-        time.sleep(0.2)
+_FIRST_STEP = re.compile(r"^step\s+1/", re.M)
+
+
+def compiled(job: Job) -> bool:
+    """Whether the run has printed its first step (so its compile caches are written)."""
+    return job.stdout.exists() and bool(_FIRST_STEP.search(job.stdout.read_text(errors="replace")))
+
+
+class Stop(Exception):
+    """SIGTERM or SIGINT to this script: stop the runs, keep what they wrote."""
+
+
+def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float = 30.0) -> list[int | None]:
+    """Run the jobs, `parallel` at a time, in order, each in its own process group, stdout and stderr into its file,
+    after() of each as it ends. A job whose `first` is still compiling waits (later jobs may start meanwhile).
+    deadline > 0 (seconds from now): a job is not started when less time is left than the longest run of its kind so
+    far, and at the deadline the running ones get SIGTERM (SIGKILL `grace` seconds later); SIGTERM/SIGINT to this
+    script does the same at once. A stopped run's after() still runs (its log is converted, marked incomplete).
+    Returns the exit codes, None for a job never started."""
+    codes, running, queue = [None] * len(jobs), [], list(enumerate(jobs))
+    took, t0, stopping = {}, time.time(), None
+
+    def stop(*_):
+        raise Stop
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while queue or running:
+            try:
+                now = time.time() - t0
+                if deadline and now >= deadline and stopping is None:
+                    stopping = time.time()
+                    for _, job, _, proc, _ in running:
+                        print(f"deadline: stopping {job.what}", flush=True)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGTERM)
+                if stopping is not None and time.time() - stopping > grace:
+                    for _, _, _, proc, _ in running:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGKILL)
+                for i, job in list(queue) if stopping is None else []:
+                    if len(running) >= parallel:
+                        break
+                    if job.first is not None and codes[jobs.index(job.first)] is None and not compiled(job.first):
+                        continue
+                    if deadline and deadline - now < took.get(job.kind, 0.0):
+                        continue
+                    queue.remove((i, job))
+                    job.cwd.mkdir(parents=True, exist_ok=True)
+                    job.stdout.parent.mkdir(parents=True, exist_ok=True)
+                    f = open(job.stdout, "w")
+                    print(f"start {job.what}: {shlex.join(job.cmd)}", flush=True)
+                    proc = subprocess.Popen(job.cmd, cwd=job.cwd, stdout=f, stderr=subprocess.STDOUT, env=job.env,
+                                            start_new_session=True)
+                    running.append((i, job, f, proc, time.time()))
+                if stopping is not None or (deadline and not running and queue):
+                    for i, job in queue:
+                        print(f"skipped {job.what}: would not finish before the deadline", flush=True)
+                    queue.clear()
+                for entry in list(running):
+                    i, job, f, proc, started = entry
+                    if proc.poll() is not None:
+                        f.close()
+                        running.remove(entry)
+                        codes[i] = proc.returncode
+                        if proc.returncode == 0:
+                            took[job.kind] = max(took.get(job.kind, 0.0), time.time() - started)
+                        print(f"done {job.what}: exit {proc.returncode}" + ("" if proc.returncode == 0 else
+                                                                            f" (see {job.stdout})"), flush=True)
+                        if job.after is not None:
+                            job.after(job)
+                time.sleep(0.2)
+            except Stop:
+                print("stopped: stopping the runs and keeping what they wrote", flush=True)
+                deadline, t0 = 1e-9, time.time() - 1.0
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     return codes
 
 
@@ -364,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "temporary folder; the originals' raw logs stay there)")
     parser.add_argument("--project_records", help="a folder of the project's records under the same protocol: "
                                                   "compared instead of running the project")
+    parser.add_argument("--deadline", type=float, default=0, help="seconds: start no run that would not finish by "
+                                                                   "then (by the longest of its kind so far), stop "
+                                                                   "the ones still running then (default 0: none)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     ns = parser.parse_args(argv)
     ns.which = [w.strip() for w in ns.which.split(",") if w.strip()]
@@ -372,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--which: {', '.join(bad) or 'nothing'}; choose from {', '.join(ORIGINALS)}")
     if ns.seeds < 1 or ns.parallel < 1:
         parser.error("--seeds and --parallel must be >= 1")
+    if ns.deadline < 0:
+        parser.error("--deadline must be >= 0 (0: none)")
     # absolute: the originals run in their own folders
     ns.input_bin, ns.input_val_bin = os.path.abspath(ns.input_bin), os.path.abspath(ns.input_val_bin)
     ns.project = ["--input_bin", ns.input_bin, "--input_val_bin", ns.input_val_bin, *project]
@@ -400,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "originals.json").write_text(json.dumps(dict(
         command=shlex.join(["python", "records/originals.py", *given]),
         jobs=[dict(what=j.what, cmd=shlex.join(j.cmd)) for j in jobs]), indent=1) + "\n")
-    codes = run_jobs(jobs, ns.parallel)
+    codes = run_jobs(jobs, ns.parallel, ns.deadline)
     shutil.rmtree(Path(ns.work) / "checkpoints", ignore_errors=True)  # the project's: ~1.5 GB a run
     print(f"\nthe originals' own logs: {ns.work}")
     print()
@@ -408,10 +478,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in within_two_se(out, ns.which):
         print(line)
-    failed = [j.what for j, c in zip(jobs, codes) if c != 0]
+    failed = [j.what for j, c in zip(jobs, codes) if c not in (0, None)]
+    skipped = [j.what for j, c in zip(jobs, codes) if c is None]
     if failed:
-        print(f"\n{len(failed)} run(s) failed: {', '.join(failed)}")
-    return 1 if failed else 0
+        print(f"\n{len(failed)} run(s) failed or were stopped: {', '.join(failed)}")
+    if skipped:
+        print(f"\n{len(skipped)} run(s) not started: {', '.join(skipped)}")
+    return 1 if failed or skipped else 0
 
 
 if __name__ == "__main__":

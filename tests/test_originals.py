@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import originals as o  # noqa: E402
 
 # a stand-in for an original trainer: its command line (the originals' argparse), its log.txt and stdout formats,
 # the checkpoint it saves at the end; BUILDS is the optimizer line its code carries
-FAKE = '''import argparse, json, os, sys, uuid
+FAKE = '''import argparse, json, os, sys, time, uuid
 class OrthogonalNesterov:
     pass
 def make():
@@ -39,8 +40,11 @@ with open(run + "/log.txt", "w") as f:
             f.write("s:%d tel:%f\\n" % (step, final + (n - step) * 0.1))
         if step == n:
             break
-        print(f"step {step + 1:4d}/{n} | train loss {7.5:.4f} | lr_scale {1.0:.2e} | ({12.5:.2f} ms | 1000 tok/s)")
+        print(f"step {step + 1:4d}/{n} | train loss {7.5:.4f} | lr_scale {1.0:.2e} | ({12.5:.2f} ms | 1000 tok/s)",
+              flush=True)
         f.write("s:%d trl:%f\\n" % (step, 7.5))
+        f.flush()
+        time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 open(run + "/state_step%06d.pt" % n, "w").write("weights")
 print("peak memory consumption: 123 MiB")
 '''
@@ -177,3 +181,64 @@ def test_originals_beside_the_project_in_one_command(tmp_path, monkeypatch, caps
     assert sorted(p.name for p in (out2 / "project-muon").iterdir()) == sorted(
         p.name for p in (out / "project-muon").iterdir())
     assert "muon: project " in printed and "(n=2) - original " in printed
+
+
+def job(tmp_path: Path, name: str, code: str, **kw) -> o.Job:
+    """A Job running `code` in Python; its stdout in tmp_path/<name>.log."""
+    return o.Job(name, [sys.executable, "-c", code], tmp_path, tmp_path / f"{name}.log", kind=name.rstrip("0123456789"),
+                 **kw)
+
+
+STEPS = ("import time\nprint('start', time.time(), flush=True)\ntime.sleep({pause})\n"
+         "print('step    1/5 | train loss 7.0', time.time(), flush=True)\ntime.sleep({after})")
+
+
+def test_later_runs_of_an_original_wait_for_its_first_to_compile(tmp_path):
+    """With 3 slots, run b (first=a) starts only once a has printed its first step; c (no first) starts at once."""
+    a = job(tmp_path, "a", STEPS.format(pause=1.5, after=0.5))
+    b = job(tmp_path, "b", STEPS.format(pause=0, after=0), first=a)
+    c = job(tmp_path, "c", STEPS.format(pause=0, after=0))
+    assert o.run_jobs([a, b, c], parallel=3) == [0, 0, 0]
+    times = {j.what: [float(line.split()[-1]) for line in j.stdout.read_text().splitlines()] for j in (a, b, c)}
+    assert times["b"][0] >= times["a"][1]  # b started after a's first step
+    assert times["c"][0] < times["a"][1]
+
+
+def test_deadline_stops_running_runs_keeps_their_output_and_skips_what_cannot_finish(tmp_path):
+    """deadline 3 s: x0 (2 s) ends; x1 of the same kind would need 2 s more than is left after x0 and a slow y, so it is
+    never started (code None); y (60 s) is stopped at the deadline with SIGTERM, its process group with it, and its
+    after() still runs."""
+    seen = []
+    x0 = job(tmp_path, "x0", "import time; time.sleep(2)")
+    y = job(tmp_path, "y", "import subprocess, sys, time\nprint('up', flush=True)\n"
+                           "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\ntime.sleep(60)",
+            after=lambda j: seen.append(j.what))
+    x1 = job(tmp_path, "x1", "import time; time.sleep(2)")
+    start = time.time()
+    codes = o.run_jobs([x0, y, x1], parallel=2, deadline=3.0, grace=5.0)
+    assert time.time() - start < 10
+    assert codes[0] == 0 and codes[1] not in (0, None) and codes[2] is None
+    assert seen == ["y"] and "up" in y.stdout.read_text()
+
+
+def test_a_stopped_original_is_converted_as_incomplete(tmp_path, monkeypatch, capsys):
+    """A slow stand-in original under --deadline: stopped, its partial log converted; compare.py lists it as
+    incomplete with the step it reached; the script exits 1 and names the stopped run."""
+    monkeypatch.setitem(o.MODELS, (2, 2, 64, SMALL_VOCAB), "tiny")
+    monkeypatch.setenv("FAKE_SLEEP", "1")
+    train, val = make_shards(tmp_path / "shards", vocab=SMALL_VOCAB)
+    root, out = fake_originals(tmp_path / "orig"), tmp_path / "exp"
+    (tmp_path / "none").mkdir()
+    code = o.main(["--originals", str(root), "--out", str(out), "--work", str(tmp_path / "work"), "--input_bin",
+                   train, "--input_val_bin", val, "--seeds", "2", "--launcher", sys.executable, "--which", "muon",
+                   "--project_records", str(tmp_path / "none"), "--deadline", "3", "--",
+                   *TINY, "--vocab_size", str(SMALL_VOCAB), "--num_iterations", "50", "--matmul_check", "0"])
+    printed = capsys.readouterr().out
+    assert code == 1, printed
+    converted = sorted((out / "original-muon").glob("*.txt"))
+    assert len(converted) == 1
+    run = c.parse_record(converted[0])
+    assert not run.complete and run.optimizer == "upstream-muon" and 1 <= max(s for s, *_ in run.train) < 50
+    assert "deadline: stopping original-muon run 0" in printed and "failed or were stopped: original-muon run 0" \
+        in printed and "not started: original-muon run 1" in printed
+    assert "incomplete" in printed
