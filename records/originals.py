@@ -319,7 +319,7 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
     script does the same at once. A stopped run's after() still runs (its log is converted, marked incomplete).
     Returns the exit codes, None for a job never started."""
     codes, running, queue = [None] * len(jobs), [], list(enumerate(jobs))
-    took, t0, stopping = {}, time.time(), None
+    took, t0, stopping, signalled = {}, time.time(), None, False
 
     def stop(*_):
         raise Stop
@@ -329,10 +329,10 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
         while queue or running:
             try:
                 now = time.time() - t0
-                if deadline and now >= deadline and stopping is None:
+                if (signalled or deadline and now >= deadline) and stopping is None:
                     stopping = time.time()
                     for _, job, _, proc, _ in running:
-                        print(f"deadline: stopping {job.what}", flush=True)
+                        print(f"{'stopped' if signalled else 'deadline'}: stopping {job.what}", flush=True)
                         with contextlib.suppress(ProcessLookupError):
                             os.killpg(proc.pid, signal.SIGTERM)
                 if stopping is not None and time.time() - stopping > grace:
@@ -356,7 +356,8 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
                     running.append((i, job, f, proc, time.time()))
                 if stopping is not None or (deadline and not running and queue):
                     for i, job in queue:
-                        print(f"skipped {job.what}: would not finish before the deadline", flush=True)
+                        print(f"skipped {job.what}: " + ("stopped" if signalled else
+                                                          "would not finish before the deadline"), flush=True)
                     queue.clear()
                 for entry in list(running):
                     i, job, f, proc, started = entry
@@ -372,8 +373,7 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
                             job.after(job)
                 time.sleep(0.2)
             except Stop:
-                print("stopped: stopping the runs and keeping what they wrote", flush=True)
-                deadline, t0 = 1e-9, time.time() - 1.0
+                signalled = True
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)

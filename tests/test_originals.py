@@ -2,8 +2,11 @@
 logs compare.py groups by optimizer, and one whole run beside the project with stand-ins for the originals."""
 import json
 import math
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -242,3 +245,19 @@ def test_a_stopped_original_is_converted_as_incomplete(tmp_path, monkeypatch, ca
     assert "deadline: stopping original-muon run 0" in printed and "failed or were stopped: original-muon run 0" \
         in printed and "not started: original-muon run 1" in printed
     assert "incomplete" in printed
+
+
+def test_sigterm_stops_the_runs_and_keeps_their_output(tmp_path):
+    """SIGTERM to the script 1 s in: the running job is stopped at once (its after() runs), the queued one never
+    starts, and the signal handlers are restored."""
+    seen = []
+    y = job(tmp_path, "y", "import time\nprint('up', flush=True)\ntime.sleep(60)", after=lambda j: seen.append(j.what))
+    z = job(tmp_path, "z", "pass")
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    start = time.time()
+    timer.start()
+    codes = o.run_jobs([y, z], parallel=1, grace=5.0)
+    assert time.time() - start < 10
+    assert codes[0] not in (0, None) and codes[1] is None and seen == ["y"]
+    assert signal.getsignal(signal.SIGTERM) is before
