@@ -23,10 +23,11 @@ its sha256 and the optimizers it builds, so records/compare.py groups it), and t
 into <out>/project-<opt>/ instead, and the others named with the first setting that differs. Every run's output:
 <out>/stdout/<label>-<i>.log; the command and every job's: <out>/originals.json. --deadline S (a time-limited
 machine): no run starts that would not finish within S seconds of the start (judged by the longest finished run of
-its kind), and at S the running ones are stopped; SIGTERM or Ctrl-C stops them at once. A stopped original's log is
-still converted (compare.py lists it as incomplete, with the steps it reached). Last, compare.py --by optimizer
-over <out> (the originals as upstream-<opt>), and per optimizer whether the project's mean lies within two standard
-errors of the original's.
+its kind; a run that loads the compile cache by such runs or, before one has finished, by the first less its compile
+plus a cache-loading run's compile), and at S the running ones are stopped; SIGTERM or Ctrl-C stops them at once.
+A stopped original's log is still converted (compare.py lists it as incomplete, with the steps it reached).
+Last, compare.py --by optimizer over <out> (the originals as upstream-<opt>), and per optimizer whether the
+project's mean lies within two standard errors of the original's.
 
 The originals seed nothing, and their runs do not start from one init: two runs of b9979e6 on one H200 began at
 val loss 10.9895 and 11.0351 (step 0), so their spread includes the init's, as the project's runs with --seed 0 .. n-1
@@ -302,6 +303,22 @@ def collect(job: Job, original: Original, root: Path, out: Path, i: int) -> Path
 _FIRST_STEP = re.compile(r"^step\s+1/", re.M)
 
 
+def estimate(jobs: list[Job], i: int, finished: dict[int, float], compiles: dict[int, float]) -> float:
+    """Seconds job i should take, from the seconds of the finished runs (by index) and the seconds to their first
+    step of the runs seen so far (compiles): the longest finished run of its kind; for a run that loads the compile
+    cache (first set), the longest such run, or before one has finished, the longest run of its kind less its compile
+    plus the longest compile of a cache-loading run (b9979e6: 67-75 s against 121-154 s compiling afresh)."""
+    kind = [k for k in finished if jobs[k].kind == jobs[i].kind]
+    longest = max((finished[k] for k in kind), default=0.0)
+    if jobs[i].first is None:
+        return longest
+    if warm := [finished[k] for k in kind if jobs[k].first is not None]:
+        return max(warm)
+    cold = [finished[k] - compiles[k] for k in kind if k in compiles]
+    warm_compiles = [c for k, c in compiles.items() if jobs[k].kind == jobs[i].kind and jobs[k].first is not None]
+    return max(cold) + max(warm_compiles) if cold and warm_compiles else longest
+
+
 def compiled(job: Job) -> bool:
     """Whether the run has printed its first step (so its compile caches are written)."""
     return job.stdout.exists() and bool(_FIRST_STEP.search(job.stdout.read_text(errors="replace")))
@@ -314,12 +331,13 @@ class Stop(Exception):
 def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float = 30.0) -> list[int | None]:
     """Run the jobs, `parallel` at a time, in order, each in its own process group, stdout and stderr into its file,
     after() of each as it ends. A job whose `first` is still compiling waits (later jobs may start meanwhile).
-    deadline > 0 (seconds from now): a job is not started when less time is left than the longest run of its kind so
-    far, and at the deadline the running ones get SIGTERM (SIGKILL `grace` seconds later); SIGTERM/SIGINT to this
-    script does the same at once. A stopped run's after() still runs (its log is converted, marked incomplete).
-    Returns the exit codes, None for a job never started."""
+    deadline > 0 (seconds from now): a job is not started when less time is left than it should take (estimate: from
+    the finished runs of its kind and the compile times seen), and at the deadline the running ones get SIGTERM
+    (SIGKILL `grace` seconds later); SIGTERM/SIGINT to this script does the same at once. A stopped run's after()
+    still runs (its log is converted, marked incomplete). Returns the exit codes, None for a job never started."""
     codes, running, queue = [None] * len(jobs), [], list(enumerate(jobs))
-    took, t0, stopping, signalled = {}, time.time(), None, False
+    finished, compiles, t0, stopping, signalled = {}, {}, time.time(), None, False
+    chained = {id(job) for job in jobs if job.first is not None} | {id(job.first) for job in jobs if job.first}
 
     def stop(*_):
         raise Stop
@@ -344,7 +362,7 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
                         break
                     if job.first is not None and codes[jobs.index(job.first)] is None and not compiled(job.first):
                         continue
-                    if deadline and deadline - now < took.get(job.kind, 0.0):
+                    if deadline and deadline - now < estimate(jobs, i, finished, compiles):
                         continue
                     queue.remove((i, job))
                     job.cwd.mkdir(parents=True, exist_ok=True)
@@ -366,11 +384,13 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
                         running.remove(entry)
                         codes[i] = proc.returncode
                         if proc.returncode == 0:
-                            took[job.kind] = max(took.get(job.kind, 0.0), time.time() - started)
+                            finished[i] = time.time() - started
                         print(f"done {job.what}: exit {proc.returncode}" + ("" if proc.returncode == 0 else
                                                                             f" (see {job.stdout})"), flush=True)
                         if job.after is not None:
                             job.after(job)
+                    elif i not in compiles and id(job) in chained and compiled(job):
+                        compiles[i] = time.time() - started
                 time.sleep(0.2)
             except Stop:
                 signalled = True
@@ -430,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project_records", help="a folder of the project's records under the same protocol: "
                                                   "compared instead of running the project")
     parser.add_argument("--deadline", type=float, default=0, help="seconds: start no run that would not finish by "
-                                                                   "then (by the longest of its kind so far), stop "
+                                                                   "then (by the finished runs of its kind), stop "
                                                                    "the ones still running then (default 0: none)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     ns = parser.parse_args(argv)

@@ -207,6 +207,35 @@ def test_later_runs_of_an_original_wait_for_its_first_to_compile(tmp_path):
     assert times["c"][0] < times["a"][1]
 
 
+def test_estimate_of_a_run_that_loads_the_compile_cache(tmp_path):
+    """a compiles (120 s of its 300 s), b and c load its cache: before any cache-loading run has finished, c's estimate
+    is a's time less a's compile plus b's compile (180 + 70); once b has finished, b's time; a compiling run and
+    another kind go by the longest finished run of their kind."""
+    a = job(tmp_path, "x0", "")
+    b, c = job(tmp_path, "x1", "", first=a), job(tmp_path, "x2", "", first=a)
+    d, y = job(tmp_path, "x3", ""), job(tmp_path, "y", "")
+    jobs = [a, b, c, d, y]
+    assert o.estimate(jobs, 2, {}, {}) == 0.0
+    assert o.estimate(jobs, 2, {0: 300.0}, {0: 120.0}) == 300.0  # no cache-loading compile seen yet
+    assert o.estimate(jobs, 2, {0: 300.0}, {0: 120.0, 1: 70.0}) == 250.0
+    assert o.estimate(jobs, 2, {0: 300.0, 1: 200.0}, {0: 120.0, 1: 70.0}) == 200.0
+    assert o.estimate(jobs, 3, {0: 300.0, 1: 200.0}, {0: 120.0, 1: 70.0}) == 300.0
+    assert o.estimate(jobs, 4, {0: 300.0}, {0: 120.0}) == 0.0
+
+
+def test_deadline_starts_a_cache_loading_run_that_fits(tmp_path):
+    """deadline 7 s, 2 slots: a compiles 2 s and runs 1.5 s; b and c load its cache (0.3 s) and run 1.5 s (b 3.5 s).
+    When a ends (~3.6 s) c is estimated at 3.6 - 2 + 0.3 ~ 1.9 s, so it starts then, before b has ended, and
+    finishes; judged by a's 3.6 s it would not have started."""
+    a = job(tmp_path, "x0", STEPS.format(pause=2.0, after=1.5))
+    b = job(tmp_path, "x1", STEPS.format(pause=0.3, after=3.5) + "\nprint('end', time.time(), flush=True)", first=a)
+    c = job(tmp_path, "x2", STEPS.format(pause=0.3, after=1.5), first=a)
+    assert o.run_jobs([a, b, c], parallel=2, deadline=7.0, grace=5.0) == [0, 0, 0]
+    b_end = float(b.stdout.read_text().splitlines()[-1].split()[-1])
+    c_start = float(c.stdout.read_text().splitlines()[0].split()[-1])
+    assert c_start < b_end - 0.5
+
+
 def test_deadline_stops_running_runs_keeps_their_output_and_skips_what_cannot_finish(tmp_path):
     """deadline 3 s: x0 (2 s) ends; x1 of the same kind would need 2 s more than is left after x0 and a slow y, so it is
     never started (code None); y (60 s) is stopped at the deadline with SIGTERM, its process group with it, and its
