@@ -401,8 +401,9 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
 
 
 def within_two_se(out: Path, which: list[str]) -> list[str]:
-    """Per optimizer: the project's mean final val loss against the original's, and whether it lies within two
-    standard errors (std / sqrt(n)) of the original's mean."""
+    """Per optimizer: the project's mean final val loss against the original's, whether it lies within two
+    standard errors (std / sqrt(n)) of the original's mean, and Welch's p of the two (few runs of an original can
+    agree closely enough that its standard error undercounts its spread)."""
     groups = {}
     for kind in ("original", "project"):
         for name in which:
@@ -421,9 +422,12 @@ def within_two_se(out: Path, which: list[str]) -> list[str]:
             continue
         se = o["std"] / math.sqrt(o["runs"])
         diff = p["mean"] - o["mean"]
+        w = compare.welch(p["losses"], o["losses"])
+        welch = "" if w is None else (f" (Welch p = {w['p_value']:.3g}: "
+                                      + ("differ" if w["p_value"] < 1 - w["confidence"] else "not told apart") + ")")
         lines.append(f"{name}: project {p['mean']:.4f} (n={p['runs']}) - original {o['mean']:.4f} (n={o['runs']}) = "
                      f"{diff:+.4f}; 2 standard errors of the original's mean: {2 * se:.4f}: "
-                     + ("within" if abs(diff) <= 2 * se else "outside"))
+                     + ("within" if abs(diff) <= 2 * se else "outside") + welch)
     return lines
 
 
