@@ -513,17 +513,21 @@ def welch_pairs(rows: list[dict], baseline: str | None = None,
     return [(a, b, welch(losses[a], losses[b], confidence)) for a, b in pairs]
 
 
+def verdict(w: dict) -> str:
+    """Whether a Welch test's two groups differ at its confidence (p < 1 - confidence: the interval leaves out 0)."""
+    return (f"differ at {w['confidence']:.0%}" if w["p_value"] < 1 - w["confidence"]
+            else f"not told apart at {w['confidence']:.0%}")
+
+
 def welch_line(a: str, b: str, w: dict | None) -> str:
     """One line of a Welch test: the difference of the means, its interval, t, df, p, the run pairs ordered against
     the means, and whether the two differ at the interval's confidence (p < 1 - confidence: the interval leaves out
     0)."""
     if w is None:
         return f"{a} - {b}: Welch's t-test needs two complete runs or more in each group"
-    verdict = (f"differ at {w['confidence']:.0%}" if w["p_value"] < 1 - w["confidence"]
-               else f"not told apart at {w['confidence']:.0%}")
     return (f"{a} - {b}: {w['diff']:+.4f}, {w['confidence']:.0%} interval [{w['low']:+.4f}, {w['high']:+.4f}] "
             f"(Welch t={w['statistic']:.3f}, df={w['df']:.1f}, p={w['p_value']:.3g}; order flipped in "
-            f"{w['flips']} of {w['pairs']} run pairs): {verdict}")
+            f"{w['flips']} of {w['pairs']} run pairs): {verdict(w)}")
 
 
 def config_differences(groups: dict[str, list[Run]]) -> dict[str, dict]:

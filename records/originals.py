@@ -423,8 +423,7 @@ def within_two_se(out: Path, which: list[str]) -> list[str]:
         se = o["std"] / math.sqrt(o["runs"])
         diff = p["mean"] - o["mean"]
         w = compare.welch(p["losses"], o["losses"])
-        welch = "" if w is None else (f" (Welch p = {w['p_value']:.3g}: "
-                                      + ("differ" if w["p_value"] < 1 - w["confidence"] else "not told apart") + ")")
+        welch = "" if w is None else f" (Welch p = {w['p_value']:.3g}: {compare.verdict(w)})"
         lines.append(f"{name}: project {p['mean']:.4f} (n={p['runs']}) - original {o['mean']:.4f} (n={o['runs']}) = "
                      f"{diff:+.4f}; 2 standard errors of the original's mean: {2 * se:.4f}: "
                      + ("within" if abs(diff) <= 2 * se else "outside") + welch)

@@ -164,7 +164,7 @@ def test_originals_beside_the_project_in_one_command(tmp_path, monkeypatch, caps
            f"standard errors of the original's mean: {2 * se:.4f}: " + ("within" if abs(diff) <= 2 * se else
                                                                        "outside") in printed
     p = c.welch(mine, finals)["p_value"]
-    assert f"(Welch p = {p:.3g}: " + ("differ)" if p < 0.05 else "not told apart)") in printed
+    assert f"(Welch p = {p:.3g}: " + ("differ at 95%)" if p < 0.05 else "not told apart at 95%)") in printed
     assert json.loads((out / "originals.json").read_text())["command"].startswith("python records/originals.py")
 
     # again with the project's records of the first: only the original runs; the two records are copied, a record of
