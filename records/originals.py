@@ -26,6 +26,9 @@ machine): no run starts that would not finish within S seconds of the start (jud
 its kind; a run that loads the compile cache by such runs or, before one has finished, by the first less its compile
 plus a cache-loading run's compile), and at S the running ones are stopped; SIGTERM or Ctrl-C stops them at once.
 A stopped original's log is still converted (compare.py lists it as incomplete, with the steps it reached).
+A run that runs out of GPU memory beside others is started again once, with --parallel lowered to the number it ran
+beside (the SOAP fork holds ~64 GiB at 64 x 1024: two of it and a project run do not fit a 140 GiB H200); a failed
+run's own error line is printed.
 Last, compare.py --by optimizer over <out> (the originals as upstream-<opt>), and per optimizer whether the
 project's mean lies within two standard errors of the original's.
 
@@ -281,7 +284,7 @@ def header_lines(original: Original, root: Path, cmd: list[str]) -> list[str]:
 def collect(job: Job, original: Original, root: Path, out: Path, i: int) -> Path | None:
     """Convert the run's log into <out>/original-<name>/ and remove its folder's checkpoints; the converted path, or
     None (said) when the run left no log."""
-    logs = sorted(job.cwd.glob("logs/*/log.txt"))
+    logs = sorted(job.cwd.glob("logs/*/log.txt"), key=lambda p: p.stat().st_mtime)  # newest last: a retried run
     stdout = job.stdout.read_text(errors="replace") if job.stdout.exists() else ""
     if not logs:
         print(f"{job.what}: no logs/<id>/log.txt in {job.cwd}; its output: {job.stdout}")
@@ -319,6 +322,22 @@ def estimate(jobs: list[Job], i: int, finished: dict[int, float], compiles: dict
     return max(cold) + max(warm_compiles) if cold and warm_compiles else longest
 
 
+_ERROR = re.compile(r"^(?:\[rank\d+\]: )?(\S*(?:Error|Exception)\b:.*)$", re.M)
+_OOM = re.compile(r"OutOfMemoryError|CUDA out of memory")
+_LAUNCHER_ERRORS = ("ChildFailedError", "SignalException")  # torchrun's own, after the run's error
+
+
+def cause(job: Job) -> str:
+    """The run's own error, as its output says it (the last `...Error: message` or `...Exception: message` line, not
+    torchrun's), cut to its first sentence; "" when it says none."""
+    text = job.stdout.read_text(errors="replace") if job.stdout.exists() else ""
+    errors = [m[1] for m in _ERROR.finditer(text) if not any(e in m[1] for e in _LAUNCHER_ERRORS)]
+    if not errors:
+        return ""
+    first = errors[-1].split(". ")[0]
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
 def compiled(job: Job) -> bool:
     """Whether the run has printed its first step (so its compile caches are written)."""
     return job.stdout.exists() and bool(_FIRST_STEP.search(job.stdout.read_text(errors="replace")))
@@ -334,9 +353,11 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
     deadline > 0 (seconds from now): a job is not started when less time is left than it should take (estimate: from
     the finished runs of its kind and the compile times seen), and at the deadline the running ones get SIGTERM
     (SIGKILL `grace` seconds later); SIGTERM/SIGINT to this script does the same at once. A stopped run's after()
-    still runs (its log is converted, marked incomplete). Returns the exit codes, None for a job never started."""
+    still runs (its log is converted, marked incomplete). A run that fails out of GPU memory while others run is
+    started again once (its first output kept as <stdout>.oom.log) and `parallel` drops to the number it ran beside;
+    a failed run's own error line is printed. Returns the exit codes, None for a job never started."""
     codes, running, queue = [None] * len(jobs), [], list(enumerate(jobs))
-    finished, compiles, t0, stopping, signalled = {}, {}, time.time(), None, False
+    finished, compiles, t0, stopping, signalled, retried = {}, {}, time.time(), None, False, set()
     chained = {id(job) for job in jobs if job.first is not None} | {id(job.first) for job in jobs if job.first}
 
     def stop(*_):
@@ -382,11 +403,24 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
                     if proc.poll() is not None:
                         f.close()
                         running.remove(entry)
+                        if proc.returncode and stopping is None and running and i not in retried and \
+                                _OOM.search(job.stdout.read_text(errors="replace")):
+                            # out of GPU memory beside other runs: fewer at once from now on, and this one again
+                            retried.add(i)
+                            parallel = len(running)
+                            kept = job.stdout.with_name(job.stdout.stem + ".oom.log")
+                            job.stdout.replace(kept)
+                            print(f"done {job.what}: out of GPU memory beside {len(running)} other run(s) (output: "
+                                  f"{kept}); --parallel lowered to {parallel}, the run is started again",
+                                  flush=True)
+                            queue.insert(0, (i, job))
+                            continue
                         codes[i] = proc.returncode
                         if proc.returncode == 0:
                             finished[i] = time.time() - started
+                        why = cause(job) if proc.returncode else ""
                         print(f"done {job.what}: exit {proc.returncode}" + ("" if proc.returncode == 0 else
-                                                                            f" (see {job.stdout})"), flush=True)
+                              f" ({why + '; ' if why else ''}see {job.stdout})"), flush=True)
                         if job.after is not None:
                             job.after(job)
                     elif i not in compiles and id(job) in chained and compiled(job):

@@ -292,3 +292,37 @@ def test_sigterm_stops_the_runs_and_keeps_their_output(tmp_path):
     assert time.time() - start < 10
     assert codes[0] not in (0, None) and codes[1] is None and seen == ["y"]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+OOM_ONCE = ("import os, sys, time\nprint('start', time.time(), flush=True)\n"
+            "if not os.path.exists({marker!r}):\n    open({marker!r}, 'w').close()\n"
+            "    print('[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 6.14 GiB. GPU 0 has a '\n"
+            "          'total capacity of 139.80 GiB', flush=True)\n"
+            "    print('torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ', flush=True)\n"
+            "    sys.exit(1)\n"
+            "time.sleep(0.3)\nprint('end', time.time(), flush=True)")
+TIMED = "import time\nprint('start', time.time(), flush=True)\ntime.sleep({t})\nprint('end', time.time(), flush=True)"
+
+
+def test_a_run_out_of_gpu_memory_beside_others_runs_again_with_fewer_at_once(tmp_path, capsys):
+    """2 slots: b runs out of GPU memory beside a; it is started again after a ends (its first output kept as
+    b.oom.log), and from then on one run at a time, so c starts after b's second run ends; all end 0."""
+    a = job(tmp_path, "a", TIMED.format(t=1.5))
+    b = job(tmp_path, "b", OOM_ONCE.format(marker=str(tmp_path / "b.once")))
+    c = job(tmp_path, "c", TIMED.format(t=0.1))
+    assert o.run_jobs([a, b, c], parallel=2) == [0, 0, 0]
+    t = {j.what: [float(line.split()[-1]) for line in j.stdout.read_text().splitlines()] for j in (a, b, c)}
+    assert t["b"][0] >= t["a"][1] and t["c"][0] >= t["b"][1]
+    assert "OutOfMemoryError" in (tmp_path / "b.oom.log").read_text()
+    printed = capsys.readouterr().out
+    assert "b: out of GPU memory beside 1 other run(s)" in printed and "--parallel lowered to 1" in printed
+
+
+def test_a_run_out_of_gpu_memory_alone_fails_and_says_why(tmp_path, capsys):
+    """Out of memory with nothing beside it: no second try; the exit line names the run's own error (not
+    torchrun's ChildFailedError) and its output file."""
+    b = job(tmp_path, "b", OOM_ONCE.format(marker=str(tmp_path / "b.once")))
+    assert o.run_jobs([b], parallel=2) == [1]
+    printed = capsys.readouterr().out
+    assert f"done b: exit 1 (torch.OutOfMemoryError: CUDA out of memory; see {b.stdout})" in printed
+    assert not (tmp_path / "b.oom.log").exists()
