@@ -326,3 +326,16 @@ def test_a_run_out_of_gpu_memory_alone_fails_and_says_why(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"done b: exit 1 (torch.OutOfMemoryError: CUDA out of memory; see {b.stdout})" in printed
     assert not (tmp_path / "b.oom.log").exists()
+
+
+def test_collect_converts_the_newest_log_of_a_run_started_again(tmp_path):
+    """A run started again leaves its first attempt's logs/<id>/ beside the second's; ids are random, so the newest
+    log (by time), not the last by name, is the run's."""
+    root = fake_originals(tmp_path / "orig")
+    run = o.Job("original-muon run 0", ["x"], tmp_path / "work", tmp_path / "run.log")
+    for name, text, when in [("ffff", "s:0 tel:11.0\n", 1_000_000), ("0000", "s:0 tel:10.5\ns:0 trl:10.4\n", 2_000_000)]:
+        (run.cwd / "logs" / name).mkdir(parents=True)
+        (run.cwd / "logs" / name / "log.txt").write_text(text)
+        os.utime(run.cwd / "logs" / name / "log.txt", (when, when))
+    path = o.collect(run, o.ORIGINALS["muon"], root, tmp_path / "out", 0)
+    assert "val_loss:10.5000" in path.read_text() and "11.0000" not in path.read_text()
