@@ -2,7 +2,8 @@
 
     python records/originals.py --originals .originals --out records/h200-enwiki/originals --seeds 3 \\
         --input_bin 'data/enwiki/*_train_*.bin' --input_val_bin 'data/enwiki/*_val_*.bin' [--preset compare] \\
-        [--which muon,soap] [--parallel 1] [--project_records DIR] [--deadline S] [--dry_run] [-- settings]
+        [--which muon,soap] [--parallel 1] [--project_records DIR] [--deadline S] [--first_seed K] [--dry_run] \\
+        [-- settings]
 
 --originals holds the user's copies (never committed):
     modded-nanogpt/train_gpt2.py                  KellerJordan/modded-nanogpt at b9979e6 (Muon, as OrthogonalNesterov)
@@ -21,7 +22,8 @@ its sha256 and the optimizers it builds, so records/compare.py groups it), and t
 --project_records DIR the project is not run: DIR's complete records of each optimizer under the same protocol
 (same_protocol: the model, batch, schedule, validation, shard names and what the original hard-codes) are copied
 into <out>/project-<opt>/ instead, and the others named with the first setting that differs. Every run's output:
-<out>/stdout/<label>-<i>.log; the command and every job's: <out>/originals.json. --deadline S (a time-limited
+<out>/stdout/<label>-<i>.log; the command and every job's: <out>/originals.json. Runs are numbered i = K .. K+n-1
+(--first_seed K, default 0), so a later call adds runs to an experiment without repeating a seed or a run's name. --deadline S (a time-limited
 machine): no run starts that would not finish within S seconds of the start (judged by the longest finished run of
 its kind; a run that loads the compile cache by such runs or, before one has finished, by the first less its compile
 plus a cache-loading run's compile), and at S the running ones are stopped; SIGTERM or Ctrl-C stops them at once.
@@ -211,13 +213,14 @@ def plan(ns: argparse.Namespace) -> list[Job]:
         args = project_settings(ns.preset, ns.project, name)
         oargs = original_args(args, original)
         script = (root / original.files[0]).resolve()
-        for i in range(ns.seeds):
+        for k in range(ns.seeds):
+            i = ns.first_seed + k
             cmd = [*shlex.split(ns.launcher), str(script), *oargs]
             jobs.append(Job(f"original-{name} run {i}", cmd, work / f"original-{name}-{i}",
                             out / "stdout" / f"original-{name}-{i}.log",
                             after=lambda job, name=name, i=i: collect(job, ORIGINALS[name], root, out, i),
-                            kind=f"original-{name}", first=jobs[-i] if i else None))
-        for i in range(0 if ns.project_records else ns.seeds):
+                            kind=f"original-{name}", first=jobs[-k] if k else None))
+        for i in range(ns.first_seed, ns.first_seed + (0 if ns.project_records else ns.seeds)):
             label = f"project-{name}"
             cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--preset", ns.preset, *ns.project, "--optimizer",
                    name, "--seed", str(i), "--label", label, "--records_dir", str((out / label).resolve()),
@@ -478,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input_bin", required=True, help="train shards (glob), for every run")
     parser.add_argument("--input_val_bin", required=True, help="val shards (glob), for every run")
     parser.add_argument("--seeds", type=int, default=3, help="runs of each (the project's: --seed 0 .. n-1)")
+    parser.add_argument("--first_seed", type=int, default=0, help="number the runs from this one (the project's "
+                                                                  "--seed k .. k+n-1): more runs for an experiment")
     parser.add_argument("--which", default="muon,soap", help="originals to run: muon, soap or both (comma-separated)")
     parser.add_argument("--preset", default="compare", help="the project's protocol (train_gpt2.py --preset)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once on the GPU")
@@ -497,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--which: {', '.join(bad) or 'nothing'}; choose from {', '.join(ORIGINALS)}")
     if ns.seeds < 1 or ns.parallel < 1:
         parser.error("--seeds and --parallel must be >= 1")
+    if ns.first_seed < 0:
+        parser.error("--first_seed must be >= 0")
     if ns.deadline < 0:
         parser.error("--deadline must be >= 0 (0: none)")
     # absolute: the originals run in their own folders

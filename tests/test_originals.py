@@ -339,3 +339,23 @@ def test_collect_converts_the_newest_log_of_a_run_started_again(tmp_path):
         os.utime(run.cwd / "logs" / name / "log.txt", (when, when))
     path = o.collect(run, o.ORIGINALS["muon"], root, tmp_path / "out", 0)
     assert "val_loss:10.5000" in path.read_text() and "11.0000" not in path.read_text()
+
+
+def test_first_seed_numbers_the_runs_of_a_later_call(tmp_path, capsys):
+    """--first_seed 3 --seeds 2: the originals' runs 3 and 4 (their folders and outputs), the project's --seed 3 and 4,
+    and run 4 waits for run 3's compile, as run 1 for run 0."""
+    root = fake_originals(tmp_path / "orig")
+    ns = o.argparse.Namespace(originals=str(root), out=str(tmp_path / "exp"), work=str(tmp_path / "work"),
+                              which=["muon"], preset="compare", project=[], launcher=sys.executable, seeds=2,
+                              first_seed=3, project_records=None)
+    jobs = o.plan(ns)
+    assert [j.what for j in jobs] == ["original-muon run 3", "original-muon run 4", "project-muon seed 3",
+                                      "project-muon seed 4"]
+    assert [j.cwd.name for j in jobs[:2]] == ["original-muon-3", "original-muon-4"]
+    assert [j.stdout.name for j in jobs] == ["original-muon-3.log", "original-muon-4.log", "project-muon-3.log",
+                                             "project-muon-4.log"]
+    assert jobs[0].first is None and jobs[1].first is jobs[0]
+    assert [j.cmd[j.cmd.index("--seed") + 1] for j in jobs[2:]] == ["3", "4"]
+    with pytest.raises(SystemExit):
+        o.main(["--originals", str(root), "--out", "x", "--input_bin", "a", "--input_val_bin", "b", "--first_seed", "-1"])
+    assert "--first_seed must be >= 0" in capsys.readouterr().err
