@@ -296,7 +296,8 @@ def test_sigterm_stops_the_runs_and_keeps_their_output(tmp_path):
 
 OOM_ONCE = ("import os, sys, time\nprint('start', time.time(), flush=True)\n"
             "if not os.path.exists({marker!r}):\n    open({marker!r}, 'w').close()\n"
-            "    print('[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 6.14 GiB. GPU 0 has a '\n"
+            "    print('[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 6.14 GiB. '\n"
+            "          'GPU 0 has a '\n"
             "          'total capacity of 139.80 GiB', flush=True)\n"
             "    print('torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ', flush=True)\n"
             "    sys.exit(1)\n"
@@ -333,7 +334,8 @@ def test_collect_converts_the_newest_log_of_a_run_started_again(tmp_path):
     log (by time), not the last by name, is the run's."""
     root = fake_originals(tmp_path / "orig")
     run = o.Job("original-muon run 0", ["x"], tmp_path / "work", tmp_path / "run.log")
-    for name, text, when in [("ffff", "s:0 tel:11.0\n", 1_000_000), ("0000", "s:0 tel:10.5\ns:0 trl:10.4\n", 2_000_000)]:
+    attempts = [("ffff", "s:0 tel:11.0\n", 1_000_000), ("0000", "s:0 tel:10.5\ns:0 trl:10.4\n", 2_000_000)]
+    for name, text, when in attempts:
         (run.cwd / "logs" / name).mkdir(parents=True)
         (run.cwd / "logs" / name / "log.txt").write_text(text)
         os.utime(run.cwd / "logs" / name / "log.txt", (when, when))
@@ -357,5 +359,6 @@ def test_first_seed_numbers_the_runs_of_a_later_call(tmp_path, capsys):
     assert jobs[0].first is None and jobs[1].first is jobs[0]
     assert [j.cmd[j.cmd.index("--seed") + 1] for j in jobs[2:]] == ["3", "4"]
     with pytest.raises(SystemExit):
-        o.main(["--originals", str(root), "--out", "x", "--input_bin", "a", "--input_val_bin", "b", "--first_seed", "-1"])
+        o.main(["--originals", str(root), "--out", "x", "--input_bin", "a", "--input_val_bin", "b",
+                "--first_seed", "-1"])
     assert "--first_seed must be >= 0" in capsys.readouterr().err
