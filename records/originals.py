@@ -25,8 +25,9 @@ into <out>/project-<opt>/ instead, and the others named with the first setting t
 <out>/stdout/<label>-<i>.log; the command and every job's: <out>/originals.json. Runs are numbered i = K .. K+n-1
 (--first_seed K, default 0), so a later call adds runs to an experiment without repeating a seed or a run's name.
 --deadline S (a time-limited machine): no run starts that would not finish within S seconds of the start (judged
-by the longest finished run of its kind; a run that loads the compile cache by such runs or, before one has finished, by the first less its compile
-plus a cache-loading run's compile), and at S the running ones are stopped; SIGTERM or Ctrl-C stops them at once.
+by the longest finished run of its kind; a run that loads the compile cache by such runs or, before one has
+finished, by the first less its compile plus a cache-loading run's compile), and at S the running ones are stopped;
+SIGTERM or Ctrl-C stops them at once.
 A stopped original's log is still converted (compare.py lists it as incomplete, with the steps it reached).
 A run that runs out of GPU memory beside others is started again once, with --parallel lowered to the number it ran
 beside (the SOAP fork holds ~64 GiB at 64 x 1024: two of it and a project run do not fit a 140 GiB H200); a failed
