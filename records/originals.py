@@ -481,9 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the experiment's records folder")
     parser.add_argument("--input_bin", required=True, help="train shards (glob), for every run")
     parser.add_argument("--input_val_bin", required=True, help="val shards (glob), for every run")
-    parser.add_argument("--seeds", type=int, default=3, help="runs of each (the project's: --seed 0 .. n-1)")
-    parser.add_argument("--first_seed", type=int, default=0, help="number the runs from this one (the project's "
-                                                                  "--seed k .. k+n-1): more runs for an experiment")
+    parser.add_argument("--seeds", type=int, default=3, help="runs of each, n (the project's: --seed K .. K+n-1)")
+    parser.add_argument("--first_seed", type=int, default=0, help="K: the first run's number and the project's "
+                                                                  "first --seed (default 0): more runs for an "
+                                                                  "experiment")
     parser.add_argument("--which", default="muon,soap", help="originals to run: muon, soap or both (comma-separated)")
     parser.add_argument("--preset", default="compare", help="the project's protocol (train_gpt2.py --preset)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once on the GPU")
