@@ -26,8 +26,8 @@ into <out>/project-<opt>/ instead, and the others named with the first setting t
 (--first_seed K, default 0), so a later call adds runs to an experiment without repeating a seed or a run's name.
 --deadline S (a time-limited machine): no run starts that would not finish within S seconds of the start (judged
 by the longest finished run of its kind; a run that loads the compile cache by such runs or, before one has
-finished, by the first less its compile plus a cache-loading run's compile), and at S the running ones are stopped;
-SIGTERM or Ctrl-C stops them at once.
+finished, by the first less its compile plus a cache-loading run's compile), and at S the running ones are stopped
+(one past its last training step has 30 s more to print its final val loss); SIGTERM or Ctrl-C stops them at once.
 A stopped original's log is still converted (compare.py lists it as incomplete, with the steps it reached).
 A run that runs out of GPU memory beside others is started again once, with --parallel lowered to the number it ran
 beside (the SOAP fork holds ~64 GiB at 64 x 1024: two of it and a project run do not fit a 140 GiB H200); a failed
@@ -308,6 +308,7 @@ def collect(job: Job, original: Original, root: Path, out: Path, i: int) -> Path
 
 
 _FIRST_STEP = re.compile(r"^step\s+1/", re.M)
+_STEP = re.compile(r"^step[:\s]+(\d+)/(\d+)\b", re.M)
 
 
 def estimate(jobs: list[Job], i: int, finished: dict[int, float], compiles: dict[int, float]) -> float:
@@ -347,6 +348,12 @@ def compiled(job: Job) -> bool:
     return job.stdout.exists() and bool(_FIRST_STEP.search(job.stdout.read_text(errors="replace")))
 
 
+def finishing(job: Job) -> bool:
+    """Whether the run has printed its last training step (step N/N): what is left is its final val and save."""
+    steps = _STEP.findall(job.stdout.read_text(errors="replace")) if job.stdout.exists() else []
+    return bool(steps) and steps[-1][0] == steps[-1][1]
+
+
 class Stop(Exception):
     """SIGTERM or SIGINT to this script: stop the runs, keep what they wrote."""
 
@@ -356,7 +363,8 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
     after() of each as it ends. A job whose `first` is still compiling waits (later jobs may start meanwhile).
     deadline > 0 (seconds from now): a job is not started when less time is left than it should take (estimate: from
     the finished runs of its kind and the compile times seen), and at the deadline the running ones get SIGTERM
-    (SIGKILL `grace` seconds later); SIGTERM/SIGINT to this script does the same at once. A stopped run's after()
+    (SIGKILL `grace` seconds later), except one past its last training step, which has until the SIGKILL to end
+    (its final val loss takes seconds); SIGTERM/SIGINT to this script stops all at once. A stopped run's after()
     still runs (its log is converted, marked incomplete). A run that fails out of GPU memory while others run is
     started again once (its first output kept as <stdout>.oom.log) and `parallel` drops to the number it ran beside;
     a failed run's own error line is printed. Returns the exit codes, None for a job never started."""
@@ -375,6 +383,10 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
                 if (signalled or deadline and now >= deadline) and stopping is None:
                     stopping = time.time()
                     for _, job, _, proc, _ in running:
+                        if not signalled and finishing(job):  # its final val, seconds away: let it end by the kill
+                            print(f"deadline: {job.what} is past its last step, left {grace:.0f} s to finish",
+                                  flush=True)
+                            continue
                         print(f"{'stopped' if signalled else 'deadline'}: stopping {job.what}", flush=True)
                         with contextlib.suppress(ProcessLookupError):
                             os.killpg(proc.pid, signal.SIGTERM)

@@ -362,3 +362,18 @@ def test_first_seed_numbers_the_runs_of_a_later_call(tmp_path, capsys):
         o.main(["--originals", str(root), "--out", "x", "--input_bin", "a", "--input_val_bin", "b",
                 "--first_seed", "-1"])
     assert "--first_seed must be >= 0" in capsys.readouterr().err
+
+
+def test_deadline_lets_a_run_past_its_last_step_finish_its_final_val(tmp_path, capsys):
+    """deadline 1 s, grace 5 s: z has printed its last step (5/5) and needs 2 s more for its final val: it is left to
+    end (exit 0, val printed); y, at step 1 of 5, is stopped at the deadline."""
+    z = job(tmp_path, "z", "import time\nprint('step    5/5 | train loss 7.0', flush=True)\ntime.sleep(2)\n"
+                           "print('val loss 4.9', flush=True)")
+    y = job(tmp_path, "y", "import time\nprint('step:1/5 train_loss:7.0', flush=True)\ntime.sleep(60)")
+    start = time.time()
+    codes = o.run_jobs([z, y], parallel=2, deadline=1.0, grace=5.0)
+    assert time.time() - start < 8
+    assert codes[0] == 0 and "val loss 4.9" in z.stdout.read_text() and codes[1] not in (0, None)
+    printed = capsys.readouterr().out
+    assert "deadline: z is past its last step, left 5 s to finish" in printed and "deadline: stopping y" in printed
+    assert o.finishing(z) and not o.finishing(y)
