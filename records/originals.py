@@ -285,11 +285,16 @@ def header_lines(original: Original, root: Path, cmd: list[str]) -> list[str]:
     return lines
 
 
+def output(job: Job) -> str:
+    """What the run has printed so far ("" before it starts)."""
+    return job.stdout.read_text(errors="replace") if job.stdout.exists() else ""
+
+
 def collect(job: Job, original: Original, root: Path, out: Path, i: int) -> Path | None:
     """Convert the run's log into <out>/original-<name>/ and remove its folder's checkpoints; the converted path, or
     None (said) when the run left no log."""
     logs = sorted(job.cwd.glob("logs/*/log.txt"), key=lambda p: p.stat().st_mtime)  # newest last: a retried run
-    stdout = job.stdout.read_text(errors="replace") if job.stdout.exists() else ""
+    stdout = output(job)
     if not logs:
         print(f"{job.what}: no logs/<id>/log.txt in {job.cwd}; its output: {job.stdout}")
         return None
@@ -307,8 +312,7 @@ def collect(job: Job, original: Original, root: Path, out: Path, i: int) -> Path
     return path
 
 
-_FIRST_STEP = re.compile(r"^step\s+1/", re.M)
-_STEP = re.compile(r"^step[:\s]+(\d+)/(\d+)\b", re.M)
+_STEP = re.compile(r"^step[:\s]+(\d+)/(\d+)\b", re.M)  # the originals' `step    k/N |`, the project's `step:k/N`
 
 
 def estimate(jobs: list[Job], i: int, finished: dict[int, float], compiles: dict[int, float]) -> float:
@@ -335,8 +339,7 @@ _LAUNCHER_ERRORS = ("ChildFailedError", "SignalException")  # torchrun's own, af
 def cause(job: Job) -> str:
     """The run's own error, as its output says it (the last `...Error: message` or `...Exception: message` line, not
     torchrun's), cut to its first sentence; "" when it says none."""
-    text = job.stdout.read_text(errors="replace") if job.stdout.exists() else ""
-    errors = [m[1] for m in _ERROR.finditer(text) if not any(e in m[1] for e in _LAUNCHER_ERRORS)]
+    errors = [m[1] for m in _ERROR.finditer(output(job)) if not any(e in m[1] for e in _LAUNCHER_ERRORS)]
     if not errors:
         return ""
     first = errors[-1].split(". ")[0]
@@ -344,13 +347,13 @@ def cause(job: Job) -> str:
 
 
 def compiled(job: Job) -> bool:
-    """Whether the run has printed its first step (so its compile caches are written)."""
-    return job.stdout.exists() and bool(_FIRST_STEP.search(job.stdout.read_text(errors="replace")))
+    """Whether the run has printed its first training step (so its compile caches are written)."""
+    return any(int(k) >= 1 for k, _ in _STEP.findall(output(job)))
 
 
 def finishing(job: Job) -> bool:
     """Whether the run has printed its last training step (step N/N): what is left is its final val and save."""
-    steps = _STEP.findall(job.stdout.read_text(errors="replace")) if job.stdout.exists() else []
+    steps = _STEP.findall(output(job))
     return bool(steps) and steps[-1][0] == steps[-1][1]
 
 
@@ -420,7 +423,7 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float
                         f.close()
                         running.remove(entry)
                         if proc.returncode and stopping is None and running and i not in retried and \
-                                _OOM.search(job.stdout.read_text(errors="replace")):
+                                _OOM.search(output(job)):
                             # out of GPU memory beside other runs: fewer at once from now on, and this one again
                             retried.add(i)
                             parallel = len(running)
