@@ -145,9 +145,11 @@ PRESETS: dict[str, dict] = {
     "bench": dict(  # the record's model and batch for 50 steps (10 untimed + 40 timed), one validation at the end:
         num_iterations=50, warmup_iters=10, warmdown_iters=10, val_loss_every=0, val_tokens=1048576,  # the benchmark
     ),
-    "compare": dict(  # the optimizer-comparison protocol: the record's model, one 64 x 1024 micro-batch a step (26.2M
-        batch_size=64, num_iterations=400, warmup_iters=15, warmdown_iters=115,  # tokens, one pass), the record's
-        val_loss_every=100, val_tokens=4194304,                                  # schedule scaled to 400 steps
+    # the optimizer-comparison protocol: the record's model, one 64 x 1024 micro-batch a step (26.2M tokens), the
+    # record's schedule scaled to 400 steps; val every 25 steps (steps to a target to 25 steps) on 1,048,576 tokens
+    "compare": dict(
+        batch_size=64, num_iterations=400, warmup_iters=15, warmdown_iters=115,
+        val_loss_every=25, val_tokens=1048576,
     ),
 }
 

@@ -43,7 +43,6 @@ The originals validate without autocast (fp32 forward), the project under bf16 a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -51,8 +50,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +61,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 import compare  # noqa: E402
+# the queue (tests reach estimate, finishing and run_jobs through this module)
+from jobs import Job, estimate, finishing, local_gpus, output, run_jobs  # noqa: E402,F401
 import train_gpt2  # noqa: E402
 
 LAUNCHER = "torchrun --standalone --nproc_per_node=1"  # the originals need torchrun's RANK/WORLD_SIZE (NCCL)
@@ -186,21 +185,6 @@ def project_records(folder: Path, ns: argparse.Namespace) -> tuple[dict[str, lis
     return found, skipped
 
 
-@dataclass
-class Job:
-    """One run: its command, working folder and stdout file; after(): what to do with its output (also when it was
-    stopped). kind: runs of one kind take about as long (the deadline's estimate); first: a run this one waits for
-    until that one has finished its first step (it compiled; this one loads the compile cache) or ended."""
-    what: str
-    cmd: list[str]
-    cwd: Path
-    stdout: Path
-    after: object = None
-    env: dict | None = None
-    kind: str = ""
-    first: Job | None = None
-
-
 def plan(ns: argparse.Namespace) -> list[Job]:
     """The jobs: per optimizer, --seeds runs of the original (each in its folder under ns.work), then as many of the
     project (checkpoints under ns.work); every run's output in <out>/stdout/<label>-<i>.log."""
@@ -285,11 +269,6 @@ def header_lines(original: Original, root: Path, cmd: list[str]) -> list[str]:
     return lines
 
 
-def output(job: Job) -> str:
-    """What the run has printed so far ("" before it starts)."""
-    return job.stdout.read_text(errors="replace") if job.stdout.exists() else ""
-
-
 def collect(job: Job, original: Original, root: Path, out: Path, i: int) -> Path | None:
     """Convert the run's log into <out>/original-<name>/ and remove its folder's checkpoints; the converted path, or
     None (said) when the run left no log."""
@@ -310,147 +289,6 @@ def collect(job: Job, original: Original, root: Path, out: Path, i: int) -> Path
         state.unlink()
     print(f"{job.what}: {path}", flush=True)
     return path
-
-
-_STEP = re.compile(r"^step[:\s]+(\d+)/(\d+)\b", re.M)  # the originals' `step    k/N |`, the project's `step:k/N`
-
-
-def estimate(jobs: list[Job], i: int, finished: dict[int, float], compiles: dict[int, float]) -> float:
-    """Seconds job i should take, from the seconds of the finished runs (by index) and the seconds to their first
-    step of the runs seen so far (compiles): the longest finished run of its kind; for a run that loads the compile
-    cache (first set), the longest such run, or before one has finished, the longest run of its kind less its compile
-    plus the longest compile of a cache-loading run (b9979e6: 67-75 s against 121-154 s compiling afresh)."""
-    kind = [k for k in finished if jobs[k].kind == jobs[i].kind]
-    longest = max((finished[k] for k in kind), default=0.0)
-    if jobs[i].first is None:
-        return longest
-    if warm := [finished[k] for k in kind if jobs[k].first is not None]:
-        return max(warm)
-    cold = [finished[k] - compiles[k] for k in kind if k in compiles]
-    warm_compiles = [c for k, c in compiles.items() if jobs[k].kind == jobs[i].kind and jobs[k].first is not None]
-    return max(cold) + max(warm_compiles) if cold and warm_compiles else longest
-
-
-_ERROR = re.compile(r"^(?:\[rank\d+\]: )?(\S*(?:Error|Exception)\b:.*)$", re.M)
-_OOM = re.compile(r"OutOfMemoryError|CUDA out of memory")
-_LAUNCHER_ERRORS = ("ChildFailedError", "SignalException")  # torchrun's own, after the run's error
-
-
-def cause(job: Job) -> str:
-    """The run's own error, as its output says it (the last `...Error: message` or `...Exception: message` line, not
-    torchrun's), cut to its first sentence; "" when it says none."""
-    errors = [m[1] for m in _ERROR.finditer(output(job)) if not any(e in m[1] for e in _LAUNCHER_ERRORS)]
-    if not errors:
-        return ""
-    first = errors[-1].split(". ")[0]
-    return first if len(first) <= 160 else first[:157] + "..."
-
-
-def compiled(job: Job) -> bool:
-    """Whether the run has printed its first training step (so its compile caches are written)."""
-    return any(int(k) >= 1 for k, _ in _STEP.findall(output(job)))
-
-
-def finishing(job: Job) -> bool:
-    """Whether the run has printed its last training step (step N/N): what is left is its final val and save."""
-    steps = _STEP.findall(output(job))
-    return bool(steps) and steps[-1][0] == steps[-1][1]
-
-
-class Stop(Exception):
-    """SIGTERM or SIGINT to this script: stop the runs, keep what they wrote."""
-
-
-def run_jobs(jobs: list[Job], parallel: int, deadline: float = 0.0, grace: float = 30.0) -> list[int | None]:
-    """Run the jobs, `parallel` at a time, in order, each in its own process group, stdout and stderr into its file,
-    after() of each as it ends. A job whose `first` is still compiling waits (later jobs may start meanwhile).
-    deadline > 0 (seconds from now): a job is not started when less time is left than it should take (estimate: from
-    the finished runs of its kind and the compile times seen), and at the deadline the running ones get SIGTERM
-    (SIGKILL `grace` seconds later), except one past its last training step, which has until the SIGKILL to end
-    (its final val loss takes seconds); SIGTERM/SIGINT to this script stops all at once. A stopped run's after()
-    still runs (its log is converted, marked incomplete). A run that fails out of GPU memory while others run is
-    started again once (its first output kept as <stdout>.oom.log) and `parallel` drops to the number it ran beside;
-    a failed run's own error line is printed. Returns the exit codes, None for a job never started."""
-    codes, running, queue = [None] * len(jobs), [], list(enumerate(jobs))
-    finished, compiles, t0, stopping, signalled, retried = {}, {}, time.time(), None, False, set()
-    chained = {id(job) for job in jobs if job.first is not None} | {id(job.first) for job in jobs if job.first}
-
-    def stop(*_):
-        raise Stop
-
-    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while queue or running:
-            try:
-                now = time.time() - t0
-                if (signalled or deadline and now >= deadline) and stopping is None:
-                    stopping = time.time()
-                    for _, job, _, proc, _ in running:
-                        if not signalled and finishing(job):  # its final val, seconds away: let it end by the kill
-                            print(f"deadline: {job.what} is past its last step, left {grace:.0f} s to finish",
-                                  flush=True)
-                            continue
-                        print(f"{'stopped' if signalled else 'deadline'}: stopping {job.what}", flush=True)
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(proc.pid, signal.SIGTERM)
-                if stopping is not None and time.time() - stopping > grace:
-                    for _, _, _, proc, _ in running:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(proc.pid, signal.SIGKILL)
-                for i, job in list(queue) if stopping is None else []:
-                    if len(running) >= parallel:
-                        break
-                    if job.first is not None and codes[jobs.index(job.first)] is None and not compiled(job.first):
-                        continue
-                    if deadline and deadline - now < estimate(jobs, i, finished, compiles):
-                        continue
-                    queue.remove((i, job))
-                    job.cwd.mkdir(parents=True, exist_ok=True)
-                    job.stdout.parent.mkdir(parents=True, exist_ok=True)
-                    f = open(job.stdout, "w")
-                    print(f"start {job.what}: {shlex.join(job.cmd)}", flush=True)
-                    proc = subprocess.Popen(job.cmd, cwd=job.cwd, stdout=f, stderr=subprocess.STDOUT, env=job.env,
-                                            start_new_session=True)
-                    running.append((i, job, f, proc, time.time()))
-                if stopping is not None or (deadline and not running and queue):
-                    for i, job in queue:
-                        print(f"skipped {job.what}: " + ("stopped" if signalled else
-                                                          "would not finish before the deadline"), flush=True)
-                    queue.clear()
-                for entry in list(running):
-                    i, job, f, proc, started = entry
-                    if proc.poll() is not None:
-                        f.close()
-                        running.remove(entry)
-                        if proc.returncode and stopping is None and running and i not in retried and \
-                                _OOM.search(output(job)):
-                            # out of GPU memory beside other runs: fewer at once from now on, and this one again
-                            retried.add(i)
-                            parallel = len(running)
-                            kept = job.stdout.with_name(job.stdout.stem + ".oom.log")
-                            job.stdout.replace(kept)
-                            print(f"done {job.what}: out of GPU memory beside {len(running)} other run(s) (output: "
-                                  f"{kept}); --parallel lowered to {parallel}, the run is started again",
-                                  flush=True)
-                            queue.insert(0, (i, job))
-                            continue
-                        codes[i] = proc.returncode
-                        if proc.returncode == 0:
-                            finished[i] = time.time() - started
-                        why = cause(job) if proc.returncode else ""
-                        print(f"done {job.what}: exit {proc.returncode}" + ("" if proc.returncode == 0 else
-                              f" ({why + '; ' if why else ''}see {job.stdout})"), flush=True)
-                        if job.after is not None:
-                            job.after(job)
-                    elif i not in compiles and id(job) in chained and compiled(job):
-                        compiles[i] = time.time() - started
-                time.sleep(0.2)
-            except Stop:
-                signalled = True
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    return codes
 
 
 def within_two_se(out: Path, which: list[str]) -> list[str]:
@@ -551,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "originals.json").write_text(json.dumps(dict(
         command=shlex.join(["python", "records/originals.py", *given]),
         jobs=[dict(what=j.what, cmd=shlex.join(j.cmd)) for j in jobs]), indent=1) + "\n")
-    codes = run_jobs(jobs, ns.parallel, ns.deadline)
+    codes = run_jobs(jobs, ns.parallel, ns.deadline, gpus=local_gpus() or None)
     shutil.rmtree(Path(ns.work) / "checkpoints", ignore_errors=True)  # the project's: ~1.5 GB a run
     print(f"\nthe originals' own logs: {ns.work}")
     print()
