@@ -205,9 +205,14 @@ def config_hash(hyperparameters: dict) -> str:
 
 
 def _number(text: str) -> float | None:
-    text = text.removesuffix("ms")
+    """A logged number; `12.5ms` is 12.5, `21.243s` (the optimization track's train_time) is 21243.0 (ms)."""
+    scale = 1.0
+    if text.endswith("ms"):
+        text = text[:-2]
+    elif text.endswith("s"):
+        text, scale = text[:-1], 1000.0
     try:
-        return float(text)
+        return float(text) * scale
     except ValueError:
         return None
 
@@ -540,6 +545,204 @@ def config_differences(groups: dict[str, list[Run]]) -> dict[str, dict]:
     return {name: {k: hp.get(k) for k in differ} if hp else {} for name, hp in first.items()}
 
 
+# ----------------------------------------------------------------------------- sweeps, steps to a target, track rules
+
+# each optimizer's learning rate (its block matrices'): `--sweep lr` reads this setting of each run
+LR_SETTING = {"muon": "muon_lr", "polargrad": "polargrad_lr", "soap": "soap_lr", "newton_muon": "muon_lr",
+              "locoprop": "locoprop_lr", "adamw": "adamw_lr"}
+
+
+def sweep_value(run: Run, setting: str):
+    """The run's value of `setting` (`lr`: its optimizer's LR_SETTING); None where the record does not say it."""
+    hp = run.hyperparameters
+    name = LR_SETTING.get(str(hp.get("optimizer"))) if setting == "lr" else setting
+    value = hp.get(name) if name else None
+    return tuple(value) if isinstance(value, list) else value
+
+
+def sweep_rows(groups: dict[str, list[Run]], setting: str) -> dict[str, list[dict]]:
+    """Per group, one row per value of `setting` (sorted): value, runs, mean, std (None for one run), losses, and
+    `diverged` (runs that diverged: their loss counts as infinite, so a value with one has mean inf). The runs of a
+    group that differ in other settings than `setting` are split into groups named `group (k=v ...)`."""
+    out: dict[str, list[dict]] = {}
+    for name, runs in groups.items():
+        runs = [r for r in runs if sweep_value(r, setting) is not None and (r.complete or r.diverged_at is not None)]
+        rest = {}
+        for r in runs:
+            hp = {k: v for k, v in r.hyperparameters.items()
+                  if k not in (*CONFIG_EXCLUDE, setting, LR_SETTING.get(r.hyperparameters.get("optimizer")))}
+            rest.setdefault(json.dumps(hp, sort_keys=True), []).append(r)
+        differ = config_differences({k: v for k, v in rest.items()}) if len(rest) > 1 else {}
+        for key, members in rest.items():
+            label = name + ("" if not differ.get(key) else
+                            " (" + " ".join(f"{k}={json.dumps(v)}" for k, v in differ[key].items()) + ")")
+            by_value: dict = {}
+            for r in members:
+                by_value.setdefault(sweep_value(r, setting), []).append(r)
+            rows = []
+            for value in sorted(by_value):
+                losses = [math.inf if r.diverged_at is not None else r.final_val_loss for r in by_value[value]]
+                finite = [x for x in losses if math.isfinite(x)]
+                rows.append(dict(value=value, runs=len(losses), losses=losses,
+                                 diverged=len(losses) - len(finite),
+                                 mean=float(np.mean(losses)) if finite == losses else math.inf,
+                                 std=float(np.std(losses, ddof=1)) if len(finite) > 1 and finite == losses else None))
+            out[label] = rows
+    return out
+
+
+def format_sweep(rows: dict[str, list[dict]], setting: str) -> str:
+    """Per group: the val loss at each value (mean ± std (n)), the best value and, where the best lies at the first
+    or last value tried, a warning that the optimum may lie outside the grid."""
+    lines = []
+    for name, values in rows.items():
+        if not values:
+            continue
+        best = min(values, key=lambda r: r["mean"])
+        lines.append(f"{name}: {setting}")
+        for r in values:
+            loss = ("diverged" if math.isinf(r["mean"]) and r["diverged"] == r["runs"] else
+                    f"{r['diverged']} of {r['runs']} diverged" if math.isinf(r["mean"]) else
+                    f"{r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["std"] is not None else ""))
+            lines.append(f"  {r['value']!s:>12}  {loss} (n={r['runs']})" + ("  <- best" if r is best else ""))
+        edge = len(values) > 1 and best in (values[0], values[-1]) and not math.isinf(best["mean"])
+        lines.append(f"  best {setting} = {best['value']}" + (
+            f"; WARNING: at the {'low' if best is values[0] else 'high'} edge of the values tried: the best may lie "
+            f"outside them, extend the grid" if edge else "" if len(values) > 1 else " (one value tried)"))
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: dict[str, list[dict]], setting: str, path: str | os.PathLike):
+    """Val loss against the setting's value (log axis when every value is positive), a line per group with ± std
+    bars; diverged values are left out of the line. Saves to path and returns the Figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    positive = True
+    for name, values in rows.items():
+        kept = [r for r in values if isinstance(r["value"], (int, float)) and math.isfinite(r["mean"])]
+        if not kept:
+            continue
+        positive &= all(r["value"] > 0 for r in kept)
+        ax.errorbar([r["value"] for r in kept], [r["mean"] for r in kept],
+                    yerr=[r["std"] or 0.0 for r in kept], marker="o", capsize=3, label=name, gid=name)
+    if positive:
+        ax.set_xscale("log")
+    ax.set_xlabel(setting + (" (each optimizer's own)" if setting == "lr" else ""))
+    ax.set_ylabel("final val loss")
+    ax.set_title(f"val loss against {setting}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def steps_to(run: Run, target: float) -> tuple[float, float | None] | None:
+    """(step, train_time_ms or None) at which the run's val loss first reaches `target`, interpolated linearly
+    between the val point before (above the target) and the first at or below it; None if it never does."""
+    prev = None
+    for step, loss, ms in sorted(run.val):
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(step), ms
+            f = (prev[1] - target) / (prev[1] - loss)
+            at = prev[0] + f * (step - prev[0])
+            time_ms = None if ms is None or prev[2] is None else prev[2] + f * (ms - prev[2])
+            return at, time_ms
+        prev = (step, loss, ms)
+    return None
+
+
+def steps_rows(groups: dict[str, list[Run]], target: float, baseline: str | None) -> list[dict]:
+    """Per group over its complete runs: runs, reached (how many reach the target), steps mean ± std over those,
+    tokens (steps x the run's tokens a step, where known), train time (ms), speedup = the baseline's mean steps /
+    the group's (None without a baseline or where either never reaches it)."""
+    rows = []
+    for name, runs in groups.items():
+        done = [r for r in runs if r.complete]
+        hit = [(r, x) for r in done if (x := steps_to(r, target)) is not None]
+        steps = [x[0] for _, x in hit]
+        per_step = [r.tokens / r.end_step for r, _ in hit if r.tokens and r.end_step]
+        times = [x[1] for _, x in hit if x[1] is not None]
+        rows.append(dict(group=name, runs=len(done), reached=len(hit),
+                         mean=float(np.mean(steps)) if steps else None,
+                         std=float(np.std(steps, ddof=1)) if len(steps) > 1 else None,
+                         tokens=float(np.mean(steps)) * float(np.mean(per_step)) if steps and per_step else None,
+                         time_ms=float(np.mean(times)) if times else None))
+    base = next((r for r in rows if r["group"] == baseline), None)
+    for r in rows:
+        r["speedup"] = (base["mean"] / r["mean"] if base and base["mean"] and r["mean"] and
+                        r["reached"] == r["runs"] and base["reached"] == base["runs"] else None)
+    return rows
+
+
+def format_steps(rows: list[dict], target: float, by: str, baseline: str | None) -> str:
+    head = [by, "reached", "steps to target", "tokens", "time", f"speedup over {baseline}" if baseline else "speedup"]
+    body = [[r["group"], f"{r['reached']}/{r['runs']}",
+             "-" if r["mean"] is None else f"{r['mean']:.1f}" + ("" if r["std"] is None else f" ± {r['std']:.1f}"),
+             _count(r["tokens"]), "-" if r["time_ms"] is None else f"{r['time_ms'] / 60000:.2f}m",
+             "-" if r["speedup"] is None else f"{r['speedup']:.3f}x"] for r in rows]
+    widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in [head] + body]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return f"steps to val loss {target:.4f} (interpolated between val points; a run that never reaches it is not " \
+           f"counted in the mean):\n" + "\n".join(out)
+
+
+# the optimization track's rules (modded-nanogpt records/track_3_optimization/README.md, "Rules"): a margin of
+# 3.09 sigma with sigma = 0.0013 (p < .001, one-sided z-test), and 0.0045 val loss per 100 steps (their result #12
+# run 200 steps shorter: 3.2790 -> 3.2881)
+TRACK_TARGET, TRACK_MARGIN, TRACK_LOSS_PER_100_STEPS = 3.28, 0.004, 0.0045
+
+
+def track_one_sided(mean: float, n: int, target: float = TRACK_TARGET) -> float:
+    """The track's rule 3, left-hand side: (target - mean) * sqrt(n); passes when >= TRACK_MARGIN."""
+    return (target - mean) * math.sqrt(n)
+
+
+def track_pairwise(old_loss: float, old_n: int, old_steps: float, new_loss: float, new_n: int, new_steps: float,
+                   per_100_steps: float = TRACK_LOSS_PER_100_STEPS) -> float:
+    """The track's pairwise rule, left-hand side: (final_loss_diff + per_100_steps * (old_steps - new_steps) / 100)
+    / sqrt(1/n_old + 1/n_new), final_loss_diff = old_loss - new_loss: how far `new` is better than `old`; passes
+    when >= TRACK_MARGIN."""
+    return ((old_loss - new_loss) + per_100_steps * (old_steps - new_steps) / 100) / math.sqrt(1 / old_n + 1 / new_n)
+
+
+def track_lines(rows: list[dict], target: float, baseline: str | None, margin: float = TRACK_MARGIN,
+                per_100_steps: float = TRACK_LOSS_PER_100_STEPS) -> list[str]:
+    """The two rules over summarize's rows: per group, (target - mean) sqrt(n) >= margin; per pair (each group
+    against `baseline`, else every pair up to MAX_ALL_PAIRS, the better mean as `new`), the pairwise left-hand side
+    with each group's final step count."""
+    lines = [f"optimization-track rules (margin {margin:g}; {per_100_steps:g} val loss per 100 steps):"]
+    done = [r for r in rows if r["mean"] is not None and r["steps"]]
+    for r in done:
+        lhs = track_one_sided(r["mean"], r["runs"], target)
+        lines.append(f"  {r['group']}: ({target:g} - {r['mean']:.4f}) * sqrt({r['runs']}) = {lhs:.5f}: "
+                     + ("passes" if lhs >= margin else "fails") + f" (mean < {target:g})")
+    names = {r["group"]: r for r in done}
+    if baseline is not None and baseline in names:
+        pairs = [(baseline, g) for g in names if g != baseline]
+    elif len(names) <= MAX_ALL_PAIRS:
+        pairs = [(a, b) for i, a in enumerate(names) for b in list(names)[i + 1:]]
+    else:
+        pairs = []
+    for a, b in pairs:
+        old, new = names[a], names[b]
+        sa, sb = max(old["steps"]), max(new["steps"])
+        lhs = track_pairwise(old["mean"], old["runs"], sa, new["mean"], new["runs"], sb, per_100_steps)
+        if lhs < 0:  # the other way round: the better one as `new`
+            old, new, sa, sb = new, old, sb, sa
+            lhs = -lhs
+        lines.append(f"  {new['group']} better than {old['group']}: (({old['mean']:.4f} - {new['mean']:.4f}) + "
+                     f"{per_100_steps:g} * {sa - sb:g}/100) / sqrt(1/{old['runs']} + 1/{new['runs']}) = {lhs:.5f}: "
+                     + ("told apart" if lhs >= margin else "not told apart"))
+    return lines
+
+
 # ----------------------------------------------------------------------------- printing
 
 
@@ -737,6 +940,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--at", type=int, metavar="STEP", help="the val loss at STEP instead of the final one: every "
                                                            "run that logged it counts, runs cut later included")
     parser.add_argument("--skipped", action="store_true", help="name every file skipped, not only the first few")
+    parser.add_argument("--sweep", metavar="SETTING", help="val loss against SETTING's value per group (lr: each "
+                                                           "optimizer's own), the best value, a warning when it is "
+                                                           "at the edge; with --plot, that plot (log axis)")
+    parser.add_argument("--steps_to", metavar="LOSS", nargs="?", const="baseline",
+                        help="the step (interpolated between val points), tokens and time at which each run first "
+                             "reaches LOSS (default: --baseline's mean final val loss), and the speedup over "
+                             "--baseline")
+    parser.add_argument("--track", action="store_true", help="the optimization track's two rules: (target - mean) "
+                                                             "sqrt(n) >= 0.004 per group, and the pairwise rule")
+    parser.add_argument("--per_100_steps", type=float, default=TRACK_LOSS_PER_100_STEPS,
+                        help="--track's val loss worth 100 steps (default 0.0045, the track's)")
     args = parser.parse_args(argv)
 
     items = args.paths or [str(Path(__file__).resolve().parent)]
@@ -791,6 +1005,30 @@ def main(argv: list[str] | None = None) -> int:
                           f"(--by config, or one experiment's folder)")
             else:
                 print(f"\n{len(rows)} groups: pass --baseline GROUP for Welch's t-test of each against it")
+        if args.track:
+            print()
+            print("\n".join(track_lines(rows, args.target, args.baseline, per_100_steps=args.per_100_steps)))
+        if args.steps_to is not None:
+            if args.steps_to == "baseline":
+                base = next((r for r in rows if r["group"] == args.baseline), None)
+                if base is None or base["mean"] is None:
+                    print("error: --steps_to without a loss takes --baseline's mean final val loss: pass --baseline "
+                          "GROUP (a group with complete runs) or --steps_to LOSS", file=sys.stderr)
+                    return 2
+                target = base["mean"]
+            else:
+                try:
+                    target = float(args.steps_to)
+                except ValueError:
+                    print(f"error: --steps_to {args.steps_to}: not a number", file=sys.stderr)
+                    return 2
+            print()
+            print(format_steps(steps_rows(groups, target, args.baseline), target, args.by, args.baseline))
+        if args.sweep:
+            table = sweep_rows(groups, args.sweep)
+            print()
+            print(format_sweep(table, args.sweep) if any(table.values()) else
+                  f"--sweep {args.sweep}: no complete run says this setting")
         incomplete = [r for r in runs if not r.complete]
         if incomplete:
             print("\nincomplete (stopped, crashed, diverged or still going):")
@@ -802,7 +1040,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {r.path} [{r.key(args.by)}]: {how}{last}{_timing(r)}")
         if args.plot:
             try:
-                plot_runs(runs, args.by, args.plot, target=args.target)
+                if args.sweep:
+                    plot_sweep(sweep_rows(groups, args.sweep), args.sweep, args.plot)
+                else:
+                    plot_runs(runs, args.by, args.plot, target=args.target)
             except (OSError, ValueError) as e:  # a read-only or missing folder; a file type matplotlib cannot write
                 why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
                 print(f"error: --plot {args.plot}: cannot write it ({why}); pass a writable path ending in .png",

@@ -47,9 +47,7 @@ import compare  # noqa: E402
 import train_gpt2  # noqa: E402
 from jobs import Job, local_gpus, run_jobs  # noqa: E402
 
-# each optimizer's learning rate (the block matrices'): --grid lr=... sweeps this setting
-LR_SETTING = {"muon": "muon_lr", "polargrad": "polargrad_lr", "soap": "soap_lr", "newton_muon": "muon_lr",
-              "locoprop": "locoprop_lr", "adamw": "adamw_lr"}
+LR_SETTING = compare.LR_SETTING  # each optimizer's learning rate: --grid lr=... sweeps this setting
 # peak GPU memory (MiB) of a `compare` run of each optimizer on one GPU (records/noise-400, H200): the need of a run
 # before the experiment has a record of its optimizer
 MEM_MIB = {"muon": 21408, "polargrad": 21408, "soap": 24219, "newton_muon": 24588, "locoprop": 24264,
