@@ -693,6 +693,19 @@ def format_steps(rows: list[dict], target: float, by: str, baseline: str | None)
            f"counted in the mean):\n" + "\n".join(out)
 
 
+def format_runs(groups: dict[str, list[Run]], by: str) -> str:
+    """One line per run, by group: final val loss (or how it ended), the step of it, training time, the file."""
+    lines = [f"each run ({by}, final val loss, at step, training time, file):"]
+    for name, runs in groups.items():
+        for r in sorted(runs, key=lambda r: (r.final_val_loss is None, r.final_val_loss or 0.0)):
+            loss = "-" if r.final_val_loss is None else f"{r.final_val_loss:.4f}"
+            how = "" if r.complete else " (diverged)" if r.diverged_at is not None else " (incomplete)"
+            time_ms = r.train_time_ms
+            lines.append(f"  {name}  {loss}{how}  step {r.last_step if not r.complete else r.end_step}  "
+                         f"{'-' if time_ms is None else f'{time_ms / 60000:.2f}m'}  {r.path}")
+    return "\n".join(lines)
+
+
 # the optimization track's rules (modded-nanogpt records/track_3_optimization/README.md, "Rules"): a margin of
 # 3.09 sigma with sigma = 0.0013 (p < .001, one-sided z-test), and 0.0045 val loss per 100 steps (their result #12
 # run 200 steps shorter: 3.2790 -> 3.2881)
@@ -949,6 +962,8 @@ def main(argv: list[str] | None = None) -> int:
                              "--baseline")
     parser.add_argument("--track", action="store_true", help="the optimization track's two rules: (target - mean) "
                                                              "sqrt(n) >= 0.004 per group, and the pairwise rule")
+    parser.add_argument("--runs", action="store_true", help="also list each run: group, final val loss, its step "
+                                                            "and training time, the file")
     parser.add_argument("--per_100_steps", type=float, default=TRACK_LOSS_PER_100_STEPS,
                         help="--track's val loss worth 100 steps (default 0.0045, the track's)")
     args = parser.parse_args(argv)
@@ -1005,6 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"(--by config, or one experiment's folder)")
             else:
                 print(f"\n{len(rows)} groups: pass --baseline GROUP for Welch's t-test of each against it")
+        if args.runs:
+            print()
+            print(format_runs(groups, args.by))
         if args.track:
             print()
             print("\n".join(track_lines(rows, args.target, args.baseline, per_100_steps=args.per_100_steps)))

@@ -118,8 +118,9 @@ def test_a_track_log_reads_with_its_final_loss_steps_and_time(tmp_path, capsys):
     assert run.complete and run.final_val_loss == 3.27722 and run.end_step == 3250
     assert run.train_time_ms == pytest.approx(503169.0) and run.optimizer == "upstream-muon"
     assert c.steps_to(run, 3.28)[0] == pytest.approx(3225 + 25 * (3.28788 - 3.28) / (3.28788 - 3.27722))
-    assert c.main([str(tmp_path), "--by", "label", "--track", "--steps_to", "3.28"]) == 0
+    assert c.main([str(tmp_path), "--by", "label", "--track", "--steps_to", "3.28", "--runs"]) == 0
     out = capsys.readouterr().out
+    assert "20260610_tuned_baseline_3250  3.2772  step 3250  8.39m  " in out
     assert "20260610_tuned_baseline_3250: (3.28 - 3.2772) * sqrt(1) = 0.00278: fails" in out
     assert "8.39m" in out
 
