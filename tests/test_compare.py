@@ -1,8 +1,10 @@
 """records/compare.py: parsing the three log formats, grouping, statistics against scipy, the plot and the CLI."""
 import dataclasses
+import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -367,6 +369,23 @@ def test_main_globs_formats_and_since(tmp_path, capsys):
     assert f"skipped {tmp_path / 'nothing*.txt'}: no such file" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         c.main(["--since", "15/03/2025"])
+
+
+def test_default_input_is_the_trainers_default_records_dir(tmp_path, capsys, monkeypatch):
+    """No paths: runs/ beside compare.py's folder, where the trainer run from the repo root (run.sh) writes its
+    records by default; the experiments under records/ are not read."""
+    assert t.Hyperparameters().records_dir == "runs"
+    (tmp_path / "records").mkdir()
+    shutil.copy(c.__file__, tmp_path / "records" / "compare.py")
+    spec = importlib.util.spec_from_file_location("compare_copy", tmp_path / "records" / "compare.py")
+    copy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "compare_copy", copy)  # its dataclasses look their module up there
+    spec.loader.exec_module(copy)
+    write_ours(tmp_path / "runs", optimizer="muon", tag="mine")
+    write_ours(tmp_path / "records" / "experiment", optimizer="adamw", tag="archived")
+    assert copy.main([]) == 0
+    rows = capsys.readouterr().out.split("\n\n")[0].splitlines()[2:]
+    assert [r.split()[:2] for r in rows] == [["muon", "1"]]
 
 
 def test_default_folder_is_next_to_script():
