@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+DRIVERS = REPO / "tests" / "drivers"  # programs the tests start as processes
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 

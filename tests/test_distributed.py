@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt2 as t
-from conftest import REPO, TINY, make_shards, subprocess_env
+from conftest import DRIVERS, REPO, TINY, make_shards, subprocess_env
 
 sys.path.insert(0, str(REPO / "records"))
 import compare  # noqa: E402
@@ -30,12 +30,13 @@ def train_here(args: list[str]) -> tuple[str, dict]:
 
 
 def torchrun(nproc: int, args: list[str], params: Path) -> str:
-    """tests/run_train.py under torchrun (gloo; 1 process: alone): the record's text; the final parameters saved to
-    `params`."""
+    """tests/drivers/train_save_params.py under torchrun (gloo; 1 process: alone): the record's
+    text; the final parameters saved to `params`."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    r = subprocess.run(launcher + [str(REPO / "tests" / "run_train.py")] + args, capture_output=True, text=True,
-                       env=dict(subprocess_env(), FINAL_PARAMS=str(params)), timeout=300)
+    env = dict(subprocess_env(), FINAL_PARAMS=str(params))
+    r = subprocess.run(launcher + [str(DRIVERS / "train_save_params.py")] + args,
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     (record,) = Path(args[len(args) - 1 - args[::-1].index("--records_dir") + 1]).glob("*.txt")  # the last one given
     return record.read_text()

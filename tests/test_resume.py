@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import train_gpt2 as t
-from conftest import REPO, SMALL_VOCAB, TINY, make_shards, subprocess_env
+from conftest import DRIVERS, REPO, SMALL_VOCAB, TINY, make_shards, subprocess_env
 
 sys.path.insert(0, str(REPO / "records"))
 import compare  # noqa: E402
@@ -43,14 +43,16 @@ def launch(nproc: int, args: list[str], kill: str = "", timeout: int = 120) -> s
 
 
 def launch_runs(nproc: int, runs: list[list[str]], folder: Path) -> subprocess.CompletedProcess:
-    """Several runs (lists of settings) one after another in one launch of tests/train_runs.py, alone or under
-    torchrun (gloo): one start-up of the launcher and its processes for all of them."""
+    """Several runs (lists of settings) one after another in one launch of
+    tests/drivers/train_in_sequence.py, alone or under torchrun (gloo): one start-up of the launcher
+    and its processes for all of them."""
     spec = folder / f"runs-{len(list(folder.glob('runs-*.json')))}.json"
     spec.write_text(json.dumps(runs))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    return subprocess.run(launcher + [str(REPO / "tests" / "train_runs.py"), str(spec)], capture_output=True,
-                          text=True, env=subprocess_env(), timeout=300, cwd=REPO)
+    return subprocess.run(launcher + [str(DRIVERS / "train_in_sequence.py"), str(spec)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300,
+                          cwd=REPO)
 
 
 def train_here(args: list[str]) -> str:
