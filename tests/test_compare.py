@@ -14,6 +14,7 @@ import pytest
 from scipy import stats
 
 import train_gpt2 as t
+from conftest import train_here
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "records"))
 import compare as c  # noqa: E402
@@ -408,14 +409,8 @@ def test_config_differences(tmp_path, capsys):
 
 def test_reads_a_record_written_by_the_trainer(tiny_args, tmp_path):
     """The parser and the real writer agree: a tiny CPU run of train_gpt2.train, then parse_record on its record."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 2-layer model: threads only add overhead
-    try:
-        path, _ = t.train(t.parse_args(tiny_args + ["--val_loss_every", "2", "--label", "tiny", "--optimizer",
-                                                    "adamw"]))
-    finally:
-        torch.set_num_threads(threads)
+    path, _ = train_here(tiny_args + ["--val_loss_every", "2", "--label", "tiny", "--optimizer",
+                                      "adamw"])
     run = c.parse_record(path)
     if " opt_ms:" in Path(path).read_text():  # the trainer's optional field, when it writes it
         assert all(o is not None and o >= 0 for *_, o in run.train) and run.opt_ms is not None

@@ -11,14 +11,7 @@ from conftest import DRIVERS, REPO, subprocess_env
 from drivers import train_indefinite_gram
 
 LOOP = ["--optimizer", "newton_muon", "--num_iterations", "5", "--gram_every", "2"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def test_refresh_every_gram_every_steps_with_the_steps_tokens_and_the_ema(small_vocab_args, tmp_path, monkeypatch):
