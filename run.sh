@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train GPT-2 (124M) on every local GPU: fetches missing FineWeb shards, then one process per GPU.
-#   ./run.sh                          the Muon record (7000 steps, ~3.28 val loss), a record file in records/;
+#   ./run.sh                          the Muon record (7000 steps, ~3.28 val loss), a record file in runs/;
 #                                     without a GPU: the smoke preset on the CPU (2 layers, 60 steps, about a minute)
 #   ./run.sh --optimizer adamw ...    any setting of train_gpt2.py as --field value
 #   NGPU=4 ./run.sh                   use fewer GPUs (same math: accumulation makes up the difference); on CPU: processes

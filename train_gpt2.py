@@ -123,7 +123,7 @@ class Hyperparameters:
     compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
     compile_mode: str = "default"  # the model's torch.compile mode: default | max-autotune-no-cudagraphs
     matmul_check: bool = True  # before and after training, time an 8192^3 bf16 matmul (CPU: 512^3 fp32): the MFU
-    records_dir: str = "records"
+    records_dir: str = "runs"  # a record per run (git-ignored); experiments: records/<experiment>/
     label: str = ""
     preset: str = "speedrun"
     # checkpoints (README: Checkpoints, resume, divergence): saved at the end (final_checkpoint) and on SIGTERM/SIGINT
@@ -2863,13 +2863,14 @@ def matmul_check(args: Hyperparameters, step_avg_ms: float, device: torch.device
 
 
 class Record:
-    """records/<time>-<preset>-<optimizer>-<id>.txt: the source, the settings as JSON, versions and devices, then
-    modded-nanogpt's `step:s/N val_loss:... train_time:...ms step_avg:...ms` lines, train-loss lines, peak memory.
-    Also `checkpoint: step:s/N PATH` after each save, `resumed: step:s/N from PATH ...` where a resumed run continues
-    (lines of steps after s above it were redone), `stopped: step:s/N by SIGTERM; ...` and
-    `diverged: step:s/N last_good_step:g optimizer:NAME ...` where a run ended early, and `gram_fallbacks: step:s/N
-    k of M matrices ...` before the step line of a Gram refresh at which k Choleskys of C + damping I failed (counts
-    by the damping factor that then held)."""
+    """<records_dir>/<time>-<preset>-<optimizer>-<id>.txt: the source, the settings as JSON,
+    versions and devices, then modded-nanogpt's `step:s/N val_loss:... train_time:...ms
+    step_avg:...ms` lines, train-loss lines, peak memory. Also `checkpoint: step:s/N PATH` after
+    each save, `resumed: step:s/N from PATH ...` where a resumed run continues (lines of steps after
+    s above it were redone), `stopped: step:s/N by SIGTERM; ...` and
+    `diverged: step:s/N last_good_step:g optimizer:NAME ...` where a run ended early, and
+    `gram_fallbacks: step:s/N k of M matrices ...` before the step line of a Gram refresh at which
+    k Choleskys of C + damping I failed (counts by the damping factor that then held)."""
 
     def __init__(self, args: Hyperparameters, world: int, device: torch.device, path: str, resume: str = ""):
         self.path, self.lost = path, ""  # lost: why a write to the record failed, once one has

@@ -1,7 +1,7 @@
 """Compare training runs: this project's records and upstream modded-nanogpt logs, grouped, with tests of the means.
 
-    python records/compare.py                                   # every *.txt under records/ (recursively)
-    python records/compare.py records/ upstream/**/*.txt --by label --target 3.28 --plot cmp.png --since 2025-01-01
+    python records/compare.py                                   # *.txt under runs/, recursively
+    python records/compare.py runs/ upstream/**/*.txt --by label --plot cmp.png --since 2025-01-01
     python records/compare.py modded-nanogpt/records/           # upstream's logs, grouped by the optimizer they build
 
 Reads three formats (see `parse_record`):
@@ -942,7 +942,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", help="record files, folders (*.txt inside, recursively) or globs; "
-                                                 "default: the folder of this script")
+                                                 "default: runs/ beside records/ (the trainer's "
+                                                 "default --records_dir)")
     parser.add_argument("--target", type=float, default=3.28, help="val loss to beat (default 3.28)")
     parser.add_argument("--by", choices=GROUPINGS, default="optimizer", help="how to group runs")
     parser.add_argument("--plot", metavar="PNG", help="write val-loss curves to this PNG")
@@ -968,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="--track's val loss worth 100 steps (default 0.0045, the track's)")
     args = parser.parse_args(argv)
 
-    items = args.paths or [str(Path(__file__).resolve().parent)]
+    items = args.paths or [str(Path(__file__).resolve().parents[1] / "runs")]
     files, missing = find_files(items)
     runs, skipped, other_logs, others = [], [], [], []
     for f in files:

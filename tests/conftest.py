@@ -1,4 +1,6 @@
-"""Shared fixtures: the repo on sys.path, tiny shards made by the tests themselves, a tiny model config."""
+"""Shared fixtures: the repo on sys.path, tiny shards made by the tests themselves, a tiny model
+config, torch on one CPU thread (one_thread) and a training run in this process (train_here)."""
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+DRIVERS = REPO / "tests" / "drivers"  # programs the tests start as processes
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -52,3 +55,33 @@ def subprocess_env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop("RANK", None)
     return env
+
+
+@contextlib.contextmanager
+def single_thread():
+    """torch on one CPU thread inside, the previous count restored after: as the trainer's commands
+    run (subprocess_env's OMP_NUM_THREADS=1); a predictable time when other jobs share the cores
+    (oversubscribed OpenMP threads spin); CPU reductions split the same way in every process."""
+    import torch  # here, not above: the tests of data/ and of the downloader never load torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """The test on one CPU thread (single_thread); a module puts all its tests on one thread with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    with single_thread():
+        yield
+
+
+def train_here(args: list[str]):
+    """train_gpt2.train on the command-line settings `args` in this process, on one thread
+    (single_thread): what train returns, (the record's path, the model)."""
+    import train_gpt2 as t
+    with single_thread():
+        return t.train(t.parse_args(args))

@@ -1,8 +1,10 @@
 """records/compare.py: parsing the three log formats, grouping, statistics against scipy, the plot and the CLI."""
 import dataclasses
+import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from scipy import stats
 
 import train_gpt2 as t
+from conftest import train_here
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "records"))
 import compare as c  # noqa: E402
@@ -369,6 +372,23 @@ def test_main_globs_formats_and_since(tmp_path, capsys):
         c.main(["--since", "15/03/2025"])
 
 
+def test_default_input_is_the_trainers_default_records_dir(tmp_path, capsys, monkeypatch):
+    """No paths: runs/ beside compare.py's folder, where the trainer run from the repo root (run.sh) writes its
+    records by default; the experiments under records/ are not read."""
+    assert t.Hyperparameters().records_dir == "runs"
+    (tmp_path / "records").mkdir()
+    shutil.copy(c.__file__, tmp_path / "records" / "compare.py")
+    spec = importlib.util.spec_from_file_location("compare_copy", tmp_path / "records" / "compare.py")
+    copy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "compare_copy", copy)  # its dataclasses look their module up there
+    spec.loader.exec_module(copy)
+    write_ours(tmp_path / "runs", optimizer="muon", tag="mine")
+    write_ours(tmp_path / "records" / "experiment", optimizer="adamw", tag="archived")
+    assert copy.main([]) == 0
+    rows = capsys.readouterr().out.split("\n\n")[0].splitlines()[2:]
+    assert [r.split()[:2] for r in rows] == [["muon", "1"]]
+
+
 def test_default_folder_is_next_to_script():
     files, missing = c.find_files([str(Path(c.__file__).resolve().parent)])
     assert not missing and all(f.suffix == ".txt" for f in files)
@@ -389,14 +409,8 @@ def test_config_differences(tmp_path, capsys):
 
 def test_reads_a_record_written_by_the_trainer(tiny_args, tmp_path):
     """The parser and the real writer agree: a tiny CPU run of train_gpt2.train, then parse_record on its record."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 2-layer model: threads only add overhead
-    try:
-        path, _ = t.train(t.parse_args(tiny_args + ["--val_loss_every", "2", "--label", "tiny", "--optimizer",
-                                                    "adamw"]))
-    finally:
-        torch.set_num_threads(threads)
+    path, _ = train_here(tiny_args + ["--val_loss_every", "2", "--label", "tiny", "--optimizer",
+                                      "adamw"])
     run = c.parse_record(path)
     if " opt_ms:" in Path(path).read_text():  # the trainer's optional field, when it writes it
         assert all(o is not None and o >= 0 for *_, o in run.train) and run.opt_ms is not None

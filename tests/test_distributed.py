@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_gpt2 as t
-from conftest import REPO, TINY, make_shards, subprocess_env
+from conftest import DRIVERS, REPO, TINY, make_shards, subprocess_env, train_here
 
 sys.path.insert(0, str(REPO / "records"))
 import compare  # noqa: E402
@@ -18,24 +17,14 @@ import compare  # noqa: E402
 STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([\d.]+)", re.M)
 
 
-def train_here(args: list[str]) -> tuple[str, dict]:
-    """One process, in this one (one thread, as the commands run): the record's text and the final parameters."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        path, model = t.train(t.parse_args(args))
-    finally:
-        torch.set_num_threads(threads)
-    return Path(path).read_text(), {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def torchrun(nproc: int, args: list[str], params: Path) -> str:
-    """tests/run_train.py under torchrun (gloo; 1 process: alone): the record's text; the final parameters saved to
-    `params`."""
+    """tests/drivers/train_save_params.py under torchrun (gloo; 1 process: alone): the record's
+    text; the final parameters saved to `params`."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    r = subprocess.run(launcher + [str(REPO / "tests" / "run_train.py")] + args, capture_output=True, text=True,
-                       env=dict(subprocess_env(), FINAL_PARAMS=str(params)), timeout=300)
+    env = dict(subprocess_env(), FINAL_PARAMS=str(params))
+    r = subprocess.run(launcher + [str(DRIVERS / "train_save_params.py")] + args,
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     (record,) = Path(args[len(args) - 1 - args[::-1].index("--records_dir") + 1]).glob("*.txt")  # the last one given
     return record.read_text()
@@ -103,7 +92,9 @@ def test_four_processes_equal_one_within_rounding_noise(tiny_args, tmp_path):
         args = tiny_args + ["--records_dir", str(tmp_path / f"r{nproc}{device_batch}"), "--device_batch_size",
                             str(device_batch)]
         if nproc == 1:
-            text, params = train_here(args)
+            path, model = train_here(args)
+            text = Path(path).read_text()
+            params = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             text = torchrun(nproc, args, tmp_path / f"p{nproc}.pt")
             params = torch.load(tmp_path / f"p{nproc}.pt")

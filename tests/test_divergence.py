@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt2 as t
-from conftest import REPO, subprocess_env
+from conftest import REPO, subprocess_env, train_here
 from test_resume import compare, saved
 
 WTE = "transformer.wte.weight (256, 64), updated by the embedding/head AdamW"
@@ -42,13 +42,8 @@ def check_diverged(message: str, records, optimizer: str, says: list[str]) -> No
 def test_divergence_stops_the_run_within_one_step(small_vocab_args, tmp_path, optimizer):
     settings, says = CASES[optimizer]
     args = small_vocab_args + ["--num_iterations", "8", "--save_every", "1", "--records_dir", str(tmp_path), *settings]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(SystemExit) as stop:
-            t.train(t.parse_args(args))
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.raises(SystemExit) as stop:
+        train_here(args)
     assert isinstance(stop.value.code, str)  # printed, exit status 1
     check_diverged(stop.value.code, tmp_path, t.parse_args(args).optimizer, says)
 

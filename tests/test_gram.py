@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt2 as t
-from conftest import REPO, subprocess_env
+from conftest import DRIVERS, subprocess_env
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64"]
 
@@ -103,7 +103,7 @@ def two_process_grams(tmp_path_factory):
     out = tmp_path_factory.mktemp("grams") / "grams.pt"
     cases = [f"{mode}:{16 if triangle else t.GRAM_TRIANGLE_BLOCK}" for mode, triangle in TWO_PROCESS_CASES]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(REPO / "tests" / "gram_driver.py"), *cases], capture_output=True, text=True,
+                        str(DRIVERS / "gram_allreduce.py"), *cases], capture_output=True, text=True,
                        env=dict(subprocess_env(), GRAMS=str(out)), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out)

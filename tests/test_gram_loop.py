@@ -6,19 +6,12 @@ import sys
 import pytest
 import torch
 
-import indefinite_gram_driver
 import train_gpt2 as t
-from conftest import REPO, subprocess_env
+from conftest import DRIVERS, REPO, subprocess_env
+from drivers import train_indefinite_gram
 
 LOOP = ["--optimizer", "newton_muon", "--num_iterations", "5", "--gram_every", "2"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def test_refresh_every_gram_every_steps_with_the_steps_tokens_and_the_ema(small_vocab_args, tmp_path, monkeypatch):
@@ -56,10 +49,11 @@ def fallback_lines(record_dir) -> list[str]:
 
 
 def test_cholesky_fallbacks_are_written_to_the_record(small_vocab_args, tmp_path, monkeypatch):
-    """C of the first layer made indefinite at every refresh (indefinite_gram_driver): each refresh step's record has
-    a gram_fallbacks line naming the one matrix redone with 10x the damping; without it, no such line."""
-    monkeypatch.setattr(indefinite_gram_driver, "LAYERS", [0])
-    monkeypatch.setattr(t.GPT, "collect_gram", indefinite_gram_driver.collect_gram)
+    """C of the first layer made indefinite at every refresh (drivers/train_indefinite_gram.py):
+    each refresh step's record has a gram_fallbacks line naming the one matrix redone with 10x the
+    damping; without it, no such line."""
+    monkeypatch.setattr(train_indefinite_gram, "LAYERS", [0])
+    monkeypatch.setattr(t.GPT, "collect_gram", train_indefinite_gram.collect_gram)
     t.train(t.parse_args(small_vocab_args + LOOP + ["--records_dir", str(tmp_path / "bad")]))
     assert fallback_lines(tmp_path / "bad") == [
         f"gram_fallbacks: step:{s}/5 1 of 8 matrices failed the Cholesky of C + damping I and were refactored with "
@@ -78,9 +72,10 @@ def test_two_processes_count_every_processs_fallbacks(small_vocab_args, tmp_path
         launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
                                        if nproc == 2 else [])
         out = tmp_path / str(nproc)
-        r = subprocess.run(launcher + [str(REPO / "tests" / "indefinite_gram_driver.py")] + small_vocab_args + LOOP
-                           + ["--records_dir", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300,
-                           env=dict(subprocess_env(), INDEFINITE=",".join(map(str, range(8)))))
+        env = dict(subprocess_env(), INDEFINITE=",".join(map(str, range(8))))
+        r = subprocess.run(launcher + [str(DRIVERS / "train_indefinite_gram.py")] + small_vocab_args
+                           + LOOP + ["--records_dir", str(out)], capture_output=True, text=True,
+                           cwd=REPO, timeout=300, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         lines[nproc] = fallback_lines(out)
     assert len(lines[1]) == 3 and all(" 8 of 8 matrices" in line for line in lines[1]), lines[1]

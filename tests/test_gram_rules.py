@@ -10,14 +10,7 @@ import train_gpt2 as t
 WIDE, TALL = (12, 20), (20, 12)  # out x d: both orientations of one transposition class, and a square one
 SHAPES = [WIDE, TALL, (16, 16)]
 N_TOKENS = 10  # the collected sums are C * N_TOKENS
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def msign64(X: torch.Tensor) -> torch.Tensor:

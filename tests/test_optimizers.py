@@ -24,6 +24,10 @@ import torch.multiprocessing as mp
 
 import train_gpt2 as t
 
+# one CPU thread per test (conftest.single_thread): CPU reductions split the same way in every
+# process, which test_processes_equal_one compares bit for bit
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]  # c_attn, attn c_proj, c_fc, mlp c_proj
 SMALL = [(m // 4, n // 4) for m, n in SHAPES]
 TINY = [(m // 8, n // 8) for m, n in SHAPES]  # for the exact-rule checks of Muon and PolarGrad: the rule, not the size
@@ -109,16 +113,6 @@ def ns64(G: torch.Tensor, coeffs: str) -> torch.Tensor:
         B = A @ X
         X = a * X + b * B + c * (A @ B)
     return X.T if tall else X
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread per test: predictable time even when other jobs share the cores (oversubscribed OpenMP threads
-    spin), and CPU reductions then split the same way in every process (test_two_processes_equal_one compares bits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import train_gpt2 as t
-from conftest import REPO, subprocess_env
+from conftest import REPO, subprocess_env, train_here
 
 LINE = re.compile(r"^step:(\d+)/(\d+) (val_loss|train_loss):([\d.]+) train_time:(\d+)ms step_avg:([\d.]+|nan)ms",
                   re.M)
@@ -24,12 +23,7 @@ def test_smoke_run_writes_a_record(tmp_path):
                        "--val_tokens", "1024", "--records_dir", str(tmp_path)]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # a second run into the same folder, in this process (one thread, as the command runs)
-        t.train(t.parse_args(short[2:]))
-    finally:
-        torch.set_num_threads(threads)
+    train_here(short[2:])  # a second run into the same folder, in this process
     records = sorted(tmp_path.glob("*.txt"))
     assert len(records) == 2  # never overwritten
     out, text = run.stdout, next(p for p in records if p.name in run.stdout).read_text()

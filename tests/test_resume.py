@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import train_gpt2 as t
-from conftest import REPO, SMALL_VOCAB, TINY, make_shards, subprocess_env
+from conftest import DRIVERS, REPO, SMALL_VOCAB, TINY, make_shards, subprocess_env, train_here
 
 sys.path.insert(0, str(REPO / "records"))
 import compare  # noqa: E402
@@ -43,24 +43,16 @@ def launch(nproc: int, args: list[str], kill: str = "", timeout: int = 120) -> s
 
 
 def launch_runs(nproc: int, runs: list[list[str]], folder: Path) -> subprocess.CompletedProcess:
-    """Several runs (lists of settings) one after another in one launch of tests/train_runs.py, alone or under
-    torchrun (gloo): one start-up of the launcher and its processes for all of them."""
+    """Several runs (lists of settings) one after another in one launch of
+    tests/drivers/train_in_sequence.py, alone or under torchrun (gloo): one start-up of the launcher
+    and its processes for all of them."""
     spec = folder / f"runs-{len(list(folder.glob('runs-*.json')))}.json"
     spec.write_text(json.dumps(runs))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    return subprocess.run(launcher + [str(REPO / "tests" / "train_runs.py"), str(spec)], capture_output=True,
-                          text=True, env=subprocess_env(), timeout=300, cwd=REPO)
-
-
-def train_here(args: list[str]) -> str:
-    """One process, in this one: train and return the record's path (one thread, as the commands run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return t.train(t.parse_args(args))[0]
-    finally:
-        torch.set_num_threads(threads)
+    return subprocess.run(launcher + [str(DRIVERS / "train_in_sequence.py"), str(spec)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300,
+                          cwd=REPO)
 
 
 def saved(records: Path) -> list[str]:
@@ -131,14 +123,14 @@ def check_kills(runs: list[subprocess.CompletedProcess], kills: list[str], nproc
 def test_killed_and_resumed_run_is_bitwise_identical(small_vocab_args, tmp_path, optimizer):
     args = small_vocab_args + ["--num_iterations", str(N), "--save_every", "2", "--optimizer", optimizer,
                                *OPTIMIZERS[optimizer]]
-    reference = train_here(args + ["--records_dir", str(tmp_path / "ref")])
+    reference, _ = train_here(args + ["--records_dir", str(tmp_path / "ref")])
     chain, kills = tmp_path / "chain", ["after:5", "save:6"]
     runs = kill_chain(1, args, chain, kills)
     check_kills(runs, kills, 1)
     assert len(runs) == 2
     assert saved(chain) == ["step_000002", "step_000004", "step_000006.tmp"]  # the cut save left the old ones valid
     assert t.find_checkpoint("latest", str(chain / "checkpoints")).endswith("step_000004")
-    record = train_here(["--resume", "latest", "--records_dir", str(chain)])
+    record, _ = train_here(["--resume", "latest", "--records_dir", str(chain)])
     assert saved(chain) == ["step_000006", "step_000008"]  # --keep_checkpoints 2; the unfinished save is gone
     assert_bitwise(final_state(tmp_path / "ref"), final_state(chain))
     assert losses(record) == losses(reference) and len(losses(record)[0]) == N
@@ -232,8 +224,9 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes_exactly(tiny_args, tmp_pa
     assert code == (128 + sig if nproc == 1 else 1)  # torchrun itself exits 1 when signalled
     resume = ["--resume", "latest", "--records_dir", str(tmp_path / "stopped")]
     if nproc == 1:
-        record = train_here(resume)
-        reference = train_here(tiny_args + ["--num_iterations", "16", "--records_dir", str(tmp_path / "ref")])
+        record, _ = train_here(resume)
+        reference, _ = train_here(tiny_args + ["--num_iterations", "16", "--records_dir",
+                                               str(tmp_path / "ref")])
     else:
         done = launch_runs(2, [resume, args[:-1] + [str(tmp_path / "ref")]], tmp_path)  # resumed, then the reference
         assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
@@ -251,7 +244,7 @@ def test_training_time_continues_across_a_resume(small_vocab_args, tmp_path):
                                    "--save_every", "15", "--keep_checkpoints", "3", "--records_dir", str(records)])
     (run,) = (records / "checkpoints").iterdir()
     saved_ms = torch.load(run / "step_000015" / "main.pt", weights_only=True)["progress"]["training_ms"]
-    record = train_here(["--resume", str(run / "step_000015")])
+    record, _ = train_here(["--resume", str(run / "step_000015")])
     text = Path(record).read_text().split("resumed: step:15/30")
     before = {int(s): (int(ms), float(avg)) for s, ms, avg in
               re.findall(r"^step:(\d+)/30 train_loss:\S+ train_time:(\d+)ms step_avg:(\S+)ms", text[0], re.M)}
@@ -278,7 +271,7 @@ def test_stop_at_saves_and_the_resumed_run_is_the_whole_schedule(small_vocab_arg
     config), the resumed one as the complete 8-step run with the uninterrupted run's config."""
     args = small_vocab_args + ["--num_iterations", str(N), "--warmup_iters", "4", "--warmdown_iters", "2",
                                "--optimizer", "soap", "--soap_precondition_frequency", "3"]
-    reference = train_here(args + ["--records_dir", str(tmp_path / "ref")])
+    reference, _ = train_here(args + ["--records_dir", str(tmp_path / "ref")])
     run = launch(1, args + ["--records_dir", str(tmp_path / "stopped"), "--stop_at", "3"])
     assert run.returncode == 0, run.stderr[-2000:]
     (record,) = map(str, (tmp_path / "stopped").glob("*.txt"))
@@ -292,7 +285,7 @@ def test_stop_at_saves_and_the_resumed_run_is_the_whole_schedule(small_vocab_arg
                                                                                        text, re.M)[1])
     assert stopped.config != compare.parse_record(reference).config
     assert losses(record)[0] == losses(reference)[0][:3]  # the 8-step schedule's first 3 steps
-    resumed = train_here(["--resume", "latest", "--records_dir", str(tmp_path / "stopped")])
+    resumed, _ = train_here(["--resume", "latest", "--records_dir", str(tmp_path / "stopped")])
     assert resumed == record and 'changed: {"stop_at": 0}' in Path(record).read_text()
     assert_bitwise(final_state(tmp_path / "ref"), final_state(tmp_path / "stopped"))
     assert losses(record) == losses(reference)
@@ -305,7 +298,7 @@ def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(small_vo
     """--resume latest on a run that reached its last step: one line on stdout, exit status 0, the record and the
     checkpoints as they were (no re-validation, no duplicated lines)."""
     records = tmp_path / "records"
-    record = train_here(small_vocab_args + ["--records_dir", str(records)])
+    record, _ = train_here(small_vocab_args + ["--records_dir", str(records)])
     (run,) = (records / "checkpoints").iterdir()
     before = Path(record).read_bytes(), sorted(p.name for p in run.iterdir())
     r = launch(1, ["--resume", "latest", "--records_dir", str(records)])

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import train_gpt2 as t
-from conftest import REPO, SMALL_VOCAB, TINY, make_shards, subprocess_env, write_datafile
+from conftest import (REPO, SMALL_VOCAB, TINY, make_shards, subprocess_env, train_here,
+                      write_datafile)
 
 sys.path.insert(0, str(REPO / "records"))
 import compare  # noqa: E402
@@ -33,16 +34,6 @@ def run_train(args: list[str], limit_file_bytes: int = 0, nproc: int = 1, timeou
     return subprocess.run(launcher + [str(REPO / "train_gpt2.py")] + args, capture_output=True, text=True,
                           env={**subprocess_env(), **(env or {})}, timeout=timeout, cwd=REPO,
                           preexec_fn=limit if limit_file_bytes else None)
-
-
-def train_here(args: list[str]) -> str:
-    """One process, in this one, on one thread: the record's path."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return t.train(t.parse_args(args))[0]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def no_traceback(r: subprocess.CompletedProcess) -> None:
@@ -69,7 +60,7 @@ def test_failed_end_checkpoint_keeps_the_result_and_the_previous_checkpoint(smal
 
     monkeypatch.setattr(t, "_save_synced", read_only_at_the_end)
     records = tmp_path / "records"
-    record = train_here(small_vocab_args + ["--save_every", "2", "--records_dir", str(records)])
+    record, _ = train_here(small_vocab_args + ["--save_every", "2", "--records_dir", str(records)])
     text = Path(record).read_text().split(t.RECORD_MARK)[-1]  # the lines after the source
     val, failed, peak = (text.index(s) for s in ("step:5/5 val_loss:", "checkpoint: step:5/5 not saved",
                                                   "peak memory consumption"))
@@ -145,7 +136,7 @@ def stopped(tmp_path_factory) -> dict:
     args = TINY + ["--vocab_size", str(SMALL_VOCAB), "--input_bin", train, "--input_val_bin", val,
                    "--num_iterations", "4", "--warmup_iters", "1", "--warmdown_iters", "1", "--stop_at", "2",
                    "--records_dir", str(root / "records")]
-    record = train_here(args)
+    record, _ = train_here(args)
     return {"record": record, "checkpoint": t.find_checkpoint("latest", str(root / "records" / "checkpoints"))}
 
 
@@ -246,7 +237,7 @@ def test_intact_copy_resumes(stopped, tmp_path):
     record = tmp_path / Path(stopped["record"]).name
     record.write_bytes(Path(stopped["record"]).read_bytes())
     edit_meta(ck, lambda m: {**m, "record": str(record)})
-    assert train_here(["--resume", str(ck)]) == str(record)
+    assert train_here(["--resume", str(ck)])[0] == str(record)
     assert compare.parse_record(record).complete and compare.parse_record(record).resumed_at == [2]
 
 
@@ -422,11 +413,12 @@ def test_final_checkpoint_off_saves_only_what_is_asked(small_vocab_args, tmp_pat
     included when it is a multiple."""
     assert t.PRESETS["smoke"]["final_checkpoint"] is False
     off = tmp_path / "off"
-    record = train_here(small_vocab_args + ["--final_checkpoint", "0", "--records_dir", str(off)])
+    record, _ = train_here(small_vocab_args + ["--final_checkpoint", "0", "--records_dir",
+                                               str(off)])
     assert compare.parse_record(record).complete and not lines_of(record, "checkpoint:")
     assert not list((off / "checkpoints").rglob("step_*"))
     every = tmp_path / "every"
-    record = train_here(small_vocab_args + ["--final_checkpoint", "0", "--save_every", "5", "--records_dir",
-                                            str(every)])
+    record, _ = train_here(small_vocab_args + ["--final_checkpoint", "0", "--save_every", "5",
+                                               "--records_dir", str(every)])
     assert [line.split()[1] for line in lines_of(record, "checkpoint:")] == ["step:5/5"]
     assert [p.name for p in (every / "checkpoints").rglob("step_*")] == ["step_000005"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt2 as t
-from conftest import REPO, SMALL_VOCAB, TINY, make_shards
+from conftest import REPO, SMALL_VOCAB, TINY, make_shards, train_here
 
 OP_WARNING = ("index_add_cuda_ does not have a deterministic implementation, but you set "
               "'torch.use_deterministic_algorithms(True, warn_only=True)'.")
@@ -54,12 +54,7 @@ def run(argv: list[str], monkeypatch) -> dict:
     monkeypatch.setattr(t.DataLoader, "next_batch", record_batch)
     monkeypatch.setattr(t, "val_batches", record_val)
     monkeypatch.setattr(t, "build_optimizers", record_init)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        path, model = t.train(t.parse_args(argv))
-    finally:
-        torch.set_num_threads(threads)
+    path, model = train_here(argv)
     seen["rng_at_end"] = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     seen["final"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     seen["digest"] = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for _, p in model.named_parameters())

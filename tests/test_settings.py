@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt2 as t
-from conftest import REPO, SMALL_VOCAB, TINY, make_shards, subprocess_env
+from conftest import REPO, SMALL_VOCAB, TINY, make_shards, subprocess_env, train_here
 
 GRAM = ["--optimizer", "newton_muon", "--gram", "block"]
 # (case, settings, world size, fragments the message must hold: the field, and the allowed range or the fix)
@@ -93,13 +93,8 @@ def checkpoint(tmp_path_factory) -> dict[str, str]:
     train, val = make_shards(root / "shards", vocab=SMALL_VOCAB)
     args = TINY + ["--vocab_size", str(SMALL_VOCAB), "--input_bin", train, "--input_val_bin", val,
                    "--num_iterations", "4", "--warmup_iters", "1", "--warmdown_iters", "1", "--stop_at", "2"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t.train(t.parse_args(args + ["--records_dir", str(root / "kept")]))
-        record = t.train(t.parse_args(args + ["--records_dir", str(root / "gone")]))[0]
-    finally:
-        torch.set_num_threads(threads)
+    train_here(args + ["--records_dir", str(root / "kept")])
+    record, _ = train_here(args + ["--records_dir", str(root / "gone")])
     os.remove(record)
     (root / "plain").mkdir()
     return {"RESUME": t.find_checkpoint("latest", str(root / "kept" / "checkpoints")),

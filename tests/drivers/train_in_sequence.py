@@ -7,7 +7,7 @@ import sys
 
 from torch.distributed import distributed_c10d
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt2  # noqa: E402
 
 if __name__ == "__main__":

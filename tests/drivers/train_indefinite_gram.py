@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_gpt2  # noqa: E402
 
 LAYERS = [int(i) for i in os.environ.get("INDEFINITE", "0").split(",")]
