@@ -4,7 +4,7 @@ with the mutated train_gpt2.py into a temporary folder and those tests run there
 mutants they killed. Exit status 1 if a mutant survives, its string is not found exactly once, its tests error
 instead of failing, or the unmutated copy does not pass them all.
 
-    python tests/mutants.py            # every mutant (30; 3.5 minutes on a 2-core CPU)
+    python tests/mutants.py            # every mutant (43; MINUTES on a 2-core CPU)
     python tests/mutants.py -k soap    # those whose name holds "soap"
     python tests/mutants.py --list     # names and tests only
 """
@@ -127,7 +127,8 @@ MUTANTS = [
     ("adamw-control-no-weight-decay", "the block AdamW ignores --adamw_weight_decay",
      "weight_decay=a.adamw_weight_decay", "weight_decay=0.0", [f"{OPT}::test_adamw_groups_take_their_own_settings"]),
     # scale: the raw .grad and C, which Muon, Newton-Muon and AdamW cannot see
-    ("grad-not-divided-by-accumulation", "micro-batch losses summed, not averaged over the accumulation",
+    ("grad-not-divided-by-accumulation",
+     "micro-batch losses summed, not averaged over the accumulation",
      "(loss / run.accum).backward()", "loss.backward()",
      [f"{AUDIT}::test_one_process_accumulated_grad_and_gram_scale"]),
     ("gram-all-reduce-averages", "the processes' Gram sums averaged, not summed (C / world size)",
