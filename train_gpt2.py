@@ -403,10 +403,15 @@ class Muon(MatrixOptimizer):
 
 
 class PolarGrad(MatrixOptimizer):
-    """PolarGrad (Lau, Long & Su 2025, arXiv:2505.21799) as merged in NVIDIA Emerging-Optimizers: Muon's direction
-    scaled by its nuclear norm (steepest descent in the spectral norm rather than its LMO):
+    """PolarGrad (Lau, Long & Su 2025, arXiv:2505.21799): Muon's direction scaled by its nuclear
+    norm (steepest descent in the spectral norm rather than its LMO):
     M = b M + (1 - b) G;  D = b M + (1 - b) G (Nesterov) or M;  O = orthogonalize(D);
-    p = (1 - lr wd) p - lr ||D||_* O,  ||D||_* = nuclear_norm(D, nuclear, O)."""
+    p = (1 - lr wd) p - lr ||D||_* O,  ||D||_* = nuclear_norm(D, nuclear, O).
+    The rule of NVIDIA Emerging-Optimizers' PolarGrad (fd77292): with its default coefficients,
+    quintic, and nuclear inner, to 1e-10 in float64 (tests/golden/polargrad.json). The default here,
+    polar_express, is not its polar_express: the paper's coefficients with the 1.01 safety factor on
+    the norm, where Emerging-Optimizers' are rounded to 4 decimals with none on the norm: their O
+    differ by 2-3% (float64, matrices 192 to 3072 wide; tests/test_audit.py)."""
 
     def __init__(self, params, lr: float = 0.3, momentum: float = 0.95, nesterov: bool = False,
                  weight_decay: float = 0.0, nuclear: str = "inner", coeffs: str = "polar_express"):
@@ -425,10 +430,14 @@ class PolarGrad(MatrixOptimizer):
 
 
 class SOAP(MatrixOptimizer):
-    """SOAP (Vyas et al. 2024, arXiv:2409.11321): Adam in the eigenbasis of Shampoo's preconditioner, following
-    nikhilvyas/SOAP soap.py (commit f42d296, the class with project/project_back). As there, the first moment m lives
-    in the eigenbasis; the reference maps it back and forth at every step, the identity except when the basis changes,
-    so here m is carried over only then: m <- Q_L'^T (Q_L m Q_R^T) Q_R'. Per matrix, with s = shampoo_beta (b2 if < 0):
+    """SOAP (Vyas et al. 2024, arXiv:2409.11321): Adam in the eigenbasis of Shampoo's
+    preconditioner. Checked against soap.py of the modded-nanogpt SOAP fork
+    (nikhilvyas/modded-nanogpt-SOAP 618af27; tests/golden/soap.json: to 1e-10 in float64), which
+    keeps the first moment m in the parameter space and projects it into the eigenbasis each step.
+    Here m lives in the eigenbasis, as in nikhilvyas/SOAP's soap.py at f42d296 (which maps it back
+    and forth at every step), and is carried over only when the basis changes:
+    m <- Q_L'^T (Q_L m Q_R^T) Q_R'. The three are one rule: the projection is linear and the bases
+    change only at a refresh. Per matrix, with s = shampoo_beta (b2 if < 0):
       first step: L = (1-s) G G^T, R = (1-s) G^T G, (Q_L, Q_R) = eigenbasis(L, R); no update, so G never
         preconditions itself;
       step t = 1, 2, ...: G~ = Q_L^T G Q_R;  m = b1 m + (1-b1) G~;  v = b2 v + (1-b2) G~^2;

@@ -1,10 +1,12 @@
-"""Mutation check of the optimizer math: each mutant below is one semantic change to train_gpt2.py (a string replaced
-in a copy), with the tests that must fail on it. For each, the repo's tests, data/ and records/compare.py are copied
-with the mutated train_gpt2.py into a temporary folder and those tests run there (pytest -x -q); the table says which
-mutants they killed. Exit status 1 if a mutant survives, its string is not found exactly once, its tests error
-instead of failing, or the unmutated copy does not pass them all.
+"""Mutation check of the optimizer math, the gradient and C scale, the lr schedule, b9979e6's
+constants, the defaults and the loss's padding: each mutant below is one semantic change to
+train_gpt2.py (a string replaced in a copy), with the tests that must fail on it. For each, the
+repo's tests, data/ and records/compare.py are copied with the mutated train_gpt2.py into a
+temporary folder and those tests run there (pytest -x -q); the table says which mutants they killed.
+Exit status 1 if a mutant survives, its string is not found exactly once, its tests error instead of
+failing, or the unmutated copy does not pass them all.
 
-    python tests/mutants.py            # every mutant (30; 3.5 minutes on a 2-core CPU)
+    python tests/mutants.py            # every mutant (43; 13.4 minutes on a loaded 2-core CPU)
     python tests/mutants.py -k soap    # those whose name holds "soap"
     python tests/mutants.py --list     # names and tests only
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 OPT, GRAM, RULES, LOOP = ("tests/test_optimizers.py", "tests/test_gram.py", "tests/test_gram_rules.py",
                           "tests/test_gram_loop.py")
+AUDIT = "tests/test_audit.py"
 
 # (name, what it breaks, old text of train_gpt2.py (exactly once), new text, tests that must kill it)
 MUTANTS = [
@@ -125,6 +128,57 @@ MUTANTS = [
      "betas=args.embed_betas", "betas=args.adamw_betas", [f"{OPT}::test_adamw_groups_take_their_own_settings"]),
     ("adamw-control-no-weight-decay", "the block AdamW ignores --adamw_weight_decay",
      "weight_decay=a.adamw_weight_decay", "weight_decay=0.0", [f"{OPT}::test_adamw_groups_take_their_own_settings"]),
+    # scale: the raw .grad and C, which Muon, Newton-Muon and AdamW cannot see
+    ("grad-not-divided-by-accumulation",
+     "micro-batch losses summed, not averaged over the accumulation",
+     "(loss / run.accum).backward()", "loss.backward()",
+     [f"{AUDIT}::test_one_process_accumulated_grad_and_gram_scale"]),
+    ("gram-all-reduce-averages", "the processes' Gram sums averaged, not summed (C / world size)",
+     "dist.all_reduce(flat)\n", "dist.all_reduce(flat, op=dist.ReduceOp.AVG)\n",
+     [f"{AUDIT}::test_two_processes_grad_and_gram_scale"]),
+    ("gram-process-tokens", "C divided by one process's tokens, not the step's",
+     "refresh_gram(n_tokens=args.batch_size * args.sequence_length,",
+     "refresh_gram(n_tokens=args.batch_size // run.world * args.sequence_length,",
+     [f"{AUDIT}::test_two_processes_grad_and_gram_scale"]),
+    # the lr of every parameter group
+    ("embed-lr-unscheduled", "the embedding/head AdamW keeps its base lr, off the schedule",
+     'g["lr"] = g["base_lr"] * mult',
+     'g["lr"] = g["base_lr"] * (mult if opt is optimizers[-1] else 1.0)',
+     [f"{AUDIT}::test_every_parameter_group_follows_the_lr_schedule"]),
+    # b9979e6's embedding AdamW and model constants
+    ("embed-adamw-weight-decay", "the embedding's AdamW takes weight decay 0.1 (b9979e6's run.sh "
+     "sets it, its AdamW gets 0)",
+     "betas=args.embed_betas, weight_decay=0.0,", "betas=args.embed_betas, weight_decay=0.1,",
+     [f"{AUDIT}::test_embedding_adamw_and_muon_are_b9979e6s"]),
+    ("attn-scale-sqrt-layers", "the attention residual scaled by 1/sqrt(L), not 1/sqrt(2 L)",
+     "self.attn_scale = 1 / math.sqrt(2 * args.n_layer)",
+     "self.attn_scale = 1 / math.sqrt(args.n_layer)", [f"{AUDIT}::test_forward_is_b9979e6s"]),
+    ("rms-norm-eps", "RMSNorm's eps 1e-5, not 1e-6",
+     "torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)",
+     "torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)",
+     [f"{AUDIT}::test_forward_is_b9979e6s"]),
+    ("rotary-base", "rotary base 1000, not 10000", "base: float = 10000.0", "base: float = 1000.0",
+     [f"{AUDIT}::test_forward_is_b9979e6s"]),
+    ("init-normal", "the tied embedding/head drawn from N(0, 0.02), not U(+-1/sqrt(d))",
+     "self.transformer.wte.weight = self.lm_head.weight  # tied",
+     "nn.init.normal_(self.lm_head.weight, std=0.02)\n"
+     "        self.transformer.wte.weight = self.lm_head.weight  # tied",
+     [f"{AUDIT}::test_init_is_b9979e6s"]),
+    # defaults
+    ("default-locoprop-nu", "a default changed (locoprop_nu 1.0 -> 0.5)",
+     "locoprop_nu: float = 1.0", "locoprop_nu: float = 0.5",
+     [f"{AUDIT}::test_every_default_is_in_the_table"]),
+    # SOAP's branches
+    ("soap-shampoo-beta-zero-falls-back", "shampoo_beta 0 taken as the fallback (beta2)",
+     's = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2',
+     's = group["shampoo_beta"] if group["shampoo_beta"] > 0 else b2',
+     [f"{AUDIT}::test_soap_shampoo_beta_negative_takes_beta2_and_zero_is_allowed"]),
+    ("soap-max-precond-dim-exclusive", "a side of exactly max_precond_dim gets no eigenbasis",
+     "if n <= max_dim:", "if n < max_dim:", [f"{AUDIT}::test_soap_max_precond_dim_boundary"]),
+    # the fused loss's padding
+    ("loss-one-padded-column", "the first padded vocabulary column (logit 0) inside the softmax",
+     'z = z.masked_fill(cols >= V, float("-inf"))', 'z = z.masked_fill(cols > V, float("-inf"))',
+     [f"{AUDIT}::test_fused_loss_padding_with_a_trained_heads_logits"]),
 ]
 
 
