@@ -32,14 +32,7 @@ from test_optimizers import (RefSOAP, displacement_error, grads, init_params, ns
                              run_ref, soap_bases)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, as the trainer's subprocesses run (OMP_NUM_THREADS=1): predictable on a shared
-    CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shards(folder) -> list[str]:
@@ -397,7 +390,7 @@ DEFAULTS = {
     "locoprop_steps": 0, "locoprop_nu": 1.0, "locoprop_momentum": 0.0,
     "loss_chunk": 8192, "attention": "auto", "activation_budget": 1.0, "recompute_gelu": True,
     "gram_overlap": True,
-    "compile": True, "compile_mode": "default", "matmul_check": True, "records_dir": "records",
+    "compile": True, "compile_mode": "default", "matmul_check": True, "records_dir": "runs",
     "label": "", "preset": "speedrun",
     "save_every": 0, "final_checkpoint": True, "keep_checkpoints": 2, "checkpoint_dir": "",
     "resume": "",
