@@ -50,7 +50,8 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass
-class Hyperparameters:
+class RunSettings:
+    """The run's settings. Hyperparameters (end of the rules section) adds each optimizer's, declared beside it."""
     # data: glob patterns of shards in the FineWeb format (data/cached_fineweb10B.py fetches them)
     input_bin: str = "data/fineweb10B/fineweb_train_*.bin"
     input_val_bin: str = "data/fineweb10B/fineweb_val_*.bin"
@@ -73,46 +74,8 @@ class Hyperparameters:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    # optimizers: the tied embedding/head always uses AdamW; `optimizer` picks what the block matrices use
+    # the block matrices' optimizer (OPTIMIZERS); each optimizer declares its own settings beside its class
     optimizer: str = "muon"
-    embed_lr: float = 0.0018
-    embed_betas: tuple[float, float] = (0.9, 0.95)
-    muon_lr: float = 0.018
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
-    muon_shape_scale: bool = False  # multiply the update by max(1, rows/cols)**0.5
-    ns_coeffs: str = "simple"  # simple | quintic | polar_express
-    adamw_lr: float = 0.0018
-    adamw_betas: tuple[float, float] = (0.9, 0.95)
-    adamw_weight_decay: float = 0.0
-    polargrad_lr: float = 0.3  # the step is lr ||M||_* O: swept on the stand-in data (README), best of 0.03 ... 3
-    polargrad_momentum: float = 0.95
-    polargrad_nesterov: bool = False
-    polargrad_weight_decay: float = 0.0
-    polargrad_nuclear: str = "inner"  # inner | exact  (see nuclear_norm; README: inner is within ~5% with polar_express)
-    polargrad_ns_coeffs: str = "polar_express"  # PolarGrad's own set: <O, M> needs O close to U V^T
-    soap_lr: float = 0.0018
-    soap_betas: tuple[float, float] = (0.95, 0.95)
-    soap_shampoo_beta: float = -1.0  # < 0: use soap_betas[1]
-    soap_eps: float = 1e-8
-    soap_weight_decay: float = 0.0
-    soap_precondition_frequency: int = 10
-    soap_max_precond_dim: int = 10000
-    soap_tf32: bool = False  # SOAP's fp32 matmuls on TF32 tensor cores (CUDA, within its step; the QR stays fp64)
-    # feature-gram optimizers (newton_muon uses the muon_* settings too): C = X^T X / n_tokens of each layer's input
-    gram: str = "full"  # full | block | diag
-    gram_block: int = 128  # block size of gram = block
-    gram_every: int = 8  # steps between refreshes of C (and at step 0)
-    gram_beta: float = 0.0  # C <- beta C + (1 - beta) C_new; 0: replace
-    gram_damping: float = 0.2  # Newton-Muon: gamma = gram_damping * tr(C) / d
-    gram_f: str = "solve"  # Newton-Muon: solve, G (C + gamma I)^-1 | inverse_sqrt, G (C + gamma I)^(-1/2)
-    newton_muon_precondition: str = "before"  # before: buf = m buf + G R | after: buf = m buf + G, msign(... R)
-    locoprop_lr: float = 0.3  # eta: best of 0.3 / 1 / 3 in the 400-step sweep on the stand-in data (README)
-    locoprop_lambda: float = 1.0  # lambda of C + lambda I
-    locoprop_lambda_mode: str = "absolute"  # absolute: C + lambda I | relative: C + lambda tr(C)/d I (as Newton-Muon)
-    locoprop_steps: int = 0  # 0: the exact minimizer; K: K inner gradient steps of size locoprop_nu / L
-    locoprop_nu: float = 1.0  # in (0, 2); L >= lambda_max(C + lambda I) per matrix (eigenvalue_bound): converges
-    locoprop_momentum: float = 0.0  # heavy-ball momentum on G; 0: none
     # speed (the math stays the same)
     loss_chunk: int = 8192  # rows of logits at a time in the fused loss (LinearCrossEntropy); 0: whole fp32 logits
     attention: str = "auto"  # scaled_dot_product_attention backend: auto | cudnn | flash | efficient | math
@@ -220,11 +183,89 @@ def lr_multiplier(it: int, args: Hyperparameters) -> float:
         return 1.0
     return (args.num_iterations - it) / args.warmdown_iters
 
-# ----------------------------------------------------------------------------- optimizers
-# The rules: Newton-Schulz (orthogonalize) and the shared helpers, one class per optimizer, the table that
-# --optimizer reads. The speed machinery they call (kernels, stacking, factorizations) follows in the next section.
+# ----------------------------------------------------------------------------- rules
+# A rule: a MatrixOptimizer subclass registered with @optimizer(name), its settings declared beside it (Setting),
+# its math in `update` (and in `rule`, the pure function its fast path runs; FAST_PATHS). Hyperparameters, the
+# command line, the checks and the checkpoints all follow from these declarations.
 
-# (a, b, c) per Newton-Schulz step: X <- a X + b (X X^T) X + c (X X^T)^2 X, and the factor on ||X||_F before the first step
+
+@dataclass(frozen=True)
+class Setting:
+    """One optimizer setting: the field and command-line name `--name`, its default (its type: the setting's), a
+    help line, and the values it allows: ok(value, args) holds; `want` (a text, or a function of args) names them in
+    the refusal `--name: must be <want>, got <value>`."""
+    name: str
+    default: object
+    help: str
+    want: str | Callable = ""
+    ok: Callable = lambda value, args: True
+
+    @property
+    def kind(self) -> str:
+        """The field's type as Hyperparameters spells it: bool, int, float, str or tuple[float, float]."""
+        return "tuple[float, float]" if isinstance(self.default, tuple) else type(self.default).__name__
+
+    def refusal(self, args) -> str:
+        """'' if args' value is allowed, else the one-line refusal."""
+        value = getattr(args, self.name)
+        if self.ok(value, args):
+            return ""
+        want = self.want(args) if callable(self.want) else self.want
+        return f"--{self.name}: must be {want}, got {value!r}"
+
+
+def positive(name: str, default: float, help: str) -> Setting:
+    return Setting(name, default, help, "positive and finite", lambda v, a: 0 < v < math.inf)
+
+
+def fraction(name: str, default: float, help: str) -> Setting:
+    return Setting(name, default, help, "in [0, 1)", lambda v, a: 0 <= v < 1)
+
+
+def nonnegative(name: str, default: float, help: str) -> Setting:
+    return Setting(name, default, help, ">= 0", lambda v, a: 0 <= v < math.inf)
+
+
+def at_least(name: str, default: int, low: int, help: str) -> Setting:
+    return Setting(name, default, help, f">= {low}", lambda v, a: v >= low)
+
+
+def betas(name: str, default: tuple[float, float], help: str) -> Setting:
+    return Setting(name, default, help, "two numbers in [0, 1), e.g. 0.9,0.95",
+                   lambda v, a: len(v) == 2 and all(0 <= b < 1 for b in v))
+
+
+def flag(name: str, default: bool, help: str) -> Setting:
+    return Setting(name, default, help, "a bool (0 or 1)", lambda v, a: isinstance(v, bool))
+
+
+def choice(name: str, default: str, choices, help: str, want: str = "") -> Setting:
+    """One of `choices` (their names: a dict's keys)."""
+    choices = tuple(choices)
+    want = want or (", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0])
+    return Setting(name, default, help, want, lambda v, a: v in choices)
+
+
+OPTIMIZERS: dict[str, type] = {}  # --optimizer name -> the rule (its class), in registration order
+
+
+def optimizer(name: str):
+    """Class decorator: register a rule as `--optimizer name`."""
+    def register(cls: type) -> type:
+        OPTIMIZERS[name] = cls
+        return cls
+    return register
+
+
+def optimizer_class(name: str) -> type:
+    """The rule `--optimizer name` picks; SystemExit naming the choices if there is none."""
+    if name not in OPTIMIZERS:
+        raise SystemExit(f"--optimizer: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+# (a, b, c) per Newton-Schulz step: X <- a X + b (X X^T) X + c (X X^T)^2 X, and the factor on ||X||_F
+# before the first step
 NS_COEFFS: dict[str, tuple[list[tuple[float, float, float]], float]] = {
     "simple": ([(3.4445, -4.7750, 2.0315)] * 5, 1.0),
     "quintic": ([(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
@@ -241,17 +282,15 @@ NS_COEFFS: dict[str, tuple[list[tuple[float, float, float]], float]] = {
 }
 
 
-# Where orthogonalize(G) puts the singular values: if every singular value of G is >= x0 ||G||_F, every singular value
-# of the bf16 result lies in NS_BANDS[set][x0] (measured: the scalar polynomial in float64 over x in [x0, 1], widened by
-# the bf16 noise seen on random 768x3072 matrices of many spectra; tests/test_optimizers.py checks it). Smaller singular
-# values come out smaller: roughly x (a1 a2 ... a5) for x << x0, e.g. 487 x for "simple".
+# Where orthogonalize(G) puts the singular values: if every singular value of G is >= x0 ||G||_F, every singular
+# value of the bf16 result lies in NS_BANDS[set][x0] (the scalar polynomial in float64 over x in [x0, 1], widened by
+# the bf16 noise seen on random 768x3072 matrices of many spectra; tests/test_optimizers.py checks it). Smaller
+# singular values come out smaller: roughly x (a1 a2 ... a5) for x << x0, e.g. 487 x for "simple".
 NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
     "simple": {1e-2: (0.67, 1.15), 2e-3: (0.67, 1.22)},
     "quintic": {1e-2: (0.96, 1.05), 2e-3: (0.84, 1.16)},
     "polar_express": {1e-2: (0.85, 1.15), 2e-3: (0.85, 1.15)},
 }
-
-
 def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     """msign(G) ~ U V^T for G = U S V^T, batched over leading dims, in bf16:
     X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; X = (a I + b A + c A A) X}
@@ -317,21 +356,52 @@ def trace_over_d(C: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class MatrixOptimizer(torch.optim.Optimizer):
-    """Base of the block-matrix optimizers. Each matrix is owned by one process (greedy by `cost`); the owner runs the
-    update rule on all its matrices of one batch_key as a batch, then one all_gather shares the new parameters, so every
-    process ends the step identical and optimizer work falls ~W-fold with W processes."""
+    """Base of the rules, and what a rule may rely on. build_optimizers gives every matrix inside the blocks to one
+    rule (Run.blocks); each matrix is owned by one process (greedy by `cost`), which runs `update` on all its
+    matrices of one batch_key as a batch; then one all_gather shares the new parameters, so every process ends the
+    step identical and the work falls ~W-fold with W processes. Declared per class, merged over its bases:
+      settings          group key -> Setting: the constructor's keywords, each group's entries, Hyperparameters'
+                        fields and the command line (build reads them from the settings)
+      fast_path         the FAST_PATHS entry that runs `rule` once fast paths are on (CUDA, --compile 1)
+      state_like_param  the state entries shaped like their parameter, which a resume shape-checks
+      refresh_every     steps between refreshes of the feature Gram C (refresh_gram); 0: never
+    Checkpoints save self.state as a state_dict: each process saves and loads the state of the matrices it owns
+    (holds); any tensor state is saved, whatever its name."""
+    settings: dict[str, Setting] = {}
+    fast_path = "eager"
+    state_like_param: tuple[str, ...] = ("momentum_buffer",)
+    refresh_every = 0
 
-    def __init__(self, params, defaults: dict):
-        super().__init__(params, defaults)
+    def __init__(self, params, **settings):
+        declared = self.declared()
+        unknown = sorted(set(settings) - set(declared))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no setting {', '.join(unknown)}")
+        super().__init__(params, {k: settings.get(k, s.default) for k, s in declared.items()})
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.owner: dict[torch.Tensor, int] = dict(zip(self._params(), assign_owners(
             [self.cost(p) for p in self._params()], self.world)))
         self._gather_buf: torch.Tensor | None = None
         self._lr: dict[tuple, torch.Tensor] = {}
+        self.fast = False  # use_fast_paths turns it on
+
+    @classmethod
+    def declared(cls) -> dict[str, Setting]:
+        """Every setting of the rule: its class's and its bases' `settings`, the bases' first."""
+        return {k: s for c in reversed(cls.__mro__) for k, s in vars(c).get("settings", {}).items()}
+
+    @classmethod
+    def build(cls, model: nn.Module, args) -> MatrixOptimizer:
+        """The rule on every matrix inside the model's blocks, its settings from args."""
+        return cls(list(model.transformer.h.parameters()), **setting_values(cls.declared(), args))
 
     def _params(self) -> list[torch.Tensor]:
         return optimizer_params(self)
+
+    def holds(self, p: torch.Tensor) -> bool:
+        """Whether this process owns p: updates it, saves and loads its state."""
+        return self.owner[p] == self.rank
 
     @staticmethod
     def cost(p: torch.Tensor) -> float:
@@ -347,6 +417,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """Apply the rule in place to `params`, all of one batch_key and one group, with their .grad."""
         raise NotImplementedError
 
+    def run_rule(self, rule: Callable, *args) -> None:
+        """rule(*args), through FAST_PATHS[self.fast_path] once fast paths are on."""
+        (fast_rule(rule, self.fast_path) if self.fast else rule)(*args)
+
     def momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each matrix's state["momentum_buffer"], zeros on first use (made once, not each step)."""
         for p in params:
@@ -359,8 +433,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return [p.grad for p in params]
 
     def lr_tensor(self, group: dict, like: torch.Tensor) -> torch.Tensor:
-        """group["lr"] as a 0-dim tensor of like's device and dtype, refilled in place each step (compiled steps take
-        it as data, so the schedule never recompiles them)."""
+        """group["lr"] as a 0-dim tensor of like's device and dtype, refilled in place each step (compiled steps
+        take it as data, so the schedule never recompiles them)."""
         key = (id(group), like.device, like.dtype)
         if key not in self._lr:
             self._lr[key] = torch.empty((), device=like.device, dtype=like.dtype)
@@ -371,7 +445,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             batches: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if self.owner[p] == self.rank and p.grad is not None:
+                if self.holds(p) and p.grad is not None:
                     batches.setdefault(self.batch_key(p), []).append(p)
             for ps in batches.values():
                 self.update(ps, group)
@@ -379,76 +453,146 @@ class MatrixOptimizer(torch.optim.Optimizer):
             all_gather_owned(self)
 
 
-class Muon(MatrixOptimizer):
-    """buf = m buf + G; G' = G + m buf (Nesterov) or buf; p -= lr * s * orthogonalize(G'), s = max(1, rows/cols)^0.5 or 1."""
+def setting_values(settings: dict[str, Setting], args) -> dict:
+    """key -> args' value of each setting."""
+    return {k: getattr(args, s.name) for k, s in settings.items()}
 
-    def __init__(self, params, lr: float = 0.018, momentum: float = 0.95, nesterov: bool = True,
-                 coeffs: str = "simple", shape_scale: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, coeffs=coeffs,
-                                      shape_scale=shape_scale))
+
+@optimizer("muon")
+class Muon(MatrixOptimizer):
+    """Muon (modded-nanogpt b9979e6's OrthogonalNesterov), per matrix:
+    buf = m buf + G;  D = G + m buf (Nesterov) or buf;  p -= lr s msign(D),  s = max(1, rows/cols)^0.5 or 1."""
+    settings = dict(
+        lr=positive("muon_lr", 0.018, "step size"),
+        momentum=fraction("muon_momentum", 0.95, "m of buf = m buf + G"),
+        nesterov=flag("muon_nesterov", True, "orthogonalize G + m buf (else buf)"),
+        coeffs=choice("ns_coeffs", "simple", NS_COEFFS, "Newton-Schulz coefficients (NS_COEFFS)",
+                      want=f"a Newton-Schulz set: choose one of {', '.join(NS_COEFFS)}"),
+        shape_scale=flag("muon_shape_scale", False, "multiply the step by max(1, rows/cols)^0.5"),
+    )
+    fast_path = "compiled"
 
     @staticmethod
     def batch_key(p: torch.Tensor) -> tuple:
         return wide_key(p)  # m x n and n x m matrices in one batch
 
-    def update(self, params, group, factors: list[torch.Tensor] | None = None):
-        grads = [p.grad for p in params] if factors else self.gradients(params, group)
-        bufs = self.momentum_buffers(params)
-        scales = [max(1.0, p.size(0) / p.size(1)) ** 0.5 if group["shape_scale"] else 1.0 for p in params]
-        _muon_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
-                   group["nesterov"], group["coeffs"], scales, factors, group.get("gram", "full"),
-                   group.get("precondition", "before"))
+    def update(self, params, group):
+        self.run_rule(Muon.rule, params, self.gradients(params, group), self.momentum_buffers(params),
+                      self.lr_tensor(group, params[0]), group["momentum"], group["nesterov"], group["coeffs"],
+                      Muon.scales(params, group))
+
+    @staticmethod
+    def scales(params: list[torch.Tensor], group: dict) -> list[float]:
+        """s per matrix: max(1, rows/cols)^0.5 with shape_scale, else 1."""
+        return [max(1.0, p.size(0) / p.size(1)) ** 0.5 if group["shape_scale"] else 1.0 for p in params]
+
+    @staticmethod
+    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, transform=None) -> None:
+        """Muon on matrices of one transposition class: momentum and Nesterov (nesterov_stack: buf = m buf + G;
+        D = G + m buf or buf), D <- transform(i, D) if given (Newton-Muon), O = orthogonalize(D),
+        p -= lr s O. One graph per class when compiled (lr a tensor: the schedule never recompiles it)."""
+        D = Muon.nesterov_stack(grads, bufs, momentum, nesterov, transform)
+        O = orthogonalize(D, coeffs).to(params[0].dtype)
+        s = torch.tensor(scales, dtype=O.dtype, device=O.device)
+        torch._foreach_add_(params, unstack_like(O * (-lr * s)[:, None, None], params))
+
+    @staticmethod
+    def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float, nesterov: bool,
+                       transform: Callable | None = None) -> torch.Tensor:
+        """buf = m buf + G in place; returns stack_wide of D = G + m buf (Nesterov) or buf, each D first through
+        transform(i, D) if given, in NS_DTYPE. Wide matrices one at a time (compiled: one kernel each, reading G and
+        buf, writing buf and the bf16 slice); tall ones by foreach ops, then the transposing stack."""
+        post = transform or (lambda i, x: x)
+        xs: list[torch.Tensor | None] = [None] * len(grads)
+        tall = [i for i, g in enumerate(grads) if g.size(-2) > g.size(-1)]
+        if tall:
+            tb, tg = [bufs[i] for i in tall], [grads[i] for i in tall]
+            torch._foreach_mul_(tb, momentum)
+            torch._foreach_add_(tb, tg)
+            for i, x in zip(tall, torch._foreach_add(tg, tb, alpha=momentum) if nesterov else tb):
+                xs[i] = post(i, x).to(NS_DTYPE)
+        for i, (b, g) in enumerate(zip(bufs, grads)):
+            if xs[i] is None:
+                b.mul_(momentum).add_(g)
+                xs[i] = post(i, torch.add(g, b, alpha=momentum) if nesterov else b).to(NS_DTYPE)
+        return stack_wide(xs)
 
 
+@optimizer("polargrad")
 class PolarGrad(MatrixOptimizer):
     """PolarGrad (Lau, Long & Su 2025, arXiv:2505.21799) as merged in NVIDIA Emerging-Optimizers: Muon's direction
     scaled by its nuclear norm (steepest descent in the spectral norm rather than its LMO):
     M = b M + (1 - b) G;  D = b M + (1 - b) G (Nesterov) or M;  O = orthogonalize(D);
     p = (1 - lr wd) p - lr ||D||_* O,  ||D||_* = nuclear_norm(D, nuclear, O)."""
-
-    def __init__(self, params, lr: float = 0.3, momentum: float = 0.95, nesterov: bool = False,
-                 weight_decay: float = 0.0, nuclear: str = "inner", coeffs: str = "polar_express"):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                      nuclear=nuclear, coeffs=coeffs))
+    settings = dict(
+        lr=positive("polargrad_lr", 0.3, "step size: best of 0.03 ... 3 (records/polargrad-lr-sweep)"),
+        momentum=fraction("polargrad_momentum", 0.95, "b of M = b M + (1 - b) G"),
+        nesterov=flag("polargrad_nesterov", False, "D = b M + (1 - b) G (else M)"),
+        weight_decay=nonnegative("polargrad_weight_decay", 0.0, "decoupled weight decay"),
+        nuclear=choice("polargrad_nuclear", "inner", ("exact", "inner"),
+                       "||D||_*: exact (eigvalsh) or inner <O, D> (nuclear_norm; README)"),
+        coeffs=choice("polargrad_ns_coeffs", "polar_express", NS_COEFFS,
+                      "PolarGrad's own set: <O, D> needs O close to U V^T",
+                      want=f"a Newton-Schulz set: choose one of {', '.join(NS_COEFFS)}"),
+    )
+    fast_path = "compiled"
 
     @staticmethod
     def batch_key(p: torch.Tensor) -> tuple:
         return wide_key(p)  # m x n and n x m matrices in one batch
 
     def update(self, params: list[torch.Tensor], group: dict) -> None:
-        grads = self.gradients(params, group)
-        bufs = self.momentum_buffers(params)
-        _polargrad_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
-                        group["nesterov"], group["weight_decay"], group["nuclear"], group["coeffs"])
+        self.run_rule(PolarGrad.rule, params, self.gradients(params, group), self.momentum_buffers(params),
+                      self.lr_tensor(group, params[0]), group["momentum"], group["nesterov"],
+                      group["weight_decay"], group["nuclear"], group["coeffs"])
+
+    @staticmethod
+    def rule(params, grads, bufs, lr, momentum, nesterov, weight_decay, nuclear, coeffs) -> None:
+        """PolarGrad on matrices of one transposition class (the class docstring's formulas)."""
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        D = stack_wide(torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs)
+        O = orthogonalize(D, coeffs)
+        scale = nuclear_norm(D, nuclear, O)
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        U = unstack_like(O.to(scale.dtype) * (-lr * scale)[:, None, None], params)
+        torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(U, params)])
 
 
+@optimizer("soap")
 class SOAP(MatrixOptimizer):
     """SOAP (Vyas et al. 2024, arXiv:2409.11321): Adam in the eigenbasis of Shampoo's preconditioner, following
-    nikhilvyas/SOAP soap.py (commit f42d296, the class with project/project_back). As there, the first moment m lives
-    in the eigenbasis; the reference maps it back and forth at every step, the identity except when the basis changes,
-    so here m is carried over only then: m <- Q_L'^T (Q_L m Q_R^T) Q_R'. Per matrix, with s = shampoo_beta (b2 if < 0):
+    nikhilvyas/SOAP soap.py (commit f42d296, the class with project/project_back). As there, the first moment m
+    lives in the eigenbasis; the reference maps it back and forth at every step, the identity except when the basis
+    changes, so here m is carried over only then: m <- Q_L'^T (Q_L m Q_R^T) Q_R'. Per matrix, with
+    s = shampoo_beta (b2 if < 0):
       first step: L = (1-s) G G^T, R = (1-s) G^T G, (Q_L, Q_R) = eigenbasis(L, R); no update, so G never
         preconditions itself;
       step t = 1, 2, ...: G~ = Q_L^T G Q_R;  m = b1 m + (1-b1) G~;  v = b2 v + (1-b2) G~^2;
         p = p - lr sqrt(1-b2^t)/(1-b1^t) Q_L (m / (sqrt(v) + eps)) Q_R^T;  p = p - lr wd p;
         L = s L + (1-s) G G^T;  R = s R + (1-s) G^T G;
-        t % precondition_frequency == 0: (A_L, o_L) = power_step(L, Q_L); Q_L = orthonormalize(A_L); the same for R;
-        v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m carried over as above. The refresh runs after
-        all batches' updates, their bases' QRs batched by size (one orthonormalize for every n x n basis).
+        t % precondition_frequency == 0: refresh (below).
     A side longer than max_precond_dim gets no preconditioner (Q = I). All state and math in fp32 (fp64 for fp64
     parameters; the refresh's QR in fp64); tf32: the step's fp32 matmuls on TF32 tensor cores (CUDA; ~1e-3 relative
     rounding in the rotations, L, R and the power iteration). The matrices of one shape keep each state entry
-    stacked, one tensor updated in place, so eigh, QR and the rotations run batched without copying the state each
-    step; self.state[p][name] is a view of p's slice, so state dicts stay per matrix (state not made here, e.g.
-    loaded, is restacked once)."""
+    stacked (soap_state), so eigh, QR and the rotations run batched; self.state[p][name] is a view of p's slice, so
+    state dicts stay per matrix."""
+    settings = dict(
+        lr=positive("soap_lr", 0.0018, "step size"),
+        betas=betas("soap_betas", (0.95, 0.95), "Adam's b1, b2"),
+        shampoo_beta=Setting("soap_shampoo_beta", -1.0, "s of L, R = s L + (1-s) G G^T; < 0: soap_betas[1]",
+                             "in [0, 1), or negative for soap_betas[1]", lambda v, a: v < 1),
+        eps=positive("soap_eps", 1e-8, "Adam's eps"),
+        weight_decay=nonnegative("soap_weight_decay", 0.0, "decoupled weight decay"),
+        precondition_frequency=at_least("soap_precondition_frequency", 10, 1, "steps between basis refreshes"),
+        max_precond_dim=at_least("soap_max_precond_dim", 10000, 1, "a longer side gets no preconditioner"),
+        tf32=flag("soap_tf32", False, "SOAP's fp32 matmuls on TF32 tensor cores (CUDA; the QR stays fp64)"),
+    )
+    state_like_param = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr: float = 0.0018, betas: tuple[float, float] = (0.95, 0.95),
-                 shampoo_beta: float = -1.0, eps: float = 1e-8, weight_decay: float = 0.0,
-                 precondition_frequency: int = 10, max_precond_dim: int = 10000, tf32: bool = False):
-        super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
-                                      weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-                                      max_precond_dim=max_precond_dim, tf32=tf32))
-        self._due: list[tuple[dict[str, torch.Tensor], dict]] = []  # (stacked state, group) whose bases refresh now
+    def __init__(self, params, **settings):
+        super().__init__(params, **settings)
+        self._due: list[tuple[dict[str, torch.Tensor], dict]] = []  # (stacked state, group) to refresh now
         # ids of a batch's params -> (stacked state, the per-matrix views handed to self.state)
         self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
 
@@ -457,7 +601,7 @@ class SOAP(MatrixOptimizer):
         self._due = []
         super().step()
         if self._due:
-            refresh_soap_bases(self._due)
+            SOAP.refresh(self._due)
 
     def update(self, params: list[torch.Tensor], group: dict) -> None:
         by_step: dict[int, list[torch.Tensor]] = {}
@@ -494,18 +638,51 @@ class SOAP(MatrixOptimizer):
         for p in params:
             self.state[p]["step"] = t
 
+    @staticmethod
+    def refresh(due: list[tuple[dict[str, torch.Tensor], dict]]) -> None:
+        """The refresh of each stacked state S in `due`: m to the parameter space by the old bases; per side
+        (A, o) = power_step(L, Q_L), Q_L = orthonormalize(A) (the same for R), all sides of one size orthonormalized
+        as one batch; v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m into the new bases."""
+        ms, steps = [], []  # m in the parameter space; (S, side, A = sorted P Q, order)
+        for S, group in due:
+            with tf32_matmuls(group["tf32"]):
+                ms.append(_rotate(S["exp_avg"], S.get("QL"), S.get("QR"), back=True))
+                steps += [(S, side, *power_step(S[side], S["Q" + side])) for side in ("L", "R") if side in S]
+        by_size: dict[int, list[int]] = {}
+        for i, (_, _, A, _) in enumerate(steps):
+            by_size.setdefault(A.size(-1), []).append(i)
+        for idx in by_size.values():
+            Qs = orthonormalize(torch.cat([steps[i][2] for i in idx])).split([steps[i][2].size(0) for i in idx])
+            for i, Q in zip(idx, Qs):
+                S, side, _, o = steps[i]
+                S["Q" + side].copy_(Q)
+                v = S["exp_avg_sq"]  # its rows (L) or columns (R) follow their sorted basis vectors
+                v.copy_(v.gather(-2, o[..., :, None].expand_as(v)) if side == "L" else
+                        v.gather(-1, o[..., None, :].expand_as(v)))
+        for (S, group), m in zip(due, ms):
+            with tf32_matmuls(group["tf32"]):
+                S["exp_avg"].copy_(_rotate(m, S.get("QL"), S.get("QR")))
+
 
 class FeatureGram(MatrixOptimizer):
-    """Base of the feature-gram optimizers: each block matrix W (out x d) is preconditioned on the right by the Gram
-    matrix of its layer's input X, C = X^T X / n_tokens (full, block-diagonal or diagonal), which the model collects on
-    refresh steps (GPT.collect_gram). On a refresh, refresh_gram averages the collected sums over processes (one
-    all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the right preconditioner
-    (gram_factor, batched over the matrices of one shape; on CUDA stored in bf16, the operand dtype right_precondition
-    gives it there) for the matrices this process owns; each step then costs one matmul per matrix
-    (right_precondition). Before the first refresh the preconditioner is the identity."""
+    """Base of the feature-gram rules: each block matrix W (out x d) is preconditioned on the right by the Gram
+    matrix of its layer's input X, C = X^T X / n_tokens (full, block-diagonal or diagonal), which the model collects
+    on refresh steps, every gram_every steps (GPT.collect_gram). On a refresh, refresh_gram averages the collected
+    sums over processes (one all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the
+    right preconditioner R = factor(C) (batched over the matrices of one shape; on CUDA stored in bf16, the operand
+    dtype right_precondition gives it there) for the matrices this process owns; each step then costs one matmul
+    per matrix (right_precondition). Before the first refresh R is the identity."""
+    settings = dict(
+        gram=choice("gram", "full", ("full", "block", "diag"), "C full, block-diagonal or diagonal"),
+        gram_block=Setting("gram_block", 128, "block size of --gram block", lambda a: (
+            f"a divisor of every layer's input width ({a.n_embd} and {4 * a.n_embd})"),
+            lambda v, a: a.gram != "block" or (v >= 1 and a.n_embd % v == 0)),
+        gram_every=at_least("gram_every", 8, 1, "steps between refreshes of C (and at step 0)"),
+        gram_beta=fraction("gram_beta", 0.0, "C <- beta C + (1 - beta) C_new; 0: replace"),
+    )
 
-    def __init__(self, params, layers: list[nn.Module], defaults: dict):
-        super().__init__(params, defaults)
+    def __init__(self, params, layers: list[nn.Module], **settings):
+        super().__init__(params, **settings)
         self.layers = dict(zip([id(p) for p in params], layers))
         assert all(self.layers[id(p)].weight is p for p in self._params())
         self._pending: list = []  # refresh_gram's batches, each with its failure flag, for finish_refresh
@@ -514,13 +691,24 @@ class FeatureGram(MatrixOptimizer):
         # that held (finish_refresh); the training loop writes them to the record (`gram_fallbacks:`)
         self.fallbacks: dict[int, int] = dict.fromkeys(FALLBACK_BOOSTS, 0)
 
+    @classmethod
+    def build(cls, model: nn.Module, args) -> FeatureGram:
+        """The rule on the block matrices, with their layers, which collect C from now on (GPT.setup_gram)."""
+        model.setup_gram(args.gram, args.gram_block)
+        layers = model.gram_layers()
+        return cls([m.weight for m in layers], layers, **setting_values(cls.declared(), args))
+
+    @property
+    def refresh_every(self) -> int:
+        return self.param_groups[0]["gram_every"]
+
     def damping(self, C: torch.Tensor, group: dict) -> torch.Tensor | float:
-        """gamma of C + gamma I, for C batched over its first dim: relative (Newton-Muon) or absolute (LocoProp-S)."""
+        """gamma of C + gamma I, for C batched over its first dim."""
         raise NotImplementedError
 
     def factor(self, C: torch.Tensor, group: dict, wait: bool = True, boosts: list | None = None):
         """The cached right preconditioner for a batch of C's of one shape (wait, boosts: as gram_factor's)."""
-        return gram_factor(C, self.damping(C, group), group["gram"], group["f"], wait, boosts)
+        raise NotImplementedError
 
     def _store_factors(self, ps: list[torch.Tensor], Rs: torch.Tensor, group: dict) -> None:
         for p, R in zip(ps, Rs):
@@ -531,15 +719,15 @@ class FeatureGram(MatrixOptimizer):
         return torch.stack([self.state[p]["gram"] for p in ps])
 
     def refresh_gram(self, n_tokens: int, stream: torch.cuda.Stream | None = None) -> None:
-        """Take the Gram sums the model collected over n_tokens tokens (all processes): C, then the cached factors, one
-        attempt per batch without a host sync; finish_refresh() (or the next step()) redoes a batch whose Cholesky
-        failed. With a CUDA `stream`, everything after the all-reduce is queued on it behind the current stream's work,
-        so the factorization overlaps what the current stream does next (the backward); finish_refresh() joins it."""
+        """Take the Gram sums the model collected over n_tokens tokens (all processes): C, then the cached factors,
+        one attempt per batch without a host sync; finish_refresh() (or the next step()) redoes a batch whose
+        Cholesky failed. With a CUDA `stream`, everything after the all-reduce is queued on it behind the current
+        stream's work, so the factorization overlaps what the current stream does next (the backward)."""
         refresh_gram_factors(self, n_tokens, stream)
 
     def finish_refresh(self) -> None:
         """Join a refresh_gram(stream=...): the current stream waits for it; a batch whose Cholesky failed is redone
-        here with gram_factor's damping boosts (host syncs, only then; raises LinAlgError if C is not finite)."""
+        here with gram_factor's damping boosts (host syncs, only then; LinAlgError if C is not finite)."""
         finish_gram_refresh(self)
 
     def step(self) -> None:
@@ -547,66 +735,87 @@ class FeatureGram(MatrixOptimizer):
         super().step()
 
     def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
-        """G (C + gamma I)^-1 for each matrix that has a factor; G itself before the first refresh."""
+        """G R for each matrix that has a factor R; G itself before the first refresh."""
         return [right_precondition(p.grad, self.state[p]["factor"], group["gram"])
                 if "factor" in self.state[p] else p.grad for p in params]
 
 
-class NewtonMuon(FeatureGram):
-    """Newton-Muon (arXiv:2604.01472): Muon on the right-preconditioned gradient, R = (C + gamma I)^-1 (or its square
-    root, f) with gamma = damping tr(C)/d, R the one of the last refresh;
-    precondition before:  buf = m buf + G R;  p -= lr msign(G R + m buf) (Nesterov; msign(buf) without);
-    precondition after:   buf = m buf + G;    p -= lr msign((G + m buf) R) (Nesterov; msign(buf R) without).
-    They differ only after a refresh (before: buf's older terms keep their older R). p's step is also multiplied by
-    max(1, rows/cols)^0.5 with shape_scale, as Muon's. With C = c I both are Muon (msign is scale-free)."""
-
-    def __init__(self, params, layers, lr: float = 0.018, momentum: float = 0.95, nesterov: bool = True,
-                 coeffs: str = "simple", gram: str = "full", damping: float = 0.2, gram_beta: float = 0.0,
-                 f: str = "solve", precondition: str = "before", shape_scale: bool = False):
-        super().__init__(params, layers, dict(lr=lr, momentum=momentum, nesterov=nesterov, coeffs=coeffs,
-                                              shape_scale=shape_scale, gram=gram, damping=damping,
-                                              gram_beta=gram_beta, f=f, precondition=precondition))
+@optimizer("newton_muon")
+class NewtonMuon(FeatureGram, Muon):
+    """Newton-Muon (arXiv:2604.01472): Muon (its settings too) on the right-preconditioned gradient,
+    R = (C + gamma I)^-1 (or its square root, f) with gamma = damping tr(C)/d, R the one of the last refresh;
+    precondition before:  buf = m buf + G R;  p -= lr s msign(G R + m buf) (Nesterov; msign(buf) without);
+    precondition after:   buf = m buf + G;    p -= lr s msign((G + m buf) R) (Nesterov; msign(buf R) without).
+    They differ only after a refresh (before: buf's older terms keep their older R). With C = c I both are Muon
+    (msign is scale-free)."""
+    settings = dict(
+        damping=positive("gram_damping", 0.2, "delta of gamma = delta tr(C)/d"),
+        f=choice("gram_f", "solve", ("solve", "inverse_sqrt"), "R = (C + gamma I)^-1 or its square root"),
+        precondition=choice("newton_muon_precondition", "before", ("before", "after"),
+                            "momentum of G R (before) or of G, msign(D R) (after)"),
+    )
 
     def damping(self, C, group):
         return group["damping"] * trace_over_d(C, group["gram"])
 
-    @staticmethod
-    def batch_key(p: torch.Tensor) -> tuple:
-        return wide_key(p)  # m x n and n x m matrices in one batch
+    def factor(self, C, group, wait=True, boosts=None):
+        return gram_factor(C, self.damping(C, group), group["gram"], group["f"], wait, boosts)
 
     def update(self, params, group):
-        """Muon on G (C + gamma I)^-1: the preconditioning inside muon_step once every matrix has its factor."""
         factors = [self.state[p].get("factor") for p in params]
-        Muon.update(self, params, group, factors if all(f is not None for f in factors) else None)
+        lr, scales = self.lr_tensor(group, params[0]), Muon.scales(params, group)
+        muon = (group["momentum"], group["nesterov"], group["coeffs"], scales)
+        if not all(f is not None for f in factors):  # before the first refresh: Muon on self.gradients
+            return self.run_rule(Muon.rule, params, self.gradients(params, group), self.momentum_buffers(params),
+                                 lr, *muon)
+        self.run_rule(NewtonMuon.rule, params, [p.grad for p in params], self.momentum_buffers(params), lr, *muon,
+                      factors, group["gram"], group["precondition"])
+
+    @staticmethod
+    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, factors, gram, precondition) -> None:
+        """Muon's rule on G R (before), or with D R in place of D (after); in one graph when compiled, so on CUDA
+        the bf16 product feeds the momentum update (before) or Newton-Schulz (after) directly."""
+        if precondition == "before":
+            grads = [right_precondition(g, R, gram) for g, R in zip(grads, factors)]
+            return Muon.rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales)
+        return Muon.rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales,
+                         lambda i, D: right_precondition(D, factors[i], gram))
 
 
+@optimizer("locoprop")
 class LocoPropS(FeatureGram):
     """LocoProp-S (Amid, Anil & Warmuth, AISTATS 2022), square-loss local problems: the layer's local loss
     1/2 ||X W^T - (X W0^T - eta dY)||^2 + lam/2 ||W - W0||^2 (means over tokens) has gradient
-    (W - W0)(C + lam I) + eta G, so with A = C + lam I (lam: lambda, or lambda tr(C)/d with lambda_mode relative) its
-    minimizer is dW = -eta G A^-1 (steps = 0), and K inner gradient steps of size s = nu / L from W0, with
+    (W - W0)(C + lam I) + eta G, so with A = C + lam I (lam: lambda, or lambda tr(C)/d with lambda_mode relative)
+    its minimizer is dW = -eta G A^-1 (steps = 0), and K inner gradient steps of size s = nu / L from W0, with
     L = eigenvalue_bound(C) + lam >= lambda_max(A), give dW = -s eta G sum_{j<K} (I - s A)^j (steps = K). On A's
-    eigenvector i (eigenvalue a_i) that is -eta G's component / a_i times 1 - (1 - nu a_i / L)^K: for nu in (0, 2) it
-    converges to the minimizer for every C (|1 - nu a_i / L| < 1), for nu <= 1 monotonically in K (the factor is in
-    [0, 1)). (A step nu not scaled by 1/L diverges once nu lambda_max(A) > 2: nu = 0.5, lam = 1 gave spectral radii
-    14.6, 72.8 and 43 for c_attn, c_fc and the MLP's c_proj of the 768-wide model at init.) G may first go through
-    heavy-ball momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
-
-    def __init__(self, params, layers, lr: float = 0.3, lam: float = 1.0, steps: int = 0, nu: float = 1.0,
-                 momentum: float = 0.0, gram: str = "full", gram_beta: float = 0.0, lambda_mode: str = "absolute"):
-        super().__init__(params, layers, dict(lr=lr, damping=lam, steps=steps, nu=nu, momentum=momentum, gram=gram,
-                                              gram_beta=gram_beta, f="solve", lambda_mode=lambda_mode))
+    eigenvector i (eigenvalue a_i) that is -eta G's component / a_i times 1 - (1 - nu a_i / L)^K: for nu in (0, 2)
+    it converges to the minimizer for every C (|1 - nu a_i / L| < 1), for nu <= 1 monotonically in K. (A step nu
+    not scaled by 1/L diverges once nu lambda_max(A) > 2: records/feature-gram-sweep/README.md.) G may first go
+    through heavy-ball momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
+    settings = dict(
+        lr=positive("locoprop_lr", 0.3, "eta: best of 0.3 / 1 / 3 (records/feature-gram-sweep)"),
+        lam=positive("locoprop_lambda", 1.0, "lambda of C + lambda I"),
+        lambda_mode=choice("locoprop_lambda_mode", "absolute", ("absolute", "relative"),
+                           "C + lambda I (absolute) or C + lambda tr(C)/d I (relative)"),
+        steps=at_least("locoprop_steps", 0, 0, "0: the exact minimizer; K: K inner steps of size nu / L"),
+        nu=Setting("locoprop_nu", 1.0, "the inner step nu / L, L >= lambda_max(C + lambda I)",
+                   "in (0, 2) (the inner step is locoprop_nu / L, L >= lambda_max(C + lambda I))",
+                   lambda v, a: 0 < v < 2),
+        momentum=fraction("locoprop_momentum", 0.0, "heavy-ball momentum on G; 0: none"),
+    )
 
     def damping(self, C, group):
         """lambda of A = C + lambda I: absolute, the setting itself; relative, setting * tr(C)/d per matrix."""
         if group["lambda_mode"] == "relative":
-            return group["damping"] * trace_over_d(C, group["gram"])
-        return group["damping"]
+            return group["lam"] * trace_over_d(C, group["gram"])
+        return group["lam"]
 
-    def factor(self, C, group, wait=True, boosts=None):  # A^-1 (steps = 0) or the K-step polynomial P_K
-        if group["steps"] == 0:
-            return super().factor(C, group, wait, boosts)
+    def factor(self, C, group, wait=True, boosts=None):
+        """A^-1 (steps = 0) or the K-step polynomial P_K (inner_steps_polynomial)."""
         lam = self.damping(C, group)
+        if group["steps"] == 0:
+            return gram_factor(C, lam, group["gram"], "solve", wait, boosts)
         step = group["nu"] / (eigenvalue_bound(C, group["gram"]) + lam)
         return cannot_fail(inner_steps_polynomial(C, lam, step, group["steps"], group["gram"]), wait)
 
@@ -622,99 +831,87 @@ class LocoPropS(FeatureGram):
         torch._foreach_add_(params, dirs, alpha=-group["lr"])
 
 
-# name -> (block matrices, settings, fused) -> optimizer; `--optimizer` takes these names
-OPTIMIZERS = {
-    "muon": lambda ps, a, fused: Muon(ps, lr=a.muon_lr, momentum=a.muon_momentum, nesterov=a.muon_nesterov,
-                                      coeffs=a.ns_coeffs, shape_scale=a.muon_shape_scale),
-    "polargrad": lambda ps, a, fused: PolarGrad(ps, lr=a.polargrad_lr, momentum=a.polargrad_momentum,
-                                                nesterov=a.polargrad_nesterov, weight_decay=a.polargrad_weight_decay,
-                                                nuclear=a.polargrad_nuclear, coeffs=a.polargrad_ns_coeffs),
-    "soap": lambda ps, a, fused: SOAP(ps, lr=a.soap_lr, betas=a.soap_betas, shampoo_beta=a.soap_shampoo_beta,
-                                      eps=a.soap_eps, weight_decay=a.soap_weight_decay,
-                                      precondition_frequency=a.soap_precondition_frequency,
-                                      max_precond_dim=a.soap_max_precond_dim, tf32=a.soap_tf32),
-    "newton_muon": lambda ps, a, layers: NewtonMuon(ps, layers, lr=a.muon_lr, momentum=a.muon_momentum,
-                                                    nesterov=a.muon_nesterov, coeffs=a.ns_coeffs, gram=a.gram,
-                                                    damping=a.gram_damping, gram_beta=a.gram_beta, f=a.gram_f,
-                                                    precondition=a.newton_muon_precondition,
-                                                    shape_scale=a.muon_shape_scale),
-    "locoprop": lambda ps, a, layers: LocoPropS(ps, layers, lr=a.locoprop_lr, lam=a.locoprop_lambda,
-                                                steps=a.locoprop_steps, nu=a.locoprop_nu,
-                                                momentum=a.locoprop_momentum, gram=a.gram, gram_beta=a.gram_beta,
-                                                lambda_mode=a.locoprop_lambda_mode),
-    "adamw": lambda ps, a, fused: torch.optim.AdamW(ps, lr=a.adamw_lr, betas=a.adamw_betas,
-                                                    weight_decay=a.adamw_weight_decay, fused=fused),
+@optimizer("adamw")
+class AdamW:
+    """torch's AdamW on the block matrices (fused on CUDA): the control. A declaration, not a class of its own:
+    build returns a torch.optim.AdamW."""
+    settings = dict(
+        lr=positive("adamw_lr", 0.0018, "step size"),
+        betas=betas("adamw_betas", (0.9, 0.95), "b1, b2"),
+        weight_decay=nonnegative("adamw_weight_decay", 0.0, "decoupled weight decay"),
+    )
+
+    @classmethod
+    def declared(cls) -> dict[str, Setting]:
+        return cls.settings
+
+    @classmethod
+    def build(cls, model: nn.Module, args) -> torch.optim.AdamW:
+        fused = next(model.parameters()).is_cuda
+        return torch.optim.AdamW(model.transformer.h.parameters(), fused=fused, **setting_values(cls.settings, args))
+
+
+# The fast paths a rule may name (its `fast_path`): how its `rule` function runs once fast paths are on, on CUDA
+# with --compile 1 (use_fast_paths). "compiled": torch.compile, one graph per transposition class (compile_rule).
+FAST_PATHS: dict[str, Callable[[Callable], Callable]] = {
+    "eager": lambda rule: rule,
+    "compiled": lambda rule: compile_rule(rule),
 }
 
 
-def build_optimizers(model: nn.Module, args: Hyperparameters) -> list[torch.optim.Optimizer]:
-    """AdamW on the tied embedding/head; OPTIMIZERS[args.optimizer] on every matrix inside the blocks."""
-    fused = next(model.parameters()).is_cuda
+def fast_rule(rule: Callable, path: str) -> Callable:
+    """FAST_PATHS[path](rule), made once per process."""
+    if (rule, path) not in FAST_RULES:
+        FAST_RULES[rule, path] = FAST_PATHS[path](rule)
+    return FAST_RULES[rule, path]
+
+
+FAST_RULES: dict[tuple[Callable, str], Callable] = {}
+
+# the tied embedding/head's AdamW (whatever --optimizer is)
+EMBEDDING = dict(
+    lr=positive("embed_lr", 0.0018, "the embedding/head's AdamW step size"),
+    betas=betas("embed_betas", (0.9, 0.95), "the embedding/head's AdamW b1, b2"),
+)
+
+
+def build_optimizers(model: nn.Module, args) -> list[torch.optim.Optimizer]:
+    """[AdamW on the tied embedding/head, the --optimizer rule on every matrix inside the blocks (Run.blocks)];
+    each group's base_lr is its lr, which the schedule multiplies."""
+    rule = optimizer_class(args.optimizer)
     embed = torch.optim.AdamW([model.lm_head.weight], lr=args.embed_lr, betas=args.embed_betas, weight_decay=0.0,
-                              fused=fused)
-    if args.optimizer not in OPTIMIZERS:
-        raise SystemExit(f"--optimizer: unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if args.optimizer in ("newton_muon", "locoprop"):  # these also need each matrix's layer, which collects its C
-        model.setup_gram(args.gram, args.gram_block)
-        layers = model.gram_layers()
-        blocks = OPTIMIZERS[args.optimizer]([m.weight for m in layers], args, layers)
-    else:
-        blocks = OPTIMIZERS[args.optimizer](list(model.transformer.h.parameters()), args, fused)
+                              fused=next(model.parameters()).is_cuda)
+    blocks = rule.build(model, args)
     for opt in (embed, blocks):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
     return [embed, blocks]
 
 
-def check_optimizer_args(args: Hyperparameters) -> None:
-    """Refuse optimizer settings out of range: lr, eps in (0, inf); momentum, betas in [0, 1); weight decay >= 0;
-    soap_shampoo_beta < 1 (negative: soap_betas[1]); frequency, max dim >= 1; soap_tf32 a bool; polargrad_nuclear
-    exact | inner."""
-    def bad(name: str, want: str):
-        raise SystemExit(f"--{name}: must be {want}, got {getattr(args, name)!r}")
+def declared_settings() -> list[Setting]:
+    """Every optimizer setting: the embedding's, then each rule's, each name once."""
+    found: dict[str, Setting] = {s.name: s for s in EMBEDDING.values()}
+    for cls in OPTIMIZERS.values():
+        for s in cls.declared().values():
+            assert found.setdefault(s.name, s) is s, f"--{s.name} declared twice"
+    return list(found.values())
 
-    for name in ("embed_lr", "muon_lr", "adamw_lr", "polargrad_lr", "soap_lr", "soap_eps"):
-        if not 0 < getattr(args, name) < math.inf:
-            bad(name, "positive and finite")
-    for name in ("muon_momentum", "polargrad_momentum"):
-        if not 0 <= getattr(args, name) < 1:
-            bad(name, "in [0, 1)")
-    for name in ("embed_betas", "adamw_betas", "soap_betas"):
-        if len(getattr(args, name)) != 2 or not all(0 <= b < 1 for b in getattr(args, name)):
-            bad(name, "two numbers in [0, 1), e.g. 0.9,0.95")
-    for name in ("adamw_weight_decay", "polargrad_weight_decay", "soap_weight_decay"):
-        if not 0 <= getattr(args, name) < math.inf:
-            bad(name, ">= 0")
-    if not args.soap_shampoo_beta < 1:
-        bad("soap_shampoo_beta", "in [0, 1), or negative for soap_betas[1]")
-    for name in ("soap_precondition_frequency", "soap_max_precond_dim"):
-        if getattr(args, name) < 1:
-            bad(name, ">= 1")
-    if not isinstance(args.soap_tf32, bool):
-        bad("soap_tf32", "a bool (0 or 1)")
-    if args.polargrad_nuclear not in ("exact", "inner"):
-        bad("polargrad_nuclear", "exact or inner")
-    if args.gram not in ("full", "block", "diag"):
-        bad("gram", "full, block or diag")
-    if args.gram == "block" and (args.gram_block < 1 or args.n_embd % args.gram_block):
-        bad("gram_block", f"a divisor of every layer's input width ({args.n_embd} and {4 * args.n_embd})")
-    if args.gram_f not in ("solve", "inverse_sqrt"):
-        bad("gram_f", "solve or inverse_sqrt")
-    if args.newton_muon_precondition not in ("before", "after"):
-        bad("newton_muon_precondition", "before or after")
-    if args.locoprop_lambda_mode not in ("absolute", "relative"):
-        bad("locoprop_lambda_mode", "absolute or relative")
-    for name in ("gram_every", "locoprop_steps"):
-        if getattr(args, name) < (1 if name == "gram_every" else 0):
-            bad(name, ">= 1" if name == "gram_every" else ">= 0")
-    for name in ("gram_beta", "locoprop_momentum"):
-        if not 0 <= getattr(args, name) < 1:
-            bad(name, "in [0, 1)")
-    for name in ("gram_damping", "locoprop_lr", "locoprop_lambda"):
-        if not 0 < getattr(args, name) < math.inf:
-            bad(name, "positive and finite")
-    if not 0 < args.locoprop_nu < 2:
-        bad("locoprop_nu", "in (0, 2) (the inner step is locoprop_nu / L, L >= lambda_max(C + lambda I))")
+
+def check_optimizer_args(args) -> None:
+    """Refuse an unknown --optimizer, and any optimizer setting out of its declared range (Setting.refusal)."""
+    optimizer_class(args.optimizer)
+    for s in declared_settings():
+        refusal = s.refusal(args)
+        if refusal:
+            raise SystemExit(refusal)
+
+
+# Every setting: the run's (RunSettings) and each optimizer's, as declared above
+Hyperparameters = dataclasses.make_dataclass(
+    "Hyperparameters", [(s.name, s.kind, dataclasses.field(default=s.default)) for s in declared_settings()],
+    bases=(RunSettings,))
+Hyperparameters.__module__ = __name__
+Hyperparameters.__doc__ = "Every setting: RunSettings' fields, then each optimizer's declared settings (Setting)."
 
 
 # ----------------------------------------------------------------------------- optimizers: speed machinery
@@ -835,59 +1032,13 @@ def unstack_like(X: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor
     return [x.mT if p.size(-2) > p.size(-1) else x for x, p in zip(X.unbind(0), like)]
 
 
-def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float, nesterov: bool,
-                   factors: list[torch.Tensor] | None = None, gram: str = "full") -> torch.Tensor:
-    """buf = m buf + G in place; returns stack_wide of D = G + m buf (Nesterov) or buf in NS_DTYPE; with factors,
-    of right_precondition(D, R, gram) per matrix. Wide matrices one at a time, so Inductor makes one kernel of each
-    (reads G and buf, writes buf and the bf16 slice); tall ones by foreach ops, then the transposing stack (one kernel
-    writing buf and a transposed slice was slower)."""
-    post = (lambda i, x: right_precondition(x, factors[i], gram)) if factors is not None else (lambda i, x: x)
-    xs: list[torch.Tensor | None] = [None] * len(grads)
-    tall = [i for i, g in enumerate(grads) if g.size(-2) > g.size(-1)]
-    if tall:
-        tb, tg = [bufs[i] for i in tall], [grads[i] for i in tall]
-        torch._foreach_mul_(tb, momentum)
-        torch._foreach_add_(tb, tg)
-        for i, x in zip(tall, torch._foreach_add(tg, tb, alpha=momentum) if nesterov else tb):
-            xs[i] = post(i, x).to(NS_DTYPE)
-    for i, (b, g) in enumerate(zip(bufs, grads)):
-        if xs[i] is None:
-            b.mul_(momentum).add_(g)
-            xs[i] = post(i, torch.add(g, b, alpha=momentum) if nesterov else b).to(NS_DTYPE)
-    return stack_wide(xs)
-
-
-def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
-              momentum: float, nesterov: bool, coeffs: str, scales: list[float],
-              factors: list[torch.Tensor] | None = None, gram: str = "full", precondition: str = "before") -> None:
-    """Muon on matrices of one transposition class: buf = m buf + G; p -= lr scale orthogonalize(G + m buf
-    (Nesterov) or buf). With factors R (Newton-Muon), precondition before: G <- right_precondition(G, R, gram) first
-    (buf = m buf + G R, so after a refresh its older terms keep the older R); after: buf = m buf + G and the
-    orthogonalized matrix is right_precondition(G + m buf (or buf), R, gram), all of it by the current R. In the same
-    graph, so on CUDA the bf16 product feeds the momentum update (before) or Newton-Schulz (after) directly. One graph
-    per class on CUDA (lr a tensor, so the schedule never recompiles)."""
-    if factors is not None and precondition == "before":
-        grads, factors = [right_precondition(g, R, gram) for g, R in zip(grads, factors)], None
-    O = orthogonalize(nesterov_stack(grads, bufs, momentum, nesterov, factors, gram), coeffs).to(params[0].dtype)
-    s = torch.tensor(scales, dtype=O.dtype, device=O.device)
-    torch._foreach_add_(params, unstack_like(O * (-lr * s)[:, None, None], params))
-
-
-def polargrad_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
-                   momentum: float, nesterov: bool, weight_decay: float, nuclear: str, coeffs: str) -> None:
-    """PolarGrad on matrices of one transposition class: M = b M + (1 - b) G; D = b M + (1 - b) G (Nesterov) or M;
-    p = (1 - lr wd) p - lr ||D||_* orthogonalize(D)."""
-    torch._foreach_lerp_(bufs, grads, 1 - momentum)
-    D = stack_wide(torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs)
-    O = orthogonalize(D, coeffs)
-    scale = nuclear_norm(D, nuclear, O)
-    if weight_decay:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    U = unstack_like(O.to(scale.dtype) * (-lr * scale)[:, None, None], params)
-    torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(U, params)])
-
-
-_muon_step, _polargrad_step = muon_step, polargrad_step  # replaced by compiled versions on CUDA (see train)
+def compile_rule(rule: Callable) -> Callable:
+    """torch.compile of a rule function: one graph per transposition class, no dynamic kernels, without Inductor's
+    loop reordering after fusion, whose pass failed an assertion (torch 2.11, CUDA) on Muon's stack of transposed
+    foreach outputs."""
+    no_reorder = {k: False for k in ("loop_ordering_after_fusion", "loop_reindexing_after_fusion")
+                  if hasattr(torch._inductor.config, k)}
+    return torch.compile(rule, dynamic=False, options=no_reorder)
 
 
 def eigenbasis(P: torch.Tensor) -> torch.Tensor:
@@ -953,31 +1104,6 @@ def soap_state(opt: SOAP, params: list[torch.Tensor], G: torch.Tensor, max_dim: 
     opt._stacks = {k: v for k, v in opt._stacks.items() if not set(k) & set(key)}  # superseded stacks
     opt._stacks[key] = S, views
     return S
-
-
-def refresh_soap_bases(due: list[tuple[dict[str, torch.Tensor], dict]]) -> None:
-    """The refresh of each stacked state S in `due`: m to the parameter space by the old bases, a power step of
-    each side, all sides of one size orthonormalized as one batch (the 3072-wide bases of the MLP's two matrices
-    together, and every 768-wide one: fewer, larger fp64 batches), v permuted, m into the new bases."""
-    ms, steps = [], []  # m in the parameter space; (S, side, A = sorted P Q, order)
-    for S, group in due:
-        with tf32_matmuls(group["tf32"]):
-            ms.append(_rotate(S["exp_avg"], S.get("QL"), S.get("QR"), back=True))
-            steps += [(S, side, *power_step(S[side], S["Q" + side])) for side in ("L", "R") if side in S]
-    by_size: dict[int, list[int]] = {}
-    for i, (_, _, A, _) in enumerate(steps):
-        by_size.setdefault(A.size(-1), []).append(i)
-    for idx in by_size.values():
-        Qs = orthonormalize(torch.cat([steps[i][2] for i in idx])).split([steps[i][2].size(0) for i in idx])
-        for i, Q in zip(idx, Qs):
-            S, side, _, o = steps[i]
-            S["Q" + side].copy_(Q)
-            v = S["exp_avg_sq"]  # its rows (L) or columns (R) follow their sorted basis vectors
-            v.copy_(v.gather(-2, o[..., :, None].expand_as(v)) if side == "L" else
-                    v.gather(-1, o[..., None, :].expand_as(v)))
-    for (S, group), m in zip(due, ms):
-        with tf32_matmuls(group["tf32"]):
-            S["exp_avg"].copy_(_rotate(m, S.get("QL"), S.get("QR")))
 
 
 LINALG_BLOCK = 512  # the column panel of cholesky_blocked and tri_inverse
@@ -1707,8 +1833,6 @@ def val_batches(tokens: np.ndarray, B: int, T: int, rank: int, world: int, devic
 
 def validate_args(args: Hyperparameters, world: int) -> int:
     """Refuse bad settings before any model is built; returns the gradient accumulation steps."""
-    if args.optimizer not in OPTIMIZERS:
-        raise SystemExit(f"--optimizer: unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     check_optimizer_args(args)
     if args.compile_mode not in COMPILE_MODES:
         raise SystemExit(f"--compile_mode: unknown {args.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
@@ -1718,9 +1842,6 @@ def validate_args(args: Hyperparameters, world: int) -> int:
         raise SystemExit(f"--activation_budget: must be in (0, 1], got {args.activation_budget}")
     if args.loss_chunk < 0:
         raise SystemExit(f"--loss_chunk: must be >= 0 (0: whole logits), got {args.loss_chunk}")
-    for name in ("ns_coeffs", "polargrad_ns_coeffs"):
-        if getattr(args, name) not in NS_COEFFS:
-            raise SystemExit(f"--{name}: unknown set {getattr(args, name)!r}; choose one of {', '.join(NS_COEFFS)}")
     for name in ("batch_size", "device_batch_size", "sequence_length", "num_iterations", "val_tokens", "n_layer",
                  "n_head", "n_embd", "vocab_size"):
         if getattr(args, name) <= 0:
@@ -2208,7 +2329,7 @@ class Checkpoints:
         """Whether this process saves (writing) or needs (loading) p's state: the owner of a block matrix; for other
         optimizers, which every process runs whole, rank 0 saves and every process loads."""
         if isinstance(opt, MatrixOptimizer):
-            return opt.owner[p] == self.rank
+            return opt.holds(p)
         return self.rank == 0 or not writing
 
     def _barrier(self) -> None:
@@ -2330,7 +2451,6 @@ class Checkpoints:
 
 
 RESUME_ANOTHER = "resume another checkpoint of the run (a step_<n>/ folder beside it)"
-STATE_LIKE_PARAM = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # optimizer states of their parameter's shape
 
 
 def first_line(e: BaseException) -> str:
@@ -2365,14 +2485,14 @@ def check_weights(path: str, saved, model: nn.Module) -> None:
 
 
 def check_states(path: str, name: str, opt: torch.optim.Optimizer, saved) -> None:
-    """An optimizer's saved state: a dict of parameter index -> state, indices in range, STATE_LIKE_PARAM tensors of
-    their parameter's shape."""
+    """An optimizer's saved state: a dict of parameter index -> state, indices in range, the entries its rule
+    declares shaped like the parameter (state_like_param; AdamW's exp_avg, exp_avg_sq) of its shape."""
     params = optimizer_params(opt)
     for i, st in (saved.items() if isinstance(saved, dict) else [(None, None)]):
         if type(i) is not int or not 0 <= i < len(params) or not isinstance(st, dict):
             raise SystemExit(f"--resume {path}: {name} holds a {type(opt).__name__} state for parameter {i!r}, which "
                              f"it does not have ({len(params)}): a damaged or mixed checkpoint; {RESUME_ANOTHER}")
-        for key in STATE_LIKE_PARAM:
+        for key in getattr(opt, "state_like_param", ("exp_avg", "exp_avg_sq")):
             v = st.get(key)
             if isinstance(v, torch.Tensor) and v.shape != params[i].shape:
                 raise SystemExit(f"--resume {path}: {name} holds {type(opt).__name__}'s {key} of parameter {i} with "
@@ -2467,7 +2587,9 @@ class Run:
     val_tokens: np.ndarray
     model: nn.Module
     raw_model: GPT
-    optimizers: list[torch.optim.Optimizer]
+    optimizers: list[torch.optim.Optimizer]  # [the embedding/head's AdamW, blocks]
+    blocks: torch.optim.Optimizer  # the --optimizer rule, on every matrix inside the blocks
+    gram_every: int  # steps between refreshes of the feature Gram C (its refresh_every); 0: none
     loader: DataLoader
     checkpoints: Checkpoints
     record: Record | None
@@ -2514,17 +2636,13 @@ def check_inputs(args: Hyperparameters, world: int) -> tuple[list[str], list[str
     return train_files, val_files, resume, meta
 
 
-def compile_for_cuda(model: nn.Module, args: Hyperparameters) -> nn.Module:
-    """The compiled model, and Muon's and PolarGrad's update steps compiled in place of the eager ones: one graph per
-    transposition class, no dynamic kernels, without Inductor's loop reordering after fusion, whose pass failed an
-    assertion (torch 2.11, CUDA) on Muon's stack of transposed foreach outputs."""
-    global _muon_step, _polargrad_step
+def compile_for_cuda(model: nn.Module, args: Hyperparameters, optimizers: list) -> nn.Module:
+    """The compiled model; the rules' fast paths on (FAST_PATHS)."""
     if args.activation_budget < 1:  # the partitioner saves less and recomputes the rest in the backward
         torch._functorch.config.activation_memory_budget = args.activation_budget
-    no_reorder = {k: False for k in ("loop_ordering_after_fusion", "loop_reindexing_after_fusion")
-                  if hasattr(torch._inductor.config, k)}
-    _muon_step = torch.compile(muon_step, dynamic=False, options=no_reorder)
-    _polargrad_step = torch.compile(polargrad_step, dynamic=False, options=no_reorder)
+    for opt in optimizers:
+        if isinstance(opt, MatrixOptimizer):
+            opt.fast = True
     return compile_model(model, args)
 
 
@@ -2559,7 +2677,7 @@ def start_run(args: Hyperparameters, determinism: Determinism) -> Run:
     log(determinism.describe())
     determinism.attach(log)
     if cuda and args.compile:
-        model = compile_for_cuda(model, args)
+        model = compile_for_cuda(model, args, optimizers)
     if world > 1:  # buffers (the Gram sums) stay per process until refresh_gram reduces them
         model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -2567,9 +2685,11 @@ def start_run(args: Hyperparameters, determinism: Determinism) -> Run:
     attention = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
     # a high-priority side stream for the Gram factors (refresh_gram), so their small latency-bound kernels slot in
     # between the backward's
-    gram_stream = torch.cuda.Stream(priority=-1) if cuda and args.gram_overlap and isinstance(
-        optimizers[-1], FeatureGram) else None
-    return Run(args, rank, world, device, accum, val_tokens, model, raw_model, optimizers, loader, checkpoints,
+    blocks = optimizers[1]
+    gram_every = getattr(blocks, "refresh_every", 0)  # torch's AdamW has none
+    gram_stream = torch.cuda.Stream(priority=-1) if cuda and args.gram_overlap and gram_every else None
+    return Run(args, rank, world, device, accum, val_tokens, model, raw_model, optimizers, blocks, gram_every,
+               loader, checkpoints,
                record, log, progress, autocast, attention, gram_stream, (Timer(cuda), Timer(cuda)))
 
 
@@ -2611,7 +2731,7 @@ def train_step(run: Run, step: int, batch: tuple[torch.Tensor, torch.Tensor], si
     args, optimizers, (opt_timer, blocks_timer) = run.args, run.optimizers, run.timers
     x, y = batch
     train_loss = torch.zeros((), device=run.device)
-    refresh = isinstance(optimizers[-1], FeatureGram) and step % args.gram_every == 0
+    refresh = run.gram_every > 0 and step % run.gram_every == 0
     if refresh:  # this step's forward passes also collect each layer's input Gram matrix
         run.raw_model.collect_gram(True)
     for micro in range(run.accum):
@@ -2621,7 +2741,7 @@ def train_step(run: Run, step: int, batch: tuple[torch.Tensor, torch.Tensor], si
                 loss = run.model(x, y)
             if refresh and micro == run.accum - 1:  # C is complete: its factors (on gram_stream: during the backward)
                 run.raw_model.collect_gram(False)
-                optimizers[-1].refresh_gram(n_tokens=args.batch_size * args.sequence_length, stream=run.gram_stream)
+                run.blocks.refresh_gram(n_tokens=args.batch_size * args.sequence_length, stream=run.gram_stream)
             x, y = run.loader.next_batch()  # the next batch is read while the GPU works
             with determinism.backward():
                 (loss / run.accum).backward()
@@ -2631,13 +2751,13 @@ def train_step(run: Run, step: int, batch: tuple[torch.Tensor, torch.Tensor], si
     refresh_error = ""
     if refresh:
         try:
-            optimizers[-1].finish_refresh()
+            run.blocks.finish_refresh()
         except torch.linalg.LinAlgError as e:  # C is not finite: a divergence, reported after this step
             refresh_error = str(e)
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        if opt is optimizers[-1]:
+        if opt is run.blocks:
             blocks_timer.start()
         opt.step()
     blocks_timer.stop()
@@ -2651,7 +2771,7 @@ def agree(run: Run, train_loss: torch.Tensor, refresh_error: str, stop: bool, re
     whether any process failed a refresh or got a signal, and the Cholesky fallbacks of all processes; the parameters'
     finiteness is identical everywhere. Waits for the step, so the timers are complete after it."""
     n_boosts = len(FALLBACK_BOOSTS)
-    fallbacks = list(run.optimizers[-1].fallbacks.values()) if refresh else [0] * n_boosts
+    fallbacks = list(run.blocks.fallbacks.values()) if refresh else [0] * n_boosts
     stats = train_loss.view(1)
     if run.world > 1:
         flags = torch.tensor([float(bool(refresh_error)), float(stop)] + fallbacks, device=run.device)
@@ -2706,7 +2826,7 @@ def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism
         done = step + 1
         if sum(out.fallbacks):
             log(f"gram_fallbacks: step:{done}/{args.num_iterations} {sum(out.fallbacks)} of "
-                f"{len(optimizer_params(run.optimizers[-1]))} matrices failed the Cholesky of C + damping I and were "
+                f"{len(optimizer_params(run.blocks))} matrices failed the Cholesky of C + damping I and were "
                 f"refactored with more damping: " + ", ".join(f"x{b}: {n}" for b, n in zip(FALLBACK_BOOSTS,
                                                                                           out.fallbacks)))
         now_ms = training_ms + (1000 * (time.perf_counter() - t0) if step >= warm_until else 0.0)
