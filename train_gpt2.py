@@ -2,11 +2,9 @@
 rules (the optimizers) -> model -> data -> train(); below a banner, what a rule author never needs:
 the speed machinery and the run's infrastructure.
 
-    torchrun --standalone --nproc_per_node=8 train_gpt2.py   # the Muon record: 7000 steps, ~3.28
-    val loss
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py   # the Muon record: 7000 steps
     python train_gpt2.py --preset smoke                      # tiny model, CPU: < 1 min on 2 cores
-    python train_gpt2.py --optimizer adamw --label x         # any setting: --name value
-"""
+    python train_gpt2.py --optimizer adamw --label x         # any setting: --name value"""
 from __future__ import annotations
 
 import contextlib
@@ -167,24 +165,25 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
+            declared = {s.name: s for s in declared_settings()}
             print(__doc__ + "\nsettings (--name value or --name=value; the last of a repeated one "
-                  "wins):\n  "
-                  + " ".join("--" + k for k in kinds))
+                  "wins):\n  " + " ".join("--" + k for k in kinds if k not in declared)
+                  + "\noptimizer settings:\n" + "\n".join(
+                      f"  --{s.name} ({s.default}): {s.help}" for s in declared.values()))
             raise SystemExit(0)
         key, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if key not in kinds:
             hint = difflib.get_close_matches(key or arg, list(kinds), n=1)
-            raise SystemExit(f"unknown setting {arg!r}" + (f"; did you mean --{hint[0]}?" if hint
-                                                           else "")
-                             + f"\nsettings: {' '.join('--' + k for k in kinds)}")
+            hint = f"; did you mean --{hint[0]}?" if hint else ""
+            raise SystemExit(f"unknown setting {arg!r}{hint}\nsettings: "
+                             f"{' '.join('--' + k for k in kinds)}")
         if not eq:  # the value is the next argument; --name= is the empty value
             if i + 1 >= len(argv):
                 raise SystemExit(f"--{key} needs a value")
             i, val = i + 1, argv[i + 1]
             if val.startswith("--"):
                 raise SystemExit(f"--{key} needs a value, got the setting {val}; to pass {val!r} "
-                                 "as the value write "
-                                 f"--{key}={val}")
+                                 f"as the value write --{key}={val}")
         given[key] = val
         i += 1
     preset = given.get("preset", "speedrun")
@@ -199,8 +198,8 @@ def parse_args(argv: list[str]) -> Hyperparameters:
 
 
 def lr_multiplier(it: int, args: Hyperparameters) -> float:
-    """(it+1)/warmup for it < warmup; 1 until num_iterations - warmdown; then (num_iterations -
-    it)/warmdown."""
+    """(it+1)/warmup for it < warmup; 1 until num_iterations - warmdown; then
+    (num_iterations - it)/warmdown."""
     if it < args.warmup_iters:
         return (it + 1) / args.warmup_iters
     if it < args.num_iterations - args.warmdown_iters:
@@ -218,8 +217,7 @@ def lr_multiplier(it: int, args: Hyperparameters) -> float:
 class Setting:
     """One optimizer setting: the field and command-line name `--name`, its default (its type: the
     setting's), a help line, and the values it allows: ok(value, args) holds; `want` (a text, or a
-    function of args) names them in
-    the refusal `--name: must be <want>, got <value>`."""
+    function of args) names them in the refusal `--name: must be <want>, got <value>`."""
     name: str
     default: object
     help: str
@@ -228,10 +226,12 @@ class Setting:
 
     @property
     def kind(self) -> str:
-        """The field's type as Hyperparameters spells it: bool, int, float, str or tuple[float,
-        float]."""
-        return "tuple[float, float]" if isinstance(self.default,
-                                                   tuple) else type(self.default).__name__
+        """The field's type as Hyperparameters spells it: bool, int, float, str, tuple[float,
+        float].
+        """
+        if isinstance(self.default, tuple):
+            return "tuple[float, float]"
+        return type(self.default).__name__
 
     def refusal(self, args) -> str:
         """'' if args' value is allowed, else the one-line refusal."""
@@ -326,16 +326,15 @@ NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
 
 def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     """msign(G) ~ U V^T for G = U S V^T, batched over leading dims, in bf16:
-    X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; X = (a I + b A + c
-    A A) X}
-    (= a X + b A X + c A (A X), the record's form, in 4mmn + 2mmm flops instead of 6mmn for m x n;
-    three GEMMs, the m x m polynomial summed in fp32 between them, so no GEMM reads or copies X for
-    an epilogue; X X^T and
-    A A = A A^T are syrk's symmetric products, which compute only the tiles on and above the
-    diagonal). The first step skips the normalizing pass over G: with G0 = bf16(G), A0 = G0 G0^T, s
-    = f sqrt(tr A0) + 1e-7 (= f ||G0||_F +
-    1e-7): A = A0 / s^2 and X = ((a I + b A + c A A) / s) G0 (so G's entries must stay below ~1e17,
-    where A0 would overflow bf16's range; a gradient that large is a divergence)."""
+    X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step
+    {A = X X^T; X = (a I + b A + c A A) X} (= a X + b A X + c A (A X), the record's form, in
+    4mmn + 2mmm flops instead of 6mmn for m x n; three GEMMs, the m x m polynomial summed in fp32
+    between them, so no GEMM reads or copies X for an epilogue; X X^T and A A = A A^T are syrk's
+    symmetric products, which compute only the tiles on and above the diagonal). The first step
+    skips the normalizing pass over G: with G0 = bf16(G), A0 = G0 G0^T, s = f sqrt(tr A0) + 1e-7
+    (= f ||G0||_F + 1e-7): A = A0 / s^2 and X = ((a I + b A + c A A) / s) G0 (so G's entries must
+    stay below ~1e17, where A0 would overflow bf16's range; a gradient that large is a divergence).
+    """
     steps, f = NS_COEFFS[coeffs]
     X = G.to(NS_DTYPE)
     # the sums between the GEMMs: fp32 (fp64 with NS_DTYPE fp64)
@@ -375,9 +374,9 @@ def nuclear_norm(M: torch.Tensor, mode: str = "exact",
 def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str,
                        low_precision: bool | None = None) -> torch.Tensor:
     """G R for G (out, d) and gram_factor's R: full G @ R; block: each b-column block of G times its
-    (b, b) block;
-    diag: G * R. In fp32 (fp64 for fp64), or with bf16 operands (low_precision; default: on CUDA,
-    where R's application then costs a bf16 matmul like the model's own), returned in G's dtype."""
+    (b, b) block; diag: G * R. In fp32 (fp64 for fp64), or with bf16 operands (low_precision;
+    default: on CUDA, where R's application then costs a bf16 matmul like the model's own), returned
+    in G's dtype."""
     if mode == "diag":
         return (G * R).to(G.dtype)
     low = bf16_operands(G) if low_precision is None else low_precision
@@ -410,10 +409,9 @@ def eigenbasis(P: torch.Tensor) -> torch.Tensor:
 
 def power_step(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One power iteration towards the eigenvectors of P from the basis Q (batched), sorted by the
-    eigenvalue
-    estimates: order = argsort(diag(Q^T P Q), descending); returns (P Q)[:, order], order. SOAP's
-    refreshed basis is orthonormalize of it (the Q of its QR, up to column signs, to which SOAP is
-    invariant)."""
+    eigenvalue estimates: order = argsort(diag(Q^T P Q), descending); returns (P Q)[:, order],
+    order. SOAP's refreshed basis is orthonormalize of it (the Q of its QR, up to column signs, to
+    which SOAP is invariant)."""
     PQ = P @ Q
     order = torch.argsort((Q * PQ).sum(-2), dim=-1, descending=True)
     return PQ.gather(-1, order[..., None, :].expand_as(PQ)), order
@@ -442,17 +440,16 @@ FALLBACK_BOOSTS = (10, 100, 1000)  # gram_factor's retries of a failed Cholesky:
 def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool = True,
                 boosts: list[torch.Tensor] | None = None):
     """The cached right preconditioner R of A = C + gamma I (computed once per refresh), batched
-    over leading dims;
-    C: full (..., d, d), block (..., d/b, b, b), diag (..., d); gamma: a number or one per matrix
-    (...).
-    solve: R = A^-1 = L^-T L^-1, L = cholesky_blocked(A), each matrix (or block) whose Cholesky
-    fails retried with 10x, 100x, 1000x gamma; inverse_sqrt: R = A^(-1/2) = V diag(l + gamma)^(-1/2)
-    V^T from eigh(C); diag: R = 1 / (C + gamma) (solve) or (C + gamma)^(-1/2) (inverse_sqrt),
-    elementwise. boosts (solve, full or block, wait=True): a list that gets the factor gamma was
-    multiplied by for each Cholesky (1, 10, 100 or 1000; one per matrix, or per block).
-    wait=False: one attempt and no host sync (a refresh queued on a side stream), returning (R,
-    failed): failed is a 0-dim bool tensor, true if any Cholesky failed (R is then not usable: call
-    again with wait=True)."""
+    over leading dims; C: full (..., d, d), block (..., d/b, b, b), diag (..., d); gamma: a number
+    or one per matrix (...).
+      solve: R = A^-1 = L^-T L^-1, L = cholesky_blocked(A), each matrix (or block) whose Cholesky
+        fails retried with 10x, 100x, 1000x gamma;
+      inverse_sqrt: R = A^(-1/2) = V diag(l + gamma)^(-1/2) V^T from eigh(C);
+      diag: R = 1 / (C + gamma) (solve) or (C + gamma)^(-1/2) (inverse_sqrt), elementwise.
+    boosts (solve, full or block, wait=True): a list that gets the factor gamma was multiplied by
+    for each Cholesky (1, 10, 100 or 1000; one per matrix, or per block). wait=False: one attempt
+    and no host sync (a refresh queued on a side stream), returning (R, failed): failed is a 0-dim
+    bool tensor, true if any Cholesky failed (R is then not usable: call again with wait=True)."""
     gamma = torch.as_tensor(gamma, dtype=C.dtype, device=C.device)
     # one per matrix, broadcast over its entries
     gamma = gamma.reshape(gamma.shape + (1,) * (C.dim() - gamma.dim()))
@@ -484,14 +481,11 @@ def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool 
 def eigenvalue_bound(C: torch.Tensor, mode: str, squarings: int = 4) -> torch.Tensor:
     """L >= lambda_max(C) per matrix for symmetric positive semidefinite C, batched: full (..., d,
     d); block (..., d/b, b, b), the max over its blocks; diag (..., d), max_i C_i (exact). Full and
-    block: the Schatten norm
-    L = tr(C^(2^k))^(1/2^k) = ||l||_(2^k) >= ||l||_inf = lambda_max over C's eigenvalues l, at most
-    d^(1/2^k) lambda_max
-    (k = 4: 1.51x at d = 768, 1.65x at 3072; within 0.4% on this model's C at init, whose top
-    eigenvalues stand apart), by repeated squaring at unit trace so nothing overflows: B_0 = C /
-    tr(C); t_j = tr(B_(j-1)^2) =
-    ||B_(j-1)||_F^2, B_j = B_(j-1)^2 / t_j; L = tr(C) t_1^(1/2) t_2^(1/4) ... t_k^(1/2^k) (k - 1
-    matmuls)."""
+    block: the Schatten norm L = tr(C^(2^k))^(1/2^k) = ||l||_(2^k) >= ||l||_inf = lambda_max over
+    C's eigenvalues l, at most d^(1/2^k) lambda_max (k = 4: 1.51x at d = 768, 1.65x at 3072; within
+    0.4% on this model's C at init, whose top eigenvalues stand apart), by repeated squaring at unit
+    trace so nothing overflows: B_0 = C / tr(C); t_j = tr(B_(j-1)^2) = ||B_(j-1)||_F^2,
+    B_j = B_(j-1)^2 / t_j; L = tr(C) t_1^(1/2) t_2^(1/4) ... t_k^(1/2^k) (k - 1 matmuls)."""
     if mode == "diag":
         return C.amax(-1)
     tiny = torch.finfo(C.dtype).tiny
@@ -508,9 +502,8 @@ def eigenvalue_bound(C: torch.Tensor, mode: str, squarings: int = 4) -> torch.Te
 
 def inner_steps_polynomial(C: torch.Tensor, lam, nu, K: int, mode: str) -> torch.Tensor:
     """P_K = nu sum_{j<K} (I - nu (C + lam I))^j (full/block: matrices; diag: a vector; batched over
-    leading dims;
-    lam and nu numbers or one per matrix), by P <- nu I + (I - nu A) P; applied like A^-1
-    (right_precondition)."""
+    leading dims; lam and nu numbers or one per matrix), by P <- nu I + (I - nu A) P; applied like
+    A^-1 (right_precondition)."""
     lam, nu = (torch.as_tensor(x, dtype=C.dtype, device=C.device) for x in (lam, nu))
     # per matrix, over its entries
     lam, nu = (x.reshape(x.shape + (1,) * (C.dim() - x.dim())) for x in (lam, nu))
@@ -536,8 +529,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
     falls ~W-fold with W processes. Declared per class, merged over its bases:
       settings          group key -> Setting: the constructor's keywords, each group's entries,
                         Hyperparameters' fields and the command line (build reads them from args)
-      fast_path         the FAST_PATHS entry that runs `rule` once fast paths are on (CUDA,
-      --compile 1)
+      fast_path         the FAST_PATHS entry that runs `rule` once fast paths are on (CUDA and
+                        --compile 1)
       state_like_param  the state entries shaped like their parameter, which a resume shape-checks
       refresh_every     steps between refreshes of the feature Gram C (refresh_gram); 0: never
     Checkpoints save self.state as a state_dict: each process saves and loads the state of the
@@ -637,8 +630,8 @@ def setting_values(settings: dict[str, Setting], args) -> dict:
 @optimizer("muon")
 class Muon(MatrixOptimizer):
     """Muon (modded-nanogpt b9979e6's OrthogonalNesterov), per matrix:
-    buf = m buf + G;  D = G + m buf (Nesterov) or buf;  p -= lr s msign(D),  s = max(1,
-    rows/cols)^0.5 or 1."""
+    buf = m buf + G;  D = G + m buf (Nesterov) or buf;  p -= lr s msign(D),
+    s = max(1, rows/cols)^0.5 with shape_scale, else 1."""
     settings = dict(
         lr=positive("muon_lr", 0.018, "step size"),
         momentum=fraction("muon_momentum", 0.95, "m of buf = m buf + G"),
@@ -667,11 +660,10 @@ class Muon(MatrixOptimizer):
 
     @staticmethod
     def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, transform=None) -> None:
-        """Muon on matrices of one transposition class: momentum and Nesterov (nesterov_stack: buf =
-        m buf + G;
-        D = G + m buf or buf), D <- transform(i, D) if given (Newton-Muon), O = orthogonalize(D),
-        p -= lr s O. One graph per class when compiled (lr a tensor: the schedule never recompiles
-        it)."""
+        """Muon on matrices of one transposition class: momentum and Nesterov (nesterov_stack:
+        buf = m buf + G; D = G + m buf or buf), D <- transform(i, D) if given (Newton-Muon),
+        O = orthogonalize(D), p -= lr s O. One graph per class when compiled (lr a tensor: the
+        schedule never recompiles it)."""
         D = Muon.nesterov_stack(grads, bufs, momentum, nesterov, transform)
         O = orthogonalize(D, coeffs).to(params[0].dtype)
         s = torch.tensor(scales, dtype=O.dtype, device=O.device)
@@ -751,15 +743,14 @@ class SOAP(MatrixOptimizer):
     preconditioner, following nikhilvyas/SOAP soap.py (commit f42d296, the class with
     project/project_back). As there, the first moment m lives in the eigenbasis; the reference maps
     it back and forth at every step, the identity except when the basis changes, so here m is
-    carried over only then: m <- Q_L'^T (Q_L m Q_R^T) Q_R'. Per matrix, with
-    s = shampoo_beta (b2 if < 0):
+    carried over only then: m <- Q_L'^T (Q_L m Q_R^T) Q_R'. Per matrix, with s = shampoo_beta
+    (b2 if < 0):
       first step: L = (1-s) G G^T, R = (1-s) G^T G, (Q_L, Q_R) = eigenbasis(L, R); no update, so G
-      never
-        preconditions itself;
+        never preconditions itself;
       step t = 1, 2, ...: G~ = Q_L^T G Q_R;  m = b1 m + (1-b1) G~;  v = b2 v + (1-b2) G~^2;
         p = p - lr sqrt(1-b2^t)/(1-b1^t) Q_L (m / (sqrt(v) + eps)) Q_R^T;  p = p - lr wd p;
         L = s L + (1-s) G G^T;  R = s R + (1-s) G^T G;
-        t % precondition_frequency == 0: refresh (below).
+        t % precondition_frequency == 0: refresh.
     A side longer than max_precond_dim gets no preconditioner (Q = I). All state and math in fp32
     (fp64 for fp64 parameters; the refresh's QR in fp64); tf32: the step's fp32 matmuls on TF32
     tensor cores (CUDA; ~1e-3 relative rounding in the rotations, L, R and the power iteration). The
@@ -806,8 +797,8 @@ class SOAP(MatrixOptimizer):
             return
         (b1, b2), lr = group["betas"], group["lr"]
         s = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
-        G = torch.stack(self.gradients(params, group)).to(torch.promote_types(params[0].dtype,
-                                                                              torch.float32))
+        dtype = torch.promote_types(params[0].dtype, torch.float32)
+        G = torch.stack(self.gradients(params, group)).to(dtype)
         S = soap_state(self, params, G, group["max_precond_dim"])
         t = next(iter(by_step)) + 1
         QL, QR = S.get("QL"), S.get("QR")
@@ -816,8 +807,8 @@ class SOAP(MatrixOptimizer):
                 Gr = _rotate(G, QL, QR)
                 S["exp_avg"].lerp_(Gr, 1 - b1)
                 S["exp_avg_sq"].mul_(b2).addcmul_(Gr, Gr, value=1 - b2)
-                U = _rotate(S["exp_avg"] / S["exp_avg_sq"].sqrt().add_(group["eps"]), QL, QR,
-                            back=True)
+                adam = S["exp_avg"] / S["exp_avg_sq"].sqrt().add_(group["eps"])
+                U = _rotate(adam, QL, QR, back=True)
                 torch._foreach_add_(params, list(U.unbind(0)),
                                     alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))
                 if group["weight_decay"]:
@@ -839,10 +830,9 @@ class SOAP(MatrixOptimizer):
     @staticmethod
     def refresh(due: list[tuple[dict[str, torch.Tensor], dict]]) -> None:
         """The refresh of each stacked state S in `due`: m to the parameter space by the old bases;
-        per side
-        (A, o) = power_step(L, Q_L), Q_L = orthonormalize(A) (the same for R), all sides of one size
-        orthonormalized as one batch; v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m
-        into the new bases."""
+        per side (A, o) = power_step(L, Q_L), Q_L = orthonormalize(A) (the same for R), all sides of
+        one size orthonormalized as one batch; v = v[o_L, :][:, o_R] (v follows its sorted basis
+        vectors); m into the new bases."""
         ms, steps = [], []  # m in the parameter space; (S, side, A = sorted P Q, order)
         for S, group in due:
             with tf32_matmuls(group["tf32"]):
@@ -871,17 +861,17 @@ class FeatureGram(MatrixOptimizer):
     """Base of the feature-gram rules: each block matrix W (out x d) is preconditioned on the right
     by the Gram matrix of its layer's input X, C = X^T X / n_tokens (full, block-diagonal or
     diagonal), which the model collects on refresh steps, every gram_every steps (GPT.collect_gram).
-    On a refresh, refresh_gram averages the collected sums over processes (one all-reduce), keeps C
-    <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the
-    right preconditioner R = factor(C) (batched over the matrices of one shape; on CUDA stored in
-    bf16, the operand dtype right_precondition gives it there) for the matrices this process owns;
-    each step then costs one matmul per matrix (right_precondition). Before the first refresh R is
-    the identity."""
+    On a refresh, refresh_gram averages the collected sums over processes (one all-reduce), keeps
+    C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the right preconditioner
+    R = factor(C) (batched over the matrices of one shape; on CUDA stored in bf16, the operand dtype
+    right_precondition gives it there) for the matrices this process owns; each step then costs one
+    matmul per matrix (right_precondition). Before the first refresh R is the identity."""
     settings = dict(
         gram=choice("gram", "full", ("full", "block", "diag"),
                     "C full, block-diagonal or diagonal"),
-        gram_block=Setting("gram_block", 128, "block size of --gram block", lambda a: (
-            f"a divisor of every layer's input width ({a.n_embd} and {4 * a.n_embd})"),
+        gram_block=Setting(
+            "gram_block", 128, "block size of --gram block",
+            lambda a: f"a divisor of every layer's input width ({a.n_embd} and {4 * a.n_embd})",
             lambda v, a: a.gram != "block" or (v >= 1 and a.n_embd % v == 0)),
         gram_every=at_least("gram_every", 8, 1, "steps between refreshes of C (and at step 0)"),
         gram_beta=fraction("gram_beta", 0.0, "C <- beta C + (1 - beta) C_new; 0: replace"),
@@ -959,15 +949,16 @@ class NewtonMuon(FeatureGram, Muon):
     """Newton-Muon (arXiv:2604.01472): Muon (its settings too) on the right-preconditioned gradient,
     R = (C + gamma I)^-1 (or its square root, f) with gamma = damping tr(C)/d, R the one of the last
     refresh;
-    precondition before:  buf = m buf + G R;  p -= lr s msign(G R + m buf) (Nesterov; msign(buf)
-    without);
-    precondition after:   buf = m buf + G;    p -= lr s msign((G + m buf) R) (Nesterov; msign(buf R)
-    without). They differ only after a refresh (before: buf's older terms keep their older R). With
-    C = c I both are Muon (msign is scale-free)."""
+      precondition before:  buf = m buf + G R;  p -= lr s msign(G R + m buf)
+                            (Nesterov; msign(buf) without);
+      precondition after:   buf = m buf + G;  p -= lr s msign((G + m buf) R)
+                            (Nesterov; msign(buf R) without).
+    They differ only after a refresh (before: buf's older terms keep their older R). With C = c I
+    both are Muon (msign is scale-free)."""
     settings = dict(
         damping=positive("gram_damping", 0.2, "delta of gamma = delta tr(C)/d"),
-        f=choice("gram_f", "solve", ("solve", "inverse_sqrt"), "R = (C + gamma I)^-1 or its square "
-                 "root"),
+        f=choice("gram_f", "solve", ("solve", "inverse_sqrt"),
+                 "R = (C + gamma I)^-1 or its square root"),
         precondition=choice("newton_muon_precondition", "before", ("before", "after"),
                             "momentum of G R (before) or of G, msign(D R) (after)"),
     )
@@ -982,13 +973,10 @@ class NewtonMuon(FeatureGram, Muon):
         factors = [self.state[p].get("factor") for p in params]
         lr, scales = self.lr_tensor(group, params[0]), Muon.scales(params, group)
         muon = (group["momentum"], group["nesterov"], group["coeffs"], scales)
-        # before the first refresh: Muon on self.gradients
-        if not all(f is not None for f in factors):
-            return self.run_rule(Muon.rule, params, self.gradients(params, group),
-                                 self.momentum_buffers(params),
-                                 lr, *muon)
-        self.run_rule(NewtonMuon.rule, params, [p.grad for p in params],
-                      self.momentum_buffers(params), lr, *muon,
+        bufs = self.momentum_buffers(params)
+        if not all(f is not None for f in factors):  # before the first refresh: Muon's rule
+            return self.run_rule(Muon.rule, params, self.gradients(params, group), bufs, lr, *muon)
+        self.run_rule(NewtonMuon.rule, params, [p.grad for p in params], bufs, lr, *muon,
                       factors, group["gram"], group["precondition"])
 
     @staticmethod
@@ -1010,20 +998,19 @@ class LocoPropS(FeatureGram):
     local loss 1/2 ||X W^T - (X W0^T - eta dY)||^2 + lam/2 ||W - W0||^2 (means over tokens) has
     gradient (W - W0)(C + lam I) + eta G, so with A = C + lam I (lam: lambda, or lambda tr(C)/d with
     lambda_mode relative) its minimizer is dW = -eta G A^-1 (steps = 0), and K inner gradient steps
-    of size s = nu / L from W0, with
-    L = eigenvalue_bound(C) + lam >= lambda_max(A), give dW = -s eta G sum_{j<K} (I - s A)^j (steps
-    = K). On A's eigenvector i (eigenvalue a_i) that is -eta G's component / a_i times 1 - (1 - nu
-    a_i / L)^K: for nu in (0, 2) it converges to the minimizer for every C (|1 - nu a_i / L| < 1),
-    for nu <= 1 monotonically in K. (A step nu not scaled by 1/L diverges once nu lambda_max(A) > 2:
-    records/feature-gram-sweep/README.md.) G may first go through heavy-ball momentum M = mu M + G.
-    Diagonal and block C give the diagonal and block-diagonal A."""
+    of size s = nu / L from W0, with L = eigenvalue_bound(C) + lam >= lambda_max(A), give
+    dW = -s eta G sum_{j<K} (I - s A)^j (steps = K). On A's eigenvector i (eigenvalue a_i) that is
+    -eta G's component / a_i times 1 - (1 - nu a_i / L)^K: for nu in (0, 2) it converges to the
+    minimizer for every C (|1 - nu a_i / L| < 1), for nu <= 1 monotonically in K. (A step nu not
+    scaled by 1/L diverges: records/feature-gram-sweep/README.md.) G may first go through heavy-ball
+    momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
     settings = dict(
         lr=positive("locoprop_lr", 0.3, "eta: best of 0.3 / 1 / 3 (records/feature-gram-sweep)"),
         lam=positive("locoprop_lambda", 1.0, "lambda of C + lambda I"),
         lambda_mode=choice("locoprop_lambda_mode", "absolute", ("absolute", "relative"),
                            "C + lambda I (absolute) or C + lambda tr(C)/d I (relative)"),
-        steps=at_least("locoprop_steps", 0, 0, "0: the exact minimizer; K: K inner steps of size "
-                       "nu / L"),
+        steps=at_least("locoprop_steps", 0, 0,
+                       "0: the exact minimizer; K: K inner steps of size nu / L"),
         nu=Setting("locoprop_nu", 1.0, "the inner step nu / L, L >= lambda_max(C + lambda I)",
                    "in (0, 2) (the inner step is locoprop_nu / L, L >= lambda_max(C + lambda I))",
                    lambda v, a: 0 < v < 2),
@@ -1031,8 +1018,8 @@ class LocoPropS(FeatureGram):
     )
 
     def damping(self, C, group):
-        """lambda of A = C + lambda I: absolute, the setting itself; relative, setting * tr(C)/d per
-        matrix."""
+        """lambda of A = C + lambda I: absolute, the setting itself; relative, setting * tr(C)/d
+        per matrix."""
         if group["lambda_mode"] == "relative":
             return group["lam"] * trace_over_d(C, group["gram"])
         return group["lam"]
@@ -1043,8 +1030,8 @@ class LocoPropS(FeatureGram):
         if group["steps"] == 0:
             return gram_factor(C, lam, group["gram"], "solve", wait, boosts)
         step = group["nu"] / (eigenvalue_bound(C, group["gram"]) + lam)
-        return cannot_fail(inner_steps_polynomial(C, lam, step, group["steps"], group["gram"]),
-                           wait)
+        P = inner_steps_polynomial(C, lam, step, group["steps"], group["gram"])
+        return cannot_fail(P, wait)
 
     def update(self, params, group):
         grads = [p.grad for p in params]
@@ -1053,17 +1040,16 @@ class LocoPropS(FeatureGram):
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, grads)
             grads = bufs
-        dirs = [right_precondition(g, self.state[p]["factor"],
-                                   group["gram"]) if "factor" in self.state[p] else g
-                for p, g in zip(params, grads)]  # the identity before the first refresh
+        # G R, the identity before the first refresh
+        dirs = [right_precondition(g, self.state[p]["factor"], group["gram"])
+                if "factor" in self.state[p] else g for p, g in zip(params, grads)]
         torch._foreach_add_(params, dirs, alpha=-group["lr"])
 
 
 @optimizer("adamw")
 class AdamW:
     """torch's AdamW on the block matrices (fused on CUDA): the control. A declaration, not a class
-    of its own:
-    build returns a torch.optim.AdamW."""
+    of its own: build returns a torch.optim.AdamW."""
     settings = dict(
         lr=positive("adamw_lr", 0.0018, "step size"),
         betas=betas("adamw_betas", (0.9, 0.95), "b1, b2"),
@@ -1077,13 +1063,13 @@ class AdamW:
     @classmethod
     def build(cls, model: nn.Module, args) -> torch.optim.AdamW:
         fused = next(model.parameters()).is_cuda
-        return torch.optim.AdamW(model.transformer.h.parameters(), fused=fused,
+        return torch.optim.AdamW(list(model.transformer.h.parameters()), fused=fused,
                                  **setting_values(cls.settings, args))
 
 
-# The fast paths a rule may name (its `fast_path`): how its `rule` function runs once fast paths are
-# on, on CUDA with --compile 1 (use_fast_paths). "compiled": torch.compile, one graph per
-# transposition class (compile_rule).
+# The fast paths a rule may name (its `fast_path`): how its `rule` function runs once fast paths
+# are on, on CUDA with --compile 1 (compile_for_cuda). "compiled": torch.compile, one graph per
+# transposition class (compile_rule). A rule with a fast path of its own adds it here.
 FAST_PATHS: dict[str, Callable[[Callable], Callable]] = {
     "eager": lambda rule: rule,
     "compiled": lambda rule: compile_rule(rule),
@@ -1108,13 +1094,12 @@ EMBEDDING = dict(
 
 
 def build_optimizers(model: nn.Module, args) -> list[torch.optim.Optimizer]:
-    """[AdamW on the tied embedding/head, the --optimizer rule on every matrix inside the blocks
-    (Run.blocks)];
+    """[AdamW on the tied embedding/head, the --optimizer rule on every matrix inside the blocks];
     each group's base_lr is its lr, which the schedule multiplies."""
     rule = optimizer_class(args.optimizer)
+    fused = next(model.parameters()).is_cuda
     embed = torch.optim.AdamW([model.lm_head.weight], lr=args.embed_lr, betas=args.embed_betas,
-                              weight_decay=0.0,
-                              fused=next(model.parameters()).is_cuda)
+                              weight_decay=0.0, fused=fused)
     blocks = rule.build(model, args)
     for opt in (embed, blocks):
         for g in opt.param_groups:
@@ -1507,29 +1492,25 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             dist.broadcast_object_list(run_name, src=0)
 
         # the seeded model and its optimizers (the rule on the block matrices: blocks), the data,
-        # the checkpoints
-        # numpy's and python's too, so a checkpoint's RNG states are reproducible
+        # the checkpoints; numpy's and python's seeds too, so a checkpoint's RNG states reproduce
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         random.seed(args.seed)
         model = raw_model = GPT(args).to(device)
-        # before compiling: feature-gram rules add buffers
-        optimizers = build_optimizers(raw_model, args)
+        optimizers = build_optimizers(raw_model, args)  # before compiling: they may add buffers
         blocks = optimizers[1]
         gram_every = getattr(blocks, "refresh_every", 0)  # torch's AdamW has none
         loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
         record_path = (checkpoint_record(resume, meta) if resume else
                        os.path.join(args.records_dir, run_name[0] + ".txt"))
-        checkpoints = Checkpoints(
-            os.path.dirname(resume) if resume else os.path.join(checkpoint_root(args), run_name[0]),
-            args, rank,
-            world, device, raw_model, optimizers, loader, record_path if master else "",
-            train_files, val_files)
-        progress = checkpoints.load(resume) if resume else dict(step=0, training_ms=0.0,
-                                                                timed_steps=0, losses=[])
+        folder = (os.path.dirname(resume) if resume else
+                  os.path.join(checkpoint_root(args), run_name[0]))
+        checkpoints = Checkpoints(folder, args, rank, world, device, raw_model, optimizers, loader,
+                                  record_path if master else "", train_files, val_files)
+        progress = (checkpoints.load(resume) if resume else
+                    dict(step=0, training_ms=0.0, timed_steps=0, losses=[]))
 
-        # the record (written once the load succeeded), then how the steps run: compiled, DDP,
-        # autocast
+        # the record (written once the load succeeded), then how steps run: compiled, DDP, autocast
         record = Record(args, world, device, record_path, resume) if master else None
         log = record.log if master else (lambda *a, **k: None)
         log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, "
@@ -1554,8 +1535,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         opt_timer, blocks_timer = Timer(cuda), Timer(cuda)
 
         losses = progress["losses"]
-        # on a cool GPU; again after
-        rate_before = matmul_rate(device, world) if args.matmul_check else 0.0
+        rate_before = matmul_rate(device, world) if args.matmul_check else 0.0  # on a cool GPU
         x, y = loader.next_batch()
         clock = Clock(progress, cuda)
         for step in range(progress["step"], args.num_iterations + 1):
@@ -1597,8 +1577,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             if refresh:
                 try:
                     blocks.finish_refresh()
-                # C is not finite: a divergence, reported after this step
-                except torch.linalg.LinAlgError as e:
+                except torch.linalg.LinAlgError as e:  # C is not finite: a divergence, see below
                     refresh_error = str(e)
             for opt in optimizers:
                 for g in opt.param_groups:
@@ -1615,21 +1594,19 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             out = agree(train_loss, refresh_error, signals.signum > 0, refresh, blocks, raw_model,
                         world, device)
             if not (math.isfinite(out.train_loss) and out.finite) or out.refresh_failed:
-                stop_diverged(step + 1, out.train_loss, out.refresh_error or (
-                    "a Gram refresh failed on another process" if out.refresh_failed else ""),
-                    raw_model,
-                    optimizers, args, record, checkpoints.last)
+                why = out.refresh_error or ("a Gram refresh failed on another process"
+                                            if out.refresh_failed else "")
+                stop_diverged(step + 1, out.train_loss, why, raw_model, optimizers, args, record,
+                              checkpoints.last)
             losses.append(out.train_loss)
             done = step + 1
             if sum(out.fallbacks):
                 log(fallbacks_line(done, args, out.fallbacks, blocks))
             log(f"step:{done}/{args.num_iterations} train_loss:{out.train_loss:.4f} "
-                f"{clock.line(step, done)} "
-                f"opt_ms:{opt_timer.ms():.2f} blocks_ms:{blocks_timer.ms():.2f}")
-            # saved after the final validation and lines
-            at_end = done in (args.num_iterations, args.stop_at)
-            # a signal during the last step: the run ends as it would have
-            stop = out.stop and not at_end
+                f"{clock.line(step, done)} opt_ms:{opt_timer.ms():.2f} "
+                f"blocks_ms:{blocks_timer.ms():.2f}")
+            at_end = done in (args.num_iterations, args.stop_at)  # saved after the last lines
+            stop = out.stop and not at_end  # a signal in the last step: the run ends as planned
             if stop or (args.save_every and done % args.save_every == 0 and not at_end):
                 clock.pause(step)  # saving is not training time
                 save_logged(checkpoints, done, clock.progress(done, losses), args, log)
@@ -1663,10 +1640,10 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             dist.barrier()
         if record is None:
             return "", raw_model
-        # on CPU: the process's peak RSS
-        record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else
+        record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # CPU: peak RSS
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
         return record.path, raw_model
+
 
 # =============================================================================
 # Below here, nothing a rule author needs: the speed machinery (kernels, blocked linear algebra, the
@@ -1753,10 +1730,9 @@ def wide_key(p: torch.Tensor) -> tuple:
 
 
 def stack_wide(ts: list[torch.Tensor]) -> torch.Tensor:
-    """The matrices of one transposition class (m x n and n x m, see wide_key) as one (k, min, max)
-    batch: tall ones
-    transposed. orthogonalize(G^T) = orthogonalize(G)^T, so Muon-like rules batch both shapes
-    together."""
+    """The matrices of one transposition class (m x n and n x m, see wide_key) as one
+    (k, min, max) batch: tall ones transposed. orthogonalize(G^T) = orthogonalize(G)^T, so Muon-like
+    rules batch both shapes together."""
     return torch.stack([x.mT if x.size(-2) > x.size(-1) else x for x in ts])
 
 
@@ -1906,10 +1882,9 @@ def tri_inverse(L: torch.Tensor, b: int | None = None) -> torch.Tensor:
 
 def gram_upper(X: torch.Tensor, lower: bool = False, b: int | None = None) -> torch.Tensor:
     """X^T X for X (..., m, n) from its upper block triangle: block row i = X_{:, i}^T X_{:, i:},
-    mirrored once
-    (at n = 6b, 21 of 36 block products; a plain X^T X below n = 4b); lower: X is lower triangular
-    (square), so rows above i of block column i are zero and block row i = X_{i:, i}^T X_{i:, i:}
-    (~n^3/3 + n^3/2 flops, not 2 n^3)."""
+    mirrored once (at n = 6b, 21 of 36 block products; a plain X^T X below n = 4b); lower: X is
+    lower triangular (square), so rows above i of block column i are zero and block row
+    i = X_{i:, i}^T X_{i:, i:} (~n^3/3 + n^3/2 flops, not 2 n^3)."""
     b, n = b or LINALG_BLOCK, X.size(-1)
     if not lower and n < 4 * b:  # too few blocks to gain (records/speed/README.md)
         return X.mT @ X
@@ -2139,11 +2114,10 @@ if triton is not None:
 
 def _ce_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, V: int):
     """One chunk of linear_cross_entropy, W's rows zero-padded from V to w.size(0): z = x W^T in x's
-    dtype, read in fp32, its padded columns out of the softmax; (sum_i lse(z_i) - z_i[t_i], dz W,
-    (dz^T x)[:V]) with
-    dz = scale (softmax(z) - onehot(t)) in x's dtype (0 in the padded columns). With Triton on CUDA
-    (or interpreted) the softmax is one kernel (_softmax_xent_kernel) that writes dz over z; else
-    (CPU builds) these torch ops."""
+    dtype, read in fp32, its padded columns out of the softmax; returns
+    (sum_i lse(z_i) - z_i[t_i], dz W, (dz^T x)[:V]) with dz = scale (softmax(z) - onehot(t)) in x's
+    dtype (0 in the padded columns). With Triton on CUDA (or interpreted) the softmax is one kernel
+    (_softmax_xent_kernel) that writes dz over z; else (CPU builds) these torch ops."""
     if triton is not None and (x.is_cuda or TRITON_INTERPRETED):
         dz = x @ w.mT  # z, which the kernel overwrites with dz
         rows = torch.empty(dz.size(0), dtype=torch.float32, device=dz.device)
@@ -2273,11 +2247,10 @@ def validate_args(args: Hyperparameters, world: int) -> int:
 
 def check_run_args(args: Hyperparameters) -> None:
     """Refuse a schedule or checkpoint setting out of range: learning rates below the float32
-    maximum; warmup,
-    warmdown >= 0 with warmup + warmdown <= num_iterations; val_loss_every, save_every >= 0;
-    keep_checkpoints >= 1;
-    a --resume checkpoint that exists, is complete, has its record, and was saved with the same
-    settings except RESUME_MAY_CHANGE, and not at the run's last step already (RunComplete)."""
+    maximum; warmup, warmdown >= 0 with warmup + warmdown <= num_iterations; val_loss_every,
+    save_every >= 0; keep_checkpoints >= 1; a --resume checkpoint that exists, is complete, has its
+    record, and was saved with the same settings except RESUME_MAY_CHANGE, and not at the run's last
+    step already (RunComplete)."""
     f32_max = torch.finfo(torch.float32).max
     for name in (f.name for f in fields(Hyperparameters) if f.name.endswith("_lr")):
         if not getattr(args, name) < f32_max:  # check_optimizer_args refuses the non-positive ones
@@ -2694,9 +2667,8 @@ CHECKPOINT_META = {"format": int, "step": int, "num_iterations": int, "world_siz
 
 def read_checkpoint_meta(path: str) -> dict:
     """meta.json of a checkpoint folder, checked: this format, every key of CHECKPOINT_META with its
-    type, 0 <= step
-    <= num_iterations, world_size >= 1, shard lists of [name, token count], and main.pt plus one
-    rank<r>.pt per saving process present."""
+    type, 0 <= step <= num_iterations, world_size >= 1, shard lists of [name, token count], and
+    main.pt plus one rank<r>.pt per saving process present."""
     def damaged(what: str):
         raise SystemExit(f"--resume {path}: its meta.json {what}: damaged, or not written by "
                          "train_gpt2.py; resume "
@@ -2896,12 +2868,11 @@ class Checkpoints:
     step_<n>.tmp/ and renamed once complete, so a kill in the middle of a save leaves the previous
     checkpoint valid. Inside:
       meta.json   step, settings, world size, record path, train and val shards: resume reads it
-      before building
+                  before building
       main.pt     the model; every optimizer's param groups (lr, base_lr, ...); the data loader's
-      position; the
-                  training time, timed steps and train losses so far
+                  position; the training time, timed steps and train losses so far
       rank<r>.pt  the optimizer state process r holds (the block matrices it owns; rank 0: AdamW's)
-      and its RNG states
+                  and its RNG states
     save() and load() are collective. load() with another world size redistributes: each process
     reads every rank<r>.pt and keeps the state of the matrices it owns now (RNG states: those of
     rank r mod the old world size)."""
@@ -2938,11 +2909,10 @@ class Checkpoints:
 
     def save(self, step: int, progress: dict) -> str:
         """Write step_<step>/ (collective); returns its path. Every process writes its files into
-        step_<step>.tmp/;
-        one agreement (an all-reduce) tells all whether every write held; then process 0 publishes
-        it (_publish). A failed write (any OSError: a read-only or full disk) on any process removes
-        step_<step>.tmp/ and returns '', the reason in self.error; the previous checkpoint stays
-        self.last and the run goes on."""
+        step_<step>.tmp/; one agreement (an all-reduce) tells all whether every write held; then
+        process 0 publishes it (_publish). A failed write (any OSError: a read-only or full disk) on
+        any process removes step_<step>.tmp/ and returns '', the reason in self.error; the previous
+        checkpoint stays self.last and the run goes on."""
         final = os.path.join(self.folder, f"step_{step:06d}")
         tmp, error = final + ".tmp", ""
         try:
@@ -3127,8 +3097,8 @@ def check_states(path: str, name: str, opt: torch.optim.Optimizer, saved) -> Non
 def save_logged(checkpoints: Checkpoints, step: int, progress: dict, args: Hyperparameters,
                 log) -> None:
     """checkpoints.save, then its record line: `checkpoint: step:s/N PATH`, or, when a write failed
-    (the run goes on),
-    `checkpoint: step:s/N not saved (the reason); ...` naming the checkpoint kept."""
+    (the run goes on), `checkpoint: step:s/N not saved (the reason); ...` naming the checkpoint
+    kept."""
     path = checkpoints.save(step, progress)
     if path:
         log(f"checkpoint: step:{step}/{args.num_iterations} {path}")
@@ -3304,10 +3274,9 @@ class StopSignals:
 class Record:
     """records/<time>-<preset>-<optimizer>-<id>.txt: the source, the settings as JSON, versions and
     devices, then modded-nanogpt's `step:s/N val_loss:... train_time:...ms step_avg:...ms` lines,
-    train-loss lines, peak memory.
-    Also `checkpoint: step:s/N PATH` after each save, `resumed: step:s/N from PATH ...` where a
-    resumed run continues (lines of steps after s above it were redone), `stopped: step:s/N by
-    SIGTERM; ...` and
+    train-loss lines, peak memory. Also `checkpoint: step:s/N PATH` after each save,
+    `resumed: step:s/N from PATH ...` where a resumed run continues (lines of steps after s above it
+    were redone), `stopped: step:s/N by SIGTERM; ...` and
     `diverged: step:s/N last_good_step:g optimizer:NAME ...` where a run ended early, and
     `gram_fallbacks: step:s/N k of M matrices ...` before the step line of a Gram refresh at which k
     Choleskys of C + damping I failed (counts by the damping factor that then held)."""
