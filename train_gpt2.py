@@ -482,10 +482,10 @@ def eigenvalue_bound(C: torch.Tensor, mode: str, squarings: int = 4) -> torch.Te
     """L >= lambda_max(C) per matrix for symmetric positive semidefinite C, batched: full (..., d,
     d); block (..., d/b, b, b), the max over its blocks; diag (..., d), max_i C_i (exact). Full and
     block: the Schatten norm L = tr(C^(2^k))^(1/2^k) = ||l||_(2^k) >= ||l||_inf = lambda_max over
-    C's eigenvalues l, at most d^(1/2^k) lambda_max (k = 4: 1.51x at d = 768, 1.65x at 3072; within
-    0.4% on this model's C at init, whose top eigenvalues stand apart), by repeated squaring at unit
-    trace so nothing overflows: B_0 = C / tr(C); t_j = tr(B_(j-1)^2) = ||B_(j-1)||_F^2,
-    B_j = B_(j-1)^2 / t_j; L = tr(C) t_1^(1/2) t_2^(1/4) ... t_k^(1/2^k) (k - 1 matmuls)."""
+    C's eigenvalues l, at most d^(1/2^k) lambda_max (k = 4: 1.51x at d = 768, 1.65x at 3072; how
+    close on this model's C: records/feature-gram-sweep/README.md), by repeated squaring at unit
+    trace so nothing overflows: B_0 = C / tr(C); t_j = tr(B_(j-1)^2) = ||B_(j-1)||_F^2, B_j =
+    B_(j-1)^2 / t_j; L = tr(C) t_1^(1/2) t_2^(1/4) ... t_k^(1/2^k) (k - 1 matmuls)."""
     if mode == "diag":
         return C.amax(-1)
     tiny = torch.finfo(C.dtype).tiny
