@@ -53,27 +53,25 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @dataclass
 class RunSettings:
-    """The run's settings. Hyperparameters (end of the rules section) adds each optimizer's,
-    declared beside it."""
+    """The run's settings; Hyperparameters (end of the rules section) adds the optimizers'."""
     # data: glob patterns of shards in the FineWeb format (data/cached_fineweb10B.py fetches them)
     input_bin: str = "data/fineweb10B/fineweb_train_*.bin"
     input_val_bin: str = "data/fineweb10B/fineweb_val_*.bin"
-    # batch: batch_size sequences of sequence_length tokens per step = world_size *
-    # device_batch_size * accumulation
+    # batch: batch_size sequences of sequence_length tokens a step
+    # = world_size * device_batch_size * accumulation
     batch_size: int = 8 * 64
     device_batch_size: int = 64
     sequence_length: int = 1024
     # schedule
     num_iterations: int = 7000
-    # > 0: stop after this many steps of the schedule (val, checkpoint; --resume goes on); 0: the
-    # end
+    # > 0: stop after this many steps of the schedule (val, checkpoint; --resume goes on)
     stop_at: int = 0
     warmup_iters: int = 250
     warmdown_iters: int = 2000
     val_loss_every: int = 125  # 0: only at the end
     val_tokens: int = 10485760
-    # the init's random draws, and only those: data order, val tokens and the updates draw nothing
-    # from it (0 .. 2^32-1)
+    # the init's random draws, and only those (0 .. 2^32-1): data order, val tokens and the updates
+    # draw nothing from it
     seed: int = 0
     # bit-identical reruns on one GPU: deterministic kernels (Determinism); off: fastest
     deterministic: bool = False
@@ -82,8 +80,7 @@ class RunSettings:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    # the block matrices' optimizer (OPTIMIZERS); each optimizer declares its own settings beside
-    # its class
+    # the block matrices' optimizer (OPTIMIZERS); each declares its settings beside its class
     optimizer: str = "muon"
     # speed (the math stays the same)
     # rows of logits at a time in the fused loss (LinearCrossEntropy); 0: whole fp32 logits
@@ -97,7 +94,7 @@ class RunSettings:
     # CUDA: factor C on a side stream while the refresh step's last backward runs
     gram_overlap: bool = True
     # run
-    compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
+    compile: bool = True  # CUDA: torch.compile the model, and the rules' fast paths on
     # the model's torch.compile mode: default | max-autotune-no-cudagraphs
     compile_mode: str = "default"
     # before and after training, time an 8192^3 bf16 matmul (CPU: 512^3 fp32): the MFU
@@ -105,8 +102,8 @@ class RunSettings:
     records_dir: str = "records"
     label: str = ""
     preset: str = "speedrun"
-    # checkpoints (README: Checkpoints, resume, divergence): saved at the end (final_checkpoint) and
-    # on SIGTERM/SIGINT
+    # checkpoints (README: Checkpoints, resume, divergence): at the end (final_checkpoint) and on
+    # SIGTERM/SIGINT
     save_every: int = 0  # also every this many steps; 0: never in between
     # 0: none at the end of the run (--save_every, --stop_at and stop signals still save)
     final_checkpoint: bool = True
@@ -118,9 +115,8 @@ class RunSettings:
 
 PRESETS: dict[str, dict] = {
     "speedrun": {},  # the record: the dataclass defaults
-    # a tiny model on the sample shipped in data/sample/: the whole pipeline in under a minute on 2
-    # CPU cores, no checkpoint unless asked; 128-row logit chunks (records/smoke-cpu/README.md: why
-    # 128)
+    # a tiny model on the sample shipped in data/sample/: the whole pipeline in under a minute on
+    # 2 CPU cores, no checkpoint unless asked; 128-row logit chunks (records/smoke-cpu/README.md)
     "smoke": dict(
         input_bin="data/sample/sample_train_*.bin", input_val_bin="data/sample/sample_val_*.bin",
         n_layer=2, n_head=2, n_embd=64, batch_size=4, device_batch_size=2, sequence_length=128,
@@ -1645,10 +1641,11 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         return record.path, raw_model
 
 
-# =============================================================================
-# Below here, nothing a rule author needs: the speed machinery (kernels, blocked linear algebra, the
-# fused loss, stacking), then the run's infrastructure (checks, checkpoints, determinism, signals,
-# records, MFU). =============================================================================
+# ==============================================================================================
+# Below here, nothing a rule author needs: the speed machinery (kernels, blocked linear algebra,
+# the fused loss, stacking), then the run's infrastructure (checks, checkpoints, determinism,
+# signals, records, MFU).
+# ==============================================================================================
 
 
 # ----------------------------------------------------------------------------- speed machinery
@@ -2192,8 +2189,7 @@ def make_loss_eager() -> None:
     if not getattr(linear_cross_entropy, "_torchdynamo_disable", False):
         linear_cross_entropy = torch.compiler.disable(linear_cross_entropy)
 
-# ----------------------------------------------------------------------------- run infrastructure:
-# checks
+# ----------------------------------------------------------------------------- infra: checks
 
 
 def validate_args(args: Hyperparameters, world: int) -> int:
@@ -2374,8 +2370,7 @@ def run_errors():
         if dist.is_initialized():
             dist.destroy_process_group()
 
-# ----------------------------------------------------------------------------- run infrastructure:
-# processes, compiling, steps
+# ----------------------------------------------------------------------------- infra: steps
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -2595,8 +2590,7 @@ def params_digest(model: nn.Module) -> str:
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
-# ----------------------------------------------------------------------------- run infrastructure:
-# checkpoints
+# ----------------------------------------------------------------------------- infra: checkpoints
 
 
 # checkpoints: <checkpoint_dir>/<record name>/step_<n>/ after n optimizer steps (see Checkpoints)
@@ -3113,8 +3107,7 @@ def resume_hint(last: str) -> str:
     """How to go on from the newest checkpoint of the run, or that there is none."""
     return f"continue with --resume {last}" if last else "no checkpoint to continue from"
 
-# ----------------------------------------------------------------------------- run infrastructure:
-# determinism, signals
+# ----------------------------------------------------------------------------- infra: determinism
 
 
 # --deterministic 1: the attention backends allowed (auto: flash, else math). Flash's backward is
@@ -3267,8 +3260,7 @@ class StopSignals:
         for s, handler in self._old.items():
             signal.signal(s, handler)
 
-# ----------------------------------------------------------------------------- run infrastructure:
-# records, MFU
+# ----------------------------------------------------------------------------- infra: records, MFU
 
 
 class Record:
