@@ -20,7 +20,7 @@ from conftest import REPO, subprocess_env
 LION = '''
 @optimizer("lion")
 class Lion(MatrixOptimizer):
-    """Lion (Chen et al. 2023): p = (1 - lr wd) p - lr sign(b1 m + (1 - b1) G); m = b2 m + (1 - b2) G."""
+    """Lion (Chen et al. 2023): p = (1 - lr wd) p - lr sign(b1 m + (1-b1) G); m = b2 m + (1-b2) G"""
     settings = dict(
         lr=positive("lion_lr", 1e-4, "step size"),
         betas=betas("lion_betas", (0.9, 0.99), "b1 of the step's sign, b2 of the momentum"),
