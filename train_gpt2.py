@@ -3015,7 +3015,12 @@ class Checkpoints:
             self.model.load_state_dict(main["model"])
             for opt, state, groups in zip(self.optimizers, states, main["param_groups"],
                                           strict=True):
+                made = [dict(g) for g in opt.param_groups]
                 opt.load_state_dict({"state": state, "param_groups": groups})
+                # a setting the code that saved it did not have: as the checkpoint's settings make it
+                for group, fresh in zip(opt.param_groups, made):
+                    for key, value in fresh.items():
+                        group.setdefault(key, value)
             self.loader.load_state(main["loader"])
             set_rng_state(rng, self.device)
             return {k: main["progress"][k] for k in ("step", "training_ms", "timed_steps",
