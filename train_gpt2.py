@@ -3017,7 +3017,7 @@ class Checkpoints:
                                           strict=True):
                 made = [dict(g) for g in opt.param_groups]
                 opt.load_state_dict({"state": state, "param_groups": groups})
-                # a setting the code that saved it did not have: as the checkpoint's settings make it
+                # keys the code that saved it did not have: as the checkpoint's settings make them
                 for group, fresh in zip(opt.param_groups, made):
                     for key, value in fresh.items():
                         group.setdefault(key, value)
