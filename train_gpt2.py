@@ -1,10 +1,10 @@
-"""GPT-2 (124M) speedrun trainer for optimizer research. One file, read top to bottom:
-settings -> optimizers -> model -> data -> training loop -> records.
+"""GPT-2 (124M) speedrun trainer for optimizer research. One file, read top to bottom: settings ->
+rules (the optimizers) -> model -> data -> train(); below a banner, what a rule author never needs:
+the speed machinery and the run's infrastructure.
 
-    torchrun --standalone --nproc_per_node=8 train_gpt2.py                 # the Muon record: 7000 steps, ~3.28 val loss
-    python train_gpt2.py --preset smoke                                    # tiny model, CPU: < 1 min on 2 cores
-    python train_gpt2.py --optimizer adamw --num_iterations 400 --label x  # any field: --field value
-"""
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py   # the Muon record: 7000 steps
+    python train_gpt2.py --preset smoke                      # tiny model, CPU: < 1 min on 2 cores
+    python train_gpt2.py --optimizer adamw --label x         # any setting: --name value"""
 from __future__ import annotations
 
 import contextlib
@@ -38,119 +38,100 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-try:  # ships with torch's CUDA builds; without it (CPU builds) torch ops do the Triton kernels' work
+# ships with torch's CUDA builds; without it (CPU builds) torch ops do the Triton kernels' work
+try:
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
-# under Triton's interpreter (TRITON_INTERPRET=1) the kernels run on CPU tensors: how the tests check them without a GPU
+# under Triton's interpreter (TRITON_INTERPRET=1) the kernels run on CPU tensors: how the tests
+# check them without a GPU
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ----------------------------------------------------------------------------- settings
 
 
 @dataclass
-class Hyperparameters:
+class RunSettings:
+    """The run's settings; Hyperparameters (end of the rules section) adds the optimizers'."""
     # data: glob patterns of shards in the FineWeb format (data/cached_fineweb10B.py fetches them)
     input_bin: str = "data/fineweb10B/fineweb_train_*.bin"
     input_val_bin: str = "data/fineweb10B/fineweb_val_*.bin"
-    # batch: batch_size sequences of sequence_length tokens per step = world_size * device_batch_size * accumulation
+    # batch: batch_size sequences of sequence_length tokens a step
+    # = world_size * device_batch_size * accumulation
     batch_size: int = 8 * 64
     device_batch_size: int = 64
     sequence_length: int = 1024
     # schedule
     num_iterations: int = 7000
-    stop_at: int = 0  # > 0: stop after this many steps of the schedule (val, checkpoint; --resume goes on); 0: the end
+    # > 0: stop after this many steps of the schedule (val, checkpoint; --resume goes on)
+    stop_at: int = 0
     warmup_iters: int = 250
     warmdown_iters: int = 2000
     val_loss_every: int = 125  # 0: only at the end
     val_tokens: int = 10485760
-    # the init's random draws, and only those: data order, val tokens and the updates draw nothing from it (0 .. 2^32-1)
+    # the init's random draws, and only those (0 .. 2^32-1): data order, val tokens and the updates
+    # draw nothing from it
     seed: int = 0
-    deterministic: bool = False  # bit-identical reruns on one GPU: deterministic kernels (Determinism); off: fastest
+    # bit-identical reruns on one GPU: deterministic kernels (Determinism); off: fastest
+    deterministic: bool = False
     # model (GPT-2 small)
     vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    # optimizers: the tied embedding/head always uses AdamW; `optimizer` picks what the block matrices use
+    # the block matrices' optimizer (OPTIMIZERS); each declares its settings beside its class
     optimizer: str = "muon"
-    embed_lr: float = 0.0018
-    embed_betas: tuple[float, float] = (0.9, 0.95)
-    muon_lr: float = 0.018
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
-    muon_shape_scale: bool = False  # multiply the update by max(1, rows/cols)**0.5
-    ns_coeffs: str = "simple"  # simple | quintic | polar_express
-    adamw_lr: float = 0.0018
-    adamw_betas: tuple[float, float] = (0.9, 0.95)
-    adamw_weight_decay: float = 0.0
-    polargrad_lr: float = 0.3  # the step is lr ||M||_* O: swept on the stand-in data (README), best of 0.03 ... 3
-    polargrad_momentum: float = 0.95
-    polargrad_nesterov: bool = False
-    polargrad_weight_decay: float = 0.0
-    polargrad_nuclear: str = "inner"  # inner | exact  (see nuclear_norm; README: inner is within ~5% with polar_express)
-    polargrad_ns_coeffs: str = "polar_express"  # PolarGrad's own set: <O, M> needs O close to U V^T
-    soap_lr: float = 0.0018
-    soap_betas: tuple[float, float] = (0.95, 0.95)
-    soap_shampoo_beta: float = -1.0  # < 0: use soap_betas[1]
-    soap_eps: float = 1e-8
-    soap_weight_decay: float = 0.0
-    soap_precondition_frequency: int = 10
-    soap_max_precond_dim: int = 10000
-    soap_tf32: bool = False  # SOAP's fp32 matmuls on TF32 tensor cores (CUDA, within its step; the QR stays fp64)
-    # feature-gram optimizers (newton_muon uses the muon_* settings too): C = X^T X / n_tokens of each layer's input
-    gram: str = "full"  # full | block | diag
-    gram_block: int = 128  # block size of gram = block
-    gram_every: int = 8  # steps between refreshes of C (and at step 0)
-    gram_beta: float = 0.0  # C <- beta C + (1 - beta) C_new; 0: replace
-    gram_damping: float = 0.2  # Newton-Muon: gamma = gram_damping * tr(C) / d
-    gram_f: str = "solve"  # Newton-Muon: solve, G (C + gamma I)^-1 | inverse_sqrt, G (C + gamma I)^(-1/2)
-    newton_muon_precondition: str = "before"  # before: buf = m buf + G R | after: buf = m buf + G, msign(... R)
-    locoprop_lr: float = 0.3  # eta: best of 0.3 / 1 / 3 in the 400-step sweep on the stand-in data (README)
-    locoprop_lambda: float = 1.0  # lambda of C + lambda I
-    locoprop_lambda_mode: str = "absolute"  # absolute: C + lambda I | relative: C + lambda tr(C)/d I (as Newton-Muon)
-    locoprop_steps: int = 0  # 0: the exact minimizer; K: K inner gradient steps of size locoprop_nu / L
-    locoprop_nu: float = 1.0  # in (0, 2); L >= lambda_max(C + lambda I) per matrix (eigenvalue_bound): converges
-    locoprop_momentum: float = 0.0  # heavy-ball momentum on G; 0: none
     # speed (the math stays the same)
-    loss_chunk: int = 8192  # rows of logits at a time in the fused loss (LinearCrossEntropy); 0: whole fp32 logits
-    attention: str = "auto"  # scaled_dot_product_attention backend: auto | cudnn | flash | efficient | math
-    activation_budget: float = 1.0  # < 1: torch.compile recomputes activations to keep about this fraction (memory)
-    recompute_gelu: bool = True  # keep the MLP's pre-GELU activation only, recompute GELU in the backward (memory)
-    gram_overlap: bool = True  # CUDA: factor C on a side stream while the refresh step's last backward runs
+    # rows of logits at a time in the fused loss (LinearCrossEntropy); 0: whole fp32 logits
+    loss_chunk: int = 8192
+    # scaled_dot_product_attention backend: auto | cudnn | flash | efficient | math
+    attention: str = "auto"
+    # < 1: torch.compile recomputes activations to keep about this fraction (memory)
+    activation_budget: float = 1.0
+    # keep the MLP's pre-GELU activation only, recompute GELU in the backward (memory)
+    recompute_gelu: bool = True
+    # CUDA: factor C on a side stream while the refresh step's last backward runs
+    gram_overlap: bool = True
     # run
-    compile: bool = True  # torch.compile the model and the orthogonalization (CUDA only)
-    compile_mode: str = "default"  # the model's torch.compile mode: default | max-autotune-no-cudagraphs
-    matmul_check: bool = True  # before and after training, time an 8192^3 bf16 matmul (CPU: 512^3 fp32): the MFU
+    compile: bool = True  # CUDA: torch.compile the model, and the rules' fast paths on
+    # the model's torch.compile mode: default | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
+    # before and after training, time an 8192^3 bf16 matmul (CPU: 512^3 fp32): the MFU
+    matmul_check: bool = True
     records_dir: str = "runs"  # a record per run (git-ignored); experiments: records/<experiment>/
     label: str = ""
     preset: str = "speedrun"
-    # checkpoints (README: Checkpoints, resume, divergence): saved at the end (final_checkpoint) and on SIGTERM/SIGINT
+    # checkpoints (README: Checkpoints, resume, divergence): at the end (final_checkpoint) and on
+    # SIGTERM/SIGINT
     save_every: int = 0  # also every this many steps; 0: never in between
-    final_checkpoint: bool = True  # 0: none at the end of the run (--save_every, --stop_at and stop signals still save)
+    # 0: none at the end of the run (--save_every, --stop_at and stop signals still save)
+    final_checkpoint: bool = True
     keep_checkpoints: int = 2  # the newest this many checkpoints of a run are kept
     checkpoint_dir: str = ""  # "": <records_dir>/checkpoints; one folder per record inside
-    resume: str = ""  # a checkpoint folder, a run's folder of checkpoints, or "latest" (under checkpoint_dir)
+    # a checkpoint folder, a run's folder of checkpoints, or "latest" (under checkpoint_dir)
+    resume: str = ""
 
 
 PRESETS: dict[str, dict] = {
     "speedrun": {},  # the record: the dataclass defaults
-    "smoke": dict(  # a tiny model on the sample shipped in data/sample/: the whole pipeline in under a minute on 2 CPU
-        input_bin="data/sample/sample_train_*.bin", input_val_bin="data/sample/sample_val_*.bin",  # cores; no
-        n_layer=2, n_head=2, n_embd=64, batch_size=4, device_batch_size=2, sequence_length=128,  # checkpoint
-        num_iterations=60, warmup_iters=5, warmdown_iters=20, val_loss_every=20, val_tokens=4096,  # unless asked
-        final_checkpoint=False, loss_chunk=128,  # CPU: 128-row logit chunks (25 MB) stay in malloc's heap; a 256-row
-    ),                                           # one (51 MB) is mmap'd and faulted in afresh each time: 44 -> 33 s
-    "bench": dict(  # the record's model and batch for 50 steps (10 untimed + 40 timed), one validation at the end:
-        num_iterations=50, warmup_iters=10, warmdown_iters=10, val_loss_every=0, val_tokens=1048576,  # the benchmark
+    # a tiny model on the sample shipped in data/sample/: the whole pipeline in under a minute on
+    # 2 CPU cores, no checkpoint unless asked; 128-row logit chunks (records/smoke-cpu/README.md)
+    "smoke": dict(
+        input_bin="data/sample/sample_train_*.bin", input_val_bin="data/sample/sample_val_*.bin",
+        n_layer=2, n_head=2, n_embd=64, batch_size=4, device_batch_size=2, sequence_length=128,
+        num_iterations=60, warmup_iters=5, warmdown_iters=20, val_loss_every=20, val_tokens=4096,
+        final_checkpoint=False, loss_chunk=128,
     ),
-    # the optimizer-comparison protocol: the record's model, one 64 x 1024 micro-batch a step (26.2M tokens), the
-    # record's schedule scaled to 400 steps; val every 25 steps (steps to a target to 25 steps) on 1,048,576 tokens
-    "compare": dict(
-        batch_size=64, num_iterations=400, warmup_iters=15, warmdown_iters=115,
-        val_loss_every=25, val_tokens=1048576,
-    ),
+    # the benchmark: the record's model and batch for 50 steps (10 untimed + 40 timed), one
+    # validation at the end
+    "bench": dict(num_iterations=50, warmup_iters=10, warmdown_iters=10, val_loss_every=0,
+                  val_tokens=1048576),
+    # the optimizer-comparison protocol: the record's model, one 64 x 1024 micro-batch a step (26.2M
+    # tokens), the record's schedule scaled to 400 steps; val every 25 steps (steps to a target to 25
+    # steps) on 1,048,576 tokens
+    "compare": dict(batch_size=64, num_iterations=400, warmup_iters=15, warmdown_iters=115,
+                    val_loss_every=25, val_tokens=1048576),
 }
 
 
@@ -171,29 +152,34 @@ def _parse_value(name: str, kind, text: str):
 
 
 def parse_args(argv: list[str]) -> Hyperparameters:
-    """`--field value` for every Hyperparameters field; `--preset name` applies a named set first, explicit fields win.
-    With `--resume`, the checkpoint's settings are the base and only RESUME_MAY_CHANGE may differ (resume_settings)."""
+    """`--field value` for every Hyperparameters field; `--preset name` applies a named set first,
+    explicit fields win. With `--resume`, the checkpoint's settings are the base and only
+    RESUME_MAY_CHANGE may differ (resume_settings)."""
     kinds = {f.name: f.type for f in fields(Hyperparameters)}
     given: dict[str, str] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(__doc__ + "\nsettings (--name value or --name=value; the last of a repeated one wins):\n  "
-                  + " ".join("--" + k for k in kinds))
+            declared = {s.name: s for s in declared_settings()}
+            print(__doc__ + "\nsettings (--name value or --name=value; the last of a repeated one "
+                  "wins):\n  " + " ".join("--" + k for k in kinds if k not in declared)
+                  + "\noptimizer settings:\n" + "\n".join(
+                      f"  --{s.name} ({s.default}): {s.help}" for s in declared.values()))
             raise SystemExit(0)
         key, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if key not in kinds:
             hint = difflib.get_close_matches(key or arg, list(kinds), n=1)
-            raise SystemExit(f"unknown setting {arg!r}" + (f"; did you mean --{hint[0]}?" if hint else "")
-                             + f"\nsettings: {' '.join('--' + k for k in kinds)}")
+            hint = f"; did you mean --{hint[0]}?" if hint else ""
+            raise SystemExit(f"unknown setting {arg!r}{hint}\nsettings: "
+                             f"{' '.join('--' + k for k in kinds)}")
         if not eq:  # the value is the next argument; --name= is the empty value
             if i + 1 >= len(argv):
                 raise SystemExit(f"--{key} needs a value")
             i, val = i + 1, argv[i + 1]
             if val.startswith("--"):
-                raise SystemExit(f"--{key} needs a value, got the setting {val}; to pass {val!r} as the value write "
-                                 f"--{key}={val}")
+                raise SystemExit(f"--{key} needs a value, got the setting {val}; to pass {val!r} "
+                                 f"as the value write --{key}={val}")
         given[key] = val
         i += 1
     preset = given.get("preset", "speedrun")
@@ -207,33 +193,112 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     return Hyperparameters(**values)
 
 
-def flops_per_token(args: Hyperparameters) -> int:
-    """Forward + backward FLOPs of one token: 6 N + 6 L T d, N = 12 L d^2 + V d matmul weights (qkv 3 d^2, proj d^2,
-    MLP 8 d^2 per layer, the head V d), causal attention 6 L T d (half of 12 L T d). GPT-124M, T = 1024: 0.798 GFLOP."""
-    L, d = args.n_layer, args.n_embd
-    return 6 * (12 * L * d * d + args.vocab_size * d) + 6 * L * args.sequence_length * d
-
-
 def lr_multiplier(it: int, args: Hyperparameters) -> float:
-    """(it+1)/warmup for it < warmup; 1 until num_iterations - warmdown; then (num_iterations - it)/warmdown."""
+    """(it+1)/warmup for it < warmup; 1 until num_iterations - warmdown; then
+    (num_iterations - it)/warmdown."""
     if it < args.warmup_iters:
         return (it + 1) / args.warmup_iters
     if it < args.num_iterations - args.warmdown_iters:
         return 1.0
     return (args.num_iterations - it) / args.warmdown_iters
 
-# ----------------------------------------------------------------------------- optimizers
-# The rules: Newton-Schulz (orthogonalize) and the shared helpers, one class per optimizer, the table that
-# --optimizer reads. The speed machinery they call (kernels, stacking, factorizations) follows in the next section.
+# ----------------------------------------------------------------------------- rules
+# A rule: a MatrixOptimizer subclass registered with @optimizer(name), its settings declared beside
+# it (Setting), its math in `update` (and in `rule`, the pure function its fast path runs:
+# FAST_PATHS). Hyperparameters, the command line, the checks and the checkpoints all follow from
+# these declarations.
 
-# (a, b, c) per Newton-Schulz step: X <- a X + b (X X^T) X + c (X X^T)^2 X, and the factor on ||X||_F before the first step
+
+@dataclass(frozen=True)
+class Setting:
+    """One optimizer setting: the field and command-line name `--name`, its default (its type: the
+    setting's), a help line, and the values it allows: ok(value, args) holds; `want` (a text, or a
+    function of args) names them in the refusal `--name: must be <want>, got <value>`."""
+    name: str
+    default: object
+    help: str
+    want: str | Callable = ""
+    ok: Callable = lambda value, args: True
+
+    @property
+    def kind(self) -> str:
+        """The field's type as Hyperparameters spells it: bool, int, float, str, tuple[float,
+        float].
+        """
+        if isinstance(self.default, tuple):
+            return "tuple[float, float]"
+        return type(self.default).__name__
+
+    def refusal(self, args) -> str:
+        """'' if args' value is allowed, else the one-line refusal."""
+        value = getattr(args, self.name)
+        if self.ok(value, args):
+            return ""
+        want = self.want(args) if callable(self.want) else self.want
+        return f"--{self.name}: must be {want}, got {value!r}"
+
+
+def positive(name: str, default: float, help: str) -> Setting:
+    return Setting(name, default, help, "positive and finite", lambda v, a: 0 < v < math.inf)
+
+
+def fraction(name: str, default: float, help: str) -> Setting:
+    return Setting(name, default, help, "in [0, 1)", lambda v, a: 0 <= v < 1)
+
+
+def nonnegative(name: str, default: float, help: str) -> Setting:
+    return Setting(name, default, help, ">= 0", lambda v, a: 0 <= v < math.inf)
+
+
+def at_least(name: str, default: int, low: int, help: str) -> Setting:
+    return Setting(name, default, help, f">= {low}", lambda v, a: v >= low)
+
+
+def betas(name: str, default: tuple[float, float], help: str) -> Setting:
+    return Setting(name, default, help, "two numbers in [0, 1), e.g. 0.9,0.95",
+                   lambda v, a: len(v) == 2 and all(0 <= b < 1 for b in v))
+
+
+def flag(name: str, default: bool, help: str) -> Setting:
+    return Setting(name, default, help, "a bool (0 or 1)", lambda v, a: isinstance(v, bool))
+
+
+def choice(name: str, default: str, choices, help: str, want: str = "") -> Setting:
+    """One of `choices` (their names: a dict's keys)."""
+    choices = tuple(choices)
+    want = want or (", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1
+                    else choices[0])
+    return Setting(name, default, help, want, lambda v, a: v in choices)
+
+
+OPTIMIZERS: dict[str, type] = {}  # --optimizer name -> the rule (its class), in registration order
+
+
+def optimizer(name: str):
+    """Class decorator: register a rule as `--optimizer name`."""
+    def register(cls: type) -> type:
+        OPTIMIZERS[name] = cls
+        return cls
+    return register
+
+
+def optimizer_class(name: str) -> type:
+    """The rule `--optimizer name` picks; SystemExit naming the choices if there is none."""
+    if name not in OPTIMIZERS:
+        raise SystemExit(f"--optimizer: unknown optimizer {name!r}; choose one of "
+                         f"{', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+# (a, b, c) per Newton-Schulz step: X <- a X + b (X X^T) X + c (X X^T)^2 X, and the factor on
+# ||X||_F before the first step
 NS_COEFFS: dict[str, tuple[list[tuple[float, float, float]], float]] = {
     "simple": ([(3.4445, -4.7750, 2.0315)] * 5, 1.0),
     "quintic": ([(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
                  (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)], 1.0),
-    # Polar Express (Amsel et al. 2025), the first 5 of the paper's code's coefficient list, each divided by its
-    # safety factor (a / 1.01, b / 1.01^3, c / 1.01^5): the code exempts only the list's last polynomial, which a
-    # 5-step run never reaches
+    # Polar Express (Amsel et al. 2025), the first 5 of the paper's code's coefficient list, each
+    # divided by its safety factor (a / 1.01, b / 1.01^3, c / 1.01^5): the code exempts only the
+    # list's last polynomial, which a 5-step run never reaches
     "polar_express": ([(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in [
         (8.28721201814563, -23.595886519098837, 17.300387312530933),
         (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
@@ -243,10 +308,11 @@ NS_COEFFS: dict[str, tuple[list[tuple[float, float, float]], float]] = {
 }
 
 
-# Where orthogonalize(G) puts the singular values: if every singular value of G is >= x0 ||G||_F, every singular value
-# of the bf16 result lies in NS_BANDS[set][x0] (measured: the scalar polynomial in float64 over x in [x0, 1], widened by
-# the bf16 noise seen on random 768x3072 matrices of many spectra; tests/test_optimizers.py checks it). Smaller singular
-# values come out smaller: roughly x (a1 a2 ... a5) for x << x0, e.g. 487 x for "simple".
+# Where orthogonalize(G) puts the singular values: if every singular value of G is >= x0 ||G||_F,
+# every singular value of the bf16 result lies in NS_BANDS[set][x0] (the scalar polynomial in
+# float64 over x in [x0, 1], widened by the bf16 noise seen on random 768x3072 matrices of many
+# spectra; tests/test_optimizers.py checks it). Smaller singular values come out smaller: roughly x
+# (a1 a2 ... a5) for x << x0, e.g. 487 x for "simple".
 NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
     "simple": {1e-2: (0.67, 1.15), 2e-3: (0.67, 1.22)},
     "quintic": {1e-2: (0.96, 1.05), 2e-3: (0.84, 1.16)},
@@ -256,16 +322,19 @@ NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
 
 def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     """msign(G) ~ U V^T for G = U S V^T, batched over leading dims, in bf16:
-    X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step {A = X X^T; X = (a I + b A + c A A) X}
-    (= a X + b A X + c A (A X), the record's form, in 4mmn + 2mmm flops instead of 6mmn for m x n; three GEMMs,
-    the m x m polynomial summed in fp32 between them, so no GEMM reads or copies X for an epilogue; X X^T and
-    A A = A A^T are syrk's symmetric products, which compute only the tiles on and above the diagonal). The first step
-    skips the normalizing pass over G: with G0 = bf16(G), A0 = G0 G0^T, s = f sqrt(tr A0) + 1e-7 (= f ||G0||_F +
-    1e-7): A = A0 / s^2 and X = ((a I + b A + c A A) / s) G0 (so G's entries must stay below ~1e17, where A0 would
-    overflow bf16's range; a gradient that large is a divergence)."""
+    X = G / (f ||G||_F + 1e-7); transposed so rows <= cols; per step
+    {A = X X^T; X = (a I + b A + c A A) X} (= a X + b A X + c A (A X), the record's form, in
+    4mmn + 2mmm flops instead of 6mmn for m x n; three GEMMs, the m x m polynomial summed in fp32
+    between them, so no GEMM reads or copies X for an epilogue; X X^T and A A = A A^T are syrk's
+    symmetric products, which compute only the tiles on and above the diagonal). The first step
+    skips the normalizing pass over G: with G0 = bf16(G), A0 = G0 G0^T, s = f sqrt(tr A0) + 1e-7
+    (= f ||G0||_F + 1e-7): A = A0 / s^2 and X = ((a I + b A + c A A) / s) G0 (so G's entries must
+    stay below ~1e17, where A0 would overflow bf16's range; a gradient that large is a divergence).
+    """
     steps, f = NS_COEFFS[coeffs]
     X = G.to(NS_DTYPE)
-    acc = torch.promote_types(NS_DTYPE, torch.float32)  # the sums between the GEMMs: fp32 (fp64 with NS_DTYPE fp64)
+    # the sums between the GEMMs: fp32 (fp64 with NS_DTYPE fp64)
+    acc = torch.promote_types(NS_DTYPE, torch.float32)
     if G.size(-2) > G.size(-1):
         X = X.mT
     shape = X.shape
@@ -284,21 +353,26 @@ def orthogonalize(G: torch.Tensor, coeffs: str = "simple") -> torch.Tensor:
     return X.mT if G.size(-2) > G.size(-1) else X
 
 
-def nuclear_norm(M: torch.Tensor, mode: str = "exact", O: torch.Tensor | None = None) -> torch.Tensor:
+def nuclear_norm(M: torch.Tensor, mode: str = "exact",
+                 O: torch.Tensor | None = None) -> torch.Tensor:
     """||M||_* = sum_i s_i(M) per matrix, batched over leading dims, in fp32 (fp64 for fp64 M):
     exact: sum_i sqrt(max(l_i, 0)) over l = eigvalsh of the smaller Gram, M^T M or M M^T;
-    inner: <O, M> = sum_ij O_ij M_ij with O = orthogonalize(M) ~ U V^T, as <U V^T, U S V^T> = tr S (off by NS_BANDS)."""
+    inner: <O, M> = sum_ij O_ij M_ij with O = orthogonalize(M) ~ U V^T, as <U V^T, U S V^T> = tr S
+    (off by NS_BANDS)."""
     M = M.to(torch.promote_types(M.dtype, torch.float32))
     if mode == "inner":
-        return (O.to(M.dtype) * M).sum(-1).sum(-1)  # rows first: one reduction over m n per matrix ran on 12 blocks
+        # rows first: one reduction over m n per matrix ran on 12 blocks
+        return (O.to(M.dtype) * M).sum(-1).sum(-1)
     gram = M.mT @ M if M.size(-2) >= M.size(-1) else M @ M.mT
     return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(-1)
 
 
-def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str, low_precision: bool | None = None) -> torch.Tensor:
-    """G R for G (out, d) and gram_factor's R: full G @ R; block: each b-column block of G times its (b, b) block;
-    diag: G * R. In fp32 (fp64 for fp64), or with bf16 operands (low_precision; default: on CUDA, where R's
-    application then costs a bf16 matmul like the model's own), returned in G's dtype."""
+def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str,
+                       low_precision: bool | None = None) -> torch.Tensor:
+    """G R for G (out, d) and gram_factor's R: full G @ R; block: each b-column block of G times its
+    (b, b) block; diag: G * R. In fp32 (fp64 for fp64), or with bf16 operands (low_precision;
+    default: on CUDA, where R's application then costs a bf16 matmul like the model's own), returned
+    in G's dtype."""
     if mode == "diag":
         return (G * R).to(G.dtype)
     low = bf16_operands(G) if low_precision is None else low_precision
@@ -306,7 +380,9 @@ def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str, low_precisio
     X, R = G.to(dtype), R.to(dtype)
     if mode == "block":  # (out, d) -> (d/b, out, b) @ (d/b, b, b) -> (out, d)
         out, d = G.shape
-        return (X.view(out, R.size(0), -1).transpose(0, 1) @ R).transpose(0, 1).reshape(out, d).to(G.dtype)
+        return (X.view(out, R.size(0), -1).transpose(0, 1) @ R).transpose(0, 1).reshape(out,
+                                                                                        d).to(
+                                                                                            G.dtype)
     return (X @ R).to(G.dtype)
 
 
@@ -318,591 +394,9 @@ def trace_over_d(C: torch.Tensor, mode: str) -> torch.Tensor:
     return D.flatten(-2).mean(-1) if mode == "block" else D.mean(-1)
 
 
-class MatrixOptimizer(torch.optim.Optimizer):
-    """Base of the block-matrix optimizers. Each matrix is owned by one process (greedy by `cost`); the owner runs the
-    update rule on all its matrices of one batch_key as a batch, then one all_gather shares the new parameters, so every
-    process ends the step identical and optimizer work falls ~W-fold with W processes."""
-
-    def __init__(self, params, defaults: dict):
-        super().__init__(params, defaults)
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.owner: dict[torch.Tensor, int] = dict(zip(self._params(), assign_owners(
-            [self.cost(p) for p in self._params()], self.world)))
-        self._gather_buf: torch.Tensor | None = None
-        self._lr: dict[tuple, torch.Tensor] = {}
-
-    def _params(self) -> list[torch.Tensor]:
-        return optimizer_params(self)
-
-    @staticmethod
-    def cost(p: torch.Tensor) -> float:
-        m, n = p.shape
-        return m * n * min(m, n)
-
-    @staticmethod
-    def batch_key(p: torch.Tensor) -> tuple:
-        """Matrices with one key share a batch of `update` (here: one shape)."""
-        return tuple(p.shape)
-
-    def update(self, params: list[torch.Tensor], group: dict) -> None:
-        """Apply the rule in place to `params`, all of one batch_key and one group, with their .grad."""
-        raise NotImplementedError
-
-    def momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each matrix's state["momentum_buffer"], zeros on first use (made once, not each step)."""
-        for p in params:
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        return [self.state[p]["momentum_buffer"] for p in params]
-
-    def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
-        """The gradients the rule starts from (a subclass may precondition them)."""
-        return [p.grad for p in params]
-
-    def lr_tensor(self, group: dict, like: torch.Tensor) -> torch.Tensor:
-        """group["lr"] as a 0-dim tensor of like's device and dtype, refilled in place each step (compiled steps take
-        it as data, so the schedule never recompiles them)."""
-        key = (id(group), like.device, like.dtype)
-        if key not in self._lr:
-            self._lr[key] = torch.empty((), device=like.device, dtype=like.dtype)
-        return self._lr[key].fill_(group["lr"])
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            batches: dict[tuple, list[torch.Tensor]] = {}
-            for p in group["params"]:
-                if self.owner[p] == self.rank and p.grad is not None:
-                    batches.setdefault(self.batch_key(p), []).append(p)
-            for ps in batches.values():
-                self.update(ps, group)
-        if self.world > 1:
-            all_gather_owned(self)
-
-
-class Muon(MatrixOptimizer):
-    """buf = m buf + G; G' = G + m buf (Nesterov) or buf; p -= lr * s * orthogonalize(G'), s = max(1, rows/cols)^0.5 or 1."""
-
-    def __init__(self, params, lr: float = 0.018, momentum: float = 0.95, nesterov: bool = True,
-                 coeffs: str = "simple", shape_scale: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, coeffs=coeffs,
-                                      shape_scale=shape_scale))
-
-    @staticmethod
-    def batch_key(p: torch.Tensor) -> tuple:
-        return wide_key(p)  # m x n and n x m matrices in one batch
-
-    def update(self, params, group, factors: list[torch.Tensor] | None = None):
-        grads = [p.grad for p in params] if factors else self.gradients(params, group)
-        bufs = self.momentum_buffers(params)
-        scales = [max(1.0, p.size(0) / p.size(1)) ** 0.5 if group["shape_scale"] else 1.0 for p in params]
-        _muon_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
-                   group["nesterov"], group["coeffs"], scales, factors, group.get("gram", "full"),
-                   group.get("precondition", "before"))
-
-
-class PolarGrad(MatrixOptimizer):
-    """PolarGrad (Lau, Long & Su 2025, arXiv:2505.21799): Muon's direction scaled by its nuclear
-    norm (steepest descent in the spectral norm rather than its LMO):
-    M = b M + (1 - b) G;  D = b M + (1 - b) G (Nesterov) or M;  O = orthogonalize(D);
-    p = (1 - lr wd) p - lr ||D||_* O,  ||D||_* = nuclear_norm(D, nuclear, O).
-    The rule of NVIDIA Emerging-Optimizers' PolarGrad (fd77292): with its default coefficients,
-    quintic, and nuclear inner, to 1e-10 in float64 (tests/golden/polargrad.json). The default here,
-    polar_express, is not its polar_express: the paper's coefficients with the 1.01 safety factor on
-    the norm, where Emerging-Optimizers' are rounded to 4 decimals with none on the norm: their O
-    differ by 2-3% (float64, matrices 192 to 3072 wide; tests/test_audit.py)."""
-
-    def __init__(self, params, lr: float = 0.3, momentum: float = 0.95, nesterov: bool = False,
-                 weight_decay: float = 0.0, nuclear: str = "inner", coeffs: str = "polar_express"):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                      nuclear=nuclear, coeffs=coeffs))
-
-    @staticmethod
-    def batch_key(p: torch.Tensor) -> tuple:
-        return wide_key(p)  # m x n and n x m matrices in one batch
-
-    def update(self, params: list[torch.Tensor], group: dict) -> None:
-        grads = self.gradients(params, group)
-        bufs = self.momentum_buffers(params)
-        _polargrad_step(params, grads, bufs, self.lr_tensor(group, params[0]), group["momentum"],
-                        group["nesterov"], group["weight_decay"], group["nuclear"], group["coeffs"])
-
-
-class SOAP(MatrixOptimizer):
-    """SOAP (Vyas et al. 2024, arXiv:2409.11321): Adam in the eigenbasis of Shampoo's
-    preconditioner. Checked against soap.py of the modded-nanogpt SOAP fork
-    (nikhilvyas/modded-nanogpt-SOAP 618af27; tests/golden/soap.json: to 1e-10 in float64), which
-    keeps the first moment m in the parameter space and projects it into the eigenbasis each step.
-    Here m lives in the eigenbasis, as in nikhilvyas/SOAP's soap.py at f42d296 (which maps it back
-    and forth at every step), and is carried over only when the basis changes:
-    m <- Q_L'^T (Q_L m Q_R^T) Q_R'. The three are one rule: the projection is linear and the bases
-    change only at a refresh. Per matrix, with s = shampoo_beta (b2 if < 0):
-      first step: L = (1-s) G G^T, R = (1-s) G^T G, (Q_L, Q_R) = eigenbasis(L, R); no update, so G never
-        preconditions itself;
-      step t = 1, 2, ...: G~ = Q_L^T G Q_R;  m = b1 m + (1-b1) G~;  v = b2 v + (1-b2) G~^2;
-        p = p - lr sqrt(1-b2^t)/(1-b1^t) Q_L (m / (sqrt(v) + eps)) Q_R^T;  p = p - lr wd p;
-        L = s L + (1-s) G G^T;  R = s R + (1-s) G^T G;
-        t % precondition_frequency == 0: (A_L, o_L) = power_step(L, Q_L); Q_L = orthonormalize(A_L); the same for R;
-        v = v[o_L, :][:, o_R] (v follows its sorted basis vectors); m carried over as above. The refresh runs after
-        all batches' updates, their bases' QRs batched by size (one orthonormalize for every n x n basis).
-    A side longer than max_precond_dim gets no preconditioner (Q = I). All state and math in fp32 (fp64 for fp64
-    parameters; the refresh's QR in fp64); tf32: the step's fp32 matmuls on TF32 tensor cores (CUDA; ~1e-3 relative
-    rounding in the rotations, L, R and the power iteration). The matrices of one shape keep each state entry
-    stacked, one tensor updated in place, so eigh, QR and the rotations run batched without copying the state each
-    step; self.state[p][name] is a view of p's slice, so state dicts stay per matrix (state not made here, e.g.
-    loaded, is restacked once)."""
-
-    def __init__(self, params, lr: float = 0.0018, betas: tuple[float, float] = (0.95, 0.95),
-                 shampoo_beta: float = -1.0, eps: float = 1e-8, weight_decay: float = 0.0,
-                 precondition_frequency: int = 10, max_precond_dim: int = 10000, tf32: bool = False):
-        super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
-                                      weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-                                      max_precond_dim=max_precond_dim, tf32=tf32))
-        self._due: list[tuple[dict[str, torch.Tensor], dict]] = []  # (stacked state, group) whose bases refresh now
-        # ids of a batch's params -> (stacked state, the per-matrix views handed to self.state)
-        self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self._due = []
-        super().step()
-        if self._due:
-            refresh_soap_bases(self._due)
-
-    def update(self, params: list[torch.Tensor], group: dict) -> None:
-        by_step: dict[int, list[torch.Tensor]] = {}
-        for p in params:
-            by_step.setdefault(self.state[p].get("step", -1), []).append(p)
-        if len(by_step) > 1:  # matrices that missed a step (no grad) are batched apart, each once
-            for ps in by_step.values():
-                self.update(ps, group)
-            return
-        (b1, b2), lr = group["betas"], group["lr"]
-        s = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
-        G = torch.stack(self.gradients(params, group)).to(torch.promote_types(params[0].dtype, torch.float32))
-        S = soap_state(self, params, G, group["max_precond_dim"])
-        t = next(iter(by_step)) + 1
-        QL, QR = S.get("QL"), S.get("QR")
-        with tf32_matmuls(group["tf32"]):
-            if t > 0:
-                Gr = _rotate(G, QL, QR)
-                S["exp_avg"].lerp_(Gr, 1 - b1)
-                S["exp_avg_sq"].mul_(b2).addcmul_(Gr, Gr, value=1 - b2)
-                U = _rotate(S["exp_avg"] / S["exp_avg_sq"].sqrt().add_(group["eps"]), QL, QR, back=True)
-                torch._foreach_add_(params, list(U.unbind(0)), alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))
-                if group["weight_decay"]:
-                    torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            for side, X in (("L", G), ("R", G.mT)):
-                if side in S:  # L = s L + (1-s) G G^T, R = s R + (1-s) G^T G, the EMA in the matmul's epilogue
-                    S[side].baddbmm_(X, X.mT, beta=s, alpha=1 - s)
-            if t == 0:
-                for side in ("L", "R"):
-                    if side in S:
-                        S["Q" + side].copy_(eigenbasis(S[side]))
-            elif t % group["precondition_frequency"] == 0:
-                self._due.append((S, group))  # refreshed in step(), after every batch: one orthonormalize per size
-        for p in params:
-            self.state[p]["step"] = t
-
-
-class FeatureGram(MatrixOptimizer):
-    """Base of the feature-gram optimizers: each block matrix W (out x d) is preconditioned on the right by the Gram
-    matrix of its layer's input X, C = X^T X / n_tokens (full, block-diagonal or diagonal), which the model collects on
-    refresh steps (GPT.collect_gram). On a refresh, refresh_gram averages the collected sums over processes (one
-    all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the right preconditioner
-    (gram_factor, batched over the matrices of one shape; on CUDA stored in bf16, the operand dtype right_precondition
-    gives it there) for the matrices this process owns; each step then costs one matmul per matrix
-    (right_precondition). Before the first refresh the preconditioner is the identity."""
-
-    def __init__(self, params, layers: list[nn.Module], defaults: dict):
-        super().__init__(params, defaults)
-        self.layers = dict(zip([id(p) for p in params], layers))
-        assert all(self.layers[id(p)].weight is p for p in self._params())
-        self._pending: list = []  # refresh_gram's batches, each with its failure flag, for finish_refresh
-        self._refreshed: torch.cuda.Event | None = None  # set when refresh_gram ran on a side stream
-        # matrices of this process whose Cholesky of C + gamma I failed at the last refresh, by the factor on gamma
-        # that held (finish_refresh); the training loop writes them to the record (`gram_fallbacks:`)
-        self.fallbacks: dict[int, int] = dict.fromkeys(FALLBACK_BOOSTS, 0)
-
-    def damping(self, C: torch.Tensor, group: dict) -> torch.Tensor | float:
-        """gamma of C + gamma I, for C batched over its first dim: relative (Newton-Muon) or absolute (LocoProp-S)."""
-        raise NotImplementedError
-
-    def factor(self, C: torch.Tensor, group: dict, wait: bool = True, boosts: list | None = None):
-        """The cached right preconditioner for a batch of C's of one shape (wait, boosts: as gram_factor's)."""
-        return gram_factor(C, self.damping(C, group), group["gram"], group["f"], wait, boosts)
-
-    def _store_factors(self, ps: list[torch.Tensor], Rs: torch.Tensor, group: dict) -> None:
-        for p, R in zip(ps, Rs):
-            low = bf16_operands(p) and group["gram"] != "diag"  # stored as right_precondition's operand
-            self.state[p]["factor"] = R.bfloat16() if low else R
-
-    def _stacked_grams(self, ps: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([self.state[p]["gram"] for p in ps])
-
-    def refresh_gram(self, n_tokens: int, stream: torch.cuda.Stream | None = None) -> None:
-        """Take the Gram sums the model collected over n_tokens tokens (all processes): C, then the cached factors, one
-        attempt per batch without a host sync; finish_refresh() (or the next step()) redoes a batch whose Cholesky
-        failed. With a CUDA `stream`, everything after the all-reduce is queued on it behind the current stream's work,
-        so the factorization overlaps what the current stream does next (the backward); finish_refresh() joins it."""
-        refresh_gram_factors(self, n_tokens, stream)
-
-    def finish_refresh(self) -> None:
-        """Join a refresh_gram(stream=...): the current stream waits for it; a batch whose Cholesky failed is redone
-        here with gram_factor's damping boosts (host syncs, only then; raises LinAlgError if C is not finite)."""
-        finish_gram_refresh(self)
-
-    def step(self) -> None:
-        self.finish_refresh()  # a no-op unless a refresh_gram is still pending
-        super().step()
-
-    def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
-        """G (C + gamma I)^-1 for each matrix that has a factor; G itself before the first refresh."""
-        return [right_precondition(p.grad, self.state[p]["factor"], group["gram"])
-                if "factor" in self.state[p] else p.grad for p in params]
-
-
-class NewtonMuon(FeatureGram):
-    """Newton-Muon (arXiv:2604.01472): Muon on the right-preconditioned gradient, R = (C + gamma I)^-1 (or its square
-    root, f) with gamma = damping tr(C)/d, R the one of the last refresh;
-    precondition before:  buf = m buf + G R;  p -= lr msign(G R + m buf) (Nesterov; msign(buf) without);
-    precondition after:   buf = m buf + G;    p -= lr msign((G + m buf) R) (Nesterov; msign(buf R) without).
-    They differ only after a refresh (before: buf's older terms keep their older R). p's step is also multiplied by
-    max(1, rows/cols)^0.5 with shape_scale, as Muon's. With C = c I both are Muon (msign is scale-free)."""
-
-    def __init__(self, params, layers, lr: float = 0.018, momentum: float = 0.95, nesterov: bool = True,
-                 coeffs: str = "simple", gram: str = "full", damping: float = 0.2, gram_beta: float = 0.0,
-                 f: str = "solve", precondition: str = "before", shape_scale: bool = False):
-        super().__init__(params, layers, dict(lr=lr, momentum=momentum, nesterov=nesterov, coeffs=coeffs,
-                                              shape_scale=shape_scale, gram=gram, damping=damping,
-                                              gram_beta=gram_beta, f=f, precondition=precondition))
-
-    def damping(self, C, group):
-        return group["damping"] * trace_over_d(C, group["gram"])
-
-    @staticmethod
-    def batch_key(p: torch.Tensor) -> tuple:
-        return wide_key(p)  # m x n and n x m matrices in one batch
-
-    def update(self, params, group):
-        """Muon on G (C + gamma I)^-1: the preconditioning inside muon_step once every matrix has its factor."""
-        factors = [self.state[p].get("factor") for p in params]
-        Muon.update(self, params, group, factors if all(f is not None for f in factors) else None)
-
-
-class LocoPropS(FeatureGram):
-    """LocoProp-S (Amid, Anil & Warmuth, AISTATS 2022), square-loss local problems: the layer's local loss
-    1/2 ||X W^T - (X W0^T - eta dY)||^2 + lam/2 ||W - W0||^2 (means over tokens) has gradient
-    (W - W0)(C + lam I) + eta G, so with A = C + lam I (lam: lambda, or lambda tr(C)/d with lambda_mode relative) its
-    minimizer is dW = -eta G A^-1 (steps = 0), and K inner gradient steps of size s = nu / L from W0, with
-    L = eigenvalue_bound(C) + lam >= lambda_max(A), give dW = -s eta G sum_{j<K} (I - s A)^j (steps = K). On A's
-    eigenvector i (eigenvalue a_i) that is -eta G's component / a_i times 1 - (1 - nu a_i / L)^K: for nu in (0, 2) it
-    converges to the minimizer for every C (|1 - nu a_i / L| < 1), for nu <= 1 monotonically in K (the factor is in
-    [0, 1)). (A step nu not scaled by 1/L diverges once nu lambda_max(A) > 2: nu = 0.5, lam = 1 gave spectral radii
-    14.6, 72.8 and 43 for c_attn, c_fc and the MLP's c_proj of the 768-wide model at init.) G may first go through
-    heavy-ball momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
-
-    def __init__(self, params, layers, lr: float = 0.3, lam: float = 1.0, steps: int = 0, nu: float = 1.0,
-                 momentum: float = 0.0, gram: str = "full", gram_beta: float = 0.0, lambda_mode: str = "absolute"):
-        super().__init__(params, layers, dict(lr=lr, damping=lam, steps=steps, nu=nu, momentum=momentum, gram=gram,
-                                              gram_beta=gram_beta, f="solve", lambda_mode=lambda_mode))
-
-    def damping(self, C, group):
-        """lambda of A = C + lambda I: absolute, the setting itself; relative, setting * tr(C)/d per matrix."""
-        if group["lambda_mode"] == "relative":
-            return group["damping"] * trace_over_d(C, group["gram"])
-        return group["damping"]
-
-    def factor(self, C, group, wait=True, boosts=None):  # A^-1 (steps = 0) or the K-step polynomial P_K
-        if group["steps"] == 0:
-            return super().factor(C, group, wait, boosts)
-        lam = self.damping(C, group)
-        step = group["nu"] / (eigenvalue_bound(C, group["gram"]) + lam)
-        return cannot_fail(inner_steps_polynomial(C, lam, step, group["steps"], group["gram"]), wait)
-
-    def update(self, params, group):
-        grads = [p.grad for p in params]
-        if group["momentum"]:
-            bufs = self.momentum_buffers(params)
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads)
-            grads = bufs
-        dirs = [right_precondition(g, self.state[p]["factor"], group["gram"]) if "factor" in self.state[p] else g
-                for p, g in zip(params, grads)]  # the identity before the first refresh
-        torch._foreach_add_(params, dirs, alpha=-group["lr"])
-
-
-# name -> (block matrices, settings, fused) -> optimizer; `--optimizer` takes these names
-OPTIMIZERS = {
-    "muon": lambda ps, a, fused: Muon(ps, lr=a.muon_lr, momentum=a.muon_momentum, nesterov=a.muon_nesterov,
-                                      coeffs=a.ns_coeffs, shape_scale=a.muon_shape_scale),
-    "polargrad": lambda ps, a, fused: PolarGrad(ps, lr=a.polargrad_lr, momentum=a.polargrad_momentum,
-                                                nesterov=a.polargrad_nesterov, weight_decay=a.polargrad_weight_decay,
-                                                nuclear=a.polargrad_nuclear, coeffs=a.polargrad_ns_coeffs),
-    "soap": lambda ps, a, fused: SOAP(ps, lr=a.soap_lr, betas=a.soap_betas, shampoo_beta=a.soap_shampoo_beta,
-                                      eps=a.soap_eps, weight_decay=a.soap_weight_decay,
-                                      precondition_frequency=a.soap_precondition_frequency,
-                                      max_precond_dim=a.soap_max_precond_dim, tf32=a.soap_tf32),
-    "newton_muon": lambda ps, a, layers: NewtonMuon(ps, layers, lr=a.muon_lr, momentum=a.muon_momentum,
-                                                    nesterov=a.muon_nesterov, coeffs=a.ns_coeffs, gram=a.gram,
-                                                    damping=a.gram_damping, gram_beta=a.gram_beta, f=a.gram_f,
-                                                    precondition=a.newton_muon_precondition,
-                                                    shape_scale=a.muon_shape_scale),
-    "locoprop": lambda ps, a, layers: LocoPropS(ps, layers, lr=a.locoprop_lr, lam=a.locoprop_lambda,
-                                                steps=a.locoprop_steps, nu=a.locoprop_nu,
-                                                momentum=a.locoprop_momentum, gram=a.gram, gram_beta=a.gram_beta,
-                                                lambda_mode=a.locoprop_lambda_mode),
-    "adamw": lambda ps, a, fused: torch.optim.AdamW(ps, lr=a.adamw_lr, betas=a.adamw_betas,
-                                                    weight_decay=a.adamw_weight_decay, fused=fused),
-}
-
-
-def build_optimizers(model: nn.Module, args: Hyperparameters) -> list[torch.optim.Optimizer]:
-    """AdamW on the tied embedding/head; OPTIMIZERS[args.optimizer] on every matrix inside the blocks."""
-    fused = next(model.parameters()).is_cuda
-    embed = torch.optim.AdamW([model.lm_head.weight], lr=args.embed_lr, betas=args.embed_betas, weight_decay=0.0,
-                              fused=fused)
-    if args.optimizer not in OPTIMIZERS:
-        raise SystemExit(f"--optimizer: unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if args.optimizer in ("newton_muon", "locoprop"):  # these also need each matrix's layer, which collects its C
-        model.setup_gram(args.gram, args.gram_block)
-        layers = model.gram_layers()
-        blocks = OPTIMIZERS[args.optimizer]([m.weight for m in layers], args, layers)
-    else:
-        blocks = OPTIMIZERS[args.optimizer](list(model.transformer.h.parameters()), args, fused)
-    for opt in (embed, blocks):
-        for g in opt.param_groups:
-            g["base_lr"] = g["lr"]
-    return [embed, blocks]
-
-
-def check_optimizer_args(args: Hyperparameters) -> None:
-    """Refuse optimizer settings out of range: lr, eps in (0, inf); momentum, betas in [0, 1); weight decay >= 0;
-    soap_shampoo_beta < 1 (negative: soap_betas[1]); frequency, max dim >= 1; soap_tf32 a bool; polargrad_nuclear
-    exact | inner."""
-    def bad(name: str, want: str):
-        raise SystemExit(f"--{name}: must be {want}, got {getattr(args, name)!r}")
-
-    for name in ("embed_lr", "muon_lr", "adamw_lr", "polargrad_lr", "soap_lr", "soap_eps"):
-        if not 0 < getattr(args, name) < math.inf:
-            bad(name, "positive and finite")
-    for name in ("muon_momentum", "polargrad_momentum"):
-        if not 0 <= getattr(args, name) < 1:
-            bad(name, "in [0, 1)")
-    for name in ("embed_betas", "adamw_betas", "soap_betas"):
-        if len(getattr(args, name)) != 2 or not all(0 <= b < 1 for b in getattr(args, name)):
-            bad(name, "two numbers in [0, 1), e.g. 0.9,0.95")
-    for name in ("adamw_weight_decay", "polargrad_weight_decay", "soap_weight_decay"):
-        if not 0 <= getattr(args, name) < math.inf:
-            bad(name, ">= 0")
-    if not args.soap_shampoo_beta < 1:
-        bad("soap_shampoo_beta", "in [0, 1), or negative for soap_betas[1]")
-    for name in ("soap_precondition_frequency", "soap_max_precond_dim"):
-        if getattr(args, name) < 1:
-            bad(name, ">= 1")
-    if not isinstance(args.soap_tf32, bool):
-        bad("soap_tf32", "a bool (0 or 1)")
-    if args.polargrad_nuclear not in ("exact", "inner"):
-        bad("polargrad_nuclear", "exact or inner")
-    if args.gram not in ("full", "block", "diag"):
-        bad("gram", "full, block or diag")
-    if args.gram == "block" and (args.gram_block < 1 or args.n_embd % args.gram_block):
-        bad("gram_block", f"a divisor of every layer's input width ({args.n_embd} and {4 * args.n_embd})")
-    if args.gram_f not in ("solve", "inverse_sqrt"):
-        bad("gram_f", "solve or inverse_sqrt")
-    if args.newton_muon_precondition not in ("before", "after"):
-        bad("newton_muon_precondition", "before or after")
-    if args.locoprop_lambda_mode not in ("absolute", "relative"):
-        bad("locoprop_lambda_mode", "absolute or relative")
-    for name in ("gram_every", "locoprop_steps"):
-        if getattr(args, name) < (1 if name == "gram_every" else 0):
-            bad(name, ">= 1" if name == "gram_every" else ">= 0")
-    for name in ("gram_beta", "locoprop_momentum"):
-        if not 0 <= getattr(args, name) < 1:
-            bad(name, "in [0, 1)")
-    for name in ("gram_damping", "locoprop_lr", "locoprop_lambda"):
-        if not 0 < getattr(args, name) < math.inf:
-            bad(name, "positive and finite")
-    if not 0 < args.locoprop_nu < 2:
-        bad("locoprop_nu", "in (0, 2) (the inner step is locoprop_nu / L, L >= lambda_max(C + lambda I))")
-
-
-# ----------------------------------------------------------------------------- optimizers: speed machinery
-# What the rules above call to run fast: the syrk kernel, batching by shape across processes, SOAP's stacked
-# state and batched refresh, blocked Cholesky/inverse/QR, the feature-gram factors and their side-stream refresh.
-
-NS_DTYPE = torch.bfloat16  # what Newton-Schulz runs in (the momentum rule hands it its input already cast)
-
-
-SYRK_TILE = dict(BS=128, BK=64, num_warps=8, num_stages=3)  # syrk's tiles (BS x BS outputs, BK-deep loads)
-
-
-if triton is not None:
-    @triton.jit
-    def _syrk_kernel(X, C, M, K, sxb, sxm, sxk, scb, scm, scn, BS: tl.constexpr, BK: tl.constexpr):
-        """C[b] = X[b] X[b]^T for X (B, M, K): program (i, j, b) computes output tile (i, j) only if i <= j, in fp32,
-        and stores it at (i, j) and, transposed, at (j, i)."""
-        i, j, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        if i > j:
-            return
-        X += b.to(tl.int64) * sxb
-        C += b.to(tl.int64) * scb
-        rm, rn, rk = i * BS + tl.arange(0, BS), j * BS + tl.arange(0, BS), tl.arange(0, BK)
-        pa = X + rm[:, None] * sxm + rk[None, :] * sxk  # rows of tile i and of tile j, each read along K
-        pb = X + rn[:, None] * sxm + rk[None, :] * sxk
-        acc = tl.zeros((BS, BS), tl.float32)
-        for k in range(0, K, BK):
-            in_k = rk[None, :] < K - k
-            a = tl.load(pa, mask=(rm[:, None] < M) & in_k, other=0.0)
-            bt = tl.load(pb, mask=(rn[:, None] < M) & in_k, other=0.0)
-            acc = tl.dot(a, tl.trans(bt), acc)
-            pa += BK * sxk
-            pb += BK * sxk
-        out = acc.to(C.dtype.element_ty)
-        mask = (rm[:, None] < M) & (rn[None, :] < M)
-        tl.store(C + rm[:, None] * scm + rn[None, :] * scn, out, mask=mask)
-        if i != j:
-            tl.store(C + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=tl.trans(mask))
-
-
-def syrk(X: torch.Tensor) -> torch.Tensor:
-    """X X^T for X (B, m, k), in X's dtype with fp32 accumulation. With Triton, on CUDA (or interpreted): only the
-    t(t+1)/2 tiles on and above the diagonal of the t x t tile grid (t = ceil(m / BS)) are multiplied, each stored
-    twice, 58% of the products for m = 768 (t = 6), for bf16 and fp16 X; else X @ X^T (fp32 included, where
-    Triton's dot would round to TF32)."""
-    half = X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
-    if triton is None or not (half or TRITON_INTERPRETED):
-        return half_mm(X, X.mT)
-    X = X if X.stride(-1) == 1 else X.contiguous()  # the kernel reads rows along K
-    B, M, K = X.shape
-    C = torch.empty(B, M, M, dtype=X.dtype, device=X.device)
-    t = triton.cdiv(M, SYRK_TILE["BS"])
-    _syrk_kernel[(t, t, B)](X, C, M, K, *X.stride(), *C.stride(), **SYRK_TILE)
-    return C
-
-
-def half_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 accumulation, in a's dtype. On CPU, bf16/fp16 operands are multiplied in fp32 and the result
-    rounded once (a product of two bf16 or fp16 numbers is exact in fp32: the same up to the order of the sums), as
-    CPU half GEMMs without AVX-512 BF16 are slow: (768 x 768)(768 x 3072) took 5.3 s in bf16, 0.04 s in fp32."""
-    if a.is_cuda or a.dtype not in (torch.bfloat16, torch.float16):
-        return a @ b
-    return (a.float() @ b.float()).to(a.dtype)
-
-
-def bf16_operands(G: torch.Tensor) -> bool:
-    """Whether right_precondition multiplies in bf16 by default: on CUDA, where it then costs a bf16 matmul."""
-    return G.is_cuda
-
-
-def optimizer_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """opt's parameters in the order of its state_dict()'s indices."""
-    return [p for g in opt.param_groups for p in g["params"]]
-
-
-def assign_owners(costs: list[float], world: int) -> list[int]:
-    """The process that owns each matrix: largest cost first, each to the least-loaded process (ties: lowest rank), so
-    the busiest process carries at most sum(costs)/W + max(costs). Deterministic: the same on every process."""
-    load, owner = [0.0] * world, [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: costs[i], reverse=True):  # stable sort
-        r = min(range(world), key=lambda j: load[j])
-        owner[i], load[r] = r, load[r] + costs[i]
-    return owner
-
-
-def all_gather_owned(opt: MatrixOptimizer) -> None:
-    """All processes receive every owner's updated parameters: one all_gather of padded flat buffers."""
-    mine = [[p for p in opt._params() if opt.owner[p] == r] for r in range(opt.world)]
-    sizes = [[p.numel() for p in ps] for ps in mine]
-    size = max(sum(s) for s in sizes)
-    p0 = opt._params()[0]
-    if opt._gather_buf is None:
-        opt._gather_buf = torch.empty(opt.world * size, dtype=p0.dtype, device=p0.device)
-    flat = torch.zeros(size, dtype=p0.dtype, device=p0.device)
-    if mine[opt.rank]:
-        torch.cat([p.reshape(-1) for p in mine[opt.rank]], out=flat[: sum(sizes[opt.rank])])
-    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newer name first
-    all_gather(opt._gather_buf, flat)
-    for r, ps in enumerate(mine):
-        if r != opt.rank and ps:
-            chunks = opt._gather_buf[r * size: r * size + sum(sizes[r])].split(sizes[r])
-            torch._foreach_copy_(ps, [c.view_as(p) for c, p in zip(chunks, ps)])
-
-
-def wide_key(p: torch.Tensor) -> tuple:
-    """One batch for m x n and n x m matrices (Muon, PolarGrad, Newton-Muon): the MLP's 3072 x 768 and 768 x 3072."""
-    return tuple(sorted(p.shape))
-
-
-def stack_wide(ts: list[torch.Tensor]) -> torch.Tensor:
-    """The matrices of one transposition class (m x n and n x m, see wide_key) as one (k, min, max) batch: tall ones
-    transposed. orthogonalize(G^T) = orthogonalize(G)^T, so Muon-like rules batch both shapes together."""
-    return torch.stack([x.mT if x.size(-2) > x.size(-1) else x for x in ts])
-
-
-def unstack_like(X: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """stack_wide undone: X[i] in like[i]'s orientation."""
-    return [x.mT if p.size(-2) > p.size(-1) else x for x, p in zip(X.unbind(0), like)]
-
-
-def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float, nesterov: bool,
-                   factors: list[torch.Tensor] | None = None, gram: str = "full") -> torch.Tensor:
-    """buf = m buf + G in place; returns stack_wide of D = G + m buf (Nesterov) or buf in NS_DTYPE; with factors,
-    of right_precondition(D, R, gram) per matrix. Wide matrices one at a time, so Inductor makes one kernel of each
-    (reads G and buf, writes buf and the bf16 slice); tall ones by foreach ops, then the transposing stack (one kernel
-    writing buf and a transposed slice was slower)."""
-    post = (lambda i, x: right_precondition(x, factors[i], gram)) if factors is not None else (lambda i, x: x)
-    xs: list[torch.Tensor | None] = [None] * len(grads)
-    tall = [i for i, g in enumerate(grads) if g.size(-2) > g.size(-1)]
-    if tall:
-        tb, tg = [bufs[i] for i in tall], [grads[i] for i in tall]
-        torch._foreach_mul_(tb, momentum)
-        torch._foreach_add_(tb, tg)
-        for i, x in zip(tall, torch._foreach_add(tg, tb, alpha=momentum) if nesterov else tb):
-            xs[i] = post(i, x).to(NS_DTYPE)
-    for i, (b, g) in enumerate(zip(bufs, grads)):
-        if xs[i] is None:
-            b.mul_(momentum).add_(g)
-            xs[i] = post(i, torch.add(g, b, alpha=momentum) if nesterov else b).to(NS_DTYPE)
-    return stack_wide(xs)
-
-
-def muon_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
-              momentum: float, nesterov: bool, coeffs: str, scales: list[float],
-              factors: list[torch.Tensor] | None = None, gram: str = "full", precondition: str = "before") -> None:
-    """Muon on matrices of one transposition class: buf = m buf + G; p -= lr scale orthogonalize(G + m buf
-    (Nesterov) or buf). With factors R (Newton-Muon), precondition before: G <- right_precondition(G, R, gram) first
-    (buf = m buf + G R, so after a refresh its older terms keep the older R); after: buf = m buf + G and the
-    orthogonalized matrix is right_precondition(G + m buf (or buf), R, gram), all of it by the current R. In the same
-    graph, so on CUDA the bf16 product feeds the momentum update (before) or Newton-Schulz (after) directly. One graph
-    per class on CUDA (lr a tensor, so the schedule never recompiles)."""
-    if factors is not None and precondition == "before":
-        grads, factors = [right_precondition(g, R, gram) for g, R in zip(grads, factors)], None
-    O = orthogonalize(nesterov_stack(grads, bufs, momentum, nesterov, factors, gram), coeffs).to(params[0].dtype)
-    s = torch.tensor(scales, dtype=O.dtype, device=O.device)
-    torch._foreach_add_(params, unstack_like(O * (-lr * s)[:, None, None], params))
-
-
-def polargrad_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lr: torch.Tensor,
-                   momentum: float, nesterov: bool, weight_decay: float, nuclear: str, coeffs: str) -> None:
-    """PolarGrad on matrices of one transposition class: M = b M + (1 - b) G; D = b M + (1 - b) G (Nesterov) or M;
-    p = (1 - lr wd) p - lr ||D||_* orthogonalize(D)."""
-    torch._foreach_lerp_(bufs, grads, 1 - momentum)
-    D = stack_wide(torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs)
-    O = orthogonalize(D, coeffs)
-    scale = nuclear_norm(D, nuclear, O)
-    if weight_decay:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    U = unstack_like(O.to(scale.dtype) * (-lr * scale)[:, None, None], params)
-    torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(U, params)])
-
-
-_muon_step, _polargrad_step = muon_step, polargrad_step  # replaced by compiled versions on CUDA (see train)
-
-
 def eigenbasis(P: torch.Tensor) -> torch.Tensor:
-    """Q of P = Q diag(l) Q^T for symmetric P (batched), columns by descending l; fp64 if fp32 eigh fails."""
+    """Q of P = Q diag(l) Q^T for symmetric P (batched), columns by descending l; fp64 if fp32 eigh
+    fails."""
     try:
         return torch.linalg.eigh(P).eigenvectors.flip(-1)
     except torch.linalg.LinAlgError:
@@ -910,16 +404,19 @@ def eigenbasis(P: torch.Tensor) -> torch.Tensor:
 
 
 def power_step(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One power iteration towards the eigenvectors of P from the basis Q (batched), sorted by the eigenvalue
-    estimates: order = argsort(diag(Q^T P Q), descending); returns (P Q)[:, order], order. SOAP's refreshed basis is
-    orthonormalize of it (the Q of its QR, up to column signs, to which SOAP is invariant)."""
+    """One power iteration towards the eigenvectors of P from the basis Q (batched), sorted by the
+    eigenvalue estimates: order = argsort(diag(Q^T P Q), descending); returns (P Q)[:, order],
+    order. SOAP's refreshed basis is orthonormalize of it (the Q of its QR, up to column signs, to
+    which SOAP is invariant)."""
     PQ = P @ Q
     order = torch.argsort((Q * PQ).sum(-2), dim=-1, descending=True)
     return PQ.gather(-1, order[..., None, :].expand_as(PQ)), order
 
 
-def _rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None, back: bool = False) -> torch.Tensor:
-    """Q_L^T X Q_R (into the eigenbasis) or Q_L X Q_R^T (back); a missing side (None) is the identity."""
+def _rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None,
+            back: bool = False) -> torch.Tensor:
+    """Q_L^T X Q_R (into the eigenbasis) or Q_L X Q_R^T (back); a missing side (None) is the
+    identity."""
     if QL is not None:
         X = (QL if back else QL.mT) @ X
     if QR is not None:
@@ -927,194 +424,9 @@ def _rotate(X: torch.Tensor, QL: torch.Tensor | None, QR: torch.Tensor | None, b
     return X
 
 
-@contextlib.contextmanager
-def tf32_matmuls(on: bool = True):
-    """Within: CUDA fp32 matmuls may use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 = True); on exit the
-    flag and its fp32_precision spelling are as they were, even after an exception. No-op if off or already allowed."""
-    mm = torch.backends.cuda.matmul
-    if not on or mm.allow_tf32:
-        yield
-        return
-    spelling = mm.fp32_precision  # "none" (never set) reads as allow_tf32 False, but setting False spells it "ieee"
-    mm.allow_tf32 = True  # the legacy setter sets both spellings (a new-API "tf32" alone would make matmuls raise)
-    try:
-        yield
-    finally:
-        mm.allow_tf32 = False
-        mm.fp32_precision = spelling
-
-
-def soap_state(opt: SOAP, params: list[torch.Tensor], G: torch.Tensor, max_dim: int) -> dict[str, torch.Tensor]:
-    """The state of `params` (same shape and step) as one tensor per entry, made the first time (zeros), or by
-    stacking when opt.state no longer holds the views made here (a loaded state dict, another batching)."""
-    key, states = tuple(map(id, params)), [opt.state[p] for p in params]
-    S, views = opt._stacks.get(key, (None, []))
-    if S is not None and all(st.get(k) is v for st, vs in zip(states, views) for k, v in vs.items()):
-        return S
-    if "step" in states[0]:
-        S = {k: torch.stack([st[k] for st in states]).to(G.dtype) for k in states[0] if k != "step"}
-    else:
-        S = {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
-        for side, n in (("L", G.size(-2)), ("R", G.size(-1))):
-            if n <= max_dim:
-                S[side], S["Q" + side] = G.new_zeros(len(params), n, n), G.new_zeros(len(params), n, n)
-    views = [{k: v[i] for k, v in S.items()} for i in range(len(params))]
-    for st, vs in zip(states, views):
-        st.update(vs)
-    opt._stacks = {k: v for k, v in opt._stacks.items() if not set(k) & set(key)}  # superseded stacks
-    opt._stacks[key] = S, views
-    return S
-
-
-def refresh_soap_bases(due: list[tuple[dict[str, torch.Tensor], dict]]) -> None:
-    """The refresh of each stacked state S in `due`: m to the parameter space by the old bases, a power step of
-    each side, all sides of one size orthonormalized as one batch (the 3072-wide bases of the MLP's two matrices
-    together, and every 768-wide one: fewer, larger fp64 batches), v permuted, m into the new bases."""
-    ms, steps = [], []  # m in the parameter space; (S, side, A = sorted P Q, order)
-    for S, group in due:
-        with tf32_matmuls(group["tf32"]):
-            ms.append(_rotate(S["exp_avg"], S.get("QL"), S.get("QR"), back=True))
-            steps += [(S, side, *power_step(S[side], S["Q" + side])) for side in ("L", "R") if side in S]
-    by_size: dict[int, list[int]] = {}
-    for i, (_, _, A, _) in enumerate(steps):
-        by_size.setdefault(A.size(-1), []).append(i)
-    for idx in by_size.values():
-        Qs = orthonormalize(torch.cat([steps[i][2] for i in idx])).split([steps[i][2].size(0) for i in idx])
-        for i, Q in zip(idx, Qs):
-            S, side, _, o = steps[i]
-            S["Q" + side].copy_(Q)
-            v = S["exp_avg_sq"]  # its rows (L) or columns (R) follow their sorted basis vectors
-            v.copy_(v.gather(-2, o[..., :, None].expand_as(v)) if side == "L" else
-                    v.gather(-1, o[..., None, :].expand_as(v)))
-    for (S, group), m in zip(due, ms):
-        with tf32_matmuls(group["tf32"]):
-            S["exp_avg"].copy_(_rotate(m, S.get("QL"), S.get("QR")))
-
-
-LINALG_BLOCK = 512  # the column panel of cholesky_blocked and tri_inverse
-
-
-def cholesky_blocked(A: torch.Tensor, b: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower L with L L^T = A for SPD A (..., n, n), and info (..., as torch.linalg.cholesky_ex: 0, or the order of the
-    first leading minor that is not positive definite), right-looking over b-column panels k:
-    L_kk = chol(A_kk);  L_ik = A_ik L_kk^-T;  A_ij -= L_ik L_jk^T for i >= j > k, by block columns j (the upper
-    triangle is never read; ~n^3/3 flops), all but n/b small Choleskys in batched GEMMs: on CUDA torch.linalg.cholesky
-    runs cuSOLVER, whose potrf launches thousands of tiny kernels for one 3072 x 3072 fp64 matrix, and potrfBatched is
-    made for small ones."""
-    A, b, n = A.clone(), b or LINALG_BLOCK, A.size(-1)
-    L = torch.zeros_like(A)
-    info = torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
-    for k in range(0, n, b):
-        e = min(k + b, n)
-        Lkk, fail = torch.linalg.cholesky_ex(A[..., k:e, k:e])
-        info = torch.where((info == 0) & (fail > 0), fail + k, info)
-        L[..., k:e, k:e] = Lkk
-        if e < n:
-            L[..., e:, k:e] = Lik = A[..., e:, k:e] @ tri_inverse(Lkk, b).mT
-            for j in range(e, n, b):
-                f = min(j + b, n)
-                A[..., j:, j:f] -= Lik[..., j - e:, :] @ Lik[..., j - e:f - e, :].mT
-    return L, info
-
-
-def tri_inverse(L: torch.Tensor, b: int | None = None) -> torch.Tensor:
-    """X = L^-1 for lower triangular L (..., n, n), by b-column blocks k: X_kk = L_kk^-1 (small triangular solves, all
-    up front), then down the column, X_ik = -X_ii (L_i,k:i X_k:i,k) for i > k (two GEMMs per block; ~n^3/3 flops)."""
-    b, n = b or LINALG_BLOCK, L.size(-1)
-    X = torch.zeros_like(L)
-    starts = range(0, n, b)
-    for i in starts:
-        e = min(i + b, n)
-        eye = torch.eye(e - i, dtype=L.dtype, device=L.device)
-        X[..., i:e, i:e] = torch.linalg.solve_triangular(L[..., i:e, i:e], eye, upper=False)
-    for k in starts:
-        e = min(k + b, n)
-        for i in range(e, n, b):
-            f = min(i + b, n)
-            X[..., i:f, k:e] = -X[..., i:f, i:f] @ (L[..., i:f, k:i] @ X[..., k:i, k:e])
-    return X
-
-
-def gram_upper(X: torch.Tensor, lower: bool = False, b: int | None = None) -> torch.Tensor:
-    """X^T X for X (..., m, n) from its upper block triangle: block row i = X_{:, i}^T X_{:, i:}, mirrored once
-    (at n = 6b, 21 of 36 block products; a plain X^T X below n = 4b); lower: X is lower triangular (square), so rows
-    above i of block column i are zero and block row i = X_{i:, i}^T X_{i:, i:} (~n^3/3 + n^3/2 flops, not 2 n^3)."""
-    b, n = b or LINALG_BLOCK, X.size(-1)
-    if not lower and n < 4 * b:  # too few blocks to gain (H100: 60 x 768^2 slower, 12 x 3072^2 13% faster)
-        return X.mT @ X
-    G = torch.empty(X.shape[:-2] + (n, n), dtype=X.dtype, device=X.device)
-    for i in range(0, n, b):
-        e, r = min(i + b, n), i if lower else 0
-        G[..., i:e, i:] = X[..., r:, i:e].mT @ X[..., r:, i:]
-    return G.triu() + G.triu(1).mT
-
-
-def matmul_upper(X: torch.Tensor, U: torch.Tensor, b: int | None = None) -> torch.Tensor:
-    """X U for upper triangular U (..., n, n), by b-column blocks j: (X U)_{:, j} = X_{:, :e} U_{:e, j} (e = the
-    block's end; the rows of U below it are zero), at n = 6b 21 of 36 block products (a plain X U below n = 4b)."""
-    b, n = b or LINALG_BLOCK, U.size(-1)
-    if n < 4 * b:
-        return X @ U
-    Y = torch.empty(X.shape[:-1] + (n,), dtype=X.dtype, device=X.device)
-    for j in range(0, n, b):
-        e = min(j + b, n)
-        Y[..., j:e] = X[..., :e] @ U[..., :e, j:e]
-    return Y
-
-
-def orthonormalize(A: torch.Tensor) -> torch.Tensor:
-    """Q of A = Q R with diag(R) > 0 (batched; A square or tall, full column rank), by column-scaled shifted
-    CholeskyQR3 in float64 (Fukaya et al. 2020, SIAM J. Sci. Comput. 42(1)): X = A diag(1/||a_j||); then
-    {R = chol(X^T X + s I), upper; X = X R^-1} with s = 11 (mn + n(n+1)) u ||X||_F^2 (u = 2^-53; ||X||_F^2 = n bounds
-    ||X||_2^2), then twice more with s = 0. Then X = A T with T upper triangular and X^T X = I, which makes X the unique
-    Q (Householder's up to column signs). The shift keeps the first Cholesky alive for cond(scaled A) up to ~1/u and
-    leaves cond(X) <~ sqrt(n/s) (~7e3 at n = 3072), which the two plain passes bring to X^T X - I ~ 1e-16 (after one,
-    X^T X - I reached 7e-5 on the rank-deficient case of tests/test_optimizers.py, worse than fp32 Householder's 1e-6).
-    SOAP needs this: the power step P Q of a rank-deficient L (the 3072-wide side of an MLP matrix) has fp32-noise
-    columns, and condition numbers of 1e10 .. 1e11 (measured on this model's gradients) that plain CholeskyQR2 cannot
-    factor. A matrix whose third Gram is off I by >= 0.5 in Frobenius norm (X not yet near orthonormal: on one H100,
-    10 of the 288 bases of 3 refreshes, 2304 and 3072 wide, had 0.7 .. 3.2 there) gets a fourth pass; one whose
-    Cholesky fails (a zero column), or whose last Gram is still that far off, gets torch.linalg.qr(A).Q instead (two
-    host syncs per call to decide).
-    Cost per n x n matrix and pass: ~1.2n^3 Gram (gram_upper) + ~n^3 cholesky_blocked + ~n^3 tri_inverse + ~1.2n^3
-    for X R^-1 (matmul_upper) flops (at n = 6b), all but n/b small Choleskys and solves in batched fp64 GEMMs
-    (Householder's geqrf + orgqr: 2.7 n^3, but BLAS-2 panels). Measured on one H100 (README, Speed), three passes,
-    before gram_upper and matmul_upper: 12 x (3072 x 3072) in 143 ms, against 169 ms with torch's batched Cholesky +
-    triangular solve, 249 ms one matrix at a time and 265 ms for fp32 torch.linalg.qr; with them, 140 -> 122 ms on
-    another H100."""
-    X = A.double()
-    X = X / X.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)  # a zero column stays zero
-    m, n = X.shape[-2:]
-
-    def cholqr(X: torch.Tensor, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """X R^-1 with R = chol(X^T X + shift I), upper; whether the Cholesky held; ||X^T X - I||_F before it."""
-        gram = gram_upper(X)
-        # ||gram - I||_F^2 = ||gram||_F^2 - 2 tr(gram) + n, without an n x n temporary (fine in fp64 near 0.5^2);
-        # NaN (a failed earlier pass) compares False below
-        off = torch.linalg.matrix_norm(gram) ** 2 - 2 * gram.diagonal(dim1=-2, dim2=-1).sum(-1) + n
-        off = off.clamp_min(0).sqrt()
-        if shift:
-            gram.diagonal(dim1=-2, dim2=-1).add_(shift)
-        L, info = cholesky_blocked(gram)
-        return matmul_upper(X, tri_inverse(L).mT), info == 0, off
-
-    X, ok, _ = cholqr(X, 11 * (m * n + n * (n + 1)) * 2.0**-53 * n)
-    for _ in range(2):  # off: of the third pass's input
-        X, held, off = cholqr(X)
-        ok &= held
-    again = ok & ~(off < 0.5)  # X was not yet near orthonormal before the third pass: one pass more
-    if again.any():
-        X[again], held, off[again] = cholqr(X[again])
-        ok[again] &= held
-    ok &= off < 0.5
-    Q = X.to(A.dtype)
-    if not ok.all():
-        Q[~ok] = torch.linalg.qr(A[~ok]).Q
-    return Q
-
-
 def cannot_fail(R: torch.Tensor, wait: bool):
-    """A factor without a Cholesky, as gram_factor returns it: R, or (R, a false failure flag) with wait=False."""
+    """A factor without a Cholesky, as gram_factor returns it: R, or (R, a false failure flag) with
+    wait=False."""
     return R if wait else (R, torch.zeros((), dtype=torch.bool, device=R.device))
 
 
@@ -1123,21 +435,26 @@ FALLBACK_BOOSTS = (10, 100, 1000)  # gram_factor's retries of a failed Cholesky:
 
 def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool = True,
                 boosts: list[torch.Tensor] | None = None):
-    """The cached right preconditioner R of A = C + gamma I (computed once per refresh), batched over leading dims;
-    C: full (..., d, d), block (..., d/b, b, b), diag (..., d); gamma: a number or one per matrix (...).
-    solve: R = A^-1 = L^-T L^-1, L = cholesky_blocked(A), each matrix (or block) whose Cholesky fails retried with 10x,
-    100x, 1000x gamma; inverse_sqrt: R = A^(-1/2) = V diag(l + gamma)^(-1/2) V^T from eigh(C); diag: R = 1 / (C + gamma)
-    (solve) or (C + gamma)^(-1/2) (inverse_sqrt), elementwise. boosts (solve, full or block, wait=True): a list that
-    gets the factor gamma was multiplied by for each Cholesky (1, 10, 100 or 1000; one per matrix, or per block).
-    wait=False: one attempt and no host sync (a refresh queued on a side stream), returning (R, failed): failed is a
-    0-dim bool tensor, true if any Cholesky failed (R is then not usable: call again with wait=True)."""
+    """The cached right preconditioner R of A = C + gamma I (computed once per refresh), batched
+    over leading dims; C: full (..., d, d), block (..., d/b, b, b), diag (..., d); gamma: a number
+    or one per matrix (...).
+      solve: R = A^-1 = L^-T L^-1, L = cholesky_blocked(A), each matrix (or block) whose Cholesky
+        fails retried with 10x, 100x, 1000x gamma;
+      inverse_sqrt: R = A^(-1/2) = V diag(l + gamma)^(-1/2) V^T from eigh(C);
+      diag: R = 1 / (C + gamma) (solve) or (C + gamma)^(-1/2) (inverse_sqrt), elementwise.
+    boosts (solve, full or block, wait=True): a list that gets the factor gamma was multiplied by
+    for each Cholesky (1, 10, 100 or 1000; one per matrix, or per block). wait=False: one attempt
+    and no host sync (a refresh queued on a side stream), returning (R, failed): failed is a 0-dim
+    bool tensor, true if any Cholesky failed (R is then not usable: call again with wait=True)."""
     gamma = torch.as_tensor(gamma, dtype=C.dtype, device=C.device)
-    gamma = gamma.reshape(gamma.shape + (1,) * (C.dim() - gamma.dim()))  # one per matrix, broadcast over its entries
+    # one per matrix, broadcast over its entries
+    gamma = gamma.reshape(gamma.shape + (1,) * (C.dim() - gamma.dim()))
     if mode == "diag":
         return cannot_fail((C + gamma).rsqrt() if f == "inverse_sqrt" else 1 / (C + gamma), wait)
     if f == "inverse_sqrt":
         l, V = torch.linalg.eigh(C)
-        return cannot_fail((V * (l.clamp(min=0) + gamma.squeeze(-1)).rsqrt().unsqueeze(-2)) @ V.mT, wait)
+        return cannot_fail((V * (l.clamp(min=0) + gamma.squeeze(-1)).rsqrt().unsqueeze(-2)) @ V.mT,
+                           wait)
     eye = torch.eye(C.size(-1), device=C.device, dtype=C.dtype)
     L, info = cholesky_blocked(C + gamma * eye)
     if not wait:
@@ -1158,12 +475,13 @@ def gram_factor(C: torch.Tensor, gamma, mode: str, f: str = "solve", wait: bool 
 
 
 def eigenvalue_bound(C: torch.Tensor, mode: str, squarings: int = 4) -> torch.Tensor:
-    """L >= lambda_max(C) per matrix for symmetric positive semidefinite C, batched: full (..., d, d); block
-    (..., d/b, b, b), the max over its blocks; diag (..., d), max_i C_i (exact). Full and block: the Schatten norm
-    L = tr(C^(2^k))^(1/2^k) = ||l||_(2^k) >= ||l||_inf = lambda_max over C's eigenvalues l, at most d^(1/2^k) lambda_max
-    (k = 4: 1.51x at d = 768, 1.65x at 3072; within 0.4% on this model's C at init, whose top eigenvalues stand
-    apart), by repeated squaring at unit trace so nothing overflows: B_0 = C / tr(C); t_j = tr(B_(j-1)^2) =
-    ||B_(j-1)||_F^2, B_j = B_(j-1)^2 / t_j; L = tr(C) t_1^(1/2) t_2^(1/4) ... t_k^(1/2^k) (k - 1 matmuls)."""
+    """L >= lambda_max(C) per matrix for symmetric positive semidefinite C, batched: full (..., d,
+    d); block (..., d/b, b, b), the max over its blocks; diag (..., d), max_i C_i (exact). Full and
+    block: the Schatten norm L = tr(C^(2^k))^(1/2^k) = ||l||_(2^k) >= ||l||_inf = lambda_max over
+    C's eigenvalues l, at most d^(1/2^k) lambda_max (k = 4: 1.51x at d = 768, 1.65x at 3072; how
+    close on this model's C: records/feature-gram-sweep/README.md), by repeated squaring at unit
+    trace so nothing overflows: B_0 = C / tr(C); t_j = tr(B_(j-1)^2) = ||B_(j-1)||_F^2, B_j =
+    B_(j-1)^2 / t_j; L = tr(C) t_1^(1/2) t_2^(1/4) ... t_k^(1/2^k) (k - 1 matmuls)."""
     if mode == "diag":
         return C.amax(-1)
     tiny = torch.finfo(C.dtype).tiny
@@ -1179,10 +497,12 @@ def eigenvalue_bound(C: torch.Tensor, mode: str, squarings: int = 4) -> torch.Te
 
 
 def inner_steps_polynomial(C: torch.Tensor, lam, nu, K: int, mode: str) -> torch.Tensor:
-    """P_K = nu sum_{j<K} (I - nu (C + lam I))^j (full/block: matrices; diag: a vector; batched over leading dims;
-    lam and nu numbers or one per matrix), by P <- nu I + (I - nu A) P; applied like A^-1 (right_precondition)."""
+    """P_K = nu sum_{j<K} (I - nu (C + lam I))^j (full/block: matrices; diag: a vector; batched over
+    leading dims; lam and nu numbers or one per matrix), by P <- nu I + (I - nu A) P; applied like
+    A^-1 (right_precondition)."""
     lam, nu = (torch.as_tensor(x, dtype=C.dtype, device=C.device) for x in (lam, nu))
-    lam, nu = (x.reshape(x.shape + (1,) * (C.dim() - x.dim())) for x in (lam, nu))  # per matrix, over its entries
+    # per matrix, over its entries
+    lam, nu = (x.reshape(x.shape + (1,) * (C.dim() - x.dim())) for x in (lam, nu))
     if mode == "diag":
         B = 1 - nu * (C + lam)
         P = torch.zeros_like(C)
@@ -1197,55 +517,625 @@ def inner_steps_polynomial(C: torch.Tensor, lam, nu, K: int, mode: str) -> torch
     return P
 
 
-@torch.no_grad()
-def refresh_gram_factors(opt: FeatureGram, n_tokens: int, stream: torch.cuda.Stream | None = None) -> None:
-    """FeatureGram.refresh_gram: C from the collected sums, then the cached factors (see there)."""
-    grams = [opt.layers[id(p)].gram for p in opt._params()]
-    if opt.world > 1:
-        flat = torch.cat([g.reshape(-1) for g in grams])
-        dist.all_reduce(flat)
-        torch._foreach_copy_(grams, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grams]), grams)])
-    opt._pending = []
-    opt.fallbacks = dict.fromkeys(FALLBACK_BOOSTS, 0)
-    if stream is not None:
-        stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        for group in opt.param_groups:
-            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+class MatrixOptimizer(torch.optim.Optimizer):
+    """Base of the rules, and what a rule may rely on. build_optimizers gives every matrix inside
+    the blocks to one rule (train's `blocks`); each matrix is owned by one process (greedy by
+    `cost`), which runs `update` on all its matrices of one batch_key as a batch; then one
+    all_gather shares the new parameters, so every process ends the step identical and the work
+    falls ~W-fold with W processes. Declared per class, merged over its bases:
+      settings          group key -> Setting: the constructor's keywords, each group's entries,
+                        Hyperparameters' fields and the command line (build reads them from args)
+      fast_path         the FAST_PATHS entry that runs `rule` once fast paths are on (CUDA and
+                        --compile 1)
+      state_like_param  the state entries shaped like their parameter, which a resume shape-checks
+      refresh_every     steps between refreshes of the feature Gram C (refresh_gram); 0: never
+    Checkpoints save self.state as a state_dict: each process saves and loads the state of the
+    matrices it owns (holds); any tensor state is saved, whatever its name."""
+    settings: dict[str, Setting] = {}
+    fast_path = "eager"
+    state_like_param: tuple[str, ...] = ("momentum_buffer",)
+    refresh_every = 0
+
+    def __init__(self, params, **settings):
+        declared = self.declared()
+        unknown = sorted(set(settings) - set(declared))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no setting {', '.join(unknown)}")
+        super().__init__(params, {k: settings.get(k, s.default) for k, s in declared.items()})
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.owner: dict[torch.Tensor, int] = dict(zip(self._params(), assign_owners(
+            [self.cost(p) for p in self._params()], self.world)))
+        self._gather_buf: torch.Tensor | None = None
+        self._lr: dict[tuple, torch.Tensor] = {}
+        self.fast = False  # use_fast_paths turns it on
+
+    @classmethod
+    def declared(cls) -> dict[str, Setting]:
+        """Every setting of the rule: its class's and its bases' `settings`, the bases' first."""
+        return {k: s for c in reversed(cls.__mro__) for k, s in vars(c).get("settings", {}).items()}
+
+    @classmethod
+    def build(cls, model: nn.Module, args) -> MatrixOptimizer:
+        """The rule on every matrix inside the model's blocks, its settings from args."""
+        return cls(list(model.transformer.h.parameters()), **setting_values(cls.declared(), args))
+
+    def _params(self) -> list[torch.Tensor]:
+        return optimizer_params(self)
+
+    def holds(self, p: torch.Tensor) -> bool:
+        """Whether this process owns p: updates it, saves and loads its state."""
+        return self.owner[p] == self.rank
+
+    @staticmethod
+    def cost(p: torch.Tensor) -> float:
+        m, n = p.shape
+        return m * n * min(m, n)
+
+    @staticmethod
+    def batch_key(p: torch.Tensor) -> tuple:
+        """Matrices with one key share a batch of `update` (here: one shape)."""
+        return tuple(p.shape)
+
+    def update(self, params: list[torch.Tensor], group: dict) -> None:
+        """Apply the rule in place to `params`, all of one batch_key and one group, with their
+        .grad."""
+        raise NotImplementedError
+
+    def run_rule(self, rule: Callable, *args) -> None:
+        """rule(*args), through FAST_PATHS[self.fast_path] once fast paths are on."""
+        (fast_rule(rule, self.fast_path) if self.fast else rule)(*args)
+
+    def momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each matrix's state["momentum_buffer"], zeros on first use (made once, not each step)."""
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return [self.state[p]["momentum_buffer"] for p in params]
+
+    def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """The gradients the rule starts from (a subclass may precondition them)."""
+        return [p.grad for p in params]
+
+    def lr_tensor(self, group: dict, like: torch.Tensor) -> torch.Tensor:
+        """group["lr"] as a 0-dim tensor of like's device and dtype, refilled in place each step
+        (compiled steps take it as data, so the schedule never recompiles them)."""
+        key = (id(group), like.device, like.dtype)
+        if key not in self._lr:
+            self._lr[key] = torch.empty((), device=like.device, dtype=like.dtype)
+        return self._lr[key].fill_(group["lr"])
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            batches: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if opt.owner[p] == opt.rank:
-                    st, new = opt.state[p], opt.layers[id(p)].gram / n_tokens
-                    st["gram"] = new if "gram" not in st else st["gram"].lerp_(new, 1 - group["gram_beta"])
-                    by_shape.setdefault(st["gram"].shape, []).append(p)
-            for ps in by_shape.values():
-                Rs, failed = opt.factor(opt._stacked_grams(ps), group, wait=False)
-                opt._store_factors(ps, Rs, group)
-                if failed.is_cuda:  # to the host without a sync: read once the stream is done
-                    failed = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(failed, non_blocking=True)
-                opt._pending.append((ps, group, failed))
-    opt._refreshed = None
-    if stream is not None:
-        opt._refreshed = torch.cuda.Event()
-        opt._refreshed.record(stream)
+                if self.holds(p) and p.grad is not None:
+                    batches.setdefault(self.batch_key(p), []).append(p)
+            for ps in batches.values():
+                self.update(ps, group)
+        if self.world > 1:
+            all_gather_owned(self)
 
 
-@torch.no_grad()
-def finish_gram_refresh(opt: FeatureGram) -> None:
-    """FeatureGram.finish_refresh: join the side stream; redo a failed batch with more damping (see there)."""
-    pending, opt._pending = opt._pending, []  # taken once, also when a redo raises
-    if not pending:
-        return
-    if opt._refreshed is not None:
-        torch.cuda.current_stream().wait_event(opt._refreshed)
-        opt._refreshed.synchronize()  # the failure flags are on the host: waits for the side stream only
-    for ps, group, flag in pending:
-        if flag.item():
-            boosts: list[torch.Tensor] = []
-            opt._store_factors(ps, opt.factor(opt._stacked_grams(ps), group, boosts=boosts), group)
-            for b in boosts[0].reshape(len(ps), -1).amax(-1).tolist():  # a matrix's largest (block mode)
-                if b > 1:
-                    opt.fallbacks[b] += 1
+def setting_values(settings: dict[str, Setting], args) -> dict:
+    """key -> args' value of each setting."""
+    return {k: getattr(args, s.name) for k, s in settings.items()}
 
+
+@optimizer("muon")
+class Muon(MatrixOptimizer):
+    """Muon (modded-nanogpt b9979e6's OrthogonalNesterov), per matrix:
+    buf = m buf + G;  D = G + m buf (Nesterov) or buf;  p -= lr s msign(D),
+    s = max(1, rows/cols)^0.5 with shape_scale, else 1."""
+    settings = dict(
+        lr=positive("muon_lr", 0.018, "step size"),
+        momentum=fraction("muon_momentum", 0.95, "m of buf = m buf + G"),
+        nesterov=flag("muon_nesterov", True, "orthogonalize G + m buf (else buf)"),
+        coeffs=choice("ns_coeffs", "simple", NS_COEFFS, "Newton-Schulz coefficients (NS_COEFFS)",
+                      want=f"a Newton-Schulz set: choose one of {', '.join(NS_COEFFS)}"),
+        shape_scale=flag("muon_shape_scale", False, "multiply the step by max(1, rows/cols)^0.5"),
+    )
+    fast_path = "compiled"
+
+    @staticmethod
+    def batch_key(p: torch.Tensor) -> tuple:
+        return wide_key(p)  # m x n and n x m matrices in one batch
+
+    def update(self, params, group):
+        grads, bufs = self.gradients(params, group), self.momentum_buffers(params)
+        self.run_rule(Muon.rule, params, grads, bufs, self.lr_tensor(group, params[0]),
+                      group["momentum"], group["nesterov"], group["coeffs"],
+                      Muon.scales(params, group))
+
+    @staticmethod
+    def scales(params: list[torch.Tensor], group: dict) -> list[float]:
+        """s per matrix: max(1, rows/cols)^0.5 with shape_scale, else 1."""
+        return [max(1.0, p.size(0) / p.size(1)) ** 0.5 if group["shape_scale"] else 1.0
+                for p in params]
+
+    @staticmethod
+    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, transform=None) -> None:
+        """Muon on matrices of one transposition class: momentum and Nesterov (nesterov_stack:
+        buf = m buf + G; D = G + m buf or buf), D <- transform(i, D) if given (Newton-Muon),
+        O = orthogonalize(D), p -= lr s O. One graph per class when compiled (lr a tensor: the
+        schedule never recompiles it)."""
+        D = Muon.nesterov_stack(grads, bufs, momentum, nesterov, transform)
+        O = orthogonalize(D, coeffs).to(params[0].dtype)
+        s = torch.tensor(scales, dtype=O.dtype, device=O.device)
+        torch._foreach_add_(params, unstack_like(O * (-lr * s)[:, None, None], params))
+
+    @staticmethod
+    def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float,
+                       nesterov: bool,
+                       transform: Callable | None = None) -> torch.Tensor:
+        """buf = m buf + G in place; returns stack_wide of D = G + m buf (Nesterov) or buf, each D
+        first through transform(i, D) if given, in NS_DTYPE. Wide matrices one at a time (compiled:
+        one kernel each, reading G and buf, writing buf and the bf16 slice); tall ones by foreach
+        ops, then the transposing stack."""
+        post = transform or (lambda i, x: x)
+        xs: list[torch.Tensor | None] = [None] * len(grads)
+        tall = [i for i, g in enumerate(grads) if g.size(-2) > g.size(-1)]
+        if tall:
+            tb, tg = [bufs[i] for i in tall], [grads[i] for i in tall]
+            torch._foreach_mul_(tb, momentum)
+            torch._foreach_add_(tb, tg)
+            for i, x in zip(tall, torch._foreach_add(tg, tb, alpha=momentum) if nesterov else tb):
+                xs[i] = post(i, x).to(NS_DTYPE)
+        for i, (b, g) in enumerate(zip(bufs, grads)):
+            if xs[i] is None:
+                b.mul_(momentum).add_(g)
+                xs[i] = post(i, torch.add(g, b, alpha=momentum) if nesterov else b).to(NS_DTYPE)
+        return stack_wide(xs)
+
+
+@optimizer("polargrad")
+class PolarGrad(MatrixOptimizer):
+    """PolarGrad (Lau, Long & Su 2025, arXiv:2505.21799): Muon's direction scaled by its nuclear
+    norm (steepest descent in the spectral norm rather than its LMO):
+    M = b M + (1 - b) G;  D = b M + (1 - b) G (Nesterov) or M;  O = orthogonalize(D);
+    p = (1 - lr wd) p - lr ||D||_* O,  ||D||_* = nuclear_norm(D, nuclear, O).
+    The rule of NVIDIA Emerging-Optimizers' PolarGrad (fd77292): with its default coefficients,
+    quintic, and nuclear inner, to 1e-10 in float64 (tests/golden/polargrad.json). The default here,
+    polar_express, is not its polar_express: the paper's coefficients with the 1.01 safety factor on
+    the norm, where Emerging-Optimizers' are rounded to 4 decimals with none on the norm: their O
+    differ by 2-3% (float64, matrices 192 to 3072 wide; tests/test_audit.py)."""
+    settings = dict(
+        lr=positive("polargrad_lr", 0.3, "step size: best of 0.03 ... 3 "
+                    "(records/polargrad-lr-sweep)"),
+        momentum=fraction("polargrad_momentum", 0.95, "b of M = b M + (1 - b) G"),
+        nesterov=flag("polargrad_nesterov", False, "D = b M + (1 - b) G (else M)"),
+        weight_decay=nonnegative("polargrad_weight_decay", 0.0, "decoupled weight decay"),
+        nuclear=choice("polargrad_nuclear", "inner", ("exact", "inner"),
+                       "||D||_*: exact (eigvalsh) or inner <O, D> (nuclear_norm; README)"),
+        coeffs=choice("polargrad_ns_coeffs", "polar_express", NS_COEFFS,
+                      "PolarGrad's own set: <O, D> needs O close to U V^T",
+                      want=f"a Newton-Schulz set: choose one of {', '.join(NS_COEFFS)}"),
+    )
+    fast_path = "compiled"
+
+    @staticmethod
+    def batch_key(p: torch.Tensor) -> tuple:
+        return wide_key(p)  # m x n and n x m matrices in one batch
+
+    def update(self, params: list[torch.Tensor], group: dict) -> None:
+        self.run_rule(PolarGrad.rule, params, self.gradients(params, group),
+                      self.momentum_buffers(params),
+                      self.lr_tensor(group, params[0]), group["momentum"], group["nesterov"],
+                      group["weight_decay"], group["nuclear"], group["coeffs"])
+
+    @staticmethod
+    def rule(params, grads, bufs, lr, momentum, nesterov, weight_decay, nuclear, coeffs) -> None:
+        """PolarGrad on matrices of one transposition class (the class docstring's formulas)."""
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        D = stack_wide(torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs)
+        O = orthogonalize(D, coeffs)
+        scale = nuclear_norm(D, nuclear, O)
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        U = unstack_like(O.to(scale.dtype) * (-lr * scale)[:, None, None], params)
+        torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(U, params)])
+
+
+@optimizer("soap")
+class SOAP(MatrixOptimizer):
+    """SOAP (Vyas et al. 2024, arXiv:2409.11321): Adam in the eigenbasis of Shampoo's
+    preconditioner. Checked against soap.py of the modded-nanogpt SOAP fork
+    (nikhilvyas/modded-nanogpt-SOAP 618af27; tests/golden/soap.json: to 1e-10 in float64), which
+    keeps the first moment m in the parameter space and projects it into the eigenbasis each step.
+    Here m lives in the eigenbasis, as in nikhilvyas/SOAP's soap.py at f42d296 (which maps it back
+    and forth at every step), and is carried over only when the basis changes:
+    m <- Q_L'^T (Q_L m Q_R^T) Q_R'. The three are one rule: the projection is linear and the bases
+    change only at a refresh. Per matrix, with s = shampoo_beta (b2 if < 0):
+      first step: L = (1-s) G G^T, R = (1-s) G^T G, (Q_L, Q_R) = eigenbasis(L, R); no update, so G
+        never preconditions itself;
+      step t = 1, 2, ...: G~ = Q_L^T G Q_R;  m = b1 m + (1-b1) G~;  v = b2 v + (1-b2) G~^2;
+        p = p - lr sqrt(1-b2^t)/(1-b1^t) Q_L (m / (sqrt(v) + eps)) Q_R^T;  p = p - lr wd p;
+        L = s L + (1-s) G G^T;  R = s R + (1-s) G^T G;
+        t % precondition_frequency == 0: refresh.
+    A side longer than max_precond_dim gets no preconditioner (Q = I). All state and math in fp32
+    (fp64 for fp64 parameters; the refresh's QR in fp64); tf32: the step's fp32 matmuls on TF32
+    tensor cores (CUDA; ~1e-3 relative rounding in the rotations, L, R and the power iteration). The
+    matrices of one shape keep each state entry stacked (soap_state), so eigh, QR and the rotations
+    run batched; self.state[p][name] is a view of p's slice, so state dicts stay per matrix."""
+    settings = dict(
+        lr=positive("soap_lr", 0.0018, "step size"),
+        betas=betas("soap_betas", (0.95, 0.95), "Adam's b1, b2"),
+        shampoo_beta=Setting("soap_shampoo_beta", -1.0, "s of L, R = s L + (1-s) G G^T; < 0: "
+                             "soap_betas[1]",
+                             "in [0, 1), or negative for soap_betas[1]", lambda v, a: v < 1),
+        eps=positive("soap_eps", 1e-8, "Adam's eps"),
+        weight_decay=nonnegative("soap_weight_decay", 0.0, "decoupled weight decay"),
+        precondition_frequency=at_least("soap_precondition_frequency", 10, 1, "steps between basis "
+                                        "refreshes"),
+        max_precond_dim=at_least("soap_max_precond_dim", 10000, 1, "a longer side gets no "
+                                 "preconditioner"),
+        tf32=flag("soap_tf32", False, "SOAP's fp32 matmuls on TF32 tensor cores (CUDA; the QR "
+                  "stays fp64)"),
+    )
+    state_like_param = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, **settings):
+        super().__init__(params, **settings)
+        # (stacked state, group) to refresh now
+        self._due: list[tuple[dict[str, torch.Tensor], dict]] = []
+        # ids of a batch's params -> (stacked state, the per-matrix views handed to self.state)
+        self._stacks: dict[tuple[int, ...], tuple[dict, list[dict[str, torch.Tensor]]]] = {}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._due = []
+        super().step()
+        if self._due:
+            SOAP.refresh(self._due)
+
+    def update(self, params: list[torch.Tensor], group: dict) -> None:
+        by_step: dict[int, list[torch.Tensor]] = {}
+        for p in params:
+            by_step.setdefault(self.state[p].get("step", -1), []).append(p)
+        if len(by_step) > 1:  # matrices that missed a step (no grad) are batched apart, each once
+            for ps in by_step.values():
+                self.update(ps, group)
+            return
+        (b1, b2), lr = group["betas"], group["lr"]
+        s = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
+        dtype = torch.promote_types(params[0].dtype, torch.float32)
+        G = torch.stack(self.gradients(params, group)).to(dtype)
+        S = soap_state(self, params, G, group["max_precond_dim"])
+        t = next(iter(by_step)) + 1
+        QL, QR = S.get("QL"), S.get("QR")
+        with tf32_matmuls(group["tf32"]):
+            if t > 0:
+                Gr = _rotate(G, QL, QR)
+                S["exp_avg"].lerp_(Gr, 1 - b1)
+                S["exp_avg_sq"].mul_(b2).addcmul_(Gr, Gr, value=1 - b2)
+                adam = S["exp_avg"] / S["exp_avg_sq"].sqrt().add_(group["eps"])
+                U = _rotate(adam, QL, QR, back=True)
+                torch._foreach_add_(params, list(U.unbind(0)),
+                                    alpha=-lr * (1 - b2**t) ** 0.5 / (1 - b1**t))
+                if group["weight_decay"]:
+                    torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            for side, X in (("L", G), ("R", G.mT)):
+                # L = s L + (1-s) G G^T, R = s R + (1-s) G^T G, the EMA in the matmul's epilogue
+                if side in S:
+                    S[side].baddbmm_(X, X.mT, beta=s, alpha=1 - s)
+            if t == 0:
+                for side in ("L", "R"):
+                    if side in S:
+                        S["Q" + side].copy_(eigenbasis(S[side]))
+            elif t % group["precondition_frequency"] == 0:
+                # refreshed in step(), after every batch: one orthonormalize per size
+                self._due.append((S, group))
+        for p in params:
+            self.state[p]["step"] = t
+
+    @staticmethod
+    def refresh(due: list[tuple[dict[str, torch.Tensor], dict]]) -> None:
+        """The refresh of each stacked state S in `due`: m to the parameter space by the old bases;
+        per side (A, o) = power_step(L, Q_L), Q_L = orthonormalize(A) (the same for R), all sides of
+        one size orthonormalized as one batch; v = v[o_L, :][:, o_R] (v follows its sorted basis
+        vectors); m into the new bases."""
+        ms, steps = [], []  # m in the parameter space; (S, side, A = sorted P Q, order)
+        for S, group in due:
+            with tf32_matmuls(group["tf32"]):
+                ms.append(_rotate(S["exp_avg"], S.get("QL"), S.get("QR"), back=True))
+                steps += [(S, side, *power_step(S[side], S["Q" + side])) for side in ("L",
+                                                                                      "R")
+                                                                                      if side in S]
+        by_size: dict[int, list[int]] = {}
+        for i, (_, _, A, _) in enumerate(steps):
+            by_size.setdefault(A.size(-1), []).append(i)
+        for idx in by_size.values():
+            Qs = orthonormalize(torch.cat([steps[i][2] for i in idx])).split([steps[i][2].size(0)
+                                                                              for i in idx])
+            for i, Q in zip(idx, Qs):
+                S, side, _, o = steps[i]
+                S["Q" + side].copy_(Q)
+                v = S["exp_avg_sq"]  # its rows (L) or columns (R) follow their sorted basis vectors
+                v.copy_(v.gather(-2, o[..., :, None].expand_as(v)) if side == "L" else
+                        v.gather(-1, o[..., None, :].expand_as(v)))
+        for (S, group), m in zip(due, ms):
+            with tf32_matmuls(group["tf32"]):
+                S["exp_avg"].copy_(_rotate(m, S.get("QL"), S.get("QR")))
+
+
+class FeatureGram(MatrixOptimizer):
+    """Base of the feature-gram rules: each block matrix W (out x d) is preconditioned on the right
+    by the Gram matrix of its layer's input X, C = X^T X / n_tokens (full, block-diagonal or
+    diagonal), which the model collects on refresh steps, every gram_every steps (GPT.collect_gram).
+    On a refresh, refresh_gram averages the collected sums over processes (one all-reduce), keeps
+    C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the right preconditioner
+    R = factor(C) (batched over the matrices of one shape; on CUDA stored in bf16, the operand dtype
+    right_precondition gives it there) for the matrices this process owns; each step then costs one
+    matmul per matrix (right_precondition). Before the first refresh R is the identity."""
+    settings = dict(
+        gram=choice("gram", "full", ("full", "block", "diag"),
+                    "C full, block-diagonal or diagonal"),
+        gram_block=Setting(
+            "gram_block", 128, "block size of --gram block",
+            lambda a: f"a divisor of every layer's input width ({a.n_embd} and {4 * a.n_embd})",
+            lambda v, a: a.gram != "block" or (v >= 1 and a.n_embd % v == 0)),
+        gram_every=at_least("gram_every", 8, 1, "steps between refreshes of C (and at step 0)"),
+        gram_beta=fraction("gram_beta", 0.0, "C <- beta C + (1 - beta) C_new; 0: replace"),
+    )
+
+    def __init__(self, params, layers: list[nn.Module], **settings):
+        super().__init__(params, **settings)
+        self.layers = dict(zip([id(p) for p in params], layers))
+        assert all(self.layers[id(p)].weight is p for p in self._params())
+        # refresh_gram's batches, each with its failure flag, for finish_refresh
+        self._pending: list = []
+        # set when refresh_gram ran on a side stream
+        self._refreshed: torch.cuda.Event | None = None
+        # matrices of this process whose Cholesky of C + gamma I failed at the last refresh, by the
+        # factor on gamma that held (finish_refresh); the training loop writes them to the record
+        # (`gram_fallbacks:`)
+        self.fallbacks: dict[int, int] = dict.fromkeys(FALLBACK_BOOSTS, 0)
+
+    @classmethod
+    def build(cls, model: nn.Module, args) -> FeatureGram:
+        """The rule on the block matrices, with their layers, which collect C from now on
+        (GPT.setup_gram)."""
+        model.setup_gram(args.gram, args.gram_block)
+        layers = model.gram_layers()
+        return cls([m.weight for m in layers], layers, **setting_values(cls.declared(), args))
+
+    @property
+    def refresh_every(self) -> int:
+        return self.param_groups[0]["gram_every"]
+
+    def damping(self, C: torch.Tensor, group: dict) -> torch.Tensor | float:
+        """gamma of C + gamma I, for C batched over its first dim."""
+        raise NotImplementedError
+
+    def factor(self, C: torch.Tensor, group: dict, wait: bool = True, boosts: list | None = None):
+        """The cached right preconditioner for a batch of C's of one shape (wait, boosts: as
+        gram_factor's)."""
+        raise NotImplementedError
+
+    def _store_factors(self, ps: list[torch.Tensor], Rs: torch.Tensor, group: dict) -> None:
+        for p, R in zip(ps, Rs):
+            # stored as right_precondition's operand
+            low = bf16_operands(p) and group["gram"] != "diag"
+            self.state[p]["factor"] = R.bfloat16() if low else R
+
+    def _stacked_grams(self, ps: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self.state[p]["gram"] for p in ps])
+
+    def refresh_gram(self, n_tokens: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Take the Gram sums the model collected over n_tokens tokens (all processes): C, then the
+        cached factors, one attempt per batch without a host sync; finish_refresh() (or the next
+        step()) redoes a batch whose Cholesky failed. With a CUDA `stream`, everything after the
+        all-reduce is queued on it behind the current stream's work, so the factorization overlaps
+        what the current stream does next (the backward)."""
+        refresh_gram_factors(self, n_tokens, stream)
+
+    def finish_refresh(self) -> None:
+        """Join a refresh_gram(stream=...): the current stream waits for it; a batch whose Cholesky
+        failed is redone here with gram_factor's damping boosts (host syncs, only then; LinAlgError
+        if C is not finite)."""
+        finish_gram_refresh(self)
+
+    def step(self) -> None:
+        self.finish_refresh()  # a no-op unless a refresh_gram is still pending
+        # not super(): for NewtonMuon that is Muon.step, which torch wraps with the step hooks once a
+        # Muon is built, so the hooks would run twice a step
+        MatrixOptimizer.step(self)
+
+    def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """G R for each matrix that has a factor R; G itself before the first refresh."""
+        return [right_precondition(p.grad, self.state[p]["factor"], group["gram"])
+                if "factor" in self.state[p] else p.grad for p in params]
+
+
+@optimizer("newton_muon")
+class NewtonMuon(FeatureGram, Muon):
+    """Newton-Muon (arXiv:2604.01472): Muon (its settings too) on the right-preconditioned gradient,
+    R = (C + gamma I)^-1 (or its square root, f) with gamma = damping tr(C)/d, R the one of the last
+    refresh;
+      precondition before:  buf = m buf + G R;  p -= lr s msign(G R + m buf)
+                            (Nesterov; msign(buf) without);
+      precondition after:   buf = m buf + G;  p -= lr s msign((G + m buf) R)
+                            (Nesterov; msign(buf R) without).
+    They differ only after a refresh (before: buf's older terms keep their older R). With C = c I
+    both are Muon (msign is scale-free)."""
+    settings = dict(
+        damping=positive("gram_damping", 0.2, "delta of gamma = delta tr(C)/d"),
+        f=choice("gram_f", "solve", ("solve", "inverse_sqrt"),
+                 "R = (C + gamma I)^-1 or its square root"),
+        precondition=choice("newton_muon_precondition", "before", ("before", "after"),
+                            "momentum of G R (before) or of G, msign(D R) (after)"),
+    )
+
+    def damping(self, C, group):
+        return group["damping"] * trace_over_d(C, group["gram"])
+
+    def factor(self, C, group, wait=True, boosts=None):
+        return gram_factor(C, self.damping(C, group), group["gram"], group["f"], wait, boosts)
+
+    def update(self, params, group):
+        factors = [self.state[p].get("factor") for p in params]
+        lr, scales = self.lr_tensor(group, params[0]), Muon.scales(params, group)
+        muon = (group["momentum"], group["nesterov"], group["coeffs"], scales)
+        bufs = self.momentum_buffers(params)
+        if not all(f is not None for f in factors):  # before the first refresh: Muon's rule
+            return self.run_rule(Muon.rule, params, self.gradients(params, group), bufs, lr, *muon)
+        self.run_rule(NewtonMuon.rule, params, [p.grad for p in params], bufs, lr, *muon,
+                      factors, group["gram"], group["precondition"])
+
+    @staticmethod
+    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, factors, gram,
+             precondition) -> None:
+        """Muon's rule on G R (before), or with D R in place of D (after); in one graph when
+        compiled, so on CUDA the bf16 product feeds the momentum update (before) or Newton-Schulz
+        (after) directly."""
+        if precondition == "before":
+            grads = [right_precondition(g, R, gram) for g, R in zip(grads, factors)]
+            return Muon.rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales)
+        return Muon.rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales,
+                         lambda i, D: right_precondition(D, factors[i], gram))
+
+
+@optimizer("locoprop")
+class LocoPropS(FeatureGram):
+    """LocoProp-S (Amid, Anil & Warmuth, AISTATS 2022), square-loss local problems: the layer's
+    local loss 1/2 ||X W^T - (X W0^T - eta dY)||^2 + lam/2 ||W - W0||^2 (means over tokens) has
+    gradient (W - W0)(C + lam I) + eta G, so with A = C + lam I (lam: lambda, or lambda tr(C)/d with
+    lambda_mode relative) its minimizer is dW = -eta G A^-1 (steps = 0), and K inner gradient steps
+    of size s = nu / L from W0, with L = eigenvalue_bound(C) + lam >= lambda_max(A), give
+    dW = -s eta G sum_{j<K} (I - s A)^j (steps = K). On A's eigenvector i (eigenvalue a_i) that is
+    -eta G's component / a_i times 1 - (1 - nu a_i / L)^K: for nu in (0, 2) it converges to the
+    minimizer for every C (|1 - nu a_i / L| < 1), for nu <= 1 monotonically in K. (A step nu not
+    scaled by 1/L diverges: records/feature-gram-sweep/README.md.) G may first go through heavy-ball
+    momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
+    settings = dict(
+        lr=positive("locoprop_lr", 0.3, "eta: best of 0.3 / 1 / 3 (records/feature-gram-sweep)"),
+        lam=positive("locoprop_lambda", 1.0, "lambda of C + lambda I"),
+        lambda_mode=choice("locoprop_lambda_mode", "absolute", ("absolute", "relative"),
+                           "C + lambda I (absolute) or C + lambda tr(C)/d I (relative)"),
+        steps=at_least("locoprop_steps", 0, 0,
+                       "0: the exact minimizer; K: K inner steps of size nu / L"),
+        nu=Setting("locoprop_nu", 1.0, "the inner step nu / L, L >= lambda_max(C + lambda I)",
+                   "in (0, 2) (the inner step is locoprop_nu / L, L >= lambda_max(C + lambda I))",
+                   lambda v, a: 0 < v < 2),
+        momentum=fraction("locoprop_momentum", 0.0, "heavy-ball momentum on G; 0: none"),
+    )
+
+    def damping(self, C, group):
+        """lambda of A = C + lambda I: absolute, the setting itself; relative, setting * tr(C)/d
+        per matrix."""
+        if group["lambda_mode"] == "relative":
+            return group["lam"] * trace_over_d(C, group["gram"])
+        return group["lam"]
+
+    def factor(self, C, group, wait=True, boosts=None):
+        """A^-1 (steps = 0) or the K-step polynomial P_K (inner_steps_polynomial)."""
+        lam = self.damping(C, group)
+        if group["steps"] == 0:
+            return gram_factor(C, lam, group["gram"], "solve", wait, boosts)
+        step = group["nu"] / (eigenvalue_bound(C, group["gram"]) + lam)
+        P = inner_steps_polynomial(C, lam, step, group["steps"], group["gram"])
+        return cannot_fail(P, wait)
+
+    def update(self, params, group):
+        grads = [p.grad for p in params]
+        if group["momentum"]:
+            bufs = self.momentum_buffers(params)
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            grads = bufs
+        # G R, the identity before the first refresh
+        dirs = [right_precondition(g, self.state[p]["factor"], group["gram"])
+                if "factor" in self.state[p] else g for p, g in zip(params, grads)]
+        torch._foreach_add_(params, dirs, alpha=-group["lr"])
+
+
+@optimizer("adamw")
+class AdamW:
+    """torch's AdamW on the block matrices (fused on CUDA): the control. A declaration, not a class
+    of its own: build returns a torch.optim.AdamW."""
+    settings = dict(
+        lr=positive("adamw_lr", 0.0018, "step size"),
+        betas=betas("adamw_betas", (0.9, 0.95), "b1, b2"),
+        weight_decay=nonnegative("adamw_weight_decay", 0.0, "decoupled weight decay"),
+    )
+
+    @classmethod
+    def declared(cls) -> dict[str, Setting]:
+        return cls.settings
+
+    @classmethod
+    def build(cls, model: nn.Module, args) -> torch.optim.AdamW:
+        fused = next(model.parameters()).is_cuda
+        return torch.optim.AdamW(list(model.transformer.h.parameters()), fused=fused,
+                                 **setting_values(cls.settings, args))
+
+
+# The fast paths a rule may name (its `fast_path`): how its `rule` function runs once fast paths
+# are on, on CUDA with --compile 1 (compile_for_cuda). "compiled": torch.compile, one graph per
+# transposition class (compile_rule). A rule with a fast path of its own adds it here.
+FAST_PATHS: dict[str, Callable[[Callable], Callable]] = {
+    "eager": lambda rule: rule,
+    "compiled": lambda rule: compile_rule(rule),
+}
+
+
+def fast_rule(rule: Callable, path: str) -> Callable:
+    """FAST_PATHS[path](rule), made once per process."""
+    if (rule, path) not in FAST_RULES:
+        FAST_RULES[rule, path] = FAST_PATHS[path](rule)
+    return FAST_RULES[rule, path]
+
+
+FAST_RULES: dict[tuple[Callable, str], Callable] = {}
+
+
+# the tied embedding/head's AdamW (whatever --optimizer is)
+EMBEDDING = dict(
+    lr=positive("embed_lr", 0.0018, "the embedding/head's AdamW step size"),
+    betas=betas("embed_betas", (0.9, 0.95), "the embedding/head's AdamW b1, b2"),
+)
+
+
+def build_optimizers(model: nn.Module, args) -> list[torch.optim.Optimizer]:
+    """[AdamW on the tied embedding/head, the --optimizer rule on every matrix inside the blocks];
+    each group's base_lr is its lr, which the schedule multiplies."""
+    rule = optimizer_class(args.optimizer)
+    fused = next(model.parameters()).is_cuda
+    embed = torch.optim.AdamW([model.lm_head.weight], lr=args.embed_lr, betas=args.embed_betas,
+                              weight_decay=0.0, fused=fused)
+    blocks = rule.build(model, args)
+    for opt in (embed, blocks):
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return [embed, blocks]
+
+
+def declared_settings() -> list[Setting]:
+    """Every optimizer setting: the embedding's, then each rule's, each name once."""
+    found: dict[str, Setting] = {s.name: s for s in EMBEDDING.values()}
+    for cls in OPTIMIZERS.values():
+        for s in cls.declared().values():
+            assert found.setdefault(s.name, s) is s, f"--{s.name} declared twice"
+    return list(found.values())
+
+
+def check_optimizer_args(args) -> None:
+    """Refuse an unknown --optimizer, and any optimizer setting out of its declared range
+    (Setting.refusal)."""
+    optimizer_class(args.optimizer)
+    for s in declared_settings():
+        refusal = s.refusal(args)
+        if refusal:
+            raise SystemExit(refusal)
+
+
+# Every setting: the run's (RunSettings) and each optimizer's, as declared above
+Hyperparameters = dataclasses.make_dataclass(
+    "Hyperparameters", [(s.name, s.kind, dataclasses.field(default=s.default))
+                        for s in declared_settings()], bases=(RunSettings,))
+Hyperparameters.__module__ = __name__
+Hyperparameters.__doc__ = "Every setting: RunSettings' fields, then each optimizer's (Setting)."
 
 # ----------------------------------------------------------------------------- model
 
@@ -1256,168 +1146,10 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(x)
 
 
-# full C of a layer input at least twice this wide (and a multiple of it) is summed as its upper block triangle only,
-# in column blocks of this width, and symmetric_gram mirrors it: 3 of 4 block products for the 768-wide inputs, 36 of
-# 64 (56%) for the 3072-wide MLP hidden input (on an H200 the 65,536-token sums took 0.098 and 1.054 ms, against 0.103
-# for the whole 768-wide product and 1.109 with 768-wide blocks)
-GRAM_TRIANGLE_BLOCK = 384
-
-
-def gram_triangle(mode: str, d: int) -> bool:
-    """Whether a d-wide input's C is summed as its upper block triangle (full mode, d a multiple of
-    GRAM_TRIANGLE_BLOCK, at least two blocks)."""
-    return mode == "full" and d >= 2 * GRAM_TRIANGLE_BLOCK and d % GRAM_TRIANGLE_BLOCK == 0
-
-
-def gram_sum(x: torch.Tensor, mode: str, blocks: int = 1) -> torch.Tensor:
-    """X^T X over the rows of x (..., d), in fp32: full (d, d); block (blocks, d/blocks, d/blocks), the diagonal
-    blocks; diag (d,), the column sums of x^2. On CUDA the bf16 products come out of the matmul in fp32; autocast is
-    off here (under it, an fp32 x's matmul would round X^T X to bf16). Where gram_triangle: only the blocks on and
-    above the block diagonal (syrk-style, zeros below); symmetric_gram completes the sum."""
-    x = x.detach().reshape(-1, x.size(-1))
-    if mode == "diag":
-        return x.float().square().sum(0)
-    if mode == "block":
-        x = x.view(x.size(0), blocks, -1).transpose(0, 1)  # (d/b, n, b)
-    low = x.is_cuda and x.dtype == torch.bfloat16
-    if not low:
-        x = x.float()
-    gram_mm = lambda a, b: (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32) if low else a @ b
-    d = x.size(-1)
-    with torch.autocast(x.device.type, enabled=False):
-        if gram_triangle(mode, d):  # row block i: columns i.. (its diagonal block and the blocks right of it)
-            b = GRAM_TRIANGLE_BLOCK
-            return torch.cat([F.pad(gram_mm(x[:, i:i + b].mT, x[:, i:]), (i, 0)) for i in range(0, d, b)])
-        return gram_mm(x.mT, x)
-
-
-def symmetric_gram(gram: torch.Tensor, mode: str) -> None:
-    """Complete what gram_sum summed as an upper block triangle: gram = triu(gram) + triu(gram, 1)^T."""
-    if gram_triangle(mode, gram.size(-1)):
-        gram.copy_(gram.triu() + gram.triu(1).mT)
-
-
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul takes x in: autocast's on x's device while it is on, else x's own."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
-LOSS_TILE = dict(BLOCK=4096, num_warps=16)  # the loss kernel's columns per load and warps (one row per program)
-
-if triton is not None:
-    @triton.jit
-    def _softmax_xent_kernel(Z, T, L, V, Vp, stride, scale, BLOCK: tl.constexpr):
-        """Row r of Z (N, Vp), logits in columns < V (the rest padding), target T[r]: L[r] = lse(z) - z[T[r]] in fp32,
-        and in place Z[r] <- scale (softmax(z) - onehot(T[r])) (0 in the padding). Two passes over the row (the second
-        reads it back from L2): an online max m and sum s = sum exp(z - m) per lane, one exp per element (a new max:
-        s <- s e^(m - z) + 1; else s <- s + e^(z - m)), combined across lanes at the end, and z[T[r]] taken from the
-        lane that holds it; then the write. z[T[r]] is read in the first pass: read after it, a warp could see the
-        dz another warp of the row has already written there."""
-        r = tl.program_id(0).to(tl.int64)
-        Z += r * stride
-        cols = tl.arange(0, BLOCK)
-        t = tl.load(T + r)
-        m = tl.full((BLOCK,), -float("inf"), tl.float32)
-        s = tl.zeros((BLOCK,), tl.float32)
-        zt = tl.zeros((BLOCK,), tl.float32)
-        for c in range(0, V, BLOCK):
-            valid = cols < V - c
-            z = tl.load(Z + c + cols, mask=valid, other=-float("inf")).to(tl.float32)
-            e = tl.where(valid, tl.exp(-tl.abs(z - m)), 0.0)  # e^(m - z) past a new max, else e^(z - m)
-            s = tl.where(z > m, s * e + 1.0, s + e)
-            m = tl.maximum(m, z)
-            zt = tl.where(cols == t - c, z, zt)
-        mx = tl.max(m, 0)
-        lse = mx + tl.log(tl.sum(tl.where(m > -float("inf"), s * tl.exp(m - mx), 0.0), 0))
-        tl.store(L + r, lse - tl.sum(zt, 0))
-        for c in range(0, Vp, BLOCK):
-            z = tl.load(Z + c + cols, mask=cols < Vp - c, other=0.0).to(tl.float32)
-            p = tl.where(cols < V - c, tl.exp(z - lse), 0.0)
-            p = tl.where(cols == t - c, p - 1.0, p) * scale
-            tl.store(Z + c + cols, p.to(Z.dtype.element_ty), mask=cols < Vp - c)
-
-
-def _ce_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, V: int):
-    """One chunk of linear_cross_entropy, W's rows zero-padded from V to w.size(0): z = x W^T in x's dtype, read in
-    fp32, its padded columns out of the softmax; (sum_i lse(z_i) - z_i[t_i], dz W, (dz^T x)[:V]) with
-    dz = scale (softmax(z) - onehot(t)) in x's dtype (0 in the padded columns). With Triton on CUDA (or interpreted)
-    the softmax is one kernel (_softmax_xent_kernel) that writes dz over z; else (CPU builds) these torch ops."""
-    if triton is not None and (x.is_cuda or TRITON_INTERPRETED):
-        dz = x @ w.mT  # z, which the kernel overwrites with dz
-        rows = torch.empty(dz.size(0), dtype=torch.float32, device=dz.device)
-        _softmax_xent_kernel[(dz.size(0),)](dz, t, rows, V, dz.size(1), dz.stride(0), scale, **LOSS_TILE)
-        return rows.sum(), dz @ w, (dz.mT @ x)[:V]
-    z = (x @ w.mT).float()
-    cols = torch.arange(z.size(-1), device=z.device)
-    z = z.masked_fill(cols >= V, float("-inf"))
-    lse = z.logsumexp(-1, keepdim=True)
-    hit = cols == t[:, None]
-    loss = (lse.squeeze(-1) - z.masked_fill(~hit, 0).sum(-1)).sum()
-    dz = ((z - lse).exp() - hit.float()).mul(scale).to(x.dtype)
-    return loss, dz @ w, (dz.mT @ x)[:V]
-
-
-# the fused loss pads W's rows (the vocabulary) to a multiple of this: with V = 50257 the logits' rows start at odd
-# element offsets, where cuBLAS took an sm80 kernel for z = x W^T (~500 TFLOP/s on an H100) and the softmax's loads
-# are not vectorized
-LOSS_VOCAB_PAD = 128
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """mean_i CE(x_i W^T, t_i) for x (N, d), W (V, d) without the N x V logits: `chunk` rows at a time, the forward
-    also forms dL/dx and dL/dW (operands in x's dtype, bf16 under autocast, logits and softmax in fp32, dL/dW summed in
-    fp32), and the backward scales them by the incoming gradient. Under no_grad only the loss is computed. W's rows are
-    zero-padded to a multiple of LOSS_VOCAB_PAD, and the padded logits left out of the softmax (_ce_chunk)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
-        dtype, (V, N) = matmul_dtype(x), (w.size(0), x.size(0))
-        xc, wc = x.to(dtype), w.new_empty((V + -V % LOSS_VOCAB_PAD, w.size(1)), dtype=dtype)
-        wc[:V], wc[V:] = w, 0  # W in the operand dtype and its padding, in one pass over W
-        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss = torch.zeros((), device=x.device)
-        dx = torch.empty_like(xc) if grads else None
-        dw = torch.zeros(w.shape, device=w.device) if grads else None
-        with torch.autocast(x.device.type, enabled=False):
-            for s in range(0, N, chunk):
-                if grads:
-                    l, dxs, dws = _ce_chunk(xc[s: s + chunk], wc, t[s: s + chunk], 1.0 / N, V)
-                    dx[s: s + chunk] = dxs
-                    dw += dws
-                else:
-                    z = (xc[s: s + chunk] @ wc.mT).float()[:, :V]
-                    l = F.cross_entropy(z, t[s: s + chunk], reduction="sum")
-                loss += l
-        if grads:
-            ctx.save_for_backward(dx, dw)
-            ctx.dtypes = x.dtype, w.dtype
-        return loss / N
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        dx, dw = ctx.saved_tensors
-        return dx.to(ctx.dtypes[0]) * grad, (dw * grad).to(ctx.dtypes[1]), None, None
-
-
-def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
-    """mean_i CE(x_i W^T, t_i), `chunk` rows of logits at a time (LinearCrossEntropy). Eager under torch.compile
-    once a GPT is built (make_loss_eager)."""
-    return LinearCrossEntropy.apply(x, w, t, chunk)
-
-
-def make_loss_eager() -> None:
-    """linear_cross_entropy = torch.compiler.disable(linear_cross_entropy): a graph break, so under torch.compile the
-    chunk loop runs eagerly (CUDA: cuBLAS GEMMs and the softmax kernel). Called by GPT() rather than at import, where
-    it would load torch._dynamo (~1 s) in every process importing this file, the downloader's included."""
-    global linear_cross_entropy
-    if not getattr(linear_cross_entropy, "_torchdynamo_disable", False):
-        linear_cross_entropy = torch.compiler.disable(linear_cross_entropy)
-
-
 class Linear(nn.Linear):
-    """Bias-free nn.Linear that, while `collect` is on, also adds the Gram matrix X^T X of its input into its `gram`
-    buffer (GPT.setup_gram makes it; see gram_sum). With `collect` off it is nn.Linear: no extra kernels."""
+    """Bias-free nn.Linear that, while `collect` is on, also adds the Gram matrix X^T X of its input
+    into its `gram` buffer (GPT.setup_gram makes it; see gram_sum). With `collect` off it is
+    nn.Linear: no extra kernels."""
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__(d_in, d_out, bias=False)
@@ -1428,8 +1160,9 @@ class Linear(nn.Linear):
         return super().forward(x)
 
     def collect_input(self, x: torch.Tensor) -> None:
-        """While `collect` is on: gram += X^T X of this layer's input x as the matmul takes it: under autocast, x cast
-        to its dtype (the cast the matmul makes, which torch.compile shares)."""
+        """While `collect` is on: gram += X^T X of this layer's input x as the matmul takes it:
+        under autocast, x cast to its dtype (the cast the matmul makes, which torch.compile
+        shares)."""
         if self.collect:
             self.add_gram(gram_sum(x.to(matmul_dtype(x)), self.gram_mode, self.gram_blocks()))
 
@@ -1442,9 +1175,9 @@ class Linear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    """cos, sin of t * inv_freq with inv_freq = 1 / 10000^(arange(0, d, 2) / d) for t < max_len, made once in fp32 as
-    buffers (not saved). Made in the forward, they were fused by torch.compile into the rotary kernels: two
-    transcendentals per element of q and k, forward and backward (~7 ms of a 141 ms micro-batch on an H100)."""
+    """cos, sin of t * inv_freq with inv_freq = 1 / 10000^(arange(0, d, 2) / d) for t < max_len,
+    made once in fp32 as buffers (not saved; why: records/speed/README.md, Measurements behind the
+    code)."""
 
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
         super().__init__()
@@ -1455,7 +1188,8 @@ class Rotary(nn.Module):
 
     def forward(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         if T > self.cos.size(1):
-            raise ValueError(f"sequence of {T} tokens: the rotary tables hold {self.cos.size(1)} (--sequence_length)")
+            raise ValueError(f"sequence of {T} tokens: the rotary tables hold {self.cos.size(1)} "
+                             "(--sequence_length)")
         return self.cos[:, :T], self.sin[:, :T]
 
 
@@ -1466,8 +1200,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], 3).type_as(x)
 
 
-# --attention: the scaled_dot_product_attention kernel (None: PyTorch's own choice, flash on Hopper in bf16)
-ATTENTION_BACKENDS = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+# --attention: the scaled_dot_product_attention kernel (None: PyTorch's own choice, flash on Hopper
+# in bf16)
+ATTENTION_BACKENDS = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "flash": SDPBackend.FLASH_ATTENTION,
                       "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
@@ -1484,28 +1220,29 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(2)
         cos, sin = self.rotary(T)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def gelu_linear(h: torch.Tensor, w: torch.Tensor, gram_mode: str | None = None, gram_blocks: int = 1):
-    """gelu(h) W^T: the MLP's second half, one checkpointed region when GELU is recomputed; with gram_mode also
-    gram_sum(gelu(h)), c_proj's input Gram from the same GELU (a refresh step of the feature-gram optimizers)."""
+def gelu_linear(h: torch.Tensor, w: torch.Tensor, gram_mode: str | None = None,
+                gram_blocks: int = 1):
+    """gelu(h) W^T: the MLP's second half, one checkpointed region when GELU is recomputed; with
+    gram_mode also gram_sum(gelu(h)), c_proj's input Gram from the same GELU (a refresh step of the
+    feature-gram optimizers)."""
     g = F.gelu(h)
     y = F.linear(g, w)
     return y if gram_mode is None else (y, gram_sum(g, gram_mode, gram_blocks))
 
 
 class MLP(nn.Module):
-    """c_proj(gelu(c_fc(x))). recompute: GELU's output (64 x 1024 x 3072 bf16, 0.4 GB a layer) is not saved for
-    c_proj's weight gradient but recomputed from c_fc's output in the backward: GELU and c_proj's matmul as one
-    checkpointed region, which torch.compile's partitioner honours (the backward recomputes GELU, not the matmul;
-    eager autograd still saves GELU's output). One region, not GELU alone: under DDP, torch.compile splits the graph
-    at gradient-bucket boundaries, and a split between GELU and c_proj would save the output anyway. In the region
-    c_proj is F.linear on its weight, not a module call: forward hooks on it fire only with recompute off. On refresh
-    steps of the feature-gram optimizers the region also returns the Gram sum of GELU's output: one GELU, which the
-    forward reads h for once (a second GELU outside, for the Gram, made torch.compile's CSE merge the two and save
-    GELU's output)."""
+    """c_proj(gelu(c_fc(x))). recompute: GELU's output is not saved for c_proj's weight gradient
+    but recomputed from c_fc's output in the backward: GELU and c_proj's matmul as one checkpointed
+    region, which torch.compile's partitioner honours (the backward recomputes GELU, not the matmul;
+    eager autograd still saves GELU's output). In the region c_proj is F.linear on its weight, not a
+    module call: forward hooks on it fire only with recompute off. On refresh steps of the
+    feature-gram rules the region also returns the Gram sum of GELU's output, from the same GELU.
+    Why one region: records/speed/README.md."""
 
     def __init__(self, n_embd: int, recompute: bool = False):
         super().__init__()
@@ -1519,7 +1256,8 @@ class MLP(nn.Module):
             proj = self.c_proj
             if not proj.collect:
                 return checkpoint(gelu_linear, h, proj.weight, use_reentrant=False)
-            y, part = checkpoint(gelu_linear, h, proj.weight, proj.gram_mode, proj.gram_blocks(), use_reentrant=False)
+            y, part = checkpoint(gelu_linear, h, proj.weight, proj.gram_mode, proj.gram_blocks(),
+                                 use_reentrant=False)
             proj.add_gram(part)
             return y
         return self.c_proj(F.gelu(h))
@@ -1540,7 +1278,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Token embedding tied to lm_head (Linear init), rotary attention, no positional embedding, biases or norm weights."""
+    """Token embedding tied to lm_head (Linear init), rotary attention, no positional embedding,
+    biases or norm weights."""
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -1549,16 +1288,19 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(args) for _ in range(args.n_layer)]),
         ))
         self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied, as upstream: the Linear's init wins
+        # tied, as upstream: the Linear's init wins
+        self.transformer.wte.weight = self.lm_head.weight
         self.loss_chunk = args.loss_chunk
         make_loss_eager()
 
     def gram_layers(self) -> list[Linear]:
-        """The block matrices' layers, in parameter order; each one's input Gram matrix preconditions its weight."""
+        """The block matrices' layers, in parameter order; each one's input Gram matrix
+        preconditions its weight."""
         return [m for m in self.transformer.h.modules() if isinstance(m, Linear)]
 
     def setup_gram(self, mode: str, block: int) -> None:
-        """A zeroed fp32 `gram` buffer on every block layer: (d, d) full, (d/block, block, block) block, (d,) diag.
+        """A zeroed fp32 `gram` buffer on every block layer: (d, d) full, (d/block, block, block)
+        block, (d,) diag.
         Not persistent: collected C lives in the optimizer's state."""
         for m in self.gram_layers():
             d = m.in_features
@@ -1567,8 +1309,8 @@ class GPT(nn.Module):
             m.gram_mode = mode
 
     def collect_gram(self, on: bool) -> None:
-        """Turn collection on (after zeroing the buffers) or off (the sums complete: symmetric_gram), for every block
-        layer."""
+        """Turn collection on (after zeroing the buffers) or off (the sums complete:
+        symmetric_gram), for every block layer."""
         for m in self.gram_layers():
             if on:
                 m.gram.zero_()
@@ -1583,14 +1325,18 @@ class GPT(nn.Module):
             x = block(x)
         x = rms_norm(x)
         if self.loss_chunk:  # the same loss without the (B T) x V logits
-            return linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1),
+            return linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight,
+                                        targets.view(-1),
                                         self.loss_chunk)
         logits = self.lm_head(x).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 # ----------------------------------------------------------------------------- data
 
+
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
 FIX_FINEWEB = "python data/cached_fineweb10B.py  (or data/fineweb.py to tokenize your own text)"
 
 
@@ -1600,9 +1346,11 @@ class ShardError(ValueError):
 
 
 def shard_token_count(path: str) -> int:
-    """Token count from a shard's 256-int32 header (magic 20240520, version 1, count), checked against the file size."""
+    """Token count from a shard's 256-int32 header (magic 20240520, version 1, count), checked
+    against the file size."""
     if not os.path.isfile(path):
-        raise ShardError(path, "not a file (a folder?): the pattern must match shard files, e.g. 'dir/*_train_*.bin'")
+        raise ShardError(path, "not a file (a folder?): the pattern must match shard files, e.g. "
+                         "'dir/*_train_*.bin'")
     try:
         size = os.path.getsize(path)
         if size < HEADER_INTS * 4:
@@ -1611,32 +1359,37 @@ def shard_token_count(path: str) -> int:
     except OSError as e:
         raise ShardError(path, f"cannot read it ({e.strerror or e})") from None
     if header[0] != SHARD_MAGIC:
-        raise ShardError(path, f"magic number {header[0]}, expected {SHARD_MAGIC}: not a FineWeb-format shard")
+        raise ShardError(path, f"magic number {header[0]}, expected {SHARD_MAGIC}: not a "
+                         "FineWeb-format shard")
     if header[1] != SHARD_VERSION:
         raise ShardError(path, f"version {header[1]}, expected {SHARD_VERSION}")
     ntok = int(header[2])
     if size != HEADER_INTS * 4 + 2 * ntok:
-        raise ShardError(path, f"header says {ntok} tokens ({HEADER_INTS * 4 + 2 * ntok} bytes) but the file has "
+        raise ShardError(path, f"header says {ntok} tokens ({HEADER_INTS * 4 + 2 * ntok} bytes) "
+                         "but the file has "
                                f"{size} bytes: truncated or corrupt; delete it and fetch it again")
     return ntok
 
 
 def check_shards(pattern: str, min_tokens: int, what: str) -> list[str]:
-    """Sorted shard paths matching `pattern`, each with a valid header and at least `min_tokens` tokens."""
+    """Sorted shard paths matching `pattern`, each with a valid header and at least `min_tokens`
+    tokens."""
     files = sorted(glob.glob(pattern))
     if not files:
         raise ShardError(pattern, f"no {what} shards match this pattern")
     for f in files:
         if shard_token_count(f) < min_tokens:
-            raise ShardError(f, f"{shard_token_count(f)} tokens, fewer than the {min_tokens} one {what} step needs")
+            raise ShardError(f, f"{shard_token_count(f)} tokens, fewer than the {min_tokens} one "
+                             f"{what} step needs")
     return files
 
 
 def load_shard(path: str, vocab_size: int) -> np.ndarray:
-    """Memory-mapped uint16 tokens of one shard; token ids >= vocab_size are refused (one vectorized max over the map:
-    0.01 s for a 100M-token shard in the page cache; else reading its 200 MB from the disk)."""
+    """Memory-mapped uint16 tokens of one shard; token ids >= vocab_size are refused (one vectorized
+    max over the map)."""
     try:
-        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(shard_token_count(path),))
+        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4,
+                           shape=(shard_token_count(path),))
         top = int(tokens.max()) if len(tokens) else -1
     except OSError as e:
         raise ShardError(path, f"cannot read it ({e.strerror or e})") from None
@@ -1647,20 +1400,23 @@ def load_shard(path: str, vocab_size: int) -> np.ndarray:
 
 
 def check_token_ids(files: list[str], vocab_size: int) -> None:
-    """Every token id of every shard below vocab_size (load_shard of each), before the first step: a bad id in a later
-    shard stops the run here, not at the step that reaches it."""
+    """Every token id of every shard below vocab_size (load_shard of each), before the first step: a
+    bad id in a later shard stops the run here, not at the step that reaches it."""
     for f in files:
         load_shard(f, vocab_size)
 
 
 class DataLoader:
-    """Each step reads one contiguous span of batch_size * T (+1) tokens; micro-step m of process r takes sequences
-    [(m W + r) B, (m W + r + 1) B) of it, so any W with W * B * accum = batch_size sees the same tokens per step.
-    A span never crosses a shard: the tail of a shard too short for a step is skipped, then the next shard starts."""
+    """Each step reads one contiguous span of batch_size * T (+1) tokens; micro-step m of process r
+    takes sequences [(m W + r) B, (m W + r + 1) B) of it, so any W with W * B * accum = batch_size
+    sees the same tokens per step. A span never crosses a shard: the tail of a shard too short for a
+    step is skipped, then the next shard starts."""
 
-    def __init__(self, files: list[str], B: int, T: int, rank: int, world: int, accum: int, vocab_size: int,
+    def __init__(self, files: list[str], B: int, T: int, rank: int, world: int, accum: int,
+                 vocab_size: int,
                  device: torch.device):
-        self.files, self.B, self.T, self.rank, self.world, self.accum = files, B, T, rank, world, accum
+        self.files, self.B, self.T = files, B, T
+        self.rank, self.world, self.accum = rank, world, accum
         self.vocab_size, self.device = vocab_size, device
         self.span = B * T * world * accum
         self.shard, self.tokens = 0, load_shard(files[0], vocab_size)
@@ -1668,13 +1424,16 @@ class DataLoader:
         self.last = dict(shard=0, pos=0, micro=0)
 
     def state(self) -> dict[str, int]:
-        """Where the batch last returned was read: load_state(state()) makes next_batch() return it again."""
+        """Where the batch last returned was read: load_state(state()) makes next_batch() return it
+        again."""
         return dict(self.last)
 
     def load_state(self, state: dict[str, int]) -> None:
-        """Continue from a state() (of a loader over the same files; micro 0 if the world size differs)."""
+        """Continue from a state() (of a loader over the same files; micro 0 if the world size
+        differs)."""
         if not 0 <= state["shard"] < len(self.files) or state["micro"] >= self.accum:
-            raise ValueError(f"data loader state {state} does not fit {len(self.files)} shards, accumulation "
+            raise ValueError(f"data loader state {state} does not fit {len(self.files)} shards, "
+                             "accumulation "
                              f"{self.accum}")
         self.shard, self.pos, self.micro = state["shard"], state["pos"], state["micro"]
         self.tokens = load_shard(self.files[self.shard], self.vocab_size)
@@ -1707,78 +1466,812 @@ def load_val_tokens(files: list[str], val_tokens: int, vocab_size: int) -> np.nd
 
 
 def val_batches(tokens: np.ndarray, B: int, T: int, rank: int, world: int, device: torch.device):
-    """Batches of B sequences of `tokens`; process r takes batches r, r + W, ...: the same tokens whatever W."""
+    """Batches of B sequences of `tokens`; process r takes batches r, r + W, ...: the same tokens
+    whatever W."""
     for i in range(rank, (len(tokens) - 1) // (B * T), world):
         buf = torch.from_numpy(tokens[i * B * T: (i + 1) * B * T + 1].astype(np.int64)).to(device)
         yield buf[:-1].view(B, T), buf[1:].view(B, T)
 
+# ----------------------------------------------------------------------------- training
 
-# ----------------------------------------------------------------------------- training loop
+
+def train(args: Hyperparameters) -> tuple[str, nn.Module]:
+    """Train, validate, write a record and checkpoints; returns the record's path on process 0 (''
+    elsewhere) and the model. Per step: a validation when due (val_loss_every, and the last step),
+    `accum` micro-batches forward and backward, the schedule, every optimizer's step, the divergence
+    check, the record's step line, a checkpoint when due. Stops early on SIGTERM/SIGINT with a
+    checkpoint (exit code 128 + the signal), and when the train loss, a parameter or a Gram factor
+    stops being finite, without one (exit code 1; the record says diverged)."""
+    with StopSignals() as signals, Determinism(args.deterministic) as determinism, run_errors():
+        # processes, then every check before a model is built or a step taken
+        rank, world, device = setup_distributed()
+        master, cuda = rank == 0, device.type == "cuda"
+        accum = validate_args(args, world)
+        check_attention(args, device)
+        B, T = args.device_batch_size, args.sequence_length
+        train_files, val_files, resume, meta = check_inputs(args, world)
+        val_tokens = load_val_tokens(val_files, args.val_tokens, args.vocab_size)
+        run_name = [record_name(args) if master else ""]
+        if world > 1:
+            dist.broadcast_object_list(run_name, src=0)
+
+        # the seeded model and its optimizers (the rule on the block matrices: blocks), the data,
+        # the checkpoints; numpy's and python's seeds too, so a checkpoint's RNG states reproduce
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        random.seed(args.seed)
+        model = raw_model = GPT(args).to(device)
+        optimizers = build_optimizers(raw_model, args)  # before compiling: they may add buffers
+        blocks = optimizers[1]
+        gram_every = getattr(blocks, "refresh_every", 0)  # torch's AdamW has none
+        loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
+        record_path = (checkpoint_record(resume, meta) if resume else
+                       os.path.join(args.records_dir, run_name[0] + ".txt"))
+        folder = (os.path.dirname(resume) if resume else
+                  os.path.join(checkpoint_root(args), run_name[0]))
+        checkpoints = Checkpoints(folder, args, rank, world, device, raw_model, optimizers, loader,
+                                  record_path if master else "", train_files, val_files)
+        progress = (checkpoints.load(resume) if resume else
+                    dict(step=0, training_ms=0.0, timed_steps=0, losses=[]))
+
+        # the record (written once the load succeeded), then how steps run: compiled, DDP, autocast
+        record = Record(args, world, device, record_path, resume) if master else None
+        log = record.log if master else (lambda *a, **k: None)
+        log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, "
+            f"{args.batch_size * T} tokens/step")
+        log(determinism.describe())
+        determinism.attach(log)
+        if cuda and args.compile:
+            model = compile_for_cuda(model, args, optimizers)
+        if world > 1:  # buffers (the Gram sums) stay per process until refresh_gram reduces them
+            model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda else
+                    contextlib.nullcontext())
+        backends = DETERMINISTIC_ATTENTION if args.deterministic else ATTENTION_BACKENDS
+        backend = backends[args.attention]
+        attention = ((lambda: sdpa_kernel(backend)) if backend is not None else
+                     contextlib.nullcontext)
+        # a high-priority side stream for the Gram factors (refresh_gram): their small kernels slot
+        # in between the backward's
+        overlap = cuda and args.gram_overlap and gram_every
+        gram_stream = torch.cuda.Stream(priority=-1) if overlap else None
+        # all optimizers; the block matrices' rule alone
+        opt_timer, blocks_timer = Timer(cuda), Timer(cuda)
+
+        losses = progress["losses"]
+        rate_before = matmul_rate(device, world) if args.matmul_check else 0.0  # on a cool GPU
+        x, y = loader.next_batch()
+        clock = Clock(progress, cuda)
+        for step in range(progress["step"], args.num_iterations + 1):
+            last = step == args.num_iterations or step == args.stop_at > 0
+            clock.start_step(step)
+            if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+                clock.pause(step)
+                val_loss = mean_val_loss(model, val_tokens, args, rank, world, device, autocast,
+                                         attention)
+                log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} {clock.line(step)}")
+                clock.resume(sync=True)
+            if last:
+                break
+
+            # accum micro-batches forward and backward; on a refresh step the block layers also
+            # collect their input's Gram C, factored during the last backward (on gram_stream)
+            train_loss = torch.zeros((), device=device)
+            refresh = gram_every > 0 and step % gram_every == 0
+            if refresh:
+                raw_model.collect_gram(True)
+            for micro in range(accum):
+                reduce = world == 1 or micro == accum - 1  # DDP all-reduces the last backward only
+                with contextlib.nullcontext() if reduce else model.no_sync():
+                    with autocast, attention():
+                        loss = model(x, y)
+                    if refresh and micro == accum - 1:  # C is complete
+                        raw_model.collect_gram(False)
+                        blocks.refresh_gram(n_tokens=args.batch_size * args.sequence_length,
+                                            stream=gram_stream)
+                    x, y = loader.next_batch()  # the next batch is read while the GPU works
+                    with determinism.backward():
+                        (loss / accum).backward()
+                train_loss += loss.detach() / accum
+
+            # the schedule, then every optimizer's step
+            mult = lr_multiplier(step, args)
+            opt_timer.start()
+            refresh_error = ""
+            if refresh:
+                try:
+                    blocks.finish_refresh()
+                except torch.linalg.LinAlgError as e:  # C is not finite: a divergence, see below
+                    refresh_error = str(e)
+            for opt in optimizers:
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * mult
+                if opt is blocks:
+                    blocks_timer.start()
+                opt.step()
+            blocks_timer.stop()
+            opt_timer.stop()
+            model.zero_grad(set_to_none=True)
+
+            # what every process agrees on (one all-reduce), then the record's lines and a
+            # checkpoint when due
+            out = agree(train_loss, refresh_error, signals.signum > 0, refresh, blocks, raw_model,
+                        world, device)
+            if not (math.isfinite(out.train_loss) and out.finite) or out.refresh_failed:
+                why = out.refresh_error or ("a Gram refresh failed on another process"
+                                            if out.refresh_failed else "")
+                stop_diverged(step + 1, out.train_loss, why, raw_model, optimizers, args, record,
+                              checkpoints.last)
+            losses.append(out.train_loss)
+            done = step + 1
+            if sum(out.fallbacks):
+                log(fallbacks_line(done, args, out.fallbacks, blocks))
+            log(f"step:{done}/{args.num_iterations} train_loss:{out.train_loss:.4f} "
+                f"{clock.line(step, done)} opt_ms:{opt_timer.ms():.2f} "
+                f"blocks_ms:{blocks_timer.ms():.2f}")
+            at_end = done in (args.num_iterations, args.stop_at)  # saved after the last lines
+            stop = out.stop and not at_end  # a signal in the last step: the run ends as planned
+            if stop or (args.save_every and done % args.save_every == 0 and not at_end):
+                clock.pause(step)  # saving is not training time
+                save_logged(checkpoints, done, clock.progress(done, losses), args, log)
+                clock.resume()
+            if stop:
+                how = (signal.Signals(signals.signum).name if signals.signum else
+                       "a signal to another process")
+                log(f"stopped: step:{done}/{args.num_iterations} by {how}; "
+                    f"{resume_hint(checkpoints.last)}")
+                if record is not None:
+                    record.close()
+                raise SystemExit(128 + (signals.signum or signal.SIGTERM))
+
+        # the closing lines (model FLOP rate, the MFU, params_sha256), then the last checkpoint: a
+        # failed save loses no result
+        timed = clock.timed(step)
+        if timed > 0:  # the loop ended on a validation: clock.ms holds every timed step
+            tokens = args.batch_size * T * timed
+            log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
+                f"{flops_per_token(args) * tokens / clock.ms / 1e9:.1f} TFLOP/s")
+            if args.matmul_check:
+                log(matmul_check(args, clock.ms / timed, device, world, rate_before))
+        log(f"params_sha256: {params_digest(raw_model)}")
+        due = args.save_every and step % args.save_every == 0
+        if args.final_checkpoint or step == args.stop_at > 0 or due:
+            save_logged(checkpoints, step, clock.progress(step, losses), args, log)
+        if step == args.stop_at > 0:
+            log(f"stopped: step:{step}/{args.num_iterations} by --stop_at; "
+                f"{resume_hint(checkpoints.last)}")
+        if world > 1:  # once train returns, what process 0 published is there for every process
+            dist.barrier()
+        if record is None:
+            return "", raw_model
+        record.finish(torch.cuda.max_memory_allocated() // 2**20 if cuda else  # CPU: peak RSS
+                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        return record.path, raw_model
+
+
+# ==============================================================================================
+# Below here, nothing a rule author needs: the speed machinery (kernels, blocked linear algebra,
+# the fused loss, stacking), then the run's infrastructure (checks, checkpoints, determinism,
+# signals, records, MFU).
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------- speed machinery
+
+
+# what Newton-Schulz runs in (the momentum rule hands it its input already cast)
+NS_DTYPE = torch.bfloat16
+
+
+# syrk's tiles (BS x BS outputs, BK-deep loads)
+SYRK_TILE = dict(BS=128, BK=64, num_warps=8, num_stages=3)
+
+
+if triton is not None:
+    @triton.jit
+    def _syrk_kernel(X, C, M, K, sxb, sxm, sxk, scb, scm, scn, BS: tl.constexpr, BK: tl.constexpr):
+        """C[b] = X[b] X[b]^T for X (B, M, K): program (i, j, b) computes output tile (i, j) only if
+        i <= j, in fp32, and stores it at (i, j) and, transposed, at (j, i)."""
+        i, j, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if i > j:
+            return
+        X += b.to(tl.int64) * sxb
+        C += b.to(tl.int64) * scb
+        rm, rn, rk = i * BS + tl.arange(0, BS), j * BS + tl.arange(0, BS), tl.arange(0, BK)
+        # rows of tile i and of tile j, each read along K
+        pa = X + rm[:, None] * sxm + rk[None, :] * sxk
+        pb = X + rn[:, None] * sxm + rk[None, :] * sxk
+        acc = tl.zeros((BS, BS), tl.float32)
+        for k in range(0, K, BK):
+            in_k = rk[None, :] < K - k
+            a = tl.load(pa, mask=(rm[:, None] < M) & in_k, other=0.0)
+            bt = tl.load(pb, mask=(rn[:, None] < M) & in_k, other=0.0)
+            acc = tl.dot(a, tl.trans(bt), acc)
+            pa += BK * sxk
+            pb += BK * sxk
+        out = acc.to(C.dtype.element_ty)
+        mask = (rm[:, None] < M) & (rn[None, :] < M)
+        tl.store(C + rm[:, None] * scm + rn[None, :] * scn, out, mask=mask)
+        if i != j:
+            tl.store(C + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=tl.trans(mask))
+
+
+def syrk(X: torch.Tensor) -> torch.Tensor:
+    """X X^T for X (B, m, k), in X's dtype with fp32 accumulation. With Triton, on CUDA (or
+    interpreted): only the t(t+1)/2 tiles on and above the diagonal of the t x t tile grid (t =
+    ceil(m / BS)) are multiplied, each stored twice, 58% of the products for m = 768 (t = 6), for
+    bf16 and fp16 X; else X @ X^T (fp32 included, where Triton's dot would round to TF32)."""
+    half = X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
+    if triton is None or not (half or TRITON_INTERPRETED):
+        return half_mm(X, X.mT)
+    X = X if X.stride(-1) == 1 else X.contiguous()  # the kernel reads rows along K
+    B, M, K = X.shape
+    C = torch.empty(B, M, M, dtype=X.dtype, device=X.device)
+    t = triton.cdiv(M, SYRK_TILE["BS"])
+    _syrk_kernel[(t, t, B)](X, C, M, K, *X.stride(), *C.stride(), **SYRK_TILE)
+    return C
+
+
+def half_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 accumulation, in a's dtype. On CPU, bf16/fp16 operands are multiplied in fp32
+    and the result rounded once (a product of two bf16 or fp16 numbers is exact in fp32: the same up
+    to the order of the sums): CPU half GEMMs without AVX-512 BF16 are over 100x slower
+    (records/speed/README.md)."""
+    if a.is_cuda or a.dtype not in (torch.bfloat16, torch.float16):
+        return a @ b
+    return (a.float() @ b.float()).to(a.dtype)
+
+
+def bf16_operands(G: torch.Tensor) -> bool:
+    """Whether right_precondition multiplies in bf16 by default: on CUDA, where it then costs a bf16
+    matmul."""
+    return G.is_cuda
+
+
+def wide_key(p: torch.Tensor) -> tuple:
+    """One batch for m x n and n x m matrices (Muon, PolarGrad, Newton-Muon): the MLP's 3072 x 768
+    and 768 x 3072."""
+    return tuple(sorted(p.shape))
+
+
+def stack_wide(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The matrices of one transposition class (m x n and n x m, see wide_key) as one
+    (k, min, max) batch: tall ones transposed. orthogonalize(G^T) = orthogonalize(G)^T, so Muon-like
+    rules batch both shapes together."""
+    return torch.stack([x.mT if x.size(-2) > x.size(-1) else x for x in ts])
+
+
+def unstack_like(X: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """stack_wide undone: X[i] in like[i]'s orientation."""
+    return [x.mT if p.size(-2) > p.size(-1) else x for x, p in zip(X.unbind(0), like)]
+
+
+def optimizer_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """opt's parameters in the order of its state_dict()'s indices."""
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def assign_owners(costs: list[float], world: int) -> list[int]:
+    """The process that owns each matrix: largest cost first, each to the least-loaded process
+    (ties: lowest rank), so the busiest process carries at most sum(costs)/W + max(costs).
+    Deterministic: the same on every process."""
+    load, owner = [0.0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: costs[i], reverse=True):  # stable sort
+        r = min(range(world), key=lambda j: load[j])
+        owner[i], load[r] = r, load[r] + costs[i]
+    return owner
+
+
+def all_gather_owned(opt: MatrixOptimizer) -> None:
+    """All processes receive every owner's updated parameters: one all_gather of padded flat
+    buffers."""
+    mine = [[p for p in opt._params() if opt.owner[p] == r] for r in range(opt.world)]
+    sizes = [[p.numel() for p in ps] for ps in mine]
+    size = max(sum(s) for s in sizes)
+    p0 = opt._params()[0]
+    if opt._gather_buf is None:
+        opt._gather_buf = torch.empty(opt.world * size, dtype=p0.dtype, device=p0.device)
+    flat = torch.zeros(size, dtype=p0.dtype, device=p0.device)
+    if mine[opt.rank]:
+        torch.cat([p.reshape(-1) for p in mine[opt.rank]], out=flat[: sum(sizes[opt.rank])])
+    # newer name first
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    all_gather(opt._gather_buf, flat)
+    for r, ps in enumerate(mine):
+        if r != opt.rank and ps:
+            chunks = opt._gather_buf[r * size: r * size + sum(sizes[r])].split(sizes[r])
+            torch._foreach_copy_(ps, [c.view_as(p) for c, p in zip(chunks, ps)])
+
+
+def compile_rule(rule: Callable) -> Callable:
+    """torch.compile of a rule function: one graph per transposition class, no dynamic kernels,
+    without Inductor's loop reordering after fusion, whose pass failed an assertion (torch 2.11,
+    CUDA) on Muon's stack of transposed foreach outputs."""
+    no_reorder = {k: False for k in ("loop_ordering_after_fusion", "loop_reindexing_after_fusion")
+                  if hasattr(torch._inductor.config, k)}
+    return torch.compile(rule, dynamic=False, options=no_reorder)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(on: bool = True):
+    """Within: CUDA fp32 matmuls may use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 =
+    True); on exit the flag and its fp32_precision spelling are as they were, even after an
+    exception. No-op if off or already allowed."""
+    mm = torch.backends.cuda.matmul
+    if not on or mm.allow_tf32:
+        yield
+        return
+    # "none" (never set) reads as allow_tf32 False, but setting False spells it "ieee"
+    spelling = mm.fp32_precision
+    # the legacy setter sets both spellings (a new-API "tf32" alone would make matmuls raise)
+    mm.allow_tf32 = True
+    try:
+        yield
+    finally:
+        mm.allow_tf32 = False
+        mm.fp32_precision = spelling
+
+
+def soap_state(opt: SOAP, params: list[torch.Tensor], G: torch.Tensor,
+               max_dim: int) -> dict[str, torch.Tensor]:
+    """The state of `params` (same shape and step) as one tensor per entry, made the first time
+    (zeros), or by stacking when opt.state no longer holds the views made here (a loaded state dict,
+    another batching)."""
+    key, states = tuple(map(id, params)), [opt.state[p] for p in params]
+    S, views = opt._stacks.get(key, (None, []))
+    if S is not None and all(st.get(k) is v for st, vs in zip(states, views)
+                             for k, v in vs.items()):
+        return S
+    if "step" in states[0]:
+        S = {k: torch.stack([st[k] for st in states]).to(G.dtype) for k in states[0] if k != "step"}
+    else:
+        S = {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
+        for side, n in (("L", G.size(-2)), ("R", G.size(-1))):
+            if n <= max_dim:
+                S[side] = G.new_zeros(len(params), n, n)
+                S["Q" + side] = G.new_zeros(len(params), n, n)
+    views = [{k: v[i] for k, v in S.items()} for i in range(len(params))]
+    for st, vs in zip(states, views):
+        st.update(vs)
+    # superseded stacks
+    opt._stacks = {k: v for k, v in opt._stacks.items() if not set(k) & set(key)}
+    opt._stacks[key] = S, views
+    return S
+
+
+LINALG_BLOCK = 512  # the column panel of cholesky_blocked and tri_inverse
+
+
+def cholesky_blocked(A: torch.Tensor, b: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower L with L L^T = A for SPD A (..., n, n), and info (..., as torch.linalg.cholesky_ex: 0,
+    or the order of the first leading minor that is not positive definite), right-looking over
+    b-column panels k:
+    L_kk = chol(A_kk);  L_ik = A_ik L_kk^-T;  A_ij -= L_ik L_jk^T for i >= j > k, by block columns j
+    (the upper triangle is never read; ~n^3/3 flops), all but n/b small Choleskys in batched GEMMs:
+    on CUDA torch.linalg.cholesky runs cuSOLVER, whose potrf launches thousands of tiny kernels for
+    one 3072 x 3072 fp64 matrix, and potrfBatched is made for small ones."""
+    A, b, n = A.clone(), b or LINALG_BLOCK, A.size(-1)
+    L = torch.zeros_like(A)
+    info = torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
+    for k in range(0, n, b):
+        e = min(k + b, n)
+        Lkk, fail = torch.linalg.cholesky_ex(A[..., k:e, k:e])
+        info = torch.where((info == 0) & (fail > 0), fail + k, info)
+        L[..., k:e, k:e] = Lkk
+        if e < n:
+            L[..., e:, k:e] = Lik = A[..., e:, k:e] @ tri_inverse(Lkk, b).mT
+            for j in range(e, n, b):
+                f = min(j + b, n)
+                A[..., j:, j:f] -= Lik[..., j - e:, :] @ Lik[..., j - e:f - e, :].mT
+    return L, info
+
+
+def tri_inverse(L: torch.Tensor, b: int | None = None) -> torch.Tensor:
+    """X = L^-1 for lower triangular L (..., n, n), by b-column blocks k: X_kk = L_kk^-1 (small
+    triangular solves, all up front), then down the column, X_ik = -X_ii (L_i,k:i X_k:i,k) for i > k
+    (two GEMMs per block; ~n^3/3 flops)."""
+    b, n = b or LINALG_BLOCK, L.size(-1)
+    X = torch.zeros_like(L)
+    starts = range(0, n, b)
+    for i in starts:
+        e = min(i + b, n)
+        eye = torch.eye(e - i, dtype=L.dtype, device=L.device)
+        X[..., i:e, i:e] = torch.linalg.solve_triangular(L[..., i:e, i:e], eye, upper=False)
+    for k in starts:
+        e = min(k + b, n)
+        for i in range(e, n, b):
+            f = min(i + b, n)
+            X[..., i:f, k:e] = -X[..., i:f, i:f] @ (L[..., i:f, k:i] @ X[..., k:i, k:e])
+    return X
+
+
+def gram_upper(X: torch.Tensor, lower: bool = False, b: int | None = None) -> torch.Tensor:
+    """X^T X for X (..., m, n) from its upper block triangle: block row i = X_{:, i}^T X_{:, i:},
+    mirrored once (at n = 6b, 21 of 36 block products; a plain X^T X below n = 4b); lower: X is
+    lower triangular (square), so rows above i of block column i are zero and block row
+    i = X_{i:, i}^T X_{i:, i:} (~n^3/3 + n^3/2 flops, not 2 n^3)."""
+    b, n = b or LINALG_BLOCK, X.size(-1)
+    if not lower and n < 4 * b:  # too few blocks to gain (records/speed/README.md)
+        return X.mT @ X
+    G = torch.empty(X.shape[:-2] + (n, n), dtype=X.dtype, device=X.device)
+    for i in range(0, n, b):
+        e, r = min(i + b, n), i if lower else 0
+        G[..., i:e, i:] = X[..., r:, i:e].mT @ X[..., r:, i:]
+    return G.triu() + G.triu(1).mT
+
+
+def matmul_upper(X: torch.Tensor, U: torch.Tensor, b: int | None = None) -> torch.Tensor:
+    """X U for upper triangular U (..., n, n), by b-column blocks j: (X U)_{:, j} = X_{:, :e} U_{:e,
+    j} (e = the block's end; the rows of U below it are zero), at n = 6b 21 of 36 block products (a
+    plain X U below n = 4b)."""
+    b, n = b or LINALG_BLOCK, U.size(-1)
+    if n < 4 * b:
+        return X @ U
+    Y = torch.empty(X.shape[:-1] + (n,), dtype=X.dtype, device=X.device)
+    for j in range(0, n, b):
+        e = min(j + b, n)
+        Y[..., j:e] = X[..., :e] @ U[..., :e, j:e]
+    return Y
+
+
+def orthonormalize(A: torch.Tensor) -> torch.Tensor:
+    """Q of A = Q R with diag(R) > 0 (batched; A square or tall, full column rank), by column-scaled
+    shifted CholeskyQR3 in float64 (Fukaya et al. 2020, SIAM J. Sci. Comput. 42(1)):
+    X = A diag(1/||a_j||); then {R = chol(X^T X + s I), upper; X = X R^-1} with
+    s = 11 (mn + n(n+1)) u ||X||_F^2 (u = 2^-53; ||X||_F^2 = n bounds ||X||_2^2), then twice more
+    with s = 0. Then X = A T with T upper triangular and X^T X = I, which makes X the unique Q
+    (Householder's up to column signs). The shift keeps the first Cholesky alive for cond(scaled A)
+    up to ~1/u and leaves cond(X) <~ sqrt(n/s) (~7e3 at n = 3072), which the two plain passes bring
+    to X^T X - I ~ 1e-16. SOAP needs this: the power step P Q of a rank-deficient L (the 3072-wide
+    side of an MLP matrix) has fp32-noise columns and condition numbers plain CholeskyQR2 cannot
+    factor. A matrix whose third Gram is off I by >= 0.5 in Frobenius norm gets a fourth pass; one
+    whose Cholesky fails (a zero column), or whose last Gram is still that far off, gets
+    torch.linalg.qr(A).Q instead (two host syncs per call to decide).
+    Cost per n x n matrix and pass: ~1.2n^3 Gram (gram_upper) + ~n^3 cholesky_blocked + ~n^3
+    tri_inverse + ~1.2n^3 for X R^-1 (matmul_upper) flops (at n = 6b), all but n/b small Choleskys
+    and solves in batched fp64 GEMMs (Householder's geqrf + orgqr: 2.7 n^3, but BLAS-2 panels).
+    Measured against the alternatives: records/speed/README.md."""
+    X = A.double()
+    # a zero column stays zero
+    X = X / X.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
+    m, n = X.shape[-2:]
+
+    def cholqr(X: torch.Tensor, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+        """X R^-1 with R = chol(X^T X + shift I), upper; whether the Cholesky held; ||X^T X - I||_F
+        before it."""
+        gram = gram_upper(X)
+        # ||gram - I||_F^2 = ||gram||_F^2 - 2 tr(gram) + n, without an n x n temporary (fine in fp64
+        # near 0.5^2); NaN (a failed earlier pass) compares False below
+        off = torch.linalg.matrix_norm(gram) ** 2 - 2 * gram.diagonal(dim1=-2, dim2=-1).sum(-1) + n
+        off = off.clamp_min(0).sqrt()
+        if shift:
+            gram.diagonal(dim1=-2, dim2=-1).add_(shift)
+        L, info = cholesky_blocked(gram)
+        return matmul_upper(X, tri_inverse(L).mT), info == 0, off
+
+    X, ok, _ = cholqr(X, 11 * (m * n + n * (n + 1)) * 2.0**-53 * n)
+    for _ in range(2):  # off: of the third pass's input
+        X, held, off = cholqr(X)
+        ok &= held
+    again = ok & ~(off < 0.5)  # X was not yet near orthonormal before the third pass: one pass more
+    if again.any():
+        X[again], held, off[again] = cholqr(X[again])
+        ok[again] &= held
+    ok &= off < 0.5
+    Q = X.to(A.dtype)
+    if not ok.all():
+        Q[~ok] = torch.linalg.qr(A[~ok]).Q
+    return Q
+
+
+@torch.no_grad()
+def refresh_gram_factors(opt: FeatureGram, n_tokens: int,
+                         stream: torch.cuda.Stream | None = None) -> None:
+    """FeatureGram.refresh_gram: C from the collected sums, then the cached factors (see there)."""
+    grams = [opt.layers[id(p)].gram for p in opt._params()]
+    if opt.world > 1:
+        flat = torch.cat([g.reshape(-1) for g in grams])
+        dist.all_reduce(flat)
+        parts = flat.split([g.numel() for g in grams])
+        torch._foreach_copy_(grams, [c.view_as(g) for c, g in zip(parts, grams)])
+    opt._pending = []
+    opt.fallbacks = dict.fromkeys(FALLBACK_BOOSTS, 0)
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        for group in opt.param_groups:
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if opt.owner[p] == opt.rank:
+                    st, new = opt.state[p], opt.layers[id(p)].gram / n_tokens
+                    st["gram"] = (new if "gram" not in st else
+                                  st["gram"].lerp_(new, 1 - group["gram_beta"]))
+                    by_shape.setdefault(st["gram"].shape, []).append(p)
+            for ps in by_shape.values():
+                Rs, failed = opt.factor(opt._stacked_grams(ps), group, wait=False)
+                opt._store_factors(ps, Rs, group)
+                if failed.is_cuda:  # to the host without a sync: read once the stream is done
+                    flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+                    failed = flag.copy_(failed, non_blocking=True)
+                opt._pending.append((ps, group, failed))
+    opt._refreshed = None
+    if stream is not None:
+        opt._refreshed = torch.cuda.Event()
+        opt._refreshed.record(stream)
+
+
+@torch.no_grad()
+def finish_gram_refresh(opt: FeatureGram) -> None:
+    """FeatureGram.finish_refresh: join the side stream; redo a failed batch with more damping (see
+    there)."""
+    pending, opt._pending = opt._pending, []  # taken once, also when a redo raises
+    if not pending:
+        return
+    if opt._refreshed is not None:
+        torch.cuda.current_stream().wait_event(opt._refreshed)
+        # the failure flags are on the host: waits for the side stream only
+        opt._refreshed.synchronize()
+    for ps, group, flag in pending:
+        if flag.item():
+            boosts: list[torch.Tensor] = []
+            opt._store_factors(ps, opt.factor(opt._stacked_grams(ps), group, boosts=boosts), group)
+            # a matrix's largest (block mode)
+            for b in boosts[0].reshape(len(ps), -1).amax(-1).tolist():
+                if b > 1:
+                    opt.fallbacks[b] += 1
+
+
+# full C of a layer input at least twice this wide (and a multiple of it) is summed as its upper
+# block triangle only, in column blocks of this width, and symmetric_gram mirrors it: 3 of 4 block
+# products for the 768-wide inputs, 36 of 64 (56%) for the 3072-wide MLP hidden input (timings:
+# records/speed/README.md)
+GRAM_TRIANGLE_BLOCK = 384
+
+
+def gram_triangle(mode: str, d: int) -> bool:
+    """Whether a d-wide input's C is summed as its upper block triangle (full mode, d a multiple of
+    GRAM_TRIANGLE_BLOCK, at least two blocks)."""
+    return mode == "full" and d >= 2 * GRAM_TRIANGLE_BLOCK and d % GRAM_TRIANGLE_BLOCK == 0
+
+
+def gram_sum(x: torch.Tensor, mode: str, blocks: int = 1) -> torch.Tensor:
+    """X^T X over the rows of x (..., d), in fp32: full (d, d); block (blocks, d/blocks, d/blocks),
+    the diagonal blocks; diag (d,), the column sums of x^2. On CUDA the bf16 products come out of
+    the matmul in fp32; autocast is off here (under it, an fp32 x's matmul would round X^T X to
+    bf16). Where gram_triangle: only the blocks on and above the block diagonal (syrk-style, zeros
+    below); symmetric_gram completes the sum."""
+    x = x.detach().reshape(-1, x.size(-1))
+    if mode == "diag":
+        return x.float().square().sum(0)
+    if mode == "block":
+        x = x.view(x.size(0), blocks, -1).transpose(0, 1)  # (d/b, n, b)
+    low = x.is_cuda and x.dtype == torch.bfloat16
+    if not low:
+        x = x.float()
+    def gram_mm(a, b):
+        if not low:
+            return a @ b
+        return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32)
+
+    d = x.size(-1)
+    with torch.autocast(x.device.type, enabled=False):
+        # row block i: columns i.. (its diagonal block and the blocks right of it)
+        if gram_triangle(mode, d):
+            b = GRAM_TRIANGLE_BLOCK
+            return torch.cat([F.pad(gram_mm(x[:, i:i + b].mT, x[:, i:]), (i, 0))
+                              for i in range(0, d, b)])
+        return gram_mm(x.mT, x)
+
+
+def symmetric_gram(gram: torch.Tensor, mode: str) -> None:
+    """Complete what gram_sum summed as an upper block triangle: gram = triu(gram) + triu(gram,
+    1)^T."""
+    if gram_triangle(mode, gram.size(-1)):
+        gram.copy_(gram.triu() + gram.triu(1).mT)
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul takes x in: autocast's on x's device while it is on, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+# the loss kernel's columns per load and warps (one row per program)
+LOSS_TILE = dict(BLOCK=4096, num_warps=16)
+
+
+if triton is not None:
+    @triton.jit
+    def _softmax_xent_kernel(Z, T, L, V, Vp, stride, scale, BLOCK: tl.constexpr):
+        """Row r of Z (N, Vp), logits in columns < V (the rest padding), target T[r]: L[r] = lse(z)
+        - z[T[r]] in fp32, and in place Z[r] <- scale (softmax(z) - onehot(T[r])) (0 in the
+        padding). Two passes over the row (the second reads it back from L2): an online max m and
+        sum s = sum exp(z - m) per lane, one exp per element (a new max:
+        s <- s e^(m - z) + 1; else s <- s + e^(z - m)), combined across lanes at the end, and
+        z[T[r]] taken from the lane that holds it; then the write. z[T[r]] is read in the first
+        pass: read after it, a warp could see the dz another warp of the row has already written
+        there."""
+        r = tl.program_id(0).to(tl.int64)
+        Z += r * stride
+        cols = tl.arange(0, BLOCK)
+        t = tl.load(T + r)
+        m = tl.full((BLOCK,), -float("inf"), tl.float32)
+        s = tl.zeros((BLOCK,), tl.float32)
+        zt = tl.zeros((BLOCK,), tl.float32)
+        for c in range(0, V, BLOCK):
+            valid = cols < V - c
+            z = tl.load(Z + c + cols, mask=valid, other=-float("inf")).to(tl.float32)
+            # e^(m - z) past a new max, else e^(z - m)
+            e = tl.where(valid, tl.exp(-tl.abs(z - m)), 0.0)
+            s = tl.where(z > m, s * e + 1.0, s + e)
+            m = tl.maximum(m, z)
+            zt = tl.where(cols == t - c, z, zt)
+        mx = tl.max(m, 0)
+        lse = mx + tl.log(tl.sum(tl.where(m > -float("inf"), s * tl.exp(m - mx), 0.0), 0))
+        tl.store(L + r, lse - tl.sum(zt, 0))
+        for c in range(0, Vp, BLOCK):
+            z = tl.load(Z + c + cols, mask=cols < Vp - c, other=0.0).to(tl.float32)
+            p = tl.where(cols < V - c, tl.exp(z - lse), 0.0)
+            p = tl.where(cols == t - c, p - 1.0, p) * scale
+            tl.store(Z + c + cols, p.to(Z.dtype.element_ty), mask=cols < Vp - c)
+
+
+def _ce_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, V: int):
+    """One chunk of linear_cross_entropy, W's rows zero-padded from V to w.size(0): z = x W^T in x's
+    dtype, read in fp32, its padded columns out of the softmax; returns
+    (sum_i lse(z_i) - z_i[t_i], dz W, (dz^T x)[:V]) with dz = scale (softmax(z) - onehot(t)) in x's
+    dtype (0 in the padded columns). With Triton on CUDA (or interpreted) the softmax is one kernel
+    (_softmax_xent_kernel) that writes dz over z; else (CPU builds) these torch ops."""
+    if triton is not None and (x.is_cuda or TRITON_INTERPRETED):
+        dz = x @ w.mT  # z, which the kernel overwrites with dz
+        rows = torch.empty(dz.size(0), dtype=torch.float32, device=dz.device)
+        _softmax_xent_kernel[(dz.size(0),)](dz, t, rows, V, dz.size(1), dz.stride(0), scale,
+                                            **LOSS_TILE)
+        return rows.sum(), dz @ w, (dz.mT @ x)[:V]
+    z = (x @ w.mT).float()
+    cols = torch.arange(z.size(-1), device=z.device)
+    z = z.masked_fill(cols >= V, float("-inf"))
+    lse = z.logsumexp(-1, keepdim=True)
+    hit = cols == t[:, None]
+    loss = (lse.squeeze(-1) - z.masked_fill(~hit, 0).sum(-1)).sum()
+    dz = ((z - lse).exp() - hit.float()).mul(scale).to(x.dtype)
+    return loss, dz @ w, (dz.mT @ x)[:V]
+
+
+# the fused loss pads W's rows (the vocabulary) to a multiple of this, so the logits' rows start at
+# aligned offsets (why: records/speed/README.md)
+LOSS_VOCAB_PAD = 128
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(x_i W^T, t_i) for x (N, d), W (V, d) without the N x V logits: `chunk` rows at a
+    time, the forward also forms dL/dx and dL/dW (operands in x's dtype, bf16 under autocast, logits
+    and softmax in fp32, dL/dW summed in fp32), and the backward scales them by the incoming
+    gradient. Under no_grad only the loss is computed. W's rows are zero-padded to a multiple of
+    LOSS_VOCAB_PAD, and the padded logits left out of the softmax (_ce_chunk)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
+        dtype, (V, N) = matmul_dtype(x), (w.size(0), x.size(0))
+        xc, wc = x.to(dtype), w.new_empty((V + -V % LOSS_VOCAB_PAD, w.size(1)), dtype=dtype)
+        wc[:V], wc[V:] = w, 0  # W in the operand dtype and its padding, in one pass over W
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss = torch.zeros((), device=x.device)
+        dx = torch.empty_like(xc) if grads else None
+        dw = torch.zeros(w.shape, device=w.device) if grads else None
+        with torch.autocast(x.device.type, enabled=False):
+            for s in range(0, N, chunk):
+                if grads:
+                    l, dxs, dws = _ce_chunk(xc[s: s + chunk], wc, t[s: s + chunk], 1.0 / N, V)
+                    dx[s: s + chunk] = dxs
+                    dw += dws
+                else:
+                    z = (xc[s: s + chunk] @ wc.mT).float()[:, :V]
+                    l = F.cross_entropy(z, t[s: s + chunk], reduction="sum")
+                loss += l
+        if grads:
+            ctx.save_for_backward(dx, dw)
+            ctx.dtypes = x.dtype, w.dtype
+        return loss / N
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dx, dw = ctx.saved_tensors
+        return dx.to(ctx.dtypes[0]) * grad, (dw * grad).to(ctx.dtypes[1]), None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor,
+                         chunk: int) -> torch.Tensor:
+    """mean_i CE(x_i W^T, t_i), `chunk` rows of logits at a time (LinearCrossEntropy). Eager under
+    torch.compile once a GPT is built (make_loss_eager)."""
+    return LinearCrossEntropy.apply(x, w, t, chunk)
+
+
+def make_loss_eager() -> None:
+    """linear_cross_entropy = torch.compiler.disable(linear_cross_entropy): a graph break, so under
+    torch.compile the chunk loop runs eagerly (CUDA: cuBLAS GEMMs and the softmax kernel). Called by
+    GPT() rather than at import, where it would load torch._dynamo (~1 s) in every process importing
+    this file, the downloader's included."""
+    global linear_cross_entropy
+    if not getattr(linear_cross_entropy, "_torchdynamo_disable", False):
+        linear_cross_entropy = torch.compiler.disable(linear_cross_entropy)
+
+# ----------------------------------------------------------------------------- infra: checks
 
 
 def validate_args(args: Hyperparameters, world: int) -> int:
     """Refuse bad settings before any model is built; returns the gradient accumulation steps."""
-    if args.optimizer not in OPTIMIZERS:
-        raise SystemExit(f"--optimizer: unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     check_optimizer_args(args)
     if args.compile_mode not in COMPILE_MODES:
-        raise SystemExit(f"--compile_mode: unknown {args.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        raise SystemExit(f"--compile_mode: unknown {args.compile_mode!r}; choose one of "
+                         f"{', '.join(COMPILE_MODES)}")
     if args.attention not in ATTENTION_BACKENDS:
-        raise SystemExit(f"--attention: unknown backend {args.attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        raise SystemExit(f"--attention: unknown backend {args.attention!r}; choose one of "
+                         f"{', '.join(ATTENTION_BACKENDS)}")
     if not 0 < args.activation_budget <= 1:
         raise SystemExit(f"--activation_budget: must be in (0, 1], got {args.activation_budget}")
     if args.loss_chunk < 0:
         raise SystemExit(f"--loss_chunk: must be >= 0 (0: whole logits), got {args.loss_chunk}")
-    for name in ("ns_coeffs", "polargrad_ns_coeffs"):
-        if getattr(args, name) not in NS_COEFFS:
-            raise SystemExit(f"--{name}: unknown set {getattr(args, name)!r}; choose one of {', '.join(NS_COEFFS)}")
-    for name in ("batch_size", "device_batch_size", "sequence_length", "num_iterations", "val_tokens", "n_layer",
+    for name in ("batch_size", "device_batch_size", "sequence_length", "num_iterations",
+                 "val_tokens", "n_layer",
                  "n_head", "n_embd", "vocab_size"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name}: must be positive, got {getattr(args, name)}")
-    for name, what in (("input_bin", "a glob pattern of train shards"), ("input_val_bin", "a glob pattern of val "
+    for name, what in (("input_bin", "a glob pattern of train shards"), ("input_val_bin",
+                                                                         "a glob pattern of val "
                        "shards"), ("records_dir", "the folder of the records")):
         if not getattr(args, name).strip():
             raise SystemExit(f"--{name}: must not be empty ({what})")
     per_micro = world * args.device_batch_size
     if args.batch_size % per_micro:
-        raise SystemExit(f"--device_batch_size {args.device_batch_size} x {world} processes = {per_micro} sequences "
-                         f"does not divide the step's --batch_size {args.batch_size}; pick a divisor of "
-                         f"{args.batch_size // world if args.batch_size % world == 0 else args.batch_size}")
+        divisor_of = args.batch_size // world if args.batch_size % world == 0 else args.batch_size
+        raise SystemExit(f"--device_batch_size {args.device_batch_size} x {world} processes = "
+                         f"{per_micro} sequences does not divide the step's --batch_size "
+                         f"{args.batch_size}; pick a divisor of {divisor_of}")
     val_bt = world * args.device_batch_size * args.sequence_length
     if args.val_tokens % val_bt:
         raise SystemExit(f"--val_tokens {args.val_tokens} is not a multiple of {world} processes x "
-                         f"--device_batch_size {args.device_batch_size} x --sequence_length {args.sequence_length} "
+                         f"--device_batch_size {args.device_batch_size} x --sequence_length "
+                         f"{args.sequence_length} "
                          f"= {val_bt}")
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
-        raise SystemExit(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head} with an even head dim")
+        raise SystemExit(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head} "
+                         "with an even head dim")
     if not 0 <= args.seed < 2**32:
-        raise SystemExit(f"--seed: must be in 0 .. {2**32 - 1} (numpy's seed range), got {args.seed}")
+        raise SystemExit(f"--seed: must be in 0 .. {2**32 - 1} (numpy's seed range), got "
+                         f"{args.seed}")
     if args.deterministic and args.attention not in DETERMINISTIC_ATTENTION:
-        raise SystemExit(f"--attention {args.attention}: its backward is not deterministic; with --deterministic 1 "
+        raise SystemExit(f"--attention {args.attention}: its backward is not deterministic; with "
+                         "--deterministic 1 "
                          f"choose one of {', '.join(DETERMINISTIC_ATTENTION)}")
     check_run_args(args)
     return args.batch_size // per_micro
 
 
 def check_run_args(args: Hyperparameters) -> None:
-    """Refuse a schedule or checkpoint setting out of range: learning rates below the float32 maximum; warmup,
-    warmdown >= 0 with warmup + warmdown <= num_iterations; val_loss_every, save_every >= 0; keep_checkpoints >= 1;
-    a --resume checkpoint that exists, is complete, has its record, and was saved with the same settings except
-    RESUME_MAY_CHANGE, and not at the run's last step already (RunComplete)."""
+    """Refuse a schedule or checkpoint setting out of range: learning rates below the float32
+    maximum; warmup, warmdown >= 0 with warmup + warmdown <= num_iterations; val_loss_every,
+    save_every >= 0; keep_checkpoints >= 1; a --resume checkpoint that exists, is complete, has its
+    record, and was saved with the same settings except RESUME_MAY_CHANGE, and not at the run's last
+    step already (RunComplete)."""
     f32_max = torch.finfo(torch.float32).max
     for name in (f.name for f in fields(Hyperparameters) if f.name.endswith("_lr")):
         if not getattr(args, name) < f32_max:  # check_optimizer_args refuses the non-positive ones
-            raise SystemExit(f"--{name}: must be below {f32_max:.4g} (the float32 maximum), got {getattr(args, name)}")
+            raise SystemExit(f"--{name}: must be below {f32_max:.4g} (the float32 maximum), got "
+                             f"{getattr(args, name)}")
     for name in ("warmup_iters", "warmdown_iters", "val_loss_every", "save_every", "stop_at"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name}: must be >= 0, got {getattr(args, name)}")
     if args.warmup_iters + args.warmdown_iters > args.num_iterations:
-        raise SystemExit(f"--warmup_iters {args.warmup_iters} + --warmdown_iters {args.warmdown_iters} = "
-                         f"{args.warmup_iters + args.warmdown_iters} is longer than the run (--num_iterations "
+        raise SystemExit(f"--warmup_iters {args.warmup_iters} + --warmdown_iters "
+                         f"{args.warmdown_iters} = "
+                         f"{args.warmup_iters + args.warmdown_iters} is longer than the run "
+                         "(--num_iterations "
                          f"{args.num_iterations}): their sum must be <= {args.num_iterations}")
     if args.stop_at >= args.num_iterations:
-        raise SystemExit(f"--stop_at {args.stop_at}: must be below --num_iterations {args.num_iterations} (0: run to "
+        raise SystemExit(f"--stop_at {args.stop_at}: must be below --num_iterations "
+                         f"{args.num_iterations} (0: run to "
                          f"the end)")
     if args.keep_checkpoints < 1:
         raise SystemExit(f"--keep_checkpoints: must be >= 1, got {args.keep_checkpoints}")
@@ -1786,17 +2279,20 @@ def check_run_args(args: Hyperparameters) -> None:
         path = find_checkpoint(args.resume, checkpoint_root(args))
         saved, meta = checkpoint_settings(path), read_checkpoint_meta(path)
         record, step = checkpoint_record(path, meta), meta["step"]
-        refuse_resume_changes(path, saved, {f.name: getattr(args, f.name) for f in fields(Hyperparameters)})
+        refuse_resume_changes(path, saved, {f.name: getattr(args, f.name)
+                                            for f in fields(Hyperparameters)})
         if 0 < args.stop_at <= step:
-            raise SystemExit(f"--stop_at {args.stop_at}: {path} is at step {step} already; stop later (0: the end)")
+            raise SystemExit(f"--stop_at {args.stop_at}: {path} is at step {step} already; stop "
+                             "later (0: the end)")
         if step == args.num_iterations:
-            raise RunComplete(f"--resume {path}: the run is complete (step {step}/{step}, record {record}); nothing "
+            raise RunComplete(f"--resume {path}: the run is complete (step {step}/{step}, record "
+                              f"{record}); nothing "
                               f"to do")
 
 
 class RunComplete(SystemExit):
-    """--resume of a checkpoint at the last step of its run: nothing to do, nothing written. Exit status 0 (a job that
-    resumes until done succeeds), the message on stdout."""
+    """--resume of a checkpoint at the last step of its run: nothing to do, nothing written. Exit
+    status 0 (a job that resumes until done succeeds), the message on stdout."""
 
     def __init__(self, message: str):
         super().__init__(0)
@@ -1804,8 +2300,8 @@ class RunComplete(SystemExit):
 
 
 def check_attention(args: Hyperparameters, device: torch.device) -> None:
-    """Refuse an --attention backend this device cannot run: one causal attention of the run's head size (bf16 on
-    CUDA, fp32 on CPU) tried under it before the run starts."""
+    """Refuse an --attention backend this device cannot run: one causal attention of the run's head
+    size (bf16 on CUDA, fp32 on CPU) tried under it before the run starts."""
     backend = ATTENTION_BACKENDS[args.attention]
     if backend is None:
         return
@@ -1815,8 +2311,74 @@ def check_attention(args: Hyperparameters, device: torch.device) -> None:
         with sdpa_kernel(backend):
             F.scaled_dot_product_attention(q, q, q, is_causal=True)
     except RuntimeError as e:
-        raise SystemExit(f"--attention {args.attention}: not available on {device.type} for head size "
-                         f"{q.size(-1)} ({first_line(e).split('. ')[0]}); use --attention auto") from None
+        why = first_line(e).split('. ')[0]
+        raise SystemExit(f"--attention {args.attention}: not available on {device.type} for head "
+                         f"size {q.size(-1)} ({why}); use --attention auto") from None
+
+
+def check_inputs(args: Hyperparameters, world: int) -> tuple[list[str], list[str], str,
+                                                             dict | None]:
+    """Refuse, before any training work, shards that are missing, too small or out of the
+    vocabulary, a checkpoint saved on other shards, and folders that cannot be written. Returns
+    (train files, val files, the checkpoint to resume or "", its meta or None)."""
+    B, T = args.device_batch_size, args.sequence_length
+    train_files = check_shards(args.input_bin, args.batch_size * T + 1, "train")
+    val_files = check_shards(args.input_val_bin, 0, "val")
+    have = sum(shard_token_count(f) for f in val_files)
+    if have < args.val_tokens + 1:
+        raise ShardError(args.input_val_bin, f"val shards hold {have} tokens, fewer than "
+                         "--val_tokens "
+                                             f"{args.val_tokens} + 1", fix="pass --val_tokens <= "
+                                             f"{have - 1} "
+                                             f"(a multiple of {world * B * T})")
+    resume = find_checkpoint(args.resume, checkpoint_root(args)) if args.resume else ""
+    meta = read_checkpoint_meta(resume) if resume else None
+    if resume:
+        for pattern, files, what in ((args.input_bin, train_files, "train"), (args.input_val_bin,
+                                                                              val_files, "val")):
+            if meta[f"{what}_files"] != shard_list(files):
+                raise ShardError(pattern, f"the {what} shards (names and token counts) differ from "
+                                 "the "
+                                          f"{len(meta[what + '_files'])} the checkpoint {resume} "
+                                          "was saved with",
+                                 fix="resume on the same shards")
+    check_token_ids(train_files + val_files, args.vocab_size)
+    for folder, setting in ([] if resume else [(args.records_dir, "records_dir")]) + [
+            (os.path.dirname(resume) if resume else checkpoint_root(args), "checkpoint_dir")]:
+        check_writable(folder, setting)
+    return train_files, val_files, resume, meta
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is an allocation the device or host could not make (CUDA OOM, numpy's MemoryError,
+    the CPU allocator's RuntimeError)."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
+@contextlib.contextmanager
+def run_errors():
+    """Around a run: an allocation that fails ends it with one line naming the settings that size
+    it; the process group is destroyed at the end, whatever happened."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        detail = first_line(e)
+        # past the CPU allocator's source location
+        detail = detail[max(detail.find("DefaultCPUAllocator"), 0):]
+        raise SystemExit(f"out of memory ({detail}): the model (--n_layer, --n_embd, --vocab_size) "
+                         "or the "
+                         "batch (--device_batch_size x --sequence_length, --val_tokens) does not "
+                         "fit this "
+                         "device; a smaller --device_batch_size keeps the step (accumulation "
+                         "makes up the rest)"
+                         ) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+# ----------------------------------------------------------------------------- infra: steps
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -1832,26 +2394,766 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-# --deterministic 1: the attention backends allowed (auto: flash, else math). Flash's backward is deterministic only in
-# PyTorch's strict mode (use_deterministic_algorithms without warn_only; else it accumulates dQ with atomics), which
-# Determinism.backward turns on; the math backend is plain matmuls and softmax; efficient and cudnn are refused
-DETERMINISTIC_ATTENTION = {"auto": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], "flash": SDPBackend.FLASH_ATTENTION,
+# --compile_mode: torch.compile's mode for the model. max-autotune-no-cudagraphs benchmarks Triton
+# matmul templates against cuBLAS per shape and can fuse pointwise epilogues (GELU, casts) into the
+# chosen matmul; CUDA graphs stay off (the Gram buffers are mutated on refresh steps).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_model(model: nn.Module, args: Hyperparameters) -> nn.Module:
+    """torch.compile(model) in args.compile_mode."""
+    return torch.compile(model, mode=args.compile_mode)
+
+
+def compile_for_cuda(model: nn.Module, args: Hyperparameters, optimizers: list) -> nn.Module:
+    """The compiled model; the rules' fast paths on (FAST_PATHS)."""
+    # the partitioner saves less and recomputes the rest in the backward
+    if args.activation_budget < 1:
+        torch._functorch.config.activation_memory_budget = args.activation_budget
+    for opt in optimizers:
+        if isinstance(opt, MatrixOptimizer):
+            opt.fast = True
+    return compile_model(model, args)
+
+
+class Clock:
+    """Training time: the steps' wall time, without validations, checkpoint saves and the first 10
+    steps of each start (compile warm-up). ms: the time banked so far (the checkpoint's before a
+    resume)."""
+
+    def __init__(self, progress: dict, cuda: bool):
+        self.start, self.ms = progress["step"], progress["training_ms"]
+        self.before = progress["timed_steps"]
+        self.warm_until = self.start + 10
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.t0, self.paused = time.perf_counter(), False
+
+    def start_step(self, step: int) -> None:
+        """At the top of each step: the clock starts once the warm-up steps are done."""
+        if step == self.warm_until:
+            self.sync()
+            self.t0 = time.perf_counter()
+
+    def elapsed(self, step: int) -> float:
+        """ms of training time up to now, in step `step` (0-based)."""
+        running = step >= self.warm_until and not self.paused
+        return self.ms + (1000 * (time.perf_counter() - self.t0) if running else 0.0)
+
+    def timed(self, done: int) -> int:
+        """Timed steps once `done` steps are done."""
+        return self.before + max(done - self.warm_until, 0)
+
+    def line(self, step: int, done: int | None = None) -> str:
+        """'train_time:...ms step_avg:...ms' at step `step`, `done` steps done (default: step)."""
+        done = step if done is None else done
+        now, timed = self.elapsed(step), self.timed(done)
+        return f"train_time:{now:.0f}ms step_avg:{now / timed if timed else float('nan'):.2f}ms"
+
+    def pause(self, step: int) -> None:
+        """Before a validation or a save: wait for the device, bank the time so far."""
+        self.sync()
+        self.ms, self.paused = self.elapsed(step), True
+
+    def resume(self, sync: bool = False) -> None:
+        """After it: the clock runs again (sync: once the device is done)."""
+        if sync:
+            self.sync()
+        self.t0, self.paused = time.perf_counter(), False
+
+    def progress(self, done: int, losses: list[float]) -> dict:
+        """A checkpoint's progress once `done` steps are done."""
+        return dict(step=done, training_ms=self.ms, timed_steps=self.timed(done), losses=losses)
+
+
+class Timer:
+    """Milliseconds of one region of a step: CUDA events on the GPU (no sync until read), the host
+    clock on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        if cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                enable_timing=True)
+
+    def start(self) -> None:
+        self.begin.record() if self.cuda else setattr(self, "t", time.perf_counter())
+
+    def stop(self) -> None:
+        self.end.record() if self.cuda else setattr(self, "elapsed", 1000 * (time.perf_counter()
+                                                                             - self.t))
+
+    def ms(self) -> float:
+        return self.begin.elapsed_time(self.end) if self.cuda else self.elapsed
+
+
+def mean_val_loss(model: nn.Module, tokens: np.ndarray, args: Hyperparameters, rank: int,
+                  world: int,
+                  device: torch.device, autocast, attention) -> float:
+    """The mean loss over the val tokens (each process its share of the batches; averaged over
+    processes)."""
+    B, T = args.device_batch_size, args.sequence_length
+    model.eval()
+    val_loss, n = torch.zeros((), device=device), 0
+    with torch.no_grad():
+        for vx, vy in val_batches(tokens, B, T, rank, world, device):
+            with autocast, attention():
+                val_loss += model(vx, vy)
+            n += 1
+    val_loss /= n
+    if world > 1:
+        dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
+    model.train()
+    return val_loss.item()
+
+
+@dataclass
+class StepOutcome:
+    """A step as every process sees it (agree): the mean train loss, whether the parameters are all
+    finite, the Gram refresh's error here ("" if none) and whether any process had one, whether a
+    stop signal came, and the Cholesky fallbacks of the refresh by boost (summed over processes)."""
+    train_loss: float
+    finite: bool
+    refresh_error: str
+    refresh_failed: bool
+    stop: bool
+    fallbacks: list[int]
+
+
+def agree(train_loss: torch.Tensor, refresh_error: str, stop: bool, refresh: bool,
+          blocks: torch.optim.Optimizer,
+          model: nn.Module, world: int, device: torch.device) -> StepOutcome:
+    """The step's outcome as every process sees it: with several processes one all-reduce carries
+    the train loss, whether any process failed a refresh or got a signal, and the Cholesky fallbacks
+    of all processes; the parameters' finiteness is identical everywhere. Waits for the step, so the
+    timers are complete after it."""
+    n_boosts = len(FALLBACK_BOOSTS)
+    fallbacks = list(blocks.fallbacks.values()) if refresh else [0] * n_boosts
+    stats = train_loss.view(1)
+    if world > 1:
+        flags = torch.tensor([float(bool(refresh_error)), float(stop)] + fallbacks, device=device)
+        stats = torch.cat([stats, flags])
+        dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+    params = list(model.parameters())
+    finite = torch.stack(torch._foreach_norm(params, float("inf"))).isfinite().all()
+    stats = torch.cat([stats, finite.view(1).float()]).tolist()
+    refresh_failed = bool(refresh_error)
+    # every process decides on the all-reduced flags alone, so all stop (or go on) together
+    if world > 1:
+        refresh_failed, stop = stats[1] > 0, stats[2] > 0
+        fallbacks = [round(x * world) for x in stats[3:3 + n_boosts]]  # means of counts: sums
+    return StepOutcome(stats[0], stats[-1] == 1.0, refresh_error, refresh_failed, stop, fallbacks)
+
+
+def fallbacks_line(done: int, args: Hyperparameters, fallbacks: list[int],
+                   blocks: torch.optim.Optimizer) -> str:
+    """The record's `gram_fallbacks:` line of a refresh whose Choleskys of C + damping I needed more
+    damping."""
+    return (f"gram_fallbacks: step:{done}/{args.num_iterations} {sum(fallbacks)} of "
+            f"{len(optimizer_params(blocks))} matrices failed the Cholesky of C + damping I and "
+            "were refactored "
+            f"with more damping: " + ", ".join(f"x{b}: {n}" for b, n in zip(FALLBACK_BOOSTS,
+                                                                            fallbacks)))
+
+
+def first_nonfinite_parameter(model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                              optimizer: str) -> str:
+    """'name (shape), updated by <optimizer>' of the first parameter, in model order, with a
+    non-finite value; ''."""
+    owner = {p: "the embedding/head AdamW" if i == 0 else optimizer
+             for i, opt in enumerate(optimizers) for p in optimizer_params(opt)}
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"{name} {tuple(p.shape)}, updated by {owner.get(p, '?')}"
+    return ""
+
+
+def stop_diverged(step: int, loss: float, refresh_error: str, model: nn.Module,
+                  optimizers: list[torch.optim.Optimizer],
+                  args: Hyperparameters, record: Record | None, checkpoint: str) -> None:
+    """End the run at a non-finite train loss or parameter: name the step, the optimizer and the
+    first non-finite parameter, mark the record diverged with its last good step (the last
+    checkpoint stays), exit with code 1."""
+    bad = first_nonfinite_parameter(model, optimizers, args.optimizer)
+    what = "; ".join(filter(None, [f"train loss {loss}", refresh_error and "Gram refresh: "
+                                   f"{refresh_error}",
+                                   f"first non-finite parameter: {bad}" if bad else "all "
+                                   "parameters finite"]))
+    message = (f"diverged at step {step}/{args.num_iterations} (optimizer {args.optimizer}): "
+               f"{what}. Last good step "
+               f"{step - 1}; last checkpoint: {checkpoint or 'none'} (kept)")
+    if record is not None:
+        record.log(f"diverged: step:{step}/{args.num_iterations} last_good_step:{step - 1} "
+                   f"optimizer:{args.optimizer} "
+                   f"{what}")
+        record.close()
+    raise SystemExit(message if record is not None else 1)
+
+
+def params_digest(model: nn.Module) -> str:
+    """sha256 of the model's parameters (named_parameters order, a tied one once, each its raw
+    bytes): equal in two records iff their final parameters are bit-identical (e.g. --deterministic
+    1 reruns, or an edit that should not change the math)."""
+    h = hashlib.sha256()
+    for _, p in model.named_parameters():
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+# ----------------------------------------------------------------------------- infra: checkpoints
+
+
+# checkpoints: <checkpoint_dir>/<record name>/step_<n>/ after n optimizer steps (see Checkpoints)
+CHECKPOINT_FORMAT = 1
+
+
+# what a resumed run may change: where it stops, where and how often it saves, how it runs, where
+# the same shards are (checked by name and token count) and where records go (it continues its own);
+# every other setting is the checkpoint's
+RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir",
+                     "final_checkpoint",
+                     "compile", "compile_mode",
+                     "device_batch_size", "loss_chunk", "attention", "activation_budget",
+                     "recompute_gelu",
+                     "gram_overlap", "matmul_check", "input_bin", "input_val_bin",
+                     "records_dir", "deterministic")
+
+
+def checkpoint_root(args: Hyperparameters) -> str:
+    """The folder of the runs' checkpoint folders: --checkpoint_dir, or <records_dir>/checkpoints.
+    """
+    return args.checkpoint_dir or os.path.join(args.records_dir, "checkpoints")
+
+
+def _saved_at(path: str) -> float:
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return float(json.load(f)["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return os.path.getmtime(os.path.join(path, "meta.json"))
+
+
+def checkpoints_in(folder: str) -> list[str]:
+    """The complete checkpoints in a run's folder (step_<n>/ with meta.json, never the step_<n>.tmp/
+    of an unfinished save), oldest save first."""
+    found = [p for p in glob.glob(os.path.join(glob.escape(folder), "step_*"))
+             if not p.endswith(".tmp") and os.path.isfile(os.path.join(p, "meta.json"))]
+    return sorted(found, key=lambda p: (_saved_at(p), p))
+
+
+def find_checkpoint(spec: str, root: str) -> str:
+    """The absolute path of the checkpoint `spec` names: "latest" (the newest save in any run folder
+    under root), a checkpoint folder, or a run's folder of checkpoints (its newest)."""
+    if spec == "latest":
+        found = [c for run in glob.glob(os.path.join(glob.escape(root),
+                                                     "*")) for c in checkpoints_in(run)]
+        if not found:
+            raise SystemExit(f"--resume latest: no checkpoint under {root} (folders "
+                             "<run>/step_<n>/ with meta.json); "
+                             "pass the --checkpoint_dir (or --records_dir) the run used, or a "
+                             "checkpoint folder")
+        return os.path.abspath(max(found, key=lambda p: (_saved_at(p), p)))
+    if os.path.isfile(os.path.join(spec, "meta.json")):
+        return os.path.abspath(spec)
+    found = checkpoints_in(spec) if os.path.isdir(spec) else []
+    if not found:
+        raise SystemExit(f"--resume {spec}: not a checkpoint (a step_<n>/ folder with meta.json), "
+                         "nor a run's folder "
+                         f"of them, nor 'latest'")
+    return os.path.abspath(found[-1])
+
+
+# meta.json's keys and their types (bool is not an int here)
+CHECKPOINT_META = {"format": int, "step": int, "num_iterations": int, "world_size": int,
+                   "record": str, "args": dict,
+                   "train_files": list, "val_files": list}
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    """meta.json of a checkpoint folder, checked: this format, every key of CHECKPOINT_META with its
+    type, 0 <= step <= num_iterations, world_size >= 1, shard lists of [name, token count], and
+    main.pt plus one rank<r>.pt per saving process present."""
+    def damaged(what: str):
+        raise SystemExit(f"--resume {path}: its meta.json {what}: damaged, or not written by "
+                         "train_gpt2.py; resume "
+                         f"another checkpoint of the run (a step_<n>/ folder beside it)")
+
+    try:
+        with open(os.path.join(path, "meta.json"), "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise SystemExit(f"--resume {path}: cannot read its meta.json ({e})") from None
+    if not isinstance(meta, dict):
+        damaged(f"holds a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"--resume {path}: checkpoint format {meta.get('format')!r}; this "
+                         "train_gpt2.py reads format "
+                         f"{CHECKPOINT_FORMAT}")
+    for key, kind in CHECKPOINT_META.items():
+        if not isinstance(meta.get(key), kind) or (kind is int and isinstance(meta[key], bool)):
+            damaged(f"has no {key!r} ({kind.__name__})" if key not in meta else
+                    f"has {key!r} = {meta[key]!r}, not a {kind.__name__}")
+    if meta["world_size"] < 1 or not 0 <= meta["step"] <= meta["num_iterations"]:
+        damaged(f"says step {meta['step']} of {meta['num_iterations']} on {meta['world_size']} "
+                "processes")
+    for key in ("train_files", "val_files"):
+        if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
+                   and type(e[1]) is int
+                   for e in meta[key]):
+            damaged(f"has {key!r} that is not a list of [shard name, token count]")
+    missing = [n for n in ["main.pt"] + [f"rank{r}.pt" for r in range(meta["world_size"])]
+               if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        raise SystemExit(f"--resume {path}: incomplete checkpoint, missing {', '.join(missing)}")
+    return meta
+
+
+def _saved_value_fits(kind: str, v) -> bool:
+    """Whether a value from meta.json's args is of the setting's type (kind as in Hyperparameters'
+    annotations)."""
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "int":
+        return type(v) is int
+    if kind == "float":
+        return type(v) in (int, float)
+    if kind == "str":
+        return isinstance(v, str)
+    return isinstance(v, list) and all(type(x) in (int, float) for x in v)  # tuple[float, float]
+
+
+def checkpoint_settings(path: str) -> Hyperparameters:
+    """The settings a checkpoint was saved with (each of its setting's type; settings it lacks: the
+    defaults)."""
+    saved, kinds = read_checkpoint_meta(path)["args"], {f.name: str(f.type)
+                                                        for f in fields(Hyperparameters)}
+    unknown = sorted(set(saved) - set(kinds))
+    if unknown:
+        raise SystemExit(f"--resume {path}: saved with settings this train_gpt2.py does not have "
+                         f"({', '.join(unknown)}); resume it with the version that saved it")
+    for k, v in saved.items():
+        if not _saved_value_fits(kinds[k], v):
+            raise SystemExit(f"--resume {path}: its meta.json has args.{k} = {v!r}, not a "
+                             f"{kinds[k]}: damaged, or not written by train_gpt2.py; resume "
+                             f"another checkpoint of the run")
+    return Hyperparameters(**{k: tuple(v) if kinds[k].startswith("tuple") else v
+                              for k, v in saved.items()})
+
+
+def checkpoint_record(path: str, meta: dict) -> str:
+    """The record the checkpoint at `path` continues (meta.json's "record"), confined to its own
+    run: the file must be named <run folder>.txt (the folder holding the checkpoint is named after
+    its record) and be a train_gpt2.py record (first line RECORD_MARK), so a crafted meta.json
+    cannot make a resumed run append to any other file."""
+    record, run = meta["record"], os.path.basename(os.path.dirname(path))
+    if os.path.basename(record) != run + ".txt":
+        raise SystemExit(f"--resume {path}: its meta.json names {record} as its record, not "
+                         f"{run}.txt: a checkpoint "
+                         f"continues only its own run's record; refused")
+    if not os.path.isfile(record):
+        raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it "
+                         "back")
+    try:
+        with open(record, "rb") as f:
+            first = f.read(len(RECORD_MARK) + 1)
+    except OSError as e:
+        raise SystemExit(f"--resume {path}: cannot read its record ({os_error(e)})") from None
+    if first != (RECORD_MARK + "\n").encode():
+        raise SystemExit(f"--resume {path}: {record}, which its meta.json names as its record, is "
+                         "not a train_gpt2.py "
+                         f"record (no record mark on its first line); refused")
+    return record
+
+
+def refuse_resume_changes(path: str, saved: Hyperparameters, values: dict) -> None:
+    """Refuse any setting in `values` (name -> value) outside RESUME_MAY_CHANGE that differs from
+    the checkpoint's."""
+    for name, value in values.items():
+        if name not in RESUME_MAY_CHANGE and value != getattr(saved, name):
+            raise SystemExit(f"--{name}: the checkpoint {path} was saved with "
+                             f"{getattr(saved, name)!r}, got {value!r}; "
+                             "a resumed run keeps the checkpoint's model, optimizer and schedule: "
+                             f"leave --{name} out "
+                             "(or start a new run). Only "
+                             f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])} may "
+                             f"change on resume")
+
+
+def resume_settings(base: Hyperparameters, given: dict) -> Hyperparameters:
+    """The settings of the checkpoint that given["resume"] names (looked up under base's checkpoint
+    root), plus the given RESUME_MAY_CHANGE settings; any other given setting must equal the
+    checkpoint's. stop_at is 0 (run to the end) unless given again."""
+    path = find_checkpoint(given["resume"], checkpoint_root(base))
+    saved = checkpoint_settings(path)
+    refuse_resume_changes(path, saved, given)
+    kept = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE[1:]}
+    return dataclasses.replace(saved, resume=path, **({"stop_at": 0} | kept))
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random generator of this process: torch (CPU, and this CUDA device), numpy, python's
+    random."""
+    name, keys, *rest = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type
+            == "cuda" else None,
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what rng_state returned."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def check_writable(folder: str, setting: str) -> None:
+    """Refuse a folder that cannot be made or written in (read-only, full, a file in its path):
+    before any model, record or step. Creates it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--{setting} {folder}: cannot write there ({os_error(e)}); pass a "
+                         "writable folder") from None
+
+
+def os_error(e: OSError) -> str:
+    """One line for an OS error: 'Read-only file system: /path' (the errno's text and the file)."""
+    what = e.strerror or str(e) or type(e).__name__
+    return f"{what}: {e.filename}" if e.filename else what
+
+
+class _Writes:
+    """A file object's write and flush that keep the OSError behind a failed torch.save, which
+    raises only a RuntimeError ('unexpected pos ...') when the disk is full or read-only."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save_synced(obj, path: str) -> None:
+    """torch.save, flushed to the disk before returning; a failed write raises its OSError (ENOSPC,
+    EROFS, ...)."""
+    with open(path, "wb") as f:
+        out = _Writes(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise OSError(out.error.errno, out.error.strerror, path) from None
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def shard_list(files: list[str]) -> list[list]:
+    """[name, token count] of each shard: what a resume checks the shards by."""
+    return [[os.path.basename(f), shard_token_count(f)] for f in files]
+
+
+class Checkpoints:
+    """A run's checkpoints: <folder>/step_<n>/ after n optimizer steps, each written into
+    step_<n>.tmp/ and renamed once complete, so a kill in the middle of a save leaves the previous
+    checkpoint valid. Inside:
+      meta.json   step, settings, world size, record path, train and val shards: resume reads it
+                  before building
+      main.pt     the model; every optimizer's param groups (lr, base_lr, ...); the data loader's
+                  position; the training time, timed steps and train losses so far
+      rank<r>.pt  the optimizer state process r holds (the block matrices it owns; rank 0: AdamW's)
+                  and its RNG states
+    save() and load() are collective. load() with another world size redistributes: each process
+    reads every rank<r>.pt and keeps the state of the matrices it owns now (RNG states: those of
+    rank r mod the old world size)."""
+
+    def __init__(self, folder: str, args: Hyperparameters, rank: int, world: int,
+                 device: torch.device,
+                 model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DataLoader,
+                 record_path: str,
+                 train_files: list[str], val_files: list[str]):
+        self.folder, self.args, self.rank, self.world = folder, args, rank, world
+        self.device, self.model, self.optimizers = device, model, optimizers
+        self.loader, self.record_path = loader, record_path
+        self.shards = {"train_files": shard_list(train_files), "val_files": shard_list(val_files)}
+        self.last = args.resume or ""  # the newest valid checkpoint of this run
+
+    def _holds(self, opt: torch.optim.Optimizer, p: torch.Tensor, writing: bool) -> bool:
+        """Whether this process saves (writing) or needs (loading) p's state: the owner of a block
+        matrix; for other optimizers, which every process runs whole, rank 0 saves and every process
+        loads."""
+        if isinstance(opt, MatrixOptimizer):
+            return opt.holds(p)
+        return self.rank == 0 or not writing
+
+    def _agree(self, error: str) -> str:
+        """This process's failure ('' if none) once every process knows whether any failed
+        (collective): '' if none did; another process's failure reads 'a write failed on another
+        process'."""
+        if self.world > 1:
+            failed = torch.tensor([float(bool(error))], device=self.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if failed.item() and not error:
+                return "a write failed on another process"
+        return error
+
+    def save(self, step: int, progress: dict) -> str:
+        """Write step_<step>/ (collective); returns its path. Every process writes its files into
+        step_<step>.tmp/; one agreement (an all-reduce) tells all whether every write held; then
+        process 0 publishes it (_publish). A failed write (any OSError: a read-only or full disk) on
+        any process removes step_<step>.tmp/ and returns '', the reason in self.error; the previous
+        checkpoint stays self.last and the run goes on."""
+        final = os.path.join(self.folder, f"step_{step:06d}")
+        tmp, error = final + ".tmp", ""
+        try:
+            os.makedirs(tmp, exist_ok=True)
+            self._write(tmp, step, progress)
+        except OSError as e:
+            error = os_error(e)
+        error = self._agree(error)
+        if not error:
+            error = self._publish(step, tmp, final)
+        self.error = error
+        if error:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return ""
+        self.last = final
+        return final
+
+    def _publish(self, step: int, tmp: str, final: str) -> str:
+        """On process 0, once every file of step <step> is in tmp/: files an earlier, cut attempt at
+        this step left there removed, tmp/ renamed to final/ (durably), then every other
+        step_<n>.tmp/ (saves cut by a kill) and the checkpoints beyond --keep_checkpoints removed.
+        '' or the failure's line (the other processes go on:
+        nothing of theirs depends on it). No other process can be writing a later save meanwhile:
+        that needs a training step, whose all-reduces wait for process 0."""
+        if self.rank != 0:
+            return ""
+        try:
+            mine = {"main.pt", "meta.json"} | {f"rank{r}.pt" for r in range(self.world)}
+            for name in set(os.listdir(tmp)) - mine:
+                os.remove(os.path.join(tmp, name))
+            # a step saved before, on a branch of the run that a resume abandoned
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fd = os.open(self.folder, os.O_RDONLY)  # make the rename itself durable
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            return os_error(e)
+        for stale in glob.glob(os.path.join(glob.escape(self.folder), "step_*.tmp")):
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in checkpoints_in(self.folder)[:-self.args.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return ""
+
+    def _write(self, tmp: str, step: int, progress: dict) -> None:
+        """This process's files of step <step>'s save into tmp/: rank<r>.pt; on process 0 main.pt
+        and meta.json too."""
+        states = []
+        for opt in self.optimizers:
+            params = optimizer_params(opt)
+            states.append({i: s for i, s in opt.state_dict()["state"].items()
+                           if s and self._holds(opt, params[i], writing=True)})
+        _save_synced({"optimizers": states, "rng": rng_state(self.device)},
+                     os.path.join(tmp, f"rank{self.rank}.pt"))
+        if self.rank == 0:
+            _save_synced({"model": self.model.state_dict(), "loader": self.loader.state(),
+                          "progress": progress,
+                          "param_groups": [opt.state_dict()["param_groups"]
+                                           for opt in self.optimizers]},
+                         os.path.join(tmp, "main.pt"))
+            meta = {"format": CHECKPOINT_FORMAT, "step": step,
+                    "num_iterations": self.args.num_iterations,
+                    "world_size": self.world, "record": os.path.abspath(self.record_path),
+                    "saved_at": time.time(),
+                    "torch": torch.__version__, "args": dataclasses.asdict(self.args),
+                    **self.shards}
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def load(self, path: str) -> dict:
+        """Restore model, optimizers, data loader and RNGs from a checkpoint (all processes);
+        returns its progress:
+        step, training_ms, timed_steps, losses. Every file is read and checked first
+        (read_checkpoint_file, check_weights, check_states); anything that still does not fit ends
+        in one SystemExit line: the run has not written anything yet."""
+        meta = read_checkpoint_meta(path)
+        main = read_checkpoint_file(path, "main.pt", ("model", "loader", "progress",
+                                                      "param_groups"))
+        check_weights(path, main["model"], self.model)
+        if not isinstance(main["progress"], dict) or main["progress"].get("step") != meta["step"]:
+            raise SystemExit(f"--resume {path}: main.pt is not at step {meta['step']}, where its "
+                             "meta.json says: a "
+                             f"damaged or mixed checkpoint; {RESUME_ANOTHER}")
+        states: list[dict] = [{} for _ in self.optimizers]
+        for r in range(meta["world_size"]):
+            part = read_checkpoint_file(path, f"rank{r}.pt", ("optimizers", "rng"))
+            if not isinstance(part["optimizers"],
+                              list) or len(part["optimizers"]) != len(self.optimizers):
+                raise SystemExit(f"--resume {path}: rank{r}.pt does not hold the state of "
+                                 f"{len(self.optimizers)} "
+                                 f"optimizers: a damaged or mixed checkpoint; {RESUME_ANOTHER}")
+            for opt, saved, mine in zip(self.optimizers, part["optimizers"], states):
+                check_states(path, f"rank{r}.pt", opt, saved)
+                params = optimizer_params(opt)
+                mine.update({i: s for i, s in saved.items() if self._holds(opt, params[i],
+                                                                           writing=False)})
+            if r == self.rank % meta["world_size"]:
+                rng = part["rng"]
+        try:
+            self.model.load_state_dict(main["model"])
+            for opt, state, groups in zip(self.optimizers, states, main["param_groups"],
+                                          strict=True):
+                made = [dict(g) for g in opt.param_groups]
+                opt.load_state_dict({"state": state, "param_groups": groups})
+                # keys the code that saved it did not have: as the checkpoint's settings make them
+                for group, fresh in zip(opt.param_groups, made):
+                    for key, value in fresh.items():
+                        group.setdefault(key, value)
+            self.loader.load_state(main["loader"])
+            set_rng_state(rng, self.device)
+            return {k: main["progress"][k] for k in ("step", "training_ms", "timed_steps",
+                                                     "losses")}
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise SystemExit(f"--resume {path}: its files do not fit the model, optimizers and "
+                             f"data its meta.json describes ({type(e).__name__}: {first_line(e)}); "
+                             f"{RESUME_ANOTHER}") from None
+
+
+RESUME_ANOTHER = "resume another checkpoint of the run (a step_<n>/ folder beside it)"
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ('' if none)."""
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def read_checkpoint_file(path: str, name: str, keys: tuple[str, ...]) -> dict:
+    """torch.load (weights only) of one file of a checkpoint, a dict holding `keys`; SystemExit
+    naming it if not."""
+    try:
+        obj = torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+    # truncated (EOFError, RuntimeError), random bytes (UnpicklingError), unreadable (OSError)
+    except Exception as e:
+        raise SystemExit(f"--resume {path}: cannot read {name} ({type(e).__name__}: "
+                         f"{first_line(e)}): truncated or "
+                         f"damaged; {RESUME_ANOTHER}") from None
+    if not isinstance(obj, dict) or set(keys) - set(obj):
+        raise SystemExit(f"--resume {path}: {name} does not hold {', '.join(keys)}: not a "
+                         "train_gpt2.py checkpoint "
+                         f"file; {RESUME_ANOTHER}")
+    return obj
+
+
+def check_weights(path: str, saved, model: nn.Module) -> None:
+    """main.pt's weights have exactly the names and shapes of the model that meta.json's settings
+    build."""
+    want = model.state_dict()
+    saved = saved if isinstance(saved, dict) else {}
+    fault = next((f"has no {k}" for k in want if k not in saved), None) or next(
+        (f"holds {k}, which they do not make" for k in saved if k not in want), None) or next(
+        (f"holds {k} of shape {tuple(getattr(v, 'shape', ()))}, they make {tuple(want[k].shape)}"
+         for k, v in saved.items() if not isinstance(v, torch.Tensor) or v.shape != want[k].shape),
+         None)
+    if fault:
+        raise SystemExit(f"--resume {path}: main.pt {fault} by the settings in its meta.json: "
+                         "meta.json and the "
+                         f"weights disagree (a damaged or edited checkpoint); {RESUME_ANOTHER}")
+
+
+def check_states(path: str, name: str, opt: torch.optim.Optimizer, saved) -> None:
+    """An optimizer's saved state: a dict of parameter index -> state, indices in range, the entries
+    its rule declares shaped like the parameter (state_like_param; AdamW's exp_avg, exp_avg_sq) of
+    its shape."""
+    params = optimizer_params(opt)
+    for i, st in (saved.items() if isinstance(saved, dict) else [(None, None)]):
+        if type(i) is not int or not 0 <= i < len(params) or not isinstance(st, dict):
+            raise SystemExit(f"--resume {path}: {name} holds a {type(opt).__name__} state for "
+                             f"parameter {i!r}, which "
+                             f"it does not have ({len(params)}): a damaged or mixed checkpoint; "
+                             f"{RESUME_ANOTHER}")
+        for key in getattr(opt, "state_like_param", ("exp_avg", "exp_avg_sq")):
+            v = st.get(key)
+            if isinstance(v, torch.Tensor) and v.shape != params[i].shape:
+                raise SystemExit(f"--resume {path}: {name} holds {type(opt).__name__}'s {key} of "
+                                 f"parameter {i} with "
+                                 f"shape {tuple(v.shape)}, the parameter has "
+                                 f"{tuple(params[i].shape)}: a damaged or "
+                                 f"mixed checkpoint; {RESUME_ANOTHER}")
+
+
+def save_logged(checkpoints: Checkpoints, step: int, progress: dict, args: Hyperparameters,
+                log) -> None:
+    """checkpoints.save, then its record line: `checkpoint: step:s/N PATH`, or, when a write failed
+    (the run goes on), `checkpoint: step:s/N not saved (the reason); ...` naming the checkpoint
+    kept."""
+    path = checkpoints.save(step, progress)
+    if path:
+        log(f"checkpoint: step:{step}/{args.num_iterations} {path}")
+    else:
+        kept = (f"the previous one stays: {checkpoints.last}" if checkpoints.last else
+                "no earlier checkpoint")
+        log(f"checkpoint: step:{step}/{args.num_iterations} not saved ({checkpoints.error}); its "
+            f"partial files are removed, {kept}")
+
+
+def resume_hint(last: str) -> str:
+    """How to go on from the newest checkpoint of the run, or that there is none."""
+    return f"continue with --resume {last}" if last else "no checkpoint to continue from"
+
+# ----------------------------------------------------------------------------- infra: determinism
+
+
+# --deterministic 1: the attention backends allowed (auto: flash, else math). Flash's backward is
+# deterministic only in PyTorch's strict mode (use_deterministic_algorithms without warn_only; else
+# it accumulates dQ with atomics), which Determinism.backward turns on; the math backend is plain
+# matmuls and softmax; efficient and cudnn are refused
+DETERMINISTIC_ATTENTION = {"auto": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+                           "flash": SDPBackend.FLASH_ATTENTION,
                            "math": SDPBackend.MATH}
-CUBLAS_DETERMINISTIC = ":4096:8"  # CUBLAS_WORKSPACE_CONFIG: fixed workspaces, so cuBLAS picks one reduction order
-# warnings that name an op without a deterministic implementation (warn_only mode): the op is group 1
+
+
+# CUBLAS_WORKSPACE_CONFIG: fixed workspaces, so cuBLAS picks one reduction order
+CUBLAS_DETERMINISTIC = ":4096:8"
+
+
+# warnings that name an op without a deterministic implementation (warn_only mode): the op is group
+# 1
 NONDETERMINISTIC_WARNINGS = (re.compile(r"^(.+?) does not have a deterministic implementation"),
                              re.compile(r"^(.+?) defaults to a non-deterministic algorithm"),
-                             re.compile(r"this operation is not deterministic because it uses (CuBLAS)"))
+                             re.compile(r"this operation is not deterministic because it uses "
+                                        r"(CuBLAS)"))
 
 
 class Determinism:
-    """--deterministic 1: bit-identical reruns of one setting on one device. On entry: CUBLAS_WORKSPACE_CONFIG
-    (before cuBLAS makes its handles: train() enters this first), torch.use_deterministic_algorithms(True,
-    warn_only=True), cudnn deterministic without benchmarking, Inductor's deterministic mode (no benchmarking that
-    picks kernels or configs); each warning of an op without a deterministic implementation becomes one record line
-    `deterministic: no deterministic implementation of <op>` (once per op). backward() runs a backward in strict mode,
-    where flash attention takes its deterministic algorithm. The Triton kernels here (_softmax_xent_kernel,
-    _syrk_kernel) write each output once, without atomics, from fixed tile configs: deterministic as they are.
+    """--deterministic 1: bit-identical reruns of one setting on one device. On entry:
+    CUBLAS_WORKSPACE_CONFIG (before cuBLAS makes its handles: train() enters this first),
+    torch.use_deterministic_algorithms(True, warn_only=True), cudnn deterministic without
+    benchmarking, Inductor's deterministic mode (no benchmarking that picks kernels or configs);
+    each warning of an op without a deterministic implementation becomes one record line
+    `deterministic: no deterministic implementation of <op>` (once per op). backward() runs a
+    backward in strict mode, where flash attention takes its deterministic algorithm. The Triton
+    kernels here (_softmax_xent_kernel, _syrk_kernel) write each output once, without atomics, from
+    fixed tile configs: deterministic as they are.
     Off: nothing changes. On exit every flag is as before."""
 
     def __init__(self, on: bool):
@@ -1870,7 +3172,8 @@ class Determinism:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        if self._old["inductor"] is not None:  # torch 2.13 also turns it on with use_deterministic_algorithms
+        # torch 2.13 also turns it on with use_deterministic_algorithms
+        if self._old["inductor"] is not None:
             torch._inductor.config.deterministic = True
         warnings.showwarning = self._showwarning
         return self
@@ -1895,7 +3198,8 @@ class Determinism:
             return "deterministic: off"
         inductor = "" if self._old["inductor"] is None else ", inductor deterministic"
         return (f"deterministic: on (use_deterministic_algorithms warn_only, backward strict, "
-                f"CUBLAS_WORKSPACE_CONFIG={os.environ.get('CUBLAS_WORKSPACE_CONFIG')}, cudnn deterministic{inductor})")
+                f"CUBLAS_WORKSPACE_CONFIG={os.environ.get('CUBLAS_WORKSPACE_CONFIG')}, cudnn "
+                f"deterministic{inductor})")
 
     def attach(self, log) -> None:
         """Send the op lines to `log` (the record's), those seen so far first."""
@@ -1904,7 +3208,8 @@ class Determinism:
             log(line)
 
     def note(self, message: str) -> bool:
-        """Whether `message` names an op without a deterministic implementation; its line is logged the first time."""
+        """Whether `message` names an op without a deterministic implementation; its line is logged
+        the first time."""
         for pattern in NONDETERMINISTIC_WARNINGS:
             found = pattern.search(message)
             if found:
@@ -1923,8 +3228,8 @@ class Determinism:
 
     @contextlib.contextmanager
     def backward(self):
-        """Within: strict mode (no warn_only), so ops with a deterministic algorithm used only there (flash attention's
-        backward) take it; an op with none stops the run with its name."""
+        """Within: strict mode (no warn_only), so ops with a deterministic algorithm used only there
+        (flash attention's backward) take it; an op with none stops the run with its name."""
         if not self.on:
             yield
             return
@@ -1934,966 +3239,73 @@ class Determinism:
         except RuntimeError as e:
             if "does not have a deterministic implementation" not in str(e):
                 raise
-            raise SystemExit(f"--deterministic 1: {str(e).splitlines()[0]}; run with --deterministic 0") from None
+            raise SystemExit(f"--deterministic 1: {str(e).splitlines()[0]}; run with "
+                             "--deterministic 0") from None
         finally:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-class Timer:
-    """Milliseconds of one region of a step: CUDA events on the GPU (no sync until read), the host clock on CPU."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        if cuda:
-            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def start(self) -> None:
-        self.begin.record() if self.cuda else setattr(self, "t", time.perf_counter())
-
-    def stop(self) -> None:
-        self.end.record() if self.cuda else setattr(self, "elapsed", 1000 * (time.perf_counter() - self.t))
-
-    def ms(self) -> float:
-        return self.begin.elapsed_time(self.end) if self.cuda else self.elapsed
-
-
-# checkpoints: <checkpoint_dir>/<record name>/step_<n>/ after n optimizer steps (see Checkpoints)
-CHECKPOINT_FORMAT = 1
-# what a resumed run may change: where it stops, where and how often it saves, how it runs, where the same shards are
-# (checked by name and token count) and where records go (it continues its own); every other setting is the checkpoint's
-RESUME_MAY_CHANGE = ("resume", "stop_at", "save_every", "keep_checkpoints", "checkpoint_dir", "final_checkpoint",
-                     "compile", "compile_mode",
-                     "device_batch_size", "loss_chunk", "attention", "activation_budget", "recompute_gelu",
-                     "gram_overlap", "matmul_check", "input_bin", "input_val_bin",
-                     "records_dir", "deterministic")
-# Tests only: "after:K" makes every process SIGKILL itself right after step K (and its save, if any); "save:K" during
-# step K's save, once every file is written into step_<K>.tmp/ but before the rename (a kill in the middle of a save).
-TEST_KILL_ENV = "TRAIN_GPT2_TEST_KILL"
-
-
-def checkpoint_root(args: Hyperparameters) -> str:
-    """The folder of the runs' checkpoint folders: --checkpoint_dir, or <records_dir>/checkpoints."""
-    return args.checkpoint_dir or os.path.join(args.records_dir, "checkpoints")
-
-
-def _saved_at(path: str) -> float:
-    try:
-        with open(os.path.join(path, "meta.json")) as f:
-            return float(json.load(f)["saved_at"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return os.path.getmtime(os.path.join(path, "meta.json"))
-
-
-def checkpoints_in(folder: str) -> list[str]:
-    """The complete checkpoints in a run's folder (step_<n>/ with meta.json, never the step_<n>.tmp/ of an unfinished
-    save), oldest save first."""
-    found = [p for p in glob.glob(os.path.join(glob.escape(folder), "step_*"))
-             if not p.endswith(".tmp") and os.path.isfile(os.path.join(p, "meta.json"))]
-    return sorted(found, key=lambda p: (_saved_at(p), p))
-
-
-def find_checkpoint(spec: str, root: str) -> str:
-    """The absolute path of the checkpoint `spec` names: "latest" (the newest save in any run folder under root), a
-    checkpoint folder, or a run's folder of checkpoints (its newest)."""
-    if spec == "latest":
-        found = [c for run in glob.glob(os.path.join(glob.escape(root), "*")) for c in checkpoints_in(run)]
-        if not found:
-            raise SystemExit(f"--resume latest: no checkpoint under {root} (folders <run>/step_<n>/ with meta.json); "
-                             f"pass the --checkpoint_dir (or --records_dir) the run used, or a checkpoint folder")
-        return os.path.abspath(max(found, key=lambda p: (_saved_at(p), p)))
-    if os.path.isfile(os.path.join(spec, "meta.json")):
-        return os.path.abspath(spec)
-    found = checkpoints_in(spec) if os.path.isdir(spec) else []
-    if not found:
-        raise SystemExit(f"--resume {spec}: not a checkpoint (a step_<n>/ folder with meta.json), nor a run's folder "
-                         f"of them, nor 'latest'")
-    return os.path.abspath(found[-1])
-
-
-# meta.json's keys and their types (bool is not an int here)
-CHECKPOINT_META = {"format": int, "step": int, "num_iterations": int, "world_size": int, "record": str, "args": dict,
-                   "train_files": list, "val_files": list}
-
-
-def read_checkpoint_meta(path: str) -> dict:
-    """meta.json of a checkpoint folder, checked: this format, every key of CHECKPOINT_META with its type, 0 <= step
-    <= num_iterations, world_size >= 1, shard lists of [name, token count], and main.pt plus one rank<r>.pt per saving
-    process present."""
-    def damaged(what: str):
-        raise SystemExit(f"--resume {path}: its meta.json {what}: damaged, or not written by train_gpt2.py; resume "
-                         f"another checkpoint of the run (a step_<n>/ folder beside it)")
-
-    try:
-        with open(os.path.join(path, "meta.json"), "rb") as f:
-            meta = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise SystemExit(f"--resume {path}: cannot read its meta.json ({e})") from None
-    if not isinstance(meta, dict):
-        damaged(f"holds a JSON {type(meta).__name__}, not an object")
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise SystemExit(f"--resume {path}: checkpoint format {meta.get('format')!r}; this train_gpt2.py reads format "
-                         f"{CHECKPOINT_FORMAT}")
-    for key, kind in CHECKPOINT_META.items():
-        if not isinstance(meta.get(key), kind) or (kind is int and isinstance(meta[key], bool)):
-            damaged(f"has no {key!r} ({kind.__name__})" if key not in meta else
-                    f"has {key!r} = {meta[key]!r}, not a {kind.__name__}")
-    if meta["world_size"] < 1 or not 0 <= meta["step"] <= meta["num_iterations"]:
-        damaged(f"says step {meta['step']} of {meta['num_iterations']} on {meta['world_size']} processes")
-    for key in ("train_files", "val_files"):
-        if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int
-                   for e in meta[key]):
-            damaged(f"has {key!r} that is not a list of [shard name, token count]")
-    missing = [n for n in ["main.pt"] + [f"rank{r}.pt" for r in range(meta["world_size"])]
-               if not os.path.isfile(os.path.join(path, n))]
-    if missing:
-        raise SystemExit(f"--resume {path}: incomplete checkpoint, missing {', '.join(missing)}")
-    return meta
-
-
-def _saved_value_fits(kind: str, v) -> bool:
-    """Whether a value from meta.json's args is of the setting's type (kind as in Hyperparameters' annotations)."""
-    if kind == "bool":
-        return isinstance(v, bool)
-    if kind == "int":
-        return type(v) is int
-    if kind == "float":
-        return type(v) in (int, float)
-    if kind == "str":
-        return isinstance(v, str)
-    return isinstance(v, list) and all(type(x) in (int, float) for x in v)  # tuple[float, float]
-
-
-def checkpoint_settings(path: str) -> Hyperparameters:
-    """The settings a checkpoint was saved with (each of its setting's type; settings it lacks: the defaults)."""
-    saved, kinds = read_checkpoint_meta(path)["args"], {f.name: str(f.type) for f in fields(Hyperparameters)}
-    unknown = sorted(set(saved) - set(kinds))
-    if unknown:
-        raise SystemExit(f"--resume {path}: saved with settings this train_gpt2.py does not have "
-                         f"({', '.join(unknown)}); resume it with the version that saved it")
-    for k, v in saved.items():
-        if not _saved_value_fits(kinds[k], v):
-            raise SystemExit(f"--resume {path}: its meta.json has args.{k} = {v!r}, not a {kinds[k]}: damaged, or not "
-                             f"written by train_gpt2.py; resume another checkpoint of the run")
-    return Hyperparameters(**{k: tuple(v) if kinds[k].startswith("tuple") else v for k, v in saved.items()})
-
-
-def checkpoint_record(path: str, meta: dict) -> str:
-    """The record the checkpoint at `path` continues (meta.json's "record"), confined to its own run: the file must be
-    named <run folder>.txt (the folder holding the checkpoint is named after its record) and be a train_gpt2.py record
-    (first line RECORD_MARK), so a crafted meta.json cannot make a resumed run append to any other file."""
-    record, run = meta["record"], os.path.basename(os.path.dirname(path))
-    if os.path.basename(record) != run + ".txt":
-        raise SystemExit(f"--resume {path}: its meta.json names {record} as its record, not {run}.txt: a checkpoint "
-                         f"continues only its own run's record; refused")
-    if not os.path.isfile(record):
-        raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it back")
-    try:
-        with open(record, "rb") as f:
-            first = f.read(len(RECORD_MARK) + 1)
-    except OSError as e:
-        raise SystemExit(f"--resume {path}: cannot read its record ({os_error(e)})") from None
-    if first != (RECORD_MARK + "\n").encode():
-        raise SystemExit(f"--resume {path}: {record}, which its meta.json names as its record, is not a train_gpt2.py "
-                         f"record (no record mark on its first line); refused")
-    return record
-
-
-def refuse_resume_changes(path: str, saved: Hyperparameters, values: dict) -> None:
-    """Refuse any setting in `values` (name -> value) outside RESUME_MAY_CHANGE that differs from the checkpoint's."""
-    for name, value in values.items():
-        if name not in RESUME_MAY_CHANGE and value != getattr(saved, name):
-            raise SystemExit(f"--{name}: the checkpoint {path} was saved with {getattr(saved, name)!r}, got {value!r}; "
-                             f"a resumed run keeps the checkpoint's model, optimizer and schedule: leave --{name} out "
-                             f"(or start a new run). Only {', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])} may "
-                             f"change on resume")
-
-
-def resume_settings(base: Hyperparameters, given: dict) -> Hyperparameters:
-    """The settings of the checkpoint that given["resume"] names (looked up under base's checkpoint root), plus the
-    given RESUME_MAY_CHANGE settings; any other given setting must equal the checkpoint's. stop_at is 0 (run to the
-    end) unless given again."""
-    path = find_checkpoint(given["resume"], checkpoint_root(base))
-    saved = checkpoint_settings(path)
-    refuse_resume_changes(path, saved, given)
-    return dataclasses.replace(saved, resume=path, **({"stop_at": 0} | {k: v for k, v in given.items()
-                                                                       if k in RESUME_MAY_CHANGE[1:]}))
-
-
-def rng_state(device: torch.device) -> dict:
-    """Every random generator of this process: torch (CPU, and this CUDA device), numpy, python's random."""
-    name, keys, *rest = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest], "python": random.getstate()}
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    """Restore what rng_state returned."""
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(state["python"])
-
-
-def check_writable(folder: str, setting: str) -> None:
-    """Refuse a folder that cannot be made or written in (read-only, full, a file in its path): before any model,
-    record or step. Creates it."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"--{setting} {folder}: cannot write there ({os_error(e)}); pass a writable folder") from None
-
-
-def os_error(e: OSError) -> str:
-    """One line for an OS error: 'Read-only file system: /path' (the errno's text and the file)."""
-    what = e.strerror or str(e) or type(e).__name__
-    return f"{what}: {e.filename}" if e.filename else what
-
-
-class _Writes:
-    """A file object's write and flush that keep the OSError behind a failed torch.save, which raises only a
-    RuntimeError ('unexpected pos ...') when the disk is full or read-only."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _save_synced(obj, path: str) -> None:
-    """torch.save, flushed to the disk before returning; a failed write raises its OSError (ENOSPC, EROFS, ...)."""
-    with open(path, "wb") as f:
-        out = _Writes(f)
-        try:
-            torch.save(obj, out)
-        except RuntimeError:
-            if out.error is None:
-                raise
-            raise OSError(out.error.errno, out.error.strerror, path) from None
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def shard_list(files: list[str]) -> list[list]:
-    """[name, token count] of each shard: what a resume checks the shards by."""
-    return [[os.path.basename(f), shard_token_count(f)] for f in files]
-
-
-def maybe_test_kill(when: str, step: int) -> None:
-    """Tests only: SIGKILL this process if TEST_KILL_ENV names this point ("after:K" or "save:K")."""
-    if os.environ.get(TEST_KILL_ENV) == f"{when}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class Checkpoints:
-    """A run's checkpoints: <folder>/step_<n>/ after n optimizer steps, each written into step_<n>.tmp/ and renamed
-    once complete, so a kill in the middle of a save leaves the previous checkpoint valid. Inside:
-      meta.json   step, settings, world size, record path, train and val shards: resume reads it before building
-      main.pt     the model; every optimizer's param groups (lr, base_lr, ...); the data loader's position; the
-                  training time, timed steps and train losses so far
-      rank<r>.pt  the optimizer state process r holds (the block matrices it owns; rank 0: AdamW's) and its RNG states
-    save() and load() are collective. load() with another world size redistributes: each process reads every
-    rank<r>.pt and keeps the state of the matrices it owns now (RNG states: those of rank r mod the old world size)."""
-
-    def __init__(self, folder: str, args: Hyperparameters, rank: int, world: int, device: torch.device,
-                 model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DataLoader, record_path: str,
-                 train_files: list[str], val_files: list[str]):
-        self.folder, self.args, self.rank, self.world, self.device = folder, args, rank, world, device
-        self.model, self.optimizers, self.loader, self.record_path = model, optimizers, loader, record_path
-        self.shards = {"train_files": shard_list(train_files), "val_files": shard_list(val_files)}
-        self.last = args.resume or ""  # the newest valid checkpoint of this run
-
-    def _holds(self, opt: torch.optim.Optimizer, p: torch.Tensor, writing: bool) -> bool:
-        """Whether this process saves (writing) or needs (loading) p's state: the owner of a block matrix; for other
-        optimizers, which every process runs whole, rank 0 saves and every process loads."""
-        if isinstance(opt, MatrixOptimizer):
-            return opt.owner[p] == self.rank
-        return self.rank == 0 or not writing
-
-    def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def _agree(self, error: str) -> str:
-        """This process's failure ('' if none) once every process knows whether any failed (collective): '' if none
-        did; another process's failure reads 'a write failed on another process'."""
-        if self.world > 1:
-            failed = torch.tensor([float(bool(error))], device=self.device)
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-            if failed.item() and not error:
-                return "a write failed on another process"
-        return error
-
-    def save(self, step: int, progress: dict) -> str:
-        """Write step_<step>/ (all processes), remove the oldest beyond --keep_checkpoints; returns its path. A failed
-        write (any OSError: a read-only or full disk) on any process removes step_<step>.tmp/ and returns '', the
-        reason in self.error; the previous checkpoint stays self.last and the run goes on."""
-        final = os.path.join(self.folder, f"step_{step:06d}")
-        tmp, error = final + ".tmp", ""
-        if self.rank == 0:
-            try:
-                os.makedirs(self.folder, exist_ok=True)
-                for stale in glob.glob(os.path.join(glob.escape(self.folder), "step_*.tmp")):  # saves cut by a kill
-                    shutil.rmtree(stale)
-                os.makedirs(tmp)
-            except OSError as e:
-                error = os_error(e)
-        error = self._agree(error)
-        if not error:
-            try:
-                self._write(tmp, step, progress)
-            except OSError as e:
-                error = os_error(e)
-            error = self._agree(error)
-        if not error:
-            maybe_test_kill("save", step)
-            if self.rank == 0:
-                try:
-                    if os.path.exists(final):  # a step saved before, on a branch of the run that a resume abandoned
-                        shutil.rmtree(final)
-                    os.rename(tmp, final)
-                    fd = os.open(self.folder, os.O_RDONLY)  # make the rename itself durable
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                except OSError as e:
-                    error = os_error(e)
-            error = self._agree(error)
-        self.error = error
-        if error:
-            if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            self._barrier()
-            return ""
-        if self.rank == 0:
-            for old in checkpoints_in(self.folder)[:-self.args.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        self._barrier()
-        self.last = final
-        return final
-
-    def _write(self, tmp: str, step: int, progress: dict) -> None:
-        """This process's files of step <step>'s save into tmp/: rank<r>.pt; on process 0 main.pt and meta.json too."""
-        states = []
-        for opt in self.optimizers:
-            params = optimizer_params(opt)
-            states.append({i: s for i, s in opt.state_dict()["state"].items()
-                           if s and self._holds(opt, params[i], writing=True)})
-        _save_synced({"optimizers": states, "rng": rng_state(self.device)}, os.path.join(tmp, f"rank{self.rank}.pt"))
-        if self.rank == 0:
-            _save_synced({"model": self.model.state_dict(), "loader": self.loader.state(), "progress": progress,
-                          "param_groups": [opt.state_dict()["param_groups"] for opt in self.optimizers]},
-                         os.path.join(tmp, "main.pt"))
-            meta = {"format": CHECKPOINT_FORMAT, "step": step, "num_iterations": self.args.num_iterations,
-                    "world_size": self.world, "record": os.path.abspath(self.record_path), "saved_at": time.time(),
-                    "torch": torch.__version__, "args": dataclasses.asdict(self.args), **self.shards}
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f)
-                f.flush()
-                os.fsync(f.fileno())
-
-    def load(self, path: str) -> dict:
-        """Restore model, optimizers, data loader and RNGs from a checkpoint (all processes); returns its progress:
-        step, training_ms, timed_steps, losses. Every file is read and checked first (read_checkpoint_file,
-        check_weights, check_states); anything that still does not fit ends in one SystemExit line: the run has not
-        written anything yet."""
-        meta = read_checkpoint_meta(path)
-        main = read_checkpoint_file(path, "main.pt", ("model", "loader", "progress", "param_groups"))
-        check_weights(path, main["model"], self.model)
-        if not isinstance(main["progress"], dict) or main["progress"].get("step") != meta["step"]:
-            raise SystemExit(f"--resume {path}: main.pt is not at step {meta['step']}, where its meta.json says: a "
-                             f"damaged or mixed checkpoint; {RESUME_ANOTHER}")
-        states: list[dict] = [{} for _ in self.optimizers]
-        for r in range(meta["world_size"]):
-            part = read_checkpoint_file(path, f"rank{r}.pt", ("optimizers", "rng"))
-            if not isinstance(part["optimizers"], list) or len(part["optimizers"]) != len(self.optimizers):
-                raise SystemExit(f"--resume {path}: rank{r}.pt does not hold the state of {len(self.optimizers)} "
-                                 f"optimizers: a damaged or mixed checkpoint; {RESUME_ANOTHER}")
-            for opt, saved, mine in zip(self.optimizers, part["optimizers"], states):
-                check_states(path, f"rank{r}.pt", opt, saved)
-                params = optimizer_params(opt)
-                mine.update({i: s for i, s in saved.items() if self._holds(opt, params[i], writing=False)})
-            if r == self.rank % meta["world_size"]:
-                rng = part["rng"]
-        try:
-            self.model.load_state_dict(main["model"])
-            for opt, state, groups in zip(self.optimizers, states, main["param_groups"], strict=True):
-                opt.load_state_dict({"state": state, "param_groups": groups})
-            self.loader.load_state(main["loader"])
-            set_rng_state(rng, self.device)
-            return {k: main["progress"][k] for k in ("step", "training_ms", "timed_steps", "losses")}
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-            raise SystemExit(f"--resume {path}: its files do not fit the model, optimizers and data its meta.json "
-                             f"describes ({type(e).__name__}: {first_line(e)}); {RESUME_ANOTHER}") from None
-
-
-RESUME_ANOTHER = "resume another checkpoint of the run (a step_<n>/ folder beside it)"
-STATE_LIKE_PARAM = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # optimizer states of their parameter's shape
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message ('' if none)."""
-    return (str(e).strip().splitlines() or [""])[0]
-
-
-def read_checkpoint_file(path: str, name: str, keys: tuple[str, ...]) -> dict:
-    """torch.load (weights only) of one file of a checkpoint, a dict holding `keys`; SystemExit naming it if not."""
-    try:
-        obj = torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated (EOFError, RuntimeError), random bytes (UnpicklingError), unreadable (OSError)
-        raise SystemExit(f"--resume {path}: cannot read {name} ({type(e).__name__}: {first_line(e)}): truncated or "
-                         f"damaged; {RESUME_ANOTHER}") from None
-    if not isinstance(obj, dict) or set(keys) - set(obj):
-        raise SystemExit(f"--resume {path}: {name} does not hold {', '.join(keys)}: not a train_gpt2.py checkpoint "
-                         f"file; {RESUME_ANOTHER}")
-    return obj
-
-
-def check_weights(path: str, saved, model: nn.Module) -> None:
-    """main.pt's weights have exactly the names and shapes of the model that meta.json's settings build."""
-    want = model.state_dict()
-    saved = saved if isinstance(saved, dict) else {}
-    fault = next((f"has no {k}" for k in want if k not in saved), None) or next(
-        (f"holds {k}, which they do not make" for k in saved if k not in want), None) or next(
-        (f"holds {k} of shape {tuple(getattr(v, 'shape', ()))}, they make {tuple(want[k].shape)}"
-         for k, v in saved.items() if not isinstance(v, torch.Tensor) or v.shape != want[k].shape), None)
-    if fault:
-        raise SystemExit(f"--resume {path}: main.pt {fault} by the settings in its meta.json: meta.json and the "
-                         f"weights disagree (a damaged or edited checkpoint); {RESUME_ANOTHER}")
-
-
-def check_states(path: str, name: str, opt: torch.optim.Optimizer, saved) -> None:
-    """An optimizer's saved state: a dict of parameter index -> state, indices in range, STATE_LIKE_PARAM tensors of
-    their parameter's shape."""
-    params = optimizer_params(opt)
-    for i, st in (saved.items() if isinstance(saved, dict) else [(None, None)]):
-        if type(i) is not int or not 0 <= i < len(params) or not isinstance(st, dict):
-            raise SystemExit(f"--resume {path}: {name} holds a {type(opt).__name__} state for parameter {i!r}, which "
-                             f"it does not have ({len(params)}): a damaged or mixed checkpoint; {RESUME_ANOTHER}")
-        for key in STATE_LIKE_PARAM:
-            v = st.get(key)
-            if isinstance(v, torch.Tensor) and v.shape != params[i].shape:
-                raise SystemExit(f"--resume {path}: {name} holds {type(opt).__name__}'s {key} of parameter {i} with "
-                                 f"shape {tuple(v.shape)}, the parameter has {tuple(params[i].shape)}: a damaged or "
-                                 f"mixed checkpoint; {RESUME_ANOTHER}")
-
-
 class StopSignals:
-    """While active, SIGTERM and SIGINT ask the run to stop: the training loop all-reduces the request with the train
-    loss, so every process saves a checkpoint at the end of the same step, then exits with 128 + the signal number.
-    A second SIGINT interrupts at once."""
+    """While active, SIGTERM and SIGINT ask the run to stop: the training loop all-reduces the
+    request with the train loss, so every process saves a checkpoint at the end of the same step,
+    then exits with 128 + the signal number. A second SIGINT interrupts at once."""
 
     def __init__(self):
         self.signum, self._old = 0, {}
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # Python takes signals in the main thread only
+        # Python takes signals in the main thread only
+        if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGINT):
                 self._old[s] = signal.signal(s, self._handle)
-                signal.siginterrupt(s, False)  # restart system calls it interrupts (gloo's sockets), not EINTR
+                # restart system calls it interrupts (gloo's sockets), not EINTR
+                signal.siginterrupt(s, False)
         return self
 
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.signum:
             raise KeyboardInterrupt
         self.signum = self.signum or signum
-        os.write(2, f"{signal.Signals(signum).name}: stopping with a checkpoint at the end of this step\n".encode())
+        os.write(2, f"{signal.Signals(signum).name}: stopping with a checkpoint at the end of this "
+                 "step\n".encode())
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._old.items():
             signal.signal(s, handler)
 
-
-def first_nonfinite_parameter(model: nn.Module, optimizers: list[torch.optim.Optimizer], optimizer: str) -> str:
-    """'name (shape), updated by <optimizer>' of the first parameter, in model order, with a non-finite value; ''."""
-    owner = {p: "the embedding/head AdamW" if i == 0 else optimizer
-             for i, opt in enumerate(optimizers) for p in optimizer_params(opt)}
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            return f"{name} {tuple(p.shape)}, updated by {owner.get(p, '?')}"
-    return ""
-
-
-# --compile_mode: torch.compile's mode for the model. max-autotune-no-cudagraphs benchmarks Triton matmul templates
-# against cuBLAS per shape and can fuse pointwise epilogues (GELU, casts) into the chosen matmul; CUDA graphs stay off
-# (the Gram buffers are mutated on refresh steps).
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-
-
-def compile_model(model: nn.Module, args: Hyperparameters) -> nn.Module:
-    """torch.compile(model) in args.compile_mode."""
-    return torch.compile(model, mode=args.compile_mode)
-
-
-def train(args: Hyperparameters) -> tuple[str, nn.Module]:
-    """Train, validate, write a record and checkpoints; returns the record's path on process 0 ('' elsewhere) and the
-    model. Stops early on SIGTERM/SIGINT with a checkpoint (exit code 128 + the signal), and when the train loss or a
-    parameter stops being finite, without one (exit code 1; the record says diverged)."""
-    with StopSignals() as signals, Determinism(args.deterministic) as determinism:  # before any CUDA work
-        try:
-            return _train(args, signals, determinism)
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-            if not out_of_memory(e):
-                raise
-            detail = first_line(e)
-            detail = detail[max(detail.find("DefaultCPUAllocator"), 0):]  # past the CPU allocator's source location
-            raise SystemExit(f"out of memory ({detail}): the model (--n_layer, --n_embd, --vocab_size) or the "
-                             f"batch (--device_batch_size x --sequence_length, --val_tokens) does not fit this "
-                             f"device; a smaller --device_batch_size keeps the step (accumulation makes up the rest)"
-                             ) from None
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """Whether e is an allocation the device or host could not make (CUDA OOM, numpy's MemoryError, the CPU
-    allocator's RuntimeError)."""
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
-
-
-@dataclass
-class Run:
-    """What one training run holds, made by start_run. model: what the steps call (compiled on CUDA, DDP-wrapped with
-    several processes); raw_model: the GPT itself. progress: step, training_ms, timed_steps, losses (from a checkpoint
-    when resuming). log: the record's log on process 0, a no-op elsewhere."""
-    args: Hyperparameters
-    rank: int
-    world: int
-    device: torch.device
-    accum: int
-    val_tokens: np.ndarray
-    model: nn.Module
-    raw_model: GPT
-    optimizers: list[torch.optim.Optimizer]
-    loader: DataLoader
-    checkpoints: Checkpoints
-    record: Record | None
-    log: Callable[[str], None]
-    progress: dict
-    autocast: contextlib.AbstractContextManager  # bf16 autocast on CUDA, else a null context
-    attention: Callable[[], contextlib.AbstractContextManager]  # the SDPA backend choice, entered per forward
-    gram_stream: torch.cuda.Stream | None
-    timers: tuple[Timer, Timer]  # all optimizers; the block matrices' alone
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-
-def check_inputs(args: Hyperparameters, world: int) -> tuple[list[str], list[str], str, dict | None]:
-    """Refuse, before any training work, shards that are missing, too small or out of the vocabulary, a checkpoint
-    saved on other shards, and folders that cannot be written. Returns (train files, val files, the checkpoint to
-    resume or "", its meta or None)."""
-    B, T = args.device_batch_size, args.sequence_length
-    train_files = check_shards(args.input_bin, args.batch_size * T + 1, "train")
-    val_files = check_shards(args.input_val_bin, 0, "val")
-    have = sum(shard_token_count(f) for f in val_files)
-    if have < args.val_tokens + 1:
-        raise ShardError(args.input_val_bin, f"val shards hold {have} tokens, fewer than --val_tokens "
-                                             f"{args.val_tokens} + 1", fix=f"pass --val_tokens <= {have - 1} "
-                                             f"(a multiple of {world * B * T})")
-    resume = find_checkpoint(args.resume, checkpoint_root(args)) if args.resume else ""
-    meta = read_checkpoint_meta(resume) if resume else None
-    if resume:
-        for pattern, files, what in ((args.input_bin, train_files, "train"), (args.input_val_bin, val_files, "val")):
-            if meta[f"{what}_files"] != shard_list(files):
-                raise ShardError(pattern, f"the {what} shards (names and token counts) differ from the "
-                                          f"{len(meta[what + '_files'])} the checkpoint {resume} was saved with",
-                                 fix="resume on the same shards")
-    check_token_ids(train_files + val_files, args.vocab_size)
-    for folder, setting in ([] if resume else [(args.records_dir, "records_dir")]) + [
-            (os.path.dirname(resume) if resume else checkpoint_root(args), "checkpoint_dir")]:
-        check_writable(folder, setting)
-    return train_files, val_files, resume, meta
-
-
-def compile_for_cuda(model: nn.Module, args: Hyperparameters) -> nn.Module:
-    """The compiled model, and Muon's and PolarGrad's update steps compiled in place of the eager ones: one graph per
-    transposition class, no dynamic kernels, without Inductor's loop reordering after fusion, whose pass failed an
-    assertion (torch 2.11, CUDA) on Muon's stack of transposed foreach outputs."""
-    global _muon_step, _polargrad_step
-    if args.activation_budget < 1:  # the partitioner saves less and recomputes the rest in the backward
-        torch._functorch.config.activation_memory_budget = args.activation_budget
-    no_reorder = {k: False for k in ("loop_ordering_after_fusion", "loop_reindexing_after_fusion")
-                  if hasattr(torch._inductor.config, k)}
-    _muon_step = torch.compile(muon_step, dynamic=False, options=no_reorder)
-    _polargrad_step = torch.compile(polargrad_step, dynamic=False, options=no_reorder)
-    return compile_model(model, args)
-
-
-def start_run(args: Hyperparameters, determinism: Determinism) -> Run:
-    """Processes, checked inputs, the val tokens, the seeded model and its optimizers, the data loader, the
-    checkpoints (loaded when resuming) and the record with its first lines; then compiled (CUDA) and DDP-wrapped."""
-    rank, world, device = setup_distributed()
-    master, cuda = rank == 0, device.type == "cuda"
-    accum = validate_args(args, world)
-    check_attention(args, device)
-    B, T = args.device_batch_size, args.sequence_length
-    train_files, val_files, resume, meta = check_inputs(args, world)
-    val_tokens = load_val_tokens(val_files, args.val_tokens, args.vocab_size)
-    run_name = [record_name(args) if master else ""]
-    if world > 1:
-        dist.broadcast_object_list(run_name, src=0)
-
-    torch.manual_seed(args.seed)  # and numpy's and python's, so that a checkpoint's RNG states are reproducible
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    model = raw_model = GPT(args).to(device)
-    optimizers = build_optimizers(raw_model, args)  # before compiling: feature-gram optimizers add buffers
-    loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
-    record_path = checkpoint_record(resume, meta) if resume else os.path.join(args.records_dir, run_name[0] + ".txt")
-    checkpoints = Checkpoints(os.path.dirname(resume) if resume else os.path.join(checkpoint_root(args), run_name[0]),
-                              args, rank, world, device, raw_model, optimizers, loader,
-                              record_path if master else "", train_files, val_files)
-    progress = checkpoints.load(resume) if resume else dict(step=0, training_ms=0.0, timed_steps=0, losses=[])
-    record = Record(args, world, device, record_path, resume) if master else None  # written after the load succeeds
-    log = record.log if master else (lambda *a, **k: None)
-    log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, {args.batch_size * T} tokens/step")
-    log(determinism.describe())
-    determinism.attach(log)
-    if cuda and args.compile:
-        model = compile_for_cuda(model, args)
-    if world > 1:  # buffers (the Gram sums) stay per process until refresh_gram reduces them
-        model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    backend = (DETERMINISTIC_ATTENTION if args.deterministic else ATTENTION_BACKENDS)[args.attention]
-    attention = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
-    # a high-priority side stream for the Gram factors (refresh_gram), so their small latency-bound kernels slot in
-    # between the backward's
-    gram_stream = torch.cuda.Stream(priority=-1) if cuda and args.gram_overlap and isinstance(
-        optimizers[-1], FeatureGram) else None
-    return Run(args, rank, world, device, accum, val_tokens, model, raw_model, optimizers, loader, checkpoints,
-               record, log, progress, autocast, attention, gram_stream, (Timer(cuda), Timer(cuda)))
-
-
-def evaluate(run: Run) -> float:
-    """The mean loss over the val tokens (each process its share of the batches; averaged over processes)."""
-    B, T = run.args.device_batch_size, run.args.sequence_length
-    run.model.eval()
-    val_loss, n = torch.zeros((), device=run.device), 0
-    with torch.no_grad():
-        for vx, vy in val_batches(run.val_tokens, B, T, run.rank, run.world, run.device):
-            with run.autocast, run.attention():
-                val_loss += run.model(vx, vy)
-            n += 1
-    val_loss /= n
-    if run.world > 1:
-        dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
-    run.model.train()
-    return val_loss.item()
-
-
-@dataclass
-class StepOutcome:
-    """What train_step tells the loop, agreed by every process: the mean train loss, whether the parameters are all
-    finite, the Gram refresh's error here ("" if none) and whether any process had one, whether a stop signal came,
-    and the Cholesky fallbacks of the refresh by boost (summed over processes)."""
-    train_loss: float
-    finite: bool
-    refresh_error: str
-    refresh_failed: bool
-    stop: bool
-    fallbacks: list[int]
-
-
-def train_step(run: Run, step: int, batch: tuple[torch.Tensor, torch.Tensor], signals: StopSignals,
-               determinism: Determinism) -> tuple[StepOutcome, tuple[torch.Tensor, torch.Tensor]]:
-    """One optimizer step: `accum` micro-batches forward and backward (on a refresh step also collecting each layer's
-    input Gram matrix, factored during the last backward), the lr schedule, every optimizer's step, then one
-    all-reduce of the loss and the flags. Returns the outcome and the next batch (read while the GPU works)."""
-    args, optimizers, (opt_timer, blocks_timer) = run.args, run.optimizers, run.timers
-    x, y = batch
-    train_loss = torch.zeros((), device=run.device)
-    refresh = isinstance(optimizers[-1], FeatureGram) and step % args.gram_every == 0
-    if refresh:  # this step's forward passes also collect each layer's input Gram matrix
-        run.raw_model.collect_gram(True)
-    for micro in range(run.accum):
-        no_sync = run.model.no_sync() if run.world > 1 and micro < run.accum - 1 else contextlib.nullcontext()
-        with no_sync:
-            with run.autocast, run.attention():
-                loss = run.model(x, y)
-            if refresh and micro == run.accum - 1:  # C is complete: its factors (on gram_stream: during the backward)
-                run.raw_model.collect_gram(False)
-                optimizers[-1].refresh_gram(n_tokens=args.batch_size * args.sequence_length, stream=run.gram_stream)
-            x, y = run.loader.next_batch()  # the next batch is read while the GPU works
-            with determinism.backward():
-                (loss / run.accum).backward()
-        train_loss += loss.detach() / run.accum
-    mult = lr_multiplier(step, args)
-    opt_timer.start()
-    refresh_error = ""
-    if refresh:
-        try:
-            optimizers[-1].finish_refresh()
-        except torch.linalg.LinAlgError as e:  # C is not finite: a divergence, reported after this step
-            refresh_error = str(e)
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * mult
-        if opt is optimizers[-1]:
-            blocks_timer.start()
-        opt.step()
-    blocks_timer.stop()
-    opt_timer.stop()
-    run.model.zero_grad(set_to_none=True)
-    return agree(run, train_loss, refresh_error, signals.signum > 0, refresh), (x, y)
-
-
-def agree(run: Run, train_loss: torch.Tensor, refresh_error: str, stop: bool, refresh: bool) -> StepOutcome:
-    """The step's outcome as every process sees it: with several processes one all-reduce carries the train loss,
-    whether any process failed a refresh or got a signal, and the Cholesky fallbacks of all processes; the parameters'
-    finiteness is identical everywhere. Waits for the step, so the timers are complete after it."""
-    n_boosts = len(FALLBACK_BOOSTS)
-    fallbacks = list(run.optimizers[-1].fallbacks.values()) if refresh else [0] * n_boosts
-    stats = train_loss.view(1)
-    if run.world > 1:
-        flags = torch.tensor([float(bool(refresh_error)), float(stop)] + fallbacks, device=run.device)
-        stats = torch.cat([stats, flags])
-        dist.all_reduce(stats, op=dist.ReduceOp.AVG)
-    params = list(run.raw_model.parameters())
-    finite = torch.stack(torch._foreach_norm(params, float("inf"))).isfinite().all()
-    stats = torch.cat([stats, finite.view(1).float()]).tolist()
-    refresh_failed = bool(refresh_error)
-    if run.world > 1:  # every process decides on the all-reduced flags alone, so all stop (or go on) together
-        refresh_failed, stop = stats[1] > 0, stats[2] > 0
-        fallbacks = [round(x * run.world) for x in stats[3:3 + n_boosts]]  # means of counts: sums
-    return StepOutcome(stats[0], stats[-1] == 1.0, refresh_error, refresh_failed, stop, fallbacks)
-
-
-def _train(args: Hyperparameters, signals: StopSignals, determinism: Determinism) -> tuple[str, nn.Module]:
-    """start_run, then per step: a validation when due (val_loss_every, and the last step), train_step, the
-    divergence check, the record's step line, checkpoints when due or on a stop signal; finish_run at the end. The
-    first 10 steps of each start are compile warm-up and not timed; validation and saving are not training time."""
-    run = start_run(args, determinism)
-    log, sync, opt_timer, blocks_timer = run.log, run.sync, *run.timers
-    start, training_ms, timed_before, losses = (run.progress[k] for k in ("step", "training_ms", "timed_steps",
-                                                                          "losses"))
-    warm_until = start + 10
-    rate_before = matmul_rate(run.device, run.world) if args.matmul_check else 0.0  # on a cool GPU; again after
-    batch = run.loader.next_batch()
-    t0 = time.perf_counter()
-    for step in range(start, args.num_iterations + 1):
-        last = step == args.num_iterations or step == args.stop_at > 0
-        if step == warm_until:
-            sync()
-            t0 = time.perf_counter()
-        timed = timed_before + max(step - warm_until, 0)
-        if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
-            sync()
-            if step >= warm_until:
-                training_ms += 1000 * (time.perf_counter() - t0)
-            val_loss = evaluate(run)
-            log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{training_ms:.0f}ms "
-                f"step_avg:{training_ms / timed if timed else float('nan'):.2f}ms")
-            sync()
-            t0 = time.perf_counter()
-        if last:
-            break
-
-        out, batch = train_step(run, step, batch, signals, determinism)
-        if not (math.isfinite(out.train_loss) and out.finite) or out.refresh_failed:
-            stop_diverged(step + 1, out.train_loss, out.refresh_error or ("a Gram refresh failed on another process"
-                                                                          if out.refresh_failed else ""),
-                          run.raw_model, run.optimizers, args, run.record, run.checkpoints.last)
-        losses.append(out.train_loss)
-        done = step + 1
-        if sum(out.fallbacks):
-            log(f"gram_fallbacks: step:{done}/{args.num_iterations} {sum(out.fallbacks)} of "
-                f"{len(optimizer_params(run.optimizers[-1]))} matrices failed the Cholesky of C + damping I and were "
-                f"refactored with more damping: " + ", ".join(f"x{b}: {n}" for b, n in zip(FALLBACK_BOOSTS,
-                                                                                          out.fallbacks)))
-        now_ms = training_ms + (1000 * (time.perf_counter() - t0) if step >= warm_until else 0.0)
-        timed = timed_before + max(done - warm_until, 0)
-        log(f"step:{done}/{args.num_iterations} train_loss:{out.train_loss:.4f} train_time:{now_ms:.0f}ms "
-            f"step_avg:{now_ms / timed if timed else float('nan'):.2f}ms "
-            f"opt_ms:{opt_timer.ms():.2f} blocks_ms:{blocks_timer.ms():.2f}")
-        at_end = done in (args.num_iterations, args.stop_at)  # saved after the final validation and record lines
-        stop = out.stop and not at_end  # a signal during the last step: the run ends as it would have
-        if stop or (args.save_every and done % args.save_every == 0 and not at_end):
-            sync()
-            if step >= warm_until:  # saving is not training time
-                training_ms += 1000 * (time.perf_counter() - t0)
-            save_logged(run.checkpoints, done, dict(step=done, training_ms=training_ms, timed_steps=timed,
-                                                    losses=losses), args, log)
-            t0 = time.perf_counter()
-        maybe_test_kill("after", done)
-        if stop:
-            how = signal.Signals(signals.signum).name if signals.signum else "a signal to another process"
-            log(f"stopped: step:{done}/{args.num_iterations} by {how}; {resume_hint(run.checkpoints.last)}")
-            if run.record is not None:
-                run.record.close()
-            raise SystemExit(128 + (signals.signum or signal.SIGTERM))
-    return finish_run(run, step, training_ms, timed, losses, rate_before)
-
-
-def finish_run(run: Run, step: int, training_ms: float, timed: int, losses: list[float],
-               rate_before: float) -> tuple[str, nn.Module]:
-    """The record's closing lines (model FLOP rate, the matmul check, params_sha256), the last checkpoint (after them: a failed save
-    loses no result), --stop_at's line, the peak memory. Returns the record's path (process 0; '' elsewhere) and the
-    model."""
-    args, log = run.args, run.log
-    if timed > 0:  # model FLOPs over the timed steps (the loop ended on a validation: training_ms holds them all)
-        log(f"model_flops: {flops_per_token(args) / 1e9:.4f} GFLOP/token, "
-            f"{flops_per_token(args) * args.batch_size * args.sequence_length * timed / training_ms / 1e9:.1f} "
-            f"TFLOP/s")
-        if args.matmul_check:
-            log(matmul_check(args, training_ms / timed, run.device, run.world, rate_before))
-    log(f"params_sha256: {params_digest(run.raw_model)}")
-    if args.final_checkpoint or step == args.stop_at > 0 or (args.save_every and step % args.save_every == 0):
-        save_logged(run.checkpoints, step, dict(step=step, training_ms=training_ms, timed_steps=timed, losses=losses),
-                    args, log)
-    if step == args.stop_at > 0:
-        log(f"stopped: step:{step}/{args.num_iterations} by --stop_at; {resume_hint(run.checkpoints.last)}")
-    if run.record is None:
-        return "", run.raw_model
-    run.record.finish(torch.cuda.max_memory_allocated() // 2**20 if run.cuda else  # on CPU: the process's peak RSS
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
-    return run.record.path, run.raw_model
-
-
-def params_digest(model: nn.Module) -> str:
-    """sha256 of the model's parameters (named_parameters order, a tied one once, each its raw bytes): equal in two
-    records iff their final parameters are bit-identical (e.g. --deterministic 1 reruns, or an edit that should not
-    change the math)."""
-    h = hashlib.sha256()
-    for _, p in model.named_parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def save_logged(checkpoints: Checkpoints, step: int, progress: dict, args: Hyperparameters, log) -> None:
-    """checkpoints.save, then its record line: `checkpoint: step:s/N PATH`, or, when a write failed (the run goes on),
-    `checkpoint: step:s/N not saved (the reason); ...` naming the checkpoint kept."""
-    path = checkpoints.save(step, progress)
-    if path:
-        log(f"checkpoint: step:{step}/{args.num_iterations} {path}")
-    else:
-        kept = f"the previous one stays: {checkpoints.last}" if checkpoints.last else "no earlier checkpoint"
-        log(f"checkpoint: step:{step}/{args.num_iterations} not saved ({checkpoints.error}); its partial files are "
-            f"removed, {kept}")
-
-
-def resume_hint(last: str) -> str:
-    """How to go on from the newest checkpoint of the run, or that there is none."""
-    return f"continue with --resume {last}" if last else "no checkpoint to continue from"
-
-
-def stop_diverged(step: int, loss: float, refresh_error: str, model: nn.Module, optimizers: list[torch.optim.Optimizer],
-                  args: Hyperparameters, record: Record | None, checkpoint: str) -> None:
-    """End the run at a non-finite train loss or parameter: name the step, the optimizer and the first non-finite
-    parameter, mark the record diverged with its last good step (the last checkpoint stays), exit with code 1."""
-    bad = first_nonfinite_parameter(model, optimizers, args.optimizer)
-    what = "; ".join(filter(None, [f"train loss {loss}", refresh_error and f"Gram refresh: {refresh_error}",
-                                   f"first non-finite parameter: {bad}" if bad else "all parameters finite"]))
-    message = (f"diverged at step {step}/{args.num_iterations} (optimizer {args.optimizer}): {what}. Last good step "
-               f"{step - 1}; last checkpoint: {checkpoint or 'none'} (kept)")
-    if record is not None:
-        record.log(f"diverged: step:{step}/{args.num_iterations} last_good_step:{step - 1} optimizer:{args.optimizer} "
-                   f"{what}")
-        record.close()
-    raise SystemExit(message if record is not None else 1)
-
-
-def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 50, dtype=torch.bfloat16) -> float:
-    """The matrix rate the MFU is measured against: 2 n^3 / (mean time of `reps` n x n x n products, after 3 warm-up
-    products), in TFLOP/s."""
-    gen = torch.Generator(device=device).manual_seed(0)  # not the global RNG: training's draws stay as without it
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-
-
-def rate_text(tflops: float) -> str:
-    """A TFLOP/s figure: one decimal, or three significant digits below 1 (a busy CPU's 512^3 rate would read 0.0)."""
-    return f"{tflops:.1f}" if tflops >= 1 else f"{tflops:.3g}"
-
-
-def mfu_line(args: Hyperparameters, step_avg_ms: float, tflops: float, world: int, what: str) -> str:
-    """The record's `matmul:` line: MFU = floor / step_avg, floor = flops_per_token * tokens a step / (world rate)."""
-    floor_ms = flops_per_token(args) * args.batch_size * args.sequence_length / (world * tflops * 1e12) * 1e3
-    return (f"matmul: {what} {rate_text(tflops)} TFLOP/s per device, mfu: {100 * floor_ms / step_avg_ms:.1f}% "
-            f"(floor {floor_ms:.1f} ms a step, step_avg {step_avg_ms:.2f} ms)")
-
-
-MATMUL_CHECK = {True: (8192, torch.bfloat16, 50), False: (512, torch.float32, 10)}  # cuda? -> n, dtype, reps
-
-
-def matmul_rate(device: torch.device, world: int) -> float:
-    """The mean over processes of matmul_tflops on each one's device (CUDA: 8192^3 bf16; CPU: a quick 512^3 fp32);
-    collective with world > 1."""
-    n, dtype, reps = MATMUL_CHECK[device.type == "cuda"]
-    rate = torch.tensor(matmul_tflops(device, n, reps, dtype), device=device)
-    if world > 1:
-        dist.all_reduce(rate)  # a sum: gloo has no average
-    return rate.item() / world
-
-
-def matmul_check(args: Hyperparameters, step_avg_ms: float, device: torch.device, world: int, before: float) -> str:
-    """The matmul rate timed again after training (matmul_rate); the mfu_line of the larger of it and `before` (timed
-    before training), both named in the line: a GPU hot from a run clocks lower (H100s: 695-759 TFLOP/s after the
-    bench, 737-795 before), and the floor is what the GPU can do."""
-    after = matmul_rate(device, world)
-    n, dtype, _ = MATMUL_CHECK[device.type == "cuda"]
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu") + (
-        f", mean of {world}" if world > 1 else "")
-    what = (f"{n}^3 {str(dtype).removeprefix('torch.')} ({name}; {rate_text(before)} before training, "
-            f"{rate_text(after)} after: "
-            f"the larger)")
-    return mfu_line(args, step_avg_ms, max(before, after), world, what)
-
-
-# ----------------------------------------------------------------------------- records
+# ----------------------------------------------------------------------------- infra: records, MFU
 
 
 class Record:
     """<records_dir>/<time>-<preset>-<optimizer>-<id>.txt: the source, the settings as JSON,
-    versions and devices, then modded-nanogpt's `step:s/N val_loss:... train_time:...ms
-    step_avg:...ms` lines, train-loss lines, peak memory. Also `checkpoint: step:s/N PATH` after
-    each save, `resumed: step:s/N from PATH ...` where a resumed run continues (lines of steps after
-    s above it were redone), `stopped: step:s/N by SIGTERM; ...` and
+    versions and devices, then modded-nanogpt's `step:s/N val_loss:... train_time:...ms step_avg:...ms` lines,
+    train-loss lines, peak memory. Also `checkpoint: step:s/N PATH` after each save,
+    `resumed: step:s/N from PATH ...` where a resumed run continues (lines of steps after s above it
+    were redone), `stopped: step:s/N by SIGTERM; ...` and
     `diverged: step:s/N last_good_step:g optimizer:NAME ...` where a run ended early, and
-    `gram_fallbacks: step:s/N k of M matrices ...` before the step line of a Gram refresh at which
-    k Choleskys of C + damping I failed (counts by the damping factor that then held)."""
+    `gram_fallbacks: step:s/N k of M matrices ...` before the step line of a Gram refresh at which k
+    Choleskys of C + damping I failed (counts by the damping factor that then held)."""
 
-    def __init__(self, args: Hyperparameters, world: int, device: torch.device, path: str, resume: str = ""):
+    def __init__(self, args: Hyperparameters, world: int, device: torch.device, path: str,
+                 resume: str = ""):
         self.path, self.lost = path, ""  # lost: why a write to the record failed, once one has
-        if resume:  # continue the checkpoint's record: a `resumed:` line, then the lines of the steps after it
+        # continue the checkpoint's record: a `resumed:` line, then the lines of the steps after it
+        if resume:
             meta = read_checkpoint_meta(resume)
             try:
                 self.file = open(path, "a")
             except OSError as e:
-                raise SystemExit(f"--resume {resume}: cannot append to its record ({os_error(e)}); make it "
+                raise SystemExit(f"--resume {resume}: cannot append to its record ({os_error(e)}); "
+                                 "make it "
                                  f"writable") from None
             saved = checkpoint_settings(resume)
-            changed = {k: getattr(args, k) for k in RESUME_MAY_CHANGE[1:] if getattr(args, k) != getattr(saved, k)}
-            self.log(f"resumed: step:{meta['step']}/{args.num_iterations} from {resume} world_size:{world} "
-                     f"(saved with {meta['world_size']})" + (f" changed: {json.dumps(changed)}" if changed else ""))
+            changed = {k: getattr(args, k) for k in RESUME_MAY_CHANGE[1:] if getattr(args,
+                                                                                     k) != getattr(
+                                                                                         saved, k)}
+            self.log(f"resumed: step:{meta['step']}/{args.num_iterations} from {resume} "
+                     f"world_size:{world} "
+                     f"(saved with {meta['world_size']})" + (f" changed: {json.dumps(changed)}"
+                                                             if changed else ""))
             return
         with open(__file__) as f:
             source = f.read()
@@ -2904,7 +3316,8 @@ class Record:
             self.file = open(path, "x")  # never overwrite
             self.file.write(f"{RECORD_MARK}\n{source}\n{RECORD_MARK}\n")
             self.file.write(f"hyperparameters: {json.dumps(dataclasses.asdict(args))}\n")
-            self.file.write(f"torch: {torch.__version__} cuda: {torch.version.cuda} python: {sys.version.split()[0]}\n")
+            self.file.write(f"torch: {torch.__version__} cuda: {torch.version.cuda} python: "
+                            f"{sys.version.split()[0]}\n")
             self.file.write(f"devices: {json.dumps(devices)}\nworld_size: {world}\n")
             self.file.flush()
         except OSError as e:  # no stub record: what was written goes
@@ -2912,12 +3325,14 @@ class Record:
                 self.close()
                 with contextlib.suppress(OSError):
                     os.remove(path)
-            raise SystemExit(f"--records_dir {args.records_dir}: cannot write the record {path} ({os_error(e)}); "
+            raise SystemExit(f"--records_dir {args.records_dir}: cannot write the record {path} "
+                             f"({os_error(e)}); "
                              f"free space or pass a writable --records_dir") from None
         print(f"record: {self.path}")
 
     def log(self, line: str) -> None:
-        """Print the line and append it to the record; once a write fails (a full disk), say so once and print only."""
+        """Print the line and append it to the record; once a write fails (a full disk), say so once
+        and print only."""
         print(line, flush=True)
         if self.lost:
             return
@@ -2926,7 +3341,8 @@ class Record:
             self.file.flush()
         except OSError as e:
             self.lost = os_error(e)
-            print(f"record: cannot write {self.path} ({self.lost}): it ends before the line above; the run goes on, "
+            print(f"record: cannot write {self.path} ({self.lost}): it ends before the line above; "
+                  "the run goes on, "
                   f"its lines printed here only", file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -2944,13 +3360,90 @@ RECORD_MARK = "=" * 40 + " train_gpt2.py record " + "=" * 40
 
 
 def record_name(args: Hyperparameters) -> str:
-    """<time>-<preset>-<optimizer>-<8 random hex digits>: a new run's record (.txt) and checkpoint folder name."""
+    """<time>-<preset>-<optimizer>-<8 random hex digits>: a new run's record (.txt) and checkpoint
+    folder name."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}-{args.optimizer}-{uuid.uuid4().hex[:8]}"
 
 
+def flops_per_token(args: Hyperparameters) -> int:
+    """Forward + backward FLOPs of one token: 6 N + 6 L T d, N = 12 L d^2 + V d matmul weights (qkv
+    3 d^2, proj d^2, MLP 8 d^2 per layer, the head V d), causal attention 6 L T d (half of 12 L T
+    d). GPT-124M, T = 1024: 0.798 GFLOP."""
+    L, d = args.n_layer, args.n_embd
+    return 6 * (12 * L * d * d + args.vocab_size * d) + 6 * L * args.sequence_length * d
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 50,
+                  dtype=torch.bfloat16) -> float:
+    """The matrix rate the MFU is measured against: 2 n^3 / (mean time of `reps` n x n x n products,
+    after 3 warm-up products), in TFLOP/s."""
+    # not the global RNG: training's draws stay as without it
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def rate_text(tflops: float) -> str:
+    """A TFLOP/s figure: one decimal, or three significant digits below 1 (a busy CPU's 512^3 rate
+    would read 0.0)."""
+    return f"{tflops:.1f}" if tflops >= 1 else f"{tflops:.3g}"
+
+
+def mfu_line(args: Hyperparameters, step_avg_ms: float, tflops: float, world: int,
+             what: str) -> str:
+    """The record's `matmul:` line: MFU = floor / step_avg, floor = flops_per_token * tokens a step
+    / (world rate)."""
+    floor_ms = flops_per_token(args) * args.batch_size * args.sequence_length / (
+        world * tflops * 1e12) * 1e3
+    return (f"matmul: {what} {rate_text(tflops)} TFLOP/s per device, mfu: "
+            f"{100 * floor_ms / step_avg_ms:.1f}% "
+            f"(floor {floor_ms:.1f} ms a step, step_avg {step_avg_ms:.2f} ms)")
+
+
+# cuda? -> n, dtype, reps
+MATMUL_CHECK = {True: (8192, torch.bfloat16, 50), False: (512, torch.float32, 10)}
+
+
+def matmul_rate(device: torch.device, world: int) -> float:
+    """The mean over processes of matmul_tflops on each one's device (CUDA: 8192^3 bf16; CPU: a
+    quick 512^3 fp32);
+    collective with world > 1."""
+    n, dtype, reps = MATMUL_CHECK[device.type == "cuda"]
+    rate = torch.tensor(matmul_tflops(device, n, reps, dtype), device=device)
+    if world > 1:
+        dist.all_reduce(rate)  # a sum: gloo has no average
+    return rate.item() / world
+
+
+def matmul_check(args: Hyperparameters, step_avg_ms: float, device: torch.device, world: int,
+                 before: float) -> str:
+    """The matmul rate timed again after training (matmul_rate); the mfu_line of the larger of it
+    and `before` (timed before training), both named in the line: a GPU hot from a run clocks lower
+    (records/speed/README.md), and the floor is what the GPU can do."""
+    after = matmul_rate(device, world)
+    n, dtype, _ = MATMUL_CHECK[device.type == "cuda"]
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu") + (
+        f", mean of {world}" if world > 1 else "")
+    what = (f"{n}^3 {str(dtype).removeprefix('torch.')} ({name}; {rate_text(before)} before "
+            "training, "
+            f"{rate_text(after)} after: "
+            f"the larger)")
+    return mfu_line(args, step_avg_ms, max(before, after), world, what)
+
+
 def exit_now(code: int | str | None) -> None:
-    """Print a SystemExit-style message, flush, and leave without the interpreter's teardown: with torch 2.13 on gloo,
-    threads a distributed run leaves behind abort a normal exit (SIGABRT) about one time in three."""
+    """Print a SystemExit-style message, flush, and leave without the interpreter's teardown: with
+    torch 2.13 on gloo, threads a distributed run leaves behind abort a normal exit (SIGABRT) about
+    one time in three."""
     if isinstance(code, str):
         print(code, file=sys.stderr)
     sys.stdout.flush()
@@ -2958,9 +3451,12 @@ def exit_now(code: int | str | None) -> None:
     os._exit(code if isinstance(code, int) else 1 if code else 0)
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> None:
+    """The command: train(parse_args(argv)) and exit (exit_now): 0 when done or the run is complete
+    already, the message and 1 for refused settings, data errors and a divergence, 128 + the signal
+    after a stop signal."""
     try:
-        train(parse_args(sys.argv[1:]))
+        train(parse_args(argv))
     except RunComplete as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(e.message)
@@ -2970,3 +3466,7 @@ if __name__ == "__main__":
     except SystemExit as e:  # refused settings, a divergence, a stop signal
         exit_now(e.code)
     exit_now(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -796,7 +796,7 @@ def test_nesterov_stack_is_the_momentum_rule_on_wide_and_tall_matrices(nesterov)
     want_bufs = [0.9 * b + g for b, g in zip(bufs, grads_)]
     want = torch.stack([(x.mT if x.size(0) > x.size(1) else x).bfloat16() for x in
                         ([g + 0.9 * b for g, b in zip(grads_, want_bufs)] if nesterov else want_bufs)])
-    got = t.nesterov_stack(grads_, bufs, 0.9, nesterov)
+    got = t.Muon.nesterov_stack(grads_, bufs, 0.9, nesterov)
     assert got.dtype == torch.bfloat16 and got.shape == (4, 48, 96)
     assert all(torch.equal(b, w) for b, w in zip(bufs, want_bufs)) and torch.equal(got, want)
 

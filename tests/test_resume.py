@@ -3,8 +3,9 @@ resumed, ends bitwise identical (CPU, fp32) to an uninterrupted run, for every o
 in one chain) and 2 processes (one of the two kills per optimizer);
 SIGINT/SIGTERM save a checkpoint and stop every process at the same step; a checkpoint resumes with another world size.
 
-The kills come from train_gpt2's test hook TRAIN_GPT2_TEST_KILL ("after:K": every process SIGKILLs itself right after
-step K; "save:K": during step K's save, once its files are written, before the rename); the signals come from here.
+The kills come from tests/drivers/kill_driver.py, the trainer's command with a SIGKILL at the point $TRAIN_GPT2_TEST_KILL names
+("after:K": every process right after step K; "save:K": during step K's save, once its files are written, before the
+rename); the signals come from here.
 """
 import concurrent.futures
 import json
@@ -25,6 +26,9 @@ from conftest import DRIVERS, REPO, SMALL_VOCAB, TINY, make_shards, subprocess_e
 sys.path.insert(0, str(REPO / "records"))
 import compare  # noqa: E402
 
+sys.path.insert(0, str(DRIVERS))
+import kill_driver  # noqa: E402
+
 N = 8  # steps; checkpoints every 2, the newest 2 kept
 # settings that put a state refresh between a checkpoint and the kill after it: SOAP's bases every 3 steps, the
 # feature-gram C and its factor every 3 steps (at steps 0, 3, 6), LocoProp with a momentum buffer
@@ -34,11 +38,12 @@ OPTIMIZERS = {"muon": [], "polargrad": [], "soap": ["--soap_precondition_frequen
 
 
 def launch(nproc: int, args: list[str], kill: str = "", timeout: int = 120) -> subprocess.CompletedProcess:
-    """train_gpt2.py as a command, alone or under torchrun (gloo), with the test kill hook set to `kill`."""
+    """train_gpt2.py as a command, alone or under torchrun (gloo); with `kill`, through tests/drivers/kill_driver.py."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    env = dict(subprocess_env(), **({t.TEST_KILL_ENV: kill} if kill else {}))
-    return subprocess.run(launcher + [str(REPO / "train_gpt2.py")] + args, capture_output=True, text=True, env=env,
+    env = dict(subprocess_env(), **({kill_driver.KILL_ENV: kill} if kill else {}))
+    script = DRIVERS / "kill_driver.py" if kill else REPO / "train_gpt2.py"
+    return subprocess.run(launcher + [str(script)] + args, capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=REPO)
 
 

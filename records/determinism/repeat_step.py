@@ -3,7 +3,7 @@
     python records/determinism/repeat_step.py --repeats 3 [train_gpt2.py settings, e.g. --preset compare
         --deterministic 1 --input_bin ... --input_val_bin ... --compile 0 --attention math]
 
-Builds the run as train_gpt2.py does (the settings given, a record under a temporary folder), takes the first
+Builds the run as train_gpt2.py does (the settings given, checkpoints under a temporary folder), takes the first
 batch, then `--repeats` times from the same saved state: forward (loss), backward (every gradient), the optimizers'
 step (every parameter after it). Each stage's tensors are compared bit for bit with the first repeat's; the first
 gradients (in backward order, from the head down) and parameters that differ are named. Within one process the
@@ -13,13 +13,18 @@ Exit status: 0 all repeats identical, 1 some stage differs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import random
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
+from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,7 +48,35 @@ def differing(names: list[str], a: list[torch.Tensor], b: list[torch.Tensor]) ->
     return out
 
 
-def one_step(run: t.Run, batch, model_state, opt_states, determinism: t.Determinism):
+class Run(SimpleNamespace):
+    """What one_step needs of a run, made by start: args, model (compiled as train() compiles it),
+    raw_model, optimizers, loader, autocast, attention, sync."""
+
+
+def start(args) -> Run:
+    """The seeded model, its optimizers and the data loader of one process, compiled and run as
+    train() does (train_gpt2.train, its first part)."""
+    rank, world, device = t.setup_distributed()
+    cuda = device.type == "cuda"
+    accum = t.validate_args(args, world)
+    train_files, _, _, _ = t.check_inputs(args, world)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    model = raw_model = t.GPT(args).to(device)
+    optimizers = t.build_optimizers(raw_model, args)
+    loader = t.DataLoader(train_files, args.device_batch_size, args.sequence_length, rank, world,
+                          accum, args.vocab_size, device)
+    if cuda and args.compile:
+        model = t.compile_for_cuda(model, args, optimizers)
+    backend = (t.DETERMINISTIC_ATTENTION if args.deterministic else t.ATTENTION_BACKENDS)[args.attention]
+    return Run(args=args, model=model, raw_model=raw_model, optimizers=optimizers, loader=loader,
+               autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext(),
+               attention=(lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext,
+               sync=torch.cuda.synchronize if cuda else (lambda: None))
+
+
+def one_step(run: Run, batch, model_state, opt_states, determinism: t.Determinism):
     """From the saved state: the loss, the gradients and the parameters after every optimizer's step."""
     run.raw_model.load_state_dict(model_state)
     for opt, state in zip(run.optimizers, opt_states):
@@ -73,7 +106,7 @@ def main(argv: list[str]) -> int:
     tmp = tempfile.mkdtemp(prefix="repeat-step-")
     args = t.parse_args([*argv, "--records_dir", tmp, "--checkpoint_dir", tmp, "--label", "repeat-step"])
     with t.StopSignals(), t.Determinism(args.deterministic) as determinism:
-        run = t.start_run(args, determinism)
+        run = start(args)
         batch = run.loader.next_batch()
         names = [n for n, _ in run.raw_model.named_parameters()]
         model_state = copy.deepcopy(run.raw_model.state_dict())
