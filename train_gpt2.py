@@ -1503,6 +1503,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
                   os.path.join(checkpoint_root(args), run_name[0]))
         checkpoints = Checkpoints(folder, args, rank, world, device, raw_model, optimizers, loader,
                                   record_path if master else "", train_files, val_files)
+        signals.last = lambda: checkpoints.last
         progress = (checkpoints.load(resume) if resume else
                     dict(step=0, training_ms=0.0, timed_steps=0, losses=[]))
 
@@ -2852,6 +2853,29 @@ def _save_synced(obj, path: str) -> None:
         os.fsync(f.fileno())
 
 
+def folder_bytes(path: str) -> int:
+    """The bytes of the files in a folder (0 if it is not there)."""
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
+
+
+def make_room(folder: str, last: str) -> str:
+    """Before a save into `folder` (a run's checkpoints) of about the size of `last` (its newest
+    checkpoint; none: no estimate): while the disk has less free, remove the run's checkpoints
+    older than `last`, oldest first (the rotation after the save would remove them anyway); `last`
+    itself stays, whatever happens. '' when the save fits, else why not, and nothing is written:
+    a save that cannot fit never fills the disk the record is on."""
+    need = folder_bytes(last) if last else 0
+    for old in checkpoints_in(folder):
+        if shutil.disk_usage(folder).free >= need or os.path.abspath(old) == os.path.abspath(last):
+            break
+        shutil.rmtree(old, ignore_errors=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        return (f"{free >> 20} MiB free in {folder}, a checkpoint needs about {need >> 20} MiB: "
+                "free space there or pass another --checkpoint_dir")
+    return ""
+
+
 def shard_list(files: list[str]) -> list[list]:
     """[name, token count] of each shard: what a resume checks the shards by."""
     return [[os.path.basename(f), shard_token_count(f)] for f in files]
@@ -2911,7 +2935,10 @@ class Checkpoints:
         tmp, error = final + ".tmp", ""
         try:
             os.makedirs(tmp, exist_ok=True)
-            self._write(tmp, step, progress)
+            if self.rank == 0:  # the others write theirs; the agreement below fails them too
+                error = make_room(self.folder, self.last)
+            if not error:
+                self._write(tmp, step, progress)
         except OSError as e:
             error = os_error(e)
         error = self._agree(error)
@@ -3235,10 +3262,12 @@ class Determinism:
 class StopSignals:
     """While active, SIGTERM and SIGINT ask the run to stop: the training loop all-reduces the
     request with the train loss, so every process saves a checkpoint at the end of the same step,
-    then exits with 128 + the signal number. A second SIGINT interrupts at once."""
+    then exits with 128 + the signal number. A second SIGINT stops at once (exit status 130), naming
+    the checkpoint to continue from."""
 
     def __init__(self):
         self.signum, self._old = 0, {}
+        self.last = lambda: ""  # the newest checkpoint (train sets it): named on a second SIGINT
 
     def __enter__(self) -> StopSignals:
         # Python takes signals in the main thread only
@@ -3250,8 +3279,10 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame) -> None:
-        if signum == signal.SIGINT and self.signum:
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT and self.signum:  # a second Ctrl-C: stop now, no traceback
+            os.write(2, (f"SIGINT again: stopped at once, without a checkpoint of this step; "
+                         f"{resume_hint(self.last())}\n").encode())
+            raise SystemExit(128 + signal.SIGINT)
         self.signum = self.signum or signum
         os.write(2, f"{signal.Signals(signum).name}: stopping with a checkpoint at the end of this "
                  "step\n".encode())
@@ -3280,7 +3311,7 @@ class Record:
         if resume:
             meta = read_checkpoint_meta(resume)
             try:
-                self.file = open(path, "a")
+                self.file = open(path, "a+")  # +: readable, so a deleted record can be rewritten
             except OSError as e:
                 raise SystemExit(f"--resume {resume}: cannot append to its record ({os_error(e)}); "
                                  "make it "
@@ -3300,7 +3331,7 @@ class Record:
                    if device.type == "cuda" else ["cpu"])
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "x")  # never overwrite
+            self.file = open(path, "x+")  # never overwrite; +: see log
             self.file.write(f"{RECORD_MARK}\n{source}\n{RECORD_MARK}\n")
             self.file.write(f"hyperparameters: {json.dumps(dataclasses.asdict(args))}\n")
             self.file.write(f"torch: {torch.__version__} cuda: {torch.version.cuda} python: "
@@ -3326,11 +3357,27 @@ class Record:
         try:
             self.file.write(line + "\n")
             self.file.flush()
+            if os.fstat(self.file.fileno()).st_nlink == 0:  # deleted: written again, whole
+                self._rewrite()
         except OSError as e:
             self.lost = os_error(e)
             print(f"record: cannot write {self.path} ({self.lost}): it ends before the line above; "
                   "the run goes on, "
                   f"its lines printed here only", file=sys.stderr, flush=True)
+
+    def _rewrite(self) -> None:
+        """The record was deleted while the run had it open: a new file at its path with every
+        line so far (read back from the open file), said once on stderr."""
+        self.file.seek(0)
+        text = self.file.read()
+        with contextlib.suppress(OSError):
+            self.file.close()
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.file = open(self.path, "x+")
+        self.file.write(text)
+        self.file.flush()
+        print(f"record: {self.path} was deleted during the run; written again with every line so "
+              "far", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         try:
