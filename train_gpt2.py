@@ -1446,6 +1446,19 @@ class DataLoader:
         return x, y
 
 
+def passes_line(files: list[str], args: Hyperparameters) -> str:
+    """How often the run reads its train data: a pass is sum over shards of (tokens - 1) // span
+    steps (DataLoader skips each shard's tail), span = batch_size * sequence_length; passes =
+    num_iterations / that. Above 1, the steps after the first pass repeat tokens."""
+    span = args.batch_size * args.sequence_length
+    counts = [shard_token_count(f) for f in files]
+    per_pass = sum((n - 1) // span for n in counts)
+    passes = args.num_iterations / per_pass
+    return (f"train data: {sum(counts)} tokens in {len(files)} shard{'s' * (len(files) > 1)} for "
+            f"{args.num_iterations * span} tokens of steps: {passes:.2f} passes"
+            + (f" (steps after {per_pass} read the same tokens again)" if passes > 1 else ""))
+
+
 def load_val_tokens(files: list[str], val_tokens: int, vocab_size: int) -> np.ndarray:
     """The first val_tokens + 1 tokens of the val shards, in order (read once per run)."""
     parts, have = [], 0
@@ -1512,6 +1525,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         log = record.log if master else (lambda *a, **k: None)
         log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, "
             f"{args.batch_size * T} tokens/step")
+        log(passes_line(train_files, args))
         log(determinism.describe())
         determinism.attach(log)
         if cuda and args.compile:
@@ -2317,6 +2331,13 @@ def check_inputs(args: Hyperparameters, world: int) -> tuple[list[str], list[str
     B, T = args.device_batch_size, args.sequence_length
     train_files = check_shards(args.input_bin, args.batch_size * T + 1, "train")
     val_files = check_shards(args.input_val_bin, 0, "val")
+    val_ids = {(os.stat(f).st_dev, os.stat(f).st_ino): f for f in val_files}
+    for f in train_files:
+        if (os.stat(f).st_dev, os.stat(f).st_ino) in val_ids:
+            raise ShardError(args.input_bin, f"the train shards include the val shard {f} (also "
+                             f"matched by --input_val_bin {args.input_val_bin}): the run would "
+                             "train on the tokens it validates on",
+                             fix="pass an --input_bin that matches train shards only")
     have = sum(shard_token_count(f) for f in val_files)
     if have < args.val_tokens + 1:
         raise ShardError(args.input_val_bin, f"val shards hold {have} tokens, fewer than "
@@ -2329,11 +2350,18 @@ def check_inputs(args: Hyperparameters, world: int) -> tuple[list[str], list[str
     if resume:
         for pattern, files, what in ((args.input_bin, train_files, "train"), (args.input_val_bin,
                                                                               val_files, "val")):
-            if meta[f"{what}_files"] != shard_list(files):
+            saved, now = meta[f"{what}_files"], shard_list(files)
+            if [e[:2] for e in saved] != [e[:2] for e in now]:
                 raise ShardError(pattern, f"the {what} shards (names and token counts) differ from "
                                  "the "
                                           f"{len(meta[what + '_files'])} the checkpoint {resume} "
                                           "was saved with",
+                                 fix="resume on the same shards")
+            changed = [e[0] for e, n in zip(saved, now) if len(e) == 3 and e != n]
+            if changed:  # checkpoints of format 1 before the fingerprint: names and counts only
+                raise ShardError(pattern, f"{what} shard {changed[0]} has the name and token count "
+                                 f"the checkpoint {resume} was saved with but other contents "
+                                 "(size and sha256 of its first and last MiB)",
                                  fix="resume on the same shards")
     check_token_ids(train_files + val_files, args.vocab_size)
     for folder, setting in ([] if resume else [(args.records_dir, "records_dir")]) + [
@@ -2688,10 +2716,10 @@ def read_checkpoint_meta(path: str) -> dict:
         damaged(f"says step {meta['step']} of {meta['num_iterations']} on {meta['world_size']} "
                 "processes")
     for key in ("train_files", "val_files"):
-        if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
-                   and type(e[1]) is int
+        if not all(isinstance(e, list) and len(e) in (2, 3) and isinstance(e[0], str)
+                   and type(e[1]) is int and all(isinstance(x, str) for x in e[2:])
                    for e in meta[key]):
-            damaged(f"has {key!r} that is not a list of [shard name, token count]")
+            damaged(f"has {key!r} that is not a list of [shard name, token count, fingerprint]")
     missing = [n for n in ["main.pt"] + [f"rank{r}.pt" for r in range(meta["world_size"])]
                if not os.path.isfile(os.path.join(path, n))]
     if missing:
@@ -2876,9 +2904,20 @@ def make_room(folder: str, last: str) -> str:
     return ""
 
 
+def shard_fingerprint(path: str) -> str:
+    """'<bytes>:<sha256 of the first and last MiB>' (16 hex digits): a shard changed in place under
+    the same name and token count reads differently, for 2 MiB read."""
+    h, size = hashlib.sha256(), os.path.getsize(path)
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        h.update(f.read(1 << 20))
+    return f"{size}:{h.hexdigest()[:16]}"
+
+
 def shard_list(files: list[str]) -> list[list]:
-    """[name, token count] of each shard: what a resume checks the shards by."""
-    return [[os.path.basename(f), shard_token_count(f)] for f in files]
+    """[name, token count, shard_fingerprint] of each shard: what a resume checks the shards by."""
+    return [[os.path.basename(f), shard_token_count(f), shard_fingerprint(f)] for f in files]
 
 
 class Checkpoints:

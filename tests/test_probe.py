@@ -83,3 +83,56 @@ def test_a_record_deleted_mid_run_is_written_again_whole(tmp_path, capfd):
     assert Path(path).read_text() == head + "step:2/5 train_loss:0.9\nstep:3/5 train_loss:0.8\n" + \
         "peak memory consumption: 1 MiB\n"
     assert capfd.readouterr().err.count(f"record: {path} was deleted during the run; written again") == 1
+
+
+# ----------------------------------------------------------------------------- no silent wrong results
+
+
+def test_train_data_that_runs_out_says_how_many_passes(tmp_path):
+    """One 300-token train shard holds 2 steps of 128 tokens (its tail skipped); 5 steps read it 2.5 times: the
+    record says so in one line before the first step. The usual case says 0.xx passes and nothing more."""
+    train, val = make_shards(tmp_path / "s", train_sizes=(300,))
+    record = train_here(TINY + ["--input_bin", train, "--input_val_bin", val, "--records_dir", str(tmp_path / "r"),
+                                "--final_checkpoint", "0"])
+    text = Path(record).read_text().split(t.RECORD_MARK)[-1]
+    line = "train data: 300 tokens in 1 shard for 640 tokens of steps: 2.50 passes (steps after 2 read the same " \
+           "tokens again)"
+    assert line in text.splitlines() and text.index(line) < text.index("step:1/5")
+    train, _ = make_shards(tmp_path / "t")
+    args = t.parse_args(TINY + ["--input_bin", train])
+    assert t.passes_line(t.check_shards(train, 129, "train"), args) == \
+        "train data: 5500 tokens in 2 shards for 640 tokens of steps: 0.12 passes"
+
+
+@pytest.mark.parametrize("how", ["the same pattern", "a pattern matching both", "a hard link"])
+def test_train_shards_that_include_the_val_shard_are_refused(tmp_path, how):
+    """--input_bin matching the val shard (by its path, or by another path of the same file) is refused before
+    anything is built: the run would train on the tokens it validates on."""
+    train, val = make_shards(tmp_path / "s", val_sizes=(3000,))
+    if how == "the same pattern":
+        train = val
+    elif how == "a pattern matching both":
+        train = str(tmp_path / "s" / "t_*.bin")
+    else:
+        os.link(tmp_path / "s" / "t_val_000000.bin", tmp_path / "s" / "t_train_000009.bin")
+    with pytest.raises(t.ShardError, match=r"the train shards include the val shard .*: the run would train on the "
+                                           r"tokens it validates on\n  fix: pass an --input_bin that matches train"):
+        train_here(TINY + ["--input_bin", train, "--input_val_bin", val, "--records_dir", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_refuses_a_shard_changed_in_place(small_vocab_args, tmp_path):
+    """A shard rewritten with other tokens of the same count under the same name is refused on resume (the
+    checkpoint keeps each shard's size and the sha256 of its first and last MiB)."""
+    records = tmp_path / "records"
+    train_here(small_vocab_args + ["--stop_at", "2", "--records_dir", str(records)])
+    (run,) = (records / "checkpoints").iterdir()
+    meta = t.read_checkpoint_meta(str(run / "step_000002"))
+    assert [len(e) for e in meta["train_files"]] == [3, 3]
+    shard = tmp_path / "shards" / "t_train_000002.bin"
+    data = bytearray(shard.read_bytes())
+    data[-2:] = bytes([(data[-2] + 1) % 256, 0])  # the last token, another id < 256
+    shard.write_bytes(bytes(data))
+    with pytest.raises(t.ShardError, match="train shard t_train_000002.bin has the name and token count the "
+                                           "checkpoint .* was saved with but other contents"):
+        train_here(["--resume", "latest", "--records_dir", str(records)])

@@ -197,7 +197,7 @@ BROKEN = [
      ["has 'world_size' = '1', not a int"]),
     ("meta.json step beyond the run", lambda ck: edit_meta(ck, lambda m: {**m, "step": 9}), ["says step 9 of 4"]),
     ("meta.json shard list damaged", lambda ck: edit_meta(ck, lambda m: {**m, "train_files": [["a"]]}),
-     ["'train_files' that is not a list of [shard name, token count]"]),
+     ["'train_files' that is not a list of [shard name, token count, fingerprint]"]),
     ("meta.json setting of the wrong type", lambda ck: edit_meta(ck, lambda m: {**m, "args": {**m["args"],
                                                                                                 "n_layer": "two"}}),
      ["args.n_layer = 'two', not a int"]),
