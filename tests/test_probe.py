@@ -136,3 +136,59 @@ def test_resume_refuses_a_shard_changed_in_place(small_vocab_args, tmp_path):
     with pytest.raises(t.ShardError, match="train shard t_train_000002.bin has the name and token count the "
                                            "checkpoint .* was saved with but other contents"):
         train_here(["--resume", "latest", "--records_dir", str(records)])
+
+
+# ----------------------------------------------------------------------------- records/compare.py
+
+from test_compare import SOURCE, c, write_ours, write_upstream  # noqa: E402
+
+
+def test_compare_lists_stopped_runs_apart(tmp_path, capsys):
+    """A `--stop_at 3` run of a 6-step schedule is complete at step 3 but is not pooled with 6-step runs in one
+    mean: the table has the two 6-step runs, the stopped run is listed under it with its step and val loss."""
+    for tag, final in (("a", 3.3), ("b", 3.4)):
+        write_ours(tmp_path, n=6, val_every=1, final=final, tag=tag)
+    stopped = write_ours(tmp_path, n=6, val_every=1, stop_at=3, tag="c")
+    stopped.write_text(stopped.read_text() + "stopped: step:3/6 by --stop_at; continue with --resume x\n"
+                       "peak memory consumption: 1 MiB\n")
+    assert c.parse_record(stopped).complete and c.parse_record(stopped).stopped_at == 3
+    assert c.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("muon "))
+    assert row.split()[1] == "2" and "3.3500 ± 0.0707" in row  # the two 6-step runs only
+    assert f"  {stopped} [muon]: step 3/6, val_loss " in out.split("stopped by --stop_at")[1]
+    assert c.main([str(tmp_path), "--at", "3"]) == 0  # cut at one step, every run counts
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("muon "))
+    assert row.split()[1] == "3"
+
+
+def test_compare_plot_prints_the_path_it_wrote(tmp_path, capsys):
+    """--plot NAME without an extension writes NAME.png, --plot FOLDER writes FOLDER/compare.png: the line says
+    which, and that file is there."""
+    write_ours(tmp_path / "r", n=20)
+    for given, written in ((tmp_path / "curves", tmp_path / "curves.png"),
+                           (tmp_path / "r", tmp_path / "r" / "compare.png"),
+                           (tmp_path / "x.png", tmp_path / "x.png")):
+        assert c.main([str(tmp_path / "r" / "20250301-120000-smoke-muon-0000000a.txt"), "--plot", str(given)]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == f"plot: {written}" and written.is_file()
+
+
+def test_compare_by_config_separates_runs_of_other_code(tmp_path, capsys):
+    """A run's code is part of its config: our records with the same settings and other source between the record
+    marks are two configs (`configs differ in` names the code); upstream logs without printed code (a SOAP one and
+    a Muon one) are each a group of their own, never one group "upstream"."""
+    a = write_ours(tmp_path, tag="a")
+    b = write_ours(tmp_path, tag="b")
+    b.write_text(b.read_text().replace(SOURCE, SOURCE.replace("def train(", "def train( ")))
+    ra, rb = c.parse_record(a), c.parse_record(b)
+    assert ra.code == c.code_hash(SOURCE) and rb.code != ra.code and ra.config != rb.config
+    assert c.config_differences(c.group_runs([ra, rb], "config")) == {ra.config: {"code": ra.code},
+                                                                       rb.config: {"code": rb.code}}
+    ups = []
+    for name in ("soap", "muon"):
+        p = write_upstream(tmp_path / "up" / name / "log.txt")
+        p.write_text(p.read_text().split("=" * 100 + "\n", 1)[1])  # the log starts at its first `====`
+        ups.append(c.parse_record(p))
+    assert ups[0].config != ups[1].config and "upstream" not in c.group_runs(ups, "config")
+    with_code = [c.parse_record(write_upstream(tmp_path / "up" / f"{i}.txt")) for i in range(2)]
+    assert with_code[0].config == with_code[1].config  # the same code: one group
