@@ -1510,7 +1510,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         blocks = optimizers[1]
         gram_every = getattr(blocks, "refresh_every", 0)  # torch's AdamW has none
         loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
-        record_path = (checkpoint_record(resume, meta) if resume else
+        record_path = (checkpoint_record(resume, meta, args.records_dir) if resume else
                        os.path.join(args.records_dir, run_name[0] + ".txt"))
         folder = (os.path.dirname(resume) if resume else
                   os.path.join(checkpoint_root(args), run_name[0]))
@@ -2285,7 +2285,7 @@ def check_run_args(args: Hyperparameters) -> None:
     if args.resume:
         path = find_checkpoint(args.resume, checkpoint_root(args))
         saved, meta = checkpoint_settings(path), read_checkpoint_meta(path)
-        record, step = checkpoint_record(path, meta), meta["step"]
+        record, step = checkpoint_record(path, meta, args.records_dir), meta["step"]
         refuse_resume_changes(path, saved, {f.name: getattr(args, f.name)
                                             for f in fields(Hyperparameters)})
         if 0 < args.stop_at <= step:
@@ -2759,16 +2759,25 @@ def checkpoint_settings(path: str) -> Hyperparameters:
                               for k, v in saved.items()})
 
 
-def checkpoint_record(path: str, meta: dict) -> str:
+# a record's file name (record_name + .txt)
+RECORD_FILE = re.compile(r"\d{8}-\d{6}-[\w.-]+-[0-9a-f]{8}\.txt")
+
+
+def checkpoint_record(path: str, meta: dict, records_dir: str) -> str:
     """The record the checkpoint at `path` continues (meta.json's "record"), confined to its own
     run: the file must be named <run folder>.txt (the folder holding the checkpoint is named after
-    its record) and be a train_gpt2.py record (first line RECORD_MARK), so a crafted meta.json
-    cannot make a resumed run append to any other file."""
+    its record) like a record (RECORD_FILE), lie in records_dir itself, and be a train_gpt2.py
+    record (first line RECORD_MARK), so a crafted meta.json cannot make a resumed run append to any
+    other file."""
     record, run = meta["record"], os.path.basename(os.path.dirname(path))
-    if os.path.basename(record) != run + ".txt":
+    if os.path.basename(record) != run + ".txt" or not RECORD_FILE.fullmatch(run + ".txt"):
         raise SystemExit(f"--resume {path}: its meta.json names {record} as its record, not "
                          f"{run}.txt: a checkpoint "
                          f"continues only its own run's record; refused")
+    if os.path.dirname(os.path.realpath(record)) != os.path.realpath(records_dir):
+        raise SystemExit(f"--resume {path}: its meta.json names {record} as its record, outside "
+                         f"--records_dir {records_dir}: a resumed run appends only to a record "
+                         "there; refused (pass the --records_dir the run used)")
     if not os.path.isfile(record):
         raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it "
                          "back")

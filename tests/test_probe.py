@@ -5,13 +5,14 @@ of one checkpoint at once; --help."""
 import collections
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import train_gpt2 as t
-from conftest import TINY, make_shards
+from conftest import REPO, TINY, make_shards
 
 
 def train_here(args: list[str]) -> str:
@@ -192,3 +193,37 @@ def test_compare_by_config_separates_runs_of_other_code(tmp_path, capsys):
     assert ups[0].config != ups[1].config and "upstream" not in c.group_runs(ups, "config")
     with_code = [c.parse_record(write_upstream(tmp_path / "up" / f"{i}.txt")) for i in range(2)]
     assert with_code[0].config == with_code[1].config  # the same code: one group
+
+
+# ----------------------------------------------------------------------------- the downloader
+
+sys.path.insert(0, str(REPO / "data"))
+import cached_fineweb10B as dl  # noqa: E402
+
+
+def test_download_error_does_not_echo_the_endpoints_password(tmp_path, monkeypatch):
+    """HF_ENDPOINT=http://user:secret@host: a failed download's `error:` line names the host, never the
+    credentials, also where the underlying error quotes the URL."""
+    monkeypatch.setattr(dl.constants, "ENDPOINT", "http://user:secret@127.0.0.1:9")
+
+    def refused(filename, local_dir, repo_id):
+        raise dl.httpx2.ConnectError("cannot connect to http://user:secret@127.0.0.1:9/datasets/x")
+
+    monkeypatch.setattr(dl, "download", refused)
+    with pytest.raises(SystemExit) as e:
+        dl.fetch("fineweb_val_000000.bin", tmp_path, "kjj0/fineweb10B-gpt2")
+    assert "secret" not in e.value.code and "user:" not in e.value.code
+    assert e.value.code.startswith("error: could not download fineweb_val_000000.bin from dataset repo "
+                                   "kjj0/fineweb10B-gpt2 at http://***@127.0.0.1:9: cannot reach the hub")
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["-1"], "error: N=-1: the number of train shards to fetch, 0 .. 103 (kjj0/fineweb10B-gpt2 has 103)"),
+    (["--num_iteration", "5"], "error: unknown setting '--num_iteration'; did you mean --num_iterations? (arguments: "
+                               "N, --local_dir, --repo_id, then any setting of train_gpt2.py: python train_gpt2.py "
+                               "--help lists them)")])
+def test_download_bad_arguments_answer_in_one_line(argv, line, tmp_path):
+    """A negative N or an unknown setting: one `error:` line, not the trainer's list of every setting."""
+    with pytest.raises(SystemExit) as e:
+        dl.main(argv + ["--local_dir", str(tmp_path)])
+    assert e.value.code == line
