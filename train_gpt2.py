@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import difflib
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -55,36 +57,35 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 class RunSettings:
     """The run's settings; Hyperparameters (end of the rules section) adds the optimizers'."""
     # data: glob patterns of shards in the FineWeb format (data/cached_fineweb10B.py fetches them)
-    input_bin: str = "data/fineweb10B/fineweb_train_*.bin"
-    input_val_bin: str = "data/fineweb10B/fineweb_val_*.bin"
+    input_bin: str = "data/fineweb10B/fineweb_train_*.bin"  # train shards, read in name order
+    input_val_bin: str = "data/fineweb10B/fineweb_val_*.bin"  # val shards: their first val_tokens
     # batch: batch_size sequences of sequence_length tokens a step
     # = world_size * device_batch_size * accumulation
-    batch_size: int = 8 * 64
-    device_batch_size: int = 64
-    sequence_length: int = 1024
+    batch_size: int = 8 * 64  # sequences a step, all processes together
+    device_batch_size: int = 64  # sequences a micro-batch on one process
+    sequence_length: int = 1024  # tokens a sequence
     # schedule
-    num_iterations: int = 7000
+    num_iterations: int = 7000  # optimizer steps of the run
     # > 0: stop after this many steps of the schedule (val, checkpoint; --resume goes on)
     stop_at: int = 0
-    warmup_iters: int = 250
-    warmdown_iters: int = 2000
+    warmup_iters: int = 250  # steps of linear LR warmup from 1/warmup_iters
+    warmdown_iters: int = 2000  # last steps of linear LR decay to 0
     val_loss_every: int = 125  # 0: only at the end
-    val_tokens: int = 10485760
+    val_tokens: int = 10485760  # tokens a validation reads (a multiple of the val batch)
     # the init's random draws, and only those (0 .. 2^32-1): data order, val tokens and the updates
     # draw nothing from it
     seed: int = 0
     # bit-identical reruns on one GPU: deterministic kernels (Determinism); off: fastest
     deterministic: bool = False
     # model (GPT-2 small)
-    vocab_size: int = 50257
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    vocab_size: int = 50257  # token ids 0 .. vocab_size-1 (GPT-2's)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads a block
+    n_embd: int = 768  # model width
     # the block matrices' optimizer (OPTIMIZERS); each declares its settings beside its class
     optimizer: str = "muon"
     # speed (the math stays the same)
-    # rows of logits at a time in the fused loss (LinearCrossEntropy); 0: whole fp32 logits
-    loss_chunk: int = 8192
+    loss_chunk: int = 8192  # logit rows at a time in the fused loss (LinearCrossEntropy); 0: all
     # scaled_dot_product_attention backend: auto | cudnn | flash | efficient | math
     attention: str = "auto"
     # < 1: torch.compile recomputes activations to keep about this fraction (memory)
@@ -99,9 +100,9 @@ class RunSettings:
     compile_mode: str = "default"
     # before and after training, time an 8192^3 bf16 matmul (CPU: 512^3 fp32): the MFU
     matmul_check: bool = True
-    records_dir: str = "records"
-    label: str = ""
-    preset: str = "speedrun"
+    records_dir: str = "records"  # where the run's record goes (and checkpoints/, by default)
+    label: str = ""  # a tag in the record: records/compare.py --by label groups by it
+    preset: str = "speedrun"  # a named set of settings applied first (PRESETS); given ones win
     # checkpoints (README: Checkpoints, resume, divergence): at the end (final_checkpoint) and on
     # SIGTERM/SIGINT
     save_every: int = 0  # also every this many steps; 0: never in between
@@ -151,6 +152,22 @@ def _parse_value(name: str, kind, text: str):
         raise SystemExit(f"--{name}: cannot read {text!r} as {kind}") from None
 
 
+def run_setting_help() -> dict[str, str]:
+    """Each RunSettings field's one line of --help: the comment on its line, else the comment lines
+    right above it (read from this file's source)."""
+    helps, above = {}, []
+    for line in inspect.getsource(RunSettings).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        m = re.match(r"(\w+): [^=]+=.*?(?:\s+#\s*(.*))?$", text)
+        if m:
+            helps[m[1]] = m[2] or " ".join(above)
+        above = []
+    return helps
+
+
 def parse_args(argv: list[str]) -> Hyperparameters:
     """`--field value` for every Hyperparameters field; `--preset name` applies a named set first,
     explicit fields win. With `--resume`, the checkpoint's settings are the base and only
@@ -162,10 +179,16 @@ def parse_args(argv: list[str]) -> Hyperparameters:
         arg = argv[i]
         if arg in ("-h", "--help"):
             declared = {s.name: s for s in declared_settings()}
+            helps = run_setting_help()
+
+            def shown(v):  # as it is written on the command line
+                return ",".join(map(str, v)) if isinstance(v, tuple) else v
             print(__doc__ + "\nsettings (--name value or --name=value; the last of a repeated one "
-                  "wins):\n  " + " ".join("--" + k for k in kinds if k not in declared)
+                  "wins), each with its default:\n" + "\n".join(
+                      f"  --{f.name} ({shown(f.default)}): {helps[f.name]}"
+                      for f in fields(RunSettings))
                   + "\noptimizer settings:\n" + "\n".join(
-                      f"  --{s.name} ({s.default}): {s.help}" for s in declared.values()))
+                      f"  --{s.name} ({shown(s.default)}): {s.help}" for s in declared.values()))
             raise SystemExit(0)
         key, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if key not in kinds:
@@ -1487,7 +1510,8 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     check, the record's step line, a checkpoint when due. Stops early on SIGTERM/SIGINT with a
     checkpoint (exit code 128 + the signal), and when the train loss, a parameter or a Gram factor
     stops being finite, without one (exit code 1; the record says diverged)."""
-    with StopSignals() as signals, Determinism(args.deterministic) as determinism, run_errors():
+    with StopSignals() as signals, Determinism(args.deterministic) as determinism, run_errors(), \
+            contextlib.ExitStack() as held:
         # processes, then every check before a model is built or a step taken
         rank, world, device = setup_distributed()
         master, cuda = rank == 0, device.type == "cuda"
@@ -1514,6 +1538,8 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
                        os.path.join(args.records_dir, run_name[0] + ".txt"))
         folder = (os.path.dirname(resume) if resume else
                   os.path.join(checkpoint_root(args), run_name[0]))
+        if resume and master:  # one run at a time continues a record (released when the run ends)
+            held.enter_context(run_lock(folder))
         checkpoints = Checkpoints(folder, args, rank, world, device, raw_model, optimizers, loader,
                                   record_path if master else "", train_files, val_files)
         signals.last = lambda: checkpoints.last
@@ -2238,10 +2264,12 @@ def validate_args(args: Hyperparameters, world: int) -> int:
                          f"{args.batch_size}; pick a divisor of {divisor_of}")
     val_bt = world * args.device_batch_size * args.sequence_length
     if args.val_tokens % val_bt:
+        below = args.val_tokens // val_bt * val_bt
+        near = " or ".join(str(v) for v in (below, below + val_bt) if v > 0)
         raise SystemExit(f"--val_tokens {args.val_tokens} is not a multiple of {world} processes x "
                          f"--device_batch_size {args.device_batch_size} x --sequence_length "
                          f"{args.sequence_length} "
-                         f"= {val_bt}")
+                         f"= {val_bt}: pass {near}")
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
         raise SystemExit(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head} "
                          "with an even head dim")
@@ -2340,11 +2368,16 @@ def check_inputs(args: Hyperparameters, world: int) -> tuple[list[str], list[str
                              fix="pass an --input_bin that matches train shards only")
     have = sum(shard_token_count(f) for f in val_files)
     if have < args.val_tokens + 1:
+        unit = world * B * T  # one val batch
+        most = max(have - 1, 0) // unit * unit
+        fix = (f"pass --val_tokens {most} (the most whole val batches of {world} processes x "
+               f"--device_batch_size {B} x --sequence_length {T} = {unit} tokens they hold)"
+               if most else
+               f"one val batch ({world} processes x --device_batch_size {B} x --sequence_length "
+               f"{T} = {unit} tokens) needs val shards of {unit + 1} tokens or more: use larger "
+               "val shards, or a smaller --device_batch_size or --sequence_length")
         raise ShardError(args.input_val_bin, f"val shards hold {have} tokens, fewer than "
-                         "--val_tokens "
-                                             f"{args.val_tokens} + 1", fix="pass --val_tokens <= "
-                                             f"{have - 1} "
-                                             f"(a multiple of {world * B * T})")
+                         f"--val_tokens {args.val_tokens} + 1", fix=fix)
     resume = find_checkpoint(args.resume, checkpoint_root(args)) if args.resume else ""
     meta = read_checkpoint_meta(resume) if resume else None
     if resume:
@@ -3176,6 +3209,30 @@ def save_logged(checkpoints: Checkpoints, step: int, progress: dict, args: Hyper
                 "no earlier checkpoint")
         log(f"checkpoint: step:{step}/{args.num_iterations} not saved ({checkpoints.error}); its "
             f"partial files are removed, {kept}")
+
+
+@contextlib.contextmanager
+def run_lock(folder: str):
+    """An exclusive lock (flock) on <folder>/.lock while a resumed run continues the run of that
+    checkpoint folder: a second resume of it at once is refused, instead of two runs interleaving
+    one record. The file goes when the run ends; the system drops the lock with the process, however
+    it ends (a file left by a killed run locks nothing)."""
+    path = os.path.join(folder, ".lock")
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:  # removed by its holder meanwhile
+            raise OSError
+    except OSError:
+        f.close()
+        raise SystemExit(f"--resume: another process is continuing this run already (it holds "
+                         f"{path}); wait for it to end, or stop it") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        f.close()
 
 
 def resume_hint(last: str) -> str:

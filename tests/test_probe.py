@@ -227,3 +227,65 @@ def test_download_bad_arguments_answer_in_one_line(argv, line, tmp_path):
     with pytest.raises(SystemExit) as e:
         dl.main(argv + ["--local_dir", str(tmp_path)])
     assert e.value.code == line
+
+
+# ----------------------------------------------------------------------------- clear messages
+
+
+@pytest.mark.parametrize("val_size,fix", [
+    (1000, "pass --val_tokens 960 (the most whole val batches of 1 processes x --device_batch_size 2 x "
+           "--sequence_length 32 = 64 tokens they hold)"),
+    (0, "one val batch (1 processes x --device_batch_size 2 x --sequence_length 32 = 64 tokens) needs val shards of "
+        "65 tokens or more: use larger val shards, or a smaller --device_batch_size or --sequence_length")])
+def test_too_small_val_shards_name_a_value_that_works(tmp_path, val_size, fix):
+    """Val shards too small for --val_tokens: the fix names the largest --val_tokens that fits and is a multiple of
+    the val batch, or, when not even one batch fits (an empty shard), what to change instead (never `<= -1`)."""
+    train, val = make_shards(tmp_path / "s", val_sizes=(val_size,))
+    with pytest.raises(t.ShardError) as e:
+        train_here(TINY + ["--input_bin", train, "--input_val_bin", val, "--val_tokens", "1024",
+                           "--records_dir", str(tmp_path / "r")])
+    assert str(e.value).endswith(f"val shards hold {val_size} tokens, fewer than --val_tokens 1024 + 1\n  fix: {fix}")
+    assert int(fix.split()[2]) % 64 == 0 if fix.startswith("pass") else True
+
+
+def test_val_tokens_not_a_multiple_names_the_nearest_multiples():
+    with pytest.raises(SystemExit) as e:
+        t.validate_args(t.parse_args(TINY + ["--val_tokens", "100"]), 1)
+    assert e.value.code.endswith("--sequence_length 32 = 64: pass 64 or 128")
+    with pytest.raises(SystemExit) as e:
+        t.validate_args(t.parse_args(TINY + ["--val_tokens", "30"]), 1)
+    assert e.value.code.endswith("= 64: pass 64")
+
+
+def test_a_second_resume_of_one_run_at_once_is_refused(small_vocab_args, tmp_path):
+    """While one process continues a run (it holds <run folder>/.lock), a second --resume of it is refused before
+    it writes anything; the lock file goes with the run that held it, and the run then resumes."""
+    import fcntl
+    records = tmp_path / "records"
+    record = train_here(small_vocab_args + ["--stop_at", "2", "--records_dir", str(records)])
+    (run,) = (records / "checkpoints").iterdir()
+    before = Path(record).read_bytes()
+    with open(run / ".lock", "a") as held:  # as the first resumed run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match=r"^--resume: another process is continuing this run already \(it "
+                                             rf"holds {run / '.lock'}\); wait for it to end, or stop it$"):
+            train_here(["--resume", "latest", "--records_dir", str(records)])
+        assert Path(record).read_bytes() == before
+    os.remove(run / ".lock")
+    assert train_here(["--resume", "latest", "--records_dir", str(records)]) == record
+    assert not (run / ".lock").exists() and "resumed: step:2/5" in Path(record).read_text()
+
+
+def test_help_lists_every_setting_with_its_default_and_help(capsys):
+    """--help: one line per setting, `--name (default): help`, the run's settings and every optimizer's."""
+    with pytest.raises(SystemExit) as e:
+        t.parse_args(["--help"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for f in t.fields(t.Hyperparameters):
+        (line,) = [x for x in lines if x.startswith(f"  --{f.name} (")]
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        head = f"  --{f.name} ({default}): "
+        assert line.startswith(head) and len(line) > len(head) + 3, line
+    assert "  --num_iterations (7000): optimizer steps of the run" in lines
+    assert "  --muon_lr (0.018): " in "\n".join(lines) and "  --adamw_betas (0.9,0.95): b1, b2" in lines
