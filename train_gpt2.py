@@ -3,7 +3,7 @@ rules (the optimizers) -> model -> data -> train(); below a banner, what a rule 
 the speed machinery and the run's infrastructure.
 
     torchrun --standalone --nproc_per_node=8 train_gpt2.py   # the Muon record: 7000 steps
-    python train_gpt2.py --preset smoke                      # tiny model, CPU: < 1 min on 2 cores
+    python train_gpt2.py --preset smoke                      # tiny model, CPU: ~150 s of CPU time
     python train_gpt2.py --optimizer adamw --label x         # any setting: --name value"""
 from __future__ import annotations
 
@@ -116,8 +116,8 @@ class RunSettings:
 
 PRESETS: dict[str, dict] = {
     "speedrun": {},  # the record: the dataclass defaults
-    # a tiny model on the sample shipped in data/sample/: the whole pipeline in under a minute on
-    # 2 CPU cores, no checkpoint unless asked; 128-row logit chunks (records/smoke-cpu/README.md)
+    # a tiny model on the sample shipped in data/sample/: the whole pipeline in ~150 s of CPU time
+    # (2 cores), no checkpoint unless asked; 128-row logit chunks (records/smoke-cpu/README.md)
     "smoke": dict(
         input_bin="data/sample/sample_train_*.bin", input_val_bin="data/sample/sample_val_*.bin",
         n_layer=2, n_head=2, n_embd=64, batch_size=4, device_batch_size=2, sequence_length=128,

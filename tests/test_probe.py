@@ -289,3 +289,21 @@ def test_help_lists_every_setting_with_its_default_and_help(capsys):
         assert line.startswith(head) and len(line) > len(head) + 3, line
     assert "  --num_iterations (7000): optimizer steps of the run" in lines
     assert "  --muon_lr (0.018): " in "\n".join(lines) and "  --adamw_betas (0.9,0.95): b1, b2" in lines
+
+
+# ----------------------------------------------------------------------------- README
+
+
+def test_readme_describes_the_smoke_preset_as_the_code_sets_it():
+    """README's smoke row: the preset's depth, width, tokens a step and micro-batch, steps, val interval and tokens,
+    and that it saves no checkpoint; the test command's offline requirement is stated."""
+    text = (REPO / "README.md").read_text()
+    smoke = t.parse_args(["--preset", "smoke"])
+    (row,) = [line for line in text.splitlines() if line.startswith("| `smoke` |")]
+    for part in (f"{smoke.n_layer} layers × {smoke.n_embd} wide",
+                 f"{smoke.batch_size} × {smoke.sequence_length} = {smoke.batch_size * smoke.sequence_length} tokens "
+                 f"a step ({smoke.device_batch_size} × {smoke.sequence_length} a micro-batch)",
+                 f"{smoke.num_iterations} steps", f"val every {smoke.val_loss_every} on {smoke.val_tokens:,} tokens"):
+        assert part in row, part
+    assert not smoke.final_checkpoint and "no checkpoint" in row
+    assert "`TIKTOKEN_CACHE_DIR`" in text.split("## The two commands")[1].split("##")[0]
