@@ -1508,8 +1508,9 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     elsewhere) and the model. Per step: a validation when due (val_loss_every, and the last step),
     `accum` micro-batches forward and backward, the schedule, every optimizer's step, the divergence
     check, the record's step line, a checkpoint when due. Stops early on SIGTERM/SIGINT with a
-    checkpoint (exit code 128 + the signal), and when the train loss, a parameter or a Gram factor
-    stops being finite, without one (exit code 1; the record says diverged)."""
+    checkpoint (exit code 128 + the signal; a second SIGINT: at once, without), and when the train
+    loss, a parameter or a Gram factor stops being finite, without one (exit code 1; the record says
+    diverged)."""
     with StopSignals() as signals, Determinism(args.deterministic) as determinism, run_errors(), \
             contextlib.ExitStack() as held:
         # processes, then every check before a model is built or a step taken
@@ -3009,9 +3010,10 @@ class Checkpoints:
     def save(self, step: int, progress: dict) -> str:
         """Write step_<step>/ (collective); returns its path. Every process writes its files into
         step_<step>.tmp/; one agreement (an all-reduce) tells all whether every write held; then
-        process 0 publishes it (_publish). A failed write (any OSError: a read-only or full disk) on
-        any process removes step_<step>.tmp/ and returns '', the reason in self.error; the previous
-        checkpoint stays self.last and the run goes on."""
+        process 0 publishes it (_publish). Process 0 first makes room (make_room): a save that
+        cannot fit fails as a failed write does. A failed write (any OSError: a read-only or full
+        disk) on any process removes step_<step>.tmp/ and returns '', the reason in self.error; the
+        previous checkpoint stays self.last and the run goes on."""
         final = os.path.join(self.folder, f"step_{step:06d}")
         tmp, error = final + ".tmp", ""
         try:

@@ -307,3 +307,31 @@ def test_readme_describes_the_smoke_preset_as_the_code_sets_it():
         assert part in row, part
     assert not smoke.final_checkpoint and "no checkpoint" in row
     assert "`TIKTOKEN_CACHE_DIR`" in text.split("## The two commands")[1].split("##")[0]
+
+
+@pytest.mark.slow
+def test_two_ctrl_c_in_a_row_end_without_a_traceback(tiny_args, tmp_path):
+    """The trainer as a command, a second SIGINT once the first is acknowledged: exit status 130 and no traceback;
+    the second SIGINT's line when it came before the step's save ended the run (a signal sent twice before it is
+    handled arrives once, so the second waits for the first's line)."""
+    import subprocess
+    from conftest import subprocess_env
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_gpt2.py")] + tiny_args + ["--num_iterations", "40"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+                            cwd=REPO)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("step:2/"):
+                proc.send_signal(signal.SIGINT)
+            if line.startswith("SIGINT: stopping"):
+                proc.send_signal(signal.SIGINT)
+                break
+        out.append(proc.communicate(timeout=120)[0])
+    finally:
+        proc.kill()
+    text = "".join(out)
+    assert proc.returncode == 130 and "Traceback" not in text, text[-3000:]
+    assert ("SIGINT again: stopped at once, without a checkpoint of this step; no checkpoint to continue from" in text
+            or "stopped: " in text), text[-3000:]
