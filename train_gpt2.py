@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import difflib
+import fcntl
 import glob
 import hashlib
 import inspect
@@ -70,7 +70,7 @@ class RunSettings:
     stop_at: int = 0
     warmup_iters: int = 250  # steps of linear LR warmup from 1/warmup_iters
     warmdown_iters: int = 2000  # last steps of linear LR decay to 0
-    val_loss_every: int = 125  # 0: only at the end
+    val_loss_every: int = 125  # steps between validations; 0: only at the end
     val_tokens: int = 10485760  # tokens a validation reads (a multiple of the val batch)
     # the init's random draws, and only those (0 .. 2^32-1): data order, val tokens and the updates
     # draw nothing from it
@@ -2392,7 +2392,7 @@ def check_inputs(args: Hyperparameters, world: int) -> tuple[list[str], list[str
                                           "was saved with",
                                  fix="resume on the same shards")
             changed = [e[0] for e, n in zip(saved, now) if len(e) == 3 and e != n]
-            if changed:  # checkpoints of format 1 before the fingerprint: names and counts only
+            if changed:  # a checkpoint saved before fingerprints were kept: names and counts only
                 raise ShardError(pattern, f"{what} shard {changed[0]} has the name and token count "
                                  f"the checkpoint {resume} was saved with but other contents "
                                  "(size and sha256 of its first and last MiB)",
