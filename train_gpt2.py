@@ -2401,6 +2401,7 @@ def check_inputs(args: Hyperparameters, world: int) -> tuple[list[str], list[str
     for folder, setting in ([] if resume else [(args.records_dir, "records_dir")]) + [
             (os.path.dirname(resume) if resume else checkpoint_root(args), "checkpoint_dir")]:
         check_writable(folder, setting)
+    check_room(folder, checkpoint_floor(args))  # the checkpoint folder: a stop signal saves there
     return train_files, val_files, resume, meta
 
 
@@ -2885,6 +2886,23 @@ def check_writable(folder: str, setting: str) -> None:
                          "writable folder") from None
 
 
+def checkpoint_floor(args: Hyperparameters) -> int:
+    """Bytes one checkpoint of this run needs at least: the fp32 weights, N = 12 L d^2 + V d, and
+    the embedding's two AdamW moments, 2 V d (the block matrices' state comes on top)."""
+    L, d, V = args.n_layer, args.n_embd, args.vocab_size
+    return 4 * (12 * L * d * d + 3 * V * d)
+
+
+def check_room(folder: str, need: int) -> None:
+    """Refuse a checkpoint folder with less free space than one checkpoint needs (checkpoint_floor),
+    before the first step: a run that can never save would lose every step to a stop signal."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise SystemExit(f"--checkpoint_dir {folder}: {free / 2**20:.1f} MiB free, a checkpoint of "
+                         f"this run needs {need / 2**20:.1f} MiB or more; free space there or pass "
+                         "another --checkpoint_dir")
+
+
 def os_error(e: OSError) -> str:
     """One line for an OS error: 'Read-only file system: /path' (the errno's text and the file)."""
     what = e.strerror or str(e) or type(e).__name__
@@ -2942,8 +2960,8 @@ def make_room(folder: str, last: str) -> str:
         shutil.rmtree(old, ignore_errors=True)
     free = shutil.disk_usage(folder).free
     if free < need:
-        return (f"{free >> 20} MiB free in {folder}, a checkpoint needs about {need >> 20} MiB: "
-                "free space there or pass another --checkpoint_dir")
+        return (f"{free / 2**20:.1f} MiB free in {folder}, a checkpoint needs about "
+                f"{need / 2**20:.1f} MiB: free space there or pass another --checkpoint_dir")
     return ""
 
 

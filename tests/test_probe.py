@@ -49,9 +49,24 @@ def test_a_full_checkpoint_folder_keeps_the_last_good_checkpoint(small_vocab_arg
     lines = [x for x in Path(record).read_text().splitlines() if x.startswith("checkpoint: ")]
     assert lines[1] == f"checkpoint: step:2/5 {run / 'step_000002'}"
     for line in lines[2:]:
-        assert "not saved (0 MiB free in " in line and "a checkpoint needs about" in line, line
+        assert "not saved (0.0 MiB free in " in line and "a checkpoint needs about" in line, line
         assert line.endswith(f"the previous one stays: {run / 'step_000002'}")
     assert t.find_checkpoint("latest", str(records / "checkpoints")) == str(run / "step_000002")
+
+
+def test_a_checkpoint_folder_too_full_for_one_checkpoint_is_refused_at_the_start(small_vocab_args, tmp_path,
+                                                                                  monkeypatch):
+    """Less free space in the checkpoint folder than the weights and the embedding's AdamW moments need: refused
+    before the model and the record (a run that can never save would lose every step to a stop signal)."""
+    need = t.checkpoint_floor(t.parse_args(small_vocab_args))
+    assert need == 4 * (12 * 2 * 64 * 64 + 3 * 256 * 64)
+    real = t.shutil.disk_usage
+    monkeypatch.setattr(t.shutil, "disk_usage", lambda p: Usage(real(p).total, real(p).used, need - 1))
+    with pytest.raises(SystemExit, match=rf"^--checkpoint_dir {tmp_path / 'r' / 'checkpoints'}: 0.6 MiB free, "
+                                         r"a checkpoint of this run needs 0.6 MiB or more; free space there or "
+                                         r"pass another --checkpoint_dir$"):
+        train_here(small_vocab_args + ["--records_dir", str(tmp_path / "r")])
+    assert not list((tmp_path / "r").glob("*.txt"))
 
 
 def test_a_second_ctrl_c_stops_at_once_naming_the_checkpoint(capfd):
