@@ -1539,6 +1539,8 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
                        os.path.join(args.records_dir, run_name[0] + ".txt"))
         folder = (os.path.dirname(resume) if resume else
                   os.path.join(checkpoint_root(args), run_name[0]))
+        # room for one checkpoint (a stop signal saves one), once the model is known to fit
+        check_room(os.path.dirname(folder), checkpoint_floor(args))
         if resume and master:  # one run at a time continues a record (released when the run ends)
             held.enter_context(run_lock(folder))
         checkpoints = Checkpoints(folder, args, rank, world, device, raw_model, optimizers, loader,
@@ -2401,7 +2403,6 @@ def check_inputs(args: Hyperparameters, world: int) -> tuple[list[str], list[str
     for folder, setting in ([] if resume else [(args.records_dir, "records_dir")]) + [
             (os.path.dirname(resume) if resume else checkpoint_root(args), "checkpoint_dir")]:
         check_writable(folder, setting)
-    check_room(folder, checkpoint_floor(args))  # the checkpoint folder: a stop signal saves there
     return train_files, val_files, resume, meta
 
 
@@ -2895,7 +2896,8 @@ def checkpoint_floor(args: Hyperparameters) -> int:
 
 def check_room(folder: str, need: int) -> None:
     """Refuse a checkpoint folder with less free space than one checkpoint needs (checkpoint_floor),
-    before the first step: a run that can never save would lose every step to a stop signal."""
+    before the record and the first step: a run that can never save would lose every step to a stop
+    signal."""
     free = shutil.disk_usage(folder).free
     if free < need:
         raise SystemExit(f"--checkpoint_dir {folder}: {free / 2**20:.1f} MiB free, a checkpoint of "
