@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train GPT-2 (124M) on every local GPU: fetches missing FineWeb shards, then one process per GPU.
 #   ./run.sh                          the Muon record (7000 steps, ~3.28 val loss), a record file in runs/;
-#                                     without a GPU: the smoke preset on the CPU (2 layers, 60 steps, about a minute)
+#                                     without a GPU: the smoke preset on the CPU (2 layers, 60 steps, ~150 s of CPU time)
 #   ./run.sh --optimizer adamw ...    any setting of train_gpt2.py as --field value
 #   NGPU=4 ./run.sh                   use fewer GPUs (same math: accumulation makes up the difference); on CPU: processes
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 [MASTER_PORT=29500] ./run.sh    on node 0, and NODE_RANK=1 on node 1:

@@ -3,15 +3,17 @@ rules (the optimizers) -> model -> data -> train(); below a banner, what a rule 
 the speed machinery and the run's infrastructure.
 
     torchrun --standalone --nproc_per_node=8 train_gpt2.py   # the Muon record: 7000 steps
-    python train_gpt2.py --preset smoke                      # tiny model, CPU: < 1 min on 2 cores
+    python train_gpt2.py --preset smoke                      # tiny model, CPU: ~150 s of CPU time
     python train_gpt2.py --optimizer adamw --label x         # any setting: --name value"""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import difflib
+import fcntl
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -55,36 +57,35 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 class RunSettings:
     """The run's settings; Hyperparameters (end of the rules section) adds the optimizers'."""
     # data: glob patterns of shards in the FineWeb format (data/cached_fineweb10B.py fetches them)
-    input_bin: str = "data/fineweb10B/fineweb_train_*.bin"
-    input_val_bin: str = "data/fineweb10B/fineweb_val_*.bin"
+    input_bin: str = "data/fineweb10B/fineweb_train_*.bin"  # train shards, read in name order
+    input_val_bin: str = "data/fineweb10B/fineweb_val_*.bin"  # val shards: their first val_tokens
     # batch: batch_size sequences of sequence_length tokens a step
     # = world_size * device_batch_size * accumulation
-    batch_size: int = 8 * 64
-    device_batch_size: int = 64
-    sequence_length: int = 1024
+    batch_size: int = 8 * 64  # sequences a step, all processes together
+    device_batch_size: int = 64  # sequences a micro-batch on one process
+    sequence_length: int = 1024  # tokens a sequence
     # schedule
-    num_iterations: int = 7000
+    num_iterations: int = 7000  # optimizer steps of the run
     # > 0: stop after this many steps of the schedule (val, checkpoint; --resume goes on)
     stop_at: int = 0
-    warmup_iters: int = 250
-    warmdown_iters: int = 2000
-    val_loss_every: int = 125  # 0: only at the end
-    val_tokens: int = 10485760
+    warmup_iters: int = 250  # steps of linear LR warmup from 1/warmup_iters
+    warmdown_iters: int = 2000  # last steps of linear LR decay to 0
+    val_loss_every: int = 125  # steps between validations; 0: only at the end
+    val_tokens: int = 10485760  # tokens a validation reads (a multiple of the val batch)
     # the init's random draws, and only those (0 .. 2^32-1): data order, val tokens and the updates
     # draw nothing from it
     seed: int = 0
     # bit-identical reruns on one GPU: deterministic kernels (Determinism); off: fastest
     deterministic: bool = False
     # model (GPT-2 small)
-    vocab_size: int = 50257
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    vocab_size: int = 50257  # token ids 0 .. vocab_size-1 (GPT-2's)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads a block
+    n_embd: int = 768  # model width
     # the block matrices' optimizer (OPTIMIZERS); each declares its settings beside its class
     optimizer: str = "muon"
     # speed (the math stays the same)
-    # rows of logits at a time in the fused loss (LinearCrossEntropy); 0: whole fp32 logits
-    loss_chunk: int = 8192
+    loss_chunk: int = 8192  # logit rows at a time in the fused loss (LinearCrossEntropy); 0: all
     # scaled_dot_product_attention backend: auto | cudnn | flash | efficient | math
     attention: str = "auto"
     # < 1: torch.compile recomputes activations to keep about this fraction (memory)
@@ -99,9 +100,9 @@ class RunSettings:
     compile_mode: str = "default"
     # before and after training, time an 8192^3 bf16 matmul (CPU: 512^3 fp32): the MFU
     matmul_check: bool = True
-    records_dir: str = "runs"  # a record per run (git-ignored); experiments: records/<experiment>/
-    label: str = ""
-    preset: str = "speedrun"
+    records_dir: str = "runs"  # the run's record (and checkpoints/, by default); git-ignored
+    label: str = ""  # a tag in the record: records/compare.py --by label groups by it
+    preset: str = "speedrun"  # a named set of settings applied first (PRESETS); given ones win
     # checkpoints (README: Checkpoints, resume, divergence): at the end (final_checkpoint) and on
     # SIGTERM/SIGINT
     save_every: int = 0  # also every this many steps; 0: never in between
@@ -115,8 +116,8 @@ class RunSettings:
 
 PRESETS: dict[str, dict] = {
     "speedrun": {},  # the record: the dataclass defaults
-    # a tiny model on the sample shipped in data/sample/: the whole pipeline in under a minute on
-    # 2 CPU cores, no checkpoint unless asked; 128-row logit chunks (records/smoke-cpu/README.md)
+    # a tiny model on the sample shipped in data/sample/: the whole pipeline in ~150 s of CPU time
+    # (2 cores), no checkpoint unless asked; 128-row logit chunks (records/smoke-cpu/README.md)
     "smoke": dict(
         input_bin="data/sample/sample_train_*.bin", input_val_bin="data/sample/sample_val_*.bin",
         n_layer=2, n_head=2, n_embd=64, batch_size=4, device_batch_size=2, sequence_length=128,
@@ -151,6 +152,22 @@ def _parse_value(name: str, kind, text: str):
         raise SystemExit(f"--{name}: cannot read {text!r} as {kind}") from None
 
 
+def run_setting_help() -> dict[str, str]:
+    """Each RunSettings field's one line of --help: the comment on its line, else the comment lines
+    right above it (read from this file's source)."""
+    helps, above = {}, []
+    for line in inspect.getsource(RunSettings).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        m = re.match(r"(\w+): [^=]+=.*?(?:\s+#\s*(.*))?$", text)
+        if m:
+            helps[m[1]] = m[2] or " ".join(above)
+        above = []
+    return helps
+
+
 def parse_args(argv: list[str]) -> Hyperparameters:
     """`--field value` for every Hyperparameters field; `--preset name` applies a named set first,
     explicit fields win. With `--resume`, the checkpoint's settings are the base and only
@@ -162,10 +179,16 @@ def parse_args(argv: list[str]) -> Hyperparameters:
         arg = argv[i]
         if arg in ("-h", "--help"):
             declared = {s.name: s for s in declared_settings()}
+            helps = run_setting_help()
+
+            def shown(v):  # as it is written on the command line
+                return ",".join(map(str, v)) if isinstance(v, tuple) else v
             print(__doc__ + "\nsettings (--name value or --name=value; the last of a repeated one "
-                  "wins):\n  " + " ".join("--" + k for k in kinds if k not in declared)
+                  "wins), each with its default:\n" + "\n".join(
+                      f"  --{f.name} ({shown(f.default)}): {helps[f.name]}"
+                      for f in fields(RunSettings))
                   + "\noptimizer settings:\n" + "\n".join(
-                      f"  --{s.name} ({s.default}): {s.help}" for s in declared.values()))
+                      f"  --{s.name} ({shown(s.default)}): {s.help}" for s in declared.values()))
             raise SystemExit(0)
         key, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if key not in kinds:
@@ -1454,6 +1477,19 @@ class DataLoader:
         return x, y
 
 
+def passes_line(files: list[str], args: Hyperparameters) -> str:
+    """How often the run reads its train data: a pass is sum over shards of (tokens - 1) // span
+    steps (DataLoader skips each shard's tail), span = batch_size * sequence_length; passes =
+    num_iterations / that. Above 1, the steps after the first pass repeat tokens."""
+    span = args.batch_size * args.sequence_length
+    counts = [shard_token_count(f) for f in files]
+    per_pass = sum((n - 1) // span for n in counts)
+    passes = args.num_iterations / per_pass
+    return (f"train data: {sum(counts)} tokens in {len(files)} shard{'s' * (len(files) > 1)} for "
+            f"{args.num_iterations * span} tokens of steps: {passes:.2f} passes"
+            + (f" (steps after {per_pass} read the same tokens again)" if passes > 1 else ""))
+
+
 def load_val_tokens(files: list[str], val_tokens: int, vocab_size: int) -> np.ndarray:
     """The first val_tokens + 1 tokens of the val shards, in order (read once per run)."""
     parts, have = [], 0
@@ -1480,9 +1516,11 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     elsewhere) and the model. Per step: a validation when due (val_loss_every, and the last step),
     `accum` micro-batches forward and backward, the schedule, every optimizer's step, the divergence
     check, the record's step line, a checkpoint when due. Stops early on SIGTERM/SIGINT with a
-    checkpoint (exit code 128 + the signal), and when the train loss, a parameter or a Gram factor
-    stops being finite, without one (exit code 1; the record says diverged)."""
-    with StopSignals() as signals, Determinism(args.deterministic) as determinism, run_errors():
+    checkpoint (exit code 128 + the signal; a second SIGINT: at once, without), and when the train
+    loss, a parameter or a Gram factor stops being finite, without one (exit code 1; the record says
+    diverged)."""
+    with StopSignals() as signals, Determinism(args.deterministic) as determinism, run_errors(), \
+            contextlib.ExitStack() as held:
         # processes, then every check before a model is built or a step taken
         rank, world, device = setup_distributed()
         master, cuda = rank == 0, device.type == "cuda"
@@ -1505,12 +1543,17 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         blocks = optimizers[1]
         gram_every = getattr(blocks, "refresh_every", 0)  # torch's AdamW has none
         loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
-        record_path = (checkpoint_record(resume, meta) if resume else
+        record_path = (checkpoint_record(resume, meta, args.records_dir) if resume else
                        os.path.join(args.records_dir, run_name[0] + ".txt"))
         folder = (os.path.dirname(resume) if resume else
                   os.path.join(checkpoint_root(args), run_name[0]))
+        # room for one checkpoint (a stop signal saves one), once the model is known to fit
+        check_room(os.path.dirname(folder), checkpoint_floor(args))
+        if resume and master:  # one run at a time continues a record (released when the run ends)
+            held.enter_context(run_lock(folder))
         checkpoints = Checkpoints(folder, args, rank, world, device, raw_model, optimizers, loader,
                                   record_path if master else "", train_files, val_files)
+        signals.last = lambda: checkpoints.last
         progress = (checkpoints.load(resume) if resume else
                     dict(step=0, training_ms=0.0, timed_steps=0, losses=[]))
 
@@ -1519,6 +1562,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         log = record.log if master else (lambda *a, **k: None)
         log(f"world_size {world}, device_batch {B} x {T}, accumulation {accum}, "
             f"{args.batch_size * T} tokens/step")
+        log(passes_line(train_files, args))
         log(determinism.describe())
         determinism.attach(log)
         if cuda and args.compile:
@@ -2231,10 +2275,12 @@ def validate_args(args: Hyperparameters, world: int) -> int:
                          f"{args.batch_size}; pick a divisor of {divisor_of}")
     val_bt = world * args.device_batch_size * args.sequence_length
     if args.val_tokens % val_bt:
+        below = args.val_tokens // val_bt * val_bt
+        near = " or ".join(str(v) for v in (below, below + val_bt) if v > 0)
         raise SystemExit(f"--val_tokens {args.val_tokens} is not a multiple of {world} processes x "
                          f"--device_batch_size {args.device_batch_size} x --sequence_length "
                          f"{args.sequence_length} "
-                         f"= {val_bt}")
+                         f"= {val_bt}: pass {near}")
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
         raise SystemExit(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head} "
                          "with an even head dim")
@@ -2278,7 +2324,7 @@ def check_run_args(args: Hyperparameters) -> None:
     if args.resume:
         path = find_checkpoint(args.resume, checkpoint_root(args))
         saved, meta = checkpoint_settings(path), read_checkpoint_meta(path)
-        record, step = checkpoint_record(path, meta), meta["step"]
+        record, step = checkpoint_record(path, meta, args.records_dir), meta["step"]
         refuse_resume_changes(path, saved, {f.name: getattr(args, f.name)
                                             for f in fields(Hyperparameters)})
         if 0 < args.stop_at <= step:
@@ -2324,23 +2370,42 @@ def check_inputs(args: Hyperparameters, world: int) -> tuple[list[str], list[str
     B, T = args.device_batch_size, args.sequence_length
     train_files = check_shards(args.input_bin, args.batch_size * T + 1, "train")
     val_files = check_shards(args.input_val_bin, 0, "val")
+    val_ids = {(os.stat(f).st_dev, os.stat(f).st_ino): f for f in val_files}
+    for f in train_files:
+        if (os.stat(f).st_dev, os.stat(f).st_ino) in val_ids:
+            raise ShardError(args.input_bin, f"the train shards include the val shard {f} (also "
+                             f"matched by --input_val_bin {args.input_val_bin}): the run would "
+                             "train on the tokens it validates on",
+                             fix="pass an --input_bin that matches train shards only")
     have = sum(shard_token_count(f) for f in val_files)
     if have < args.val_tokens + 1:
+        unit = world * B * T  # one val batch
+        most = max(have - 1, 0) // unit * unit
+        fix = (f"pass --val_tokens {most} (the most whole val batches of {world} processes x "
+               f"--device_batch_size {B} x --sequence_length {T} = {unit} tokens they hold)"
+               if most else
+               f"one val batch ({world} processes x --device_batch_size {B} x --sequence_length "
+               f"{T} = {unit} tokens) needs val shards of {unit + 1} tokens or more: use larger "
+               "val shards, or a smaller --device_batch_size or --sequence_length")
         raise ShardError(args.input_val_bin, f"val shards hold {have} tokens, fewer than "
-                         "--val_tokens "
-                                             f"{args.val_tokens} + 1", fix="pass --val_tokens <= "
-                                             f"{have - 1} "
-                                             f"(a multiple of {world * B * T})")
+                         f"--val_tokens {args.val_tokens} + 1", fix=fix)
     resume = find_checkpoint(args.resume, checkpoint_root(args)) if args.resume else ""
     meta = read_checkpoint_meta(resume) if resume else None
     if resume:
         for pattern, files, what in ((args.input_bin, train_files, "train"), (args.input_val_bin,
                                                                               val_files, "val")):
-            if meta[f"{what}_files"] != shard_list(files):
+            saved, now = meta[f"{what}_files"], shard_list(files)
+            if [e[:2] for e in saved] != [e[:2] for e in now]:
                 raise ShardError(pattern, f"the {what} shards (names and token counts) differ from "
                                  "the "
                                           f"{len(meta[what + '_files'])} the checkpoint {resume} "
                                           "was saved with",
+                                 fix="resume on the same shards")
+            changed = [e[0] for e, n in zip(saved, now) if len(e) == 3 and e != n]
+            if changed:  # a checkpoint saved before fingerprints were kept: names and counts only
+                raise ShardError(pattern, f"{what} shard {changed[0]} has the name and token count "
+                                 f"the checkpoint {resume} was saved with but other contents "
+                                 "(size and sha256 of its first and last MiB)",
                                  fix="resume on the same shards")
     check_token_ids(train_files + val_files, args.vocab_size)
     for folder, setting in ([] if resume else [(args.records_dir, "records_dir")]) + [
@@ -2695,10 +2760,10 @@ def read_checkpoint_meta(path: str) -> dict:
         damaged(f"says step {meta['step']} of {meta['num_iterations']} on {meta['world_size']} "
                 "processes")
     for key in ("train_files", "val_files"):
-        if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
-                   and type(e[1]) is int
+        if not all(isinstance(e, list) and len(e) in (2, 3) and isinstance(e[0], str)
+                   and type(e[1]) is int and all(isinstance(x, str) for x in e[2:])
                    for e in meta[key]):
-            damaged(f"has {key!r} that is not a list of [shard name, token count]")
+            damaged(f"has {key!r} that is not a list of [shard name, token count, fingerprint]")
     missing = [n for n in ["main.pt"] + [f"rank{r}.pt" for r in range(meta["world_size"])]
                if not os.path.isfile(os.path.join(path, n))]
     if missing:
@@ -2738,16 +2803,25 @@ def checkpoint_settings(path: str) -> Hyperparameters:
                               for k, v in saved.items()})
 
 
-def checkpoint_record(path: str, meta: dict) -> str:
+# a record's file name (record_name + .txt)
+RECORD_FILE = re.compile(r"\d{8}-\d{6}-[\w.-]+-[0-9a-f]{8}\.txt")
+
+
+def checkpoint_record(path: str, meta: dict, records_dir: str) -> str:
     """The record the checkpoint at `path` continues (meta.json's "record"), confined to its own
     run: the file must be named <run folder>.txt (the folder holding the checkpoint is named after
-    its record) and be a train_gpt2.py record (first line RECORD_MARK), so a crafted meta.json
-    cannot make a resumed run append to any other file."""
+    its record) like a record (RECORD_FILE), lie in records_dir itself, and be a train_gpt2.py
+    record (first line RECORD_MARK), so a crafted meta.json cannot make a resumed run append to any
+    other file."""
     record, run = meta["record"], os.path.basename(os.path.dirname(path))
-    if os.path.basename(record) != run + ".txt":
+    if os.path.basename(record) != run + ".txt" or not RECORD_FILE.fullmatch(run + ".txt"):
         raise SystemExit(f"--resume {path}: its meta.json names {record} as its record, not "
                          f"{run}.txt: a checkpoint "
                          f"continues only its own run's record; refused")
+    if os.path.dirname(os.path.realpath(record)) != os.path.realpath(records_dir):
+        raise SystemExit(f"--resume {path}: its meta.json names {record} as its record, outside "
+                         f"--records_dir {records_dir}: a resumed run appends only to a record "
+                         "there; refused (pass the --records_dir the run used)")
     if not os.path.isfile(record):
         raise SystemExit(f"--resume {path}: the record it continues, {record}, is missing: put it "
                          "back")
@@ -2821,6 +2895,24 @@ def check_writable(folder: str, setting: str) -> None:
                          "writable folder") from None
 
 
+def checkpoint_floor(args: Hyperparameters) -> int:
+    """Bytes one checkpoint of this run needs at least: the fp32 weights, N = 12 L d^2 + V d, and
+    the embedding's two AdamW moments, 2 V d (the block matrices' state comes on top)."""
+    L, d, V = args.n_layer, args.n_embd, args.vocab_size
+    return 4 * (12 * L * d * d + 3 * V * d)
+
+
+def check_room(folder: str, need: int) -> None:
+    """Refuse a checkpoint folder with less free space than one checkpoint needs (checkpoint_floor),
+    before the record and the first step: a run that can never save would lose every step to a stop
+    signal."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise SystemExit(f"--checkpoint_dir {folder}: {free / 2**20:.1f} MiB free, a checkpoint of "
+                         f"this run needs {need / 2**20:.1f} MiB or more; free space there or pass "
+                         "another --checkpoint_dir")
+
+
 def os_error(e: OSError) -> str:
     """One line for an OS error: 'Read-only file system: /path' (the errno's text and the file)."""
     what = e.strerror or str(e) or type(e).__name__
@@ -2860,9 +2952,43 @@ def _save_synced(obj, path: str) -> None:
         os.fsync(f.fileno())
 
 
+def folder_bytes(path: str) -> int:
+    """The bytes of the files in a folder (0 if it is not there)."""
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
+
+
+def make_room(folder: str, last: str) -> str:
+    """Before a save into `folder` (a run's checkpoints) of about the size of `last` (its newest
+    checkpoint; none: no estimate): while the disk has less free, remove the run's checkpoints
+    older than `last`, oldest first (the rotation after the save would remove them anyway); `last`
+    itself stays, whatever happens. '' when the save fits, else why not, and nothing is written:
+    a save that cannot fit never fills the disk the record is on."""
+    need = folder_bytes(last) if last else 0
+    for old in checkpoints_in(folder):
+        if shutil.disk_usage(folder).free >= need or os.path.abspath(old) == os.path.abspath(last):
+            break
+        shutil.rmtree(old, ignore_errors=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        return (f"{free / 2**20:.1f} MiB free in {folder}, a checkpoint needs about "
+                f"{need / 2**20:.1f} MiB: free space there or pass another --checkpoint_dir")
+    return ""
+
+
+def shard_fingerprint(path: str) -> str:
+    """'<bytes>:<sha256 of the first and last MiB>' (16 hex digits): a shard changed in place under
+    the same name and token count reads differently, for 2 MiB read."""
+    h, size = hashlib.sha256(), os.path.getsize(path)
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        h.update(f.read(1 << 20))
+    return f"{size}:{h.hexdigest()[:16]}"
+
+
 def shard_list(files: list[str]) -> list[list]:
-    """[name, token count] of each shard: what a resume checks the shards by."""
-    return [[os.path.basename(f), shard_token_count(f)] for f in files]
+    """[name, token count, shard_fingerprint] of each shard: what a resume checks the shards by."""
+    return [[os.path.basename(f), shard_token_count(f), shard_fingerprint(f)] for f in files]
 
 
 class Checkpoints:
@@ -2912,14 +3038,18 @@ class Checkpoints:
     def save(self, step: int, progress: dict) -> str:
         """Write step_<step>/ (collective); returns its path. Every process writes its files into
         step_<step>.tmp/; one agreement (an all-reduce) tells all whether every write held; then
-        process 0 publishes it (_publish). A failed write (any OSError: a read-only or full disk) on
-        any process removes step_<step>.tmp/ and returns '', the reason in self.error; the previous
-        checkpoint stays self.last and the run goes on."""
+        process 0 publishes it (_publish). Process 0 first makes room (make_room): a save that
+        cannot fit fails as a failed write does. A failed write (any OSError: a read-only or full
+        disk) on any process removes step_<step>.tmp/ and returns '', the reason in self.error; the
+        previous checkpoint stays self.last and the run goes on."""
         final = os.path.join(self.folder, f"step_{step:06d}")
         tmp, error = final + ".tmp", ""
         try:
             os.makedirs(tmp, exist_ok=True)
-            self._write(tmp, step, progress)
+            if self.rank == 0:  # the others write theirs; the agreement below fails them too
+                error = make_room(self.folder, self.last)
+            if not error:
+                self._write(tmp, step, progress)
         except OSError as e:
             error = os_error(e)
         error = self._agree(error)
@@ -3116,6 +3246,30 @@ def save_logged(checkpoints: Checkpoints, step: int, progress: dict, args: Hyper
             f"partial files are removed, {kept}")
 
 
+@contextlib.contextmanager
+def run_lock(folder: str):
+    """An exclusive lock (flock) on <folder>/.lock while a resumed run continues the run of that
+    checkpoint folder: a second resume of it at once is refused, instead of two runs interleaving
+    one record. The file goes when the run ends; the system drops the lock with the process, however
+    it ends (a file left by a killed run locks nothing)."""
+    path = os.path.join(folder, ".lock")
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:  # removed by its holder meanwhile
+            raise OSError
+    except OSError:
+        f.close()
+        raise SystemExit(f"--resume: another process is continuing this run already (it holds "
+                         f"{path}); wait for it to end, or stop it") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        f.close()
+
+
 def resume_hint(last: str) -> str:
     """How to go on from the newest checkpoint of the run, or that there is none."""
     return f"continue with --resume {last}" if last else "no checkpoint to continue from"
@@ -3248,10 +3402,12 @@ class Determinism:
 class StopSignals:
     """While active, SIGTERM and SIGINT ask the run to stop: the training loop all-reduces the
     request with the train loss, so every process saves a checkpoint at the end of the same step,
-    then exits with 128 + the signal number. A second SIGINT interrupts at once."""
+    then exits with 128 + the signal number. A second SIGINT stops at once (exit status 130), naming
+    the checkpoint to continue from."""
 
     def __init__(self):
         self.signum, self._old = 0, {}
+        self.last = lambda: ""  # the newest checkpoint (train sets it): named on a second SIGINT
 
     def __enter__(self) -> StopSignals:
         # Python takes signals in the main thread only
@@ -3263,8 +3419,10 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame) -> None:
-        if signum == signal.SIGINT and self.signum:
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT and self.signum:  # a second Ctrl-C: stop now, no traceback
+            os.write(2, (f"SIGINT again: stopped at once, without a checkpoint of this step; "
+                         f"{resume_hint(self.last())}\n").encode())
+            raise SystemExit(128 + signal.SIGINT)
         self.signum = self.signum or signum
         os.write(2, f"{signal.Signals(signum).name}: stopping with a checkpoint at the end of this "
                  "step\n".encode())
@@ -3293,7 +3451,7 @@ class Record:
         if resume:
             meta = read_checkpoint_meta(resume)
             try:
-                self.file = open(path, "a")
+                self.file = open(path, "a+")  # +: readable, so a deleted record can be rewritten
             except OSError as e:
                 raise SystemExit(f"--resume {resume}: cannot append to its record ({os_error(e)}); "
                                  "make it "
@@ -3313,7 +3471,7 @@ class Record:
                    if device.type == "cuda" else ["cpu"])
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "x")  # never overwrite
+            self.file = open(path, "x+")  # never overwrite; +: see log
             self.file.write(f"{RECORD_MARK}\n{source}\n{RECORD_MARK}\n")
             self.file.write(f"hyperparameters: {json.dumps(dataclasses.asdict(args))}\n")
             self.file.write(f"torch: {torch.__version__} cuda: {torch.version.cuda} python: "
@@ -3339,11 +3497,27 @@ class Record:
         try:
             self.file.write(line + "\n")
             self.file.flush()
+            if os.fstat(self.file.fileno()).st_nlink == 0:  # deleted: written again, whole
+                self._rewrite()
         except OSError as e:
             self.lost = os_error(e)
             print(f"record: cannot write {self.path} ({self.lost}): it ends before the line above; "
                   "the run goes on, "
                   f"its lines printed here only", file=sys.stderr, flush=True)
+
+    def _rewrite(self) -> None:
+        """The record was deleted while the run had it open: a new file at its path with every
+        line so far (read back from the open file), said once on stderr."""
+        self.file.seek(0)
+        text = self.file.read()
+        with contextlib.suppress(OSError):
+            self.file.close()
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.file = open(self.path, "x+")
+        self.file.write(text)
+        self.file.flush()
+        print(f"record: {self.path} was deleted during the run; written again with every line so "
+              "far", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         try:

@@ -83,6 +83,11 @@ def reads_from(pattern: str, local_dir: Path) -> bool:
     return folder.name == "fineweb10B" or folder.resolve() == local_dir.resolve()
 
 
+def redact(text: str) -> str:
+    """text with the user:password of every URL in it replaced by *** (an HF_ENDPOINT may carry them)."""
+    return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
+
+
 def failure_reason(error: BaseException) -> str:
     """One line on why hf_hub_download failed (its errors wrap each other in __cause__)."""
     chain = [error]
@@ -222,8 +227,8 @@ def fetch(filename: str, local_dir: Path, repo_id: str) -> None:
         except ChecksumError as e:  # deleted already
             fault = str(e)
         except Exception as e:  # HTTP errors, OSError, httpx errors: all mean "this file failed"
-            sys.exit(f"error: could not download {filename} from dataset repo {repo_id} at {constants.ENDPOINT}: "
-                     f"{failure_reason(e)}")
+            sys.exit(redact(f"error: could not download {filename} from dataset repo {repo_id} at "
+                            f"{constants.ENDPOINT}: {failure_reason(e)}"))
         else:
             tokens, fault = check_shard(path)
             if fault is None:
@@ -244,14 +249,17 @@ def main(argv: list[str]) -> None:
     local_dir = Path(pop_option(args, "--local_dir", str(LOCAL_DIR)))
     repo_id = pop_option(args, "--repo_id", REPO_ID)
     n: int | None = None
-    if args and args[0].isdigit():
+    if args and re.fullmatch(r"[+-]?\d+", args[0]):
         n = int(args.pop(0))
-        if n > MAX_TRAIN_SHARDS:
-            sys.exit(f"error: N={n} but {repo_id} has only {MAX_TRAIN_SHARDS} train shards")
+        if not 0 <= n <= MAX_TRAIN_SHARDS:
+            sys.exit(f"error: N={n}: the number of train shards to fetch, 0 .. {MAX_TRAIN_SHARDS} ({repo_id} has "
+                     f"{MAX_TRAIN_SHARDS})")
     try:
         hp = train_gpt2.parse_args(args)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, SystemExit) as e:  # the trainer's refusal, without its list of every setting
+        why = str(e.code if isinstance(e, SystemExit) else e).splitlines()[0]
+        sys.exit(f"error: {why} (arguments: N, --local_dir, --repo_id, then any setting of train_gpt2.py: "
+                 "python train_gpt2.py --help lists them)")
 
     need_train, need_val = reads_from(hp.input_bin, local_dir), reads_from(hp.input_val_bin, local_dir)
     if n is not None:  # an explicit N asks for val + N train shards, whatever the data arguments say

@@ -20,13 +20,14 @@ Reads three formats (see `parse_record`):
 An upstream run's optimizer is the one its code (the header before the first `====`) builds: upstream-muon (Muon,
 or OrthogonalNesterov as at b9979e6), upstream-soap (the SOAP fork's SOAP), upstream-adamw (AdamW/Adam only); a log
 without such code (upstream_old, or none found) is a group of its own, `? <folder>/<file>`.
-Groups complete runs by optimizer, label or config (a hash of the hyperparameters without CONFIG_EXCLUDE) and
+Groups complete runs by optimizer, label or config (a hash of the hyperparameters without CONFIG_EXCLUDE and of the
+code: ours between the record marks, upstream's before its first `====` with the optimizer it builds) and
 prints one table (n runs, mean ± std of the final val loss) with a one-sided t-test of "mean final val loss <
 target" per group, then Welch's t-test with a 95% interval for the difference of the means, whether it leaves out
 0 and how many pairs of runs are ordered against the means: of every pair of groups (up to MAX_ALL_PAIRS), or of
 each group against --baseline. Runs that crashed, diverged or
 are still going (ours: no peak-memory line, a `diverged:` line or last step < N, where a run that `--stop_at K` ended
-counts as complete at K; upstream: no val loss at step N) are listed
+counts as complete at K but is listed apart from the means; upstream: no val loss at step N) are listed
 under the table with the last step reached (diverged: the step and the last good step); files that are not records
 are named and skipped, and the other files under the folders counted by kind.
 """
@@ -96,6 +97,7 @@ class Run:
     stopped_at: int | None = None  # ours: K when `--stop_at K` ended the run there
     mfu: float | None = None  # ours: model FLOPs utilization (%) against the matmul rate the trainer timed
     blocks: dict[int, float] = field(default_factory=dict)  # ours: step -> blocks_ms (the block matrices' optimizer)
+    code: str = ""  # code_hash of the trainer's source (ours: between the RECORD_MARKs; upstream: before `====`)
 
     @property
     def end_step(self) -> int | None:
@@ -198,9 +200,15 @@ class Run:
 # ----------------------------------------------------------------------------- parsing
 
 
-def config_hash(hyperparameters: dict) -> str:
-    """8 hex digits of sha256 over the sorted JSON of the hyperparameters without CONFIG_EXCLUDE."""
-    kept = {k: v for k, v in hyperparameters.items() if k not in CONFIG_EXCLUDE}
+def code_hash(source: str) -> str:
+    """12 hex digits of sha256 of a trainer's source: runs of other code are other configurations."""
+    return hashlib.sha256(source.encode()).hexdigest()[:12] if source.strip() else ""
+
+
+def config_hash(hyperparameters: dict, code: str = "") -> str:
+    """8 hex digits of sha256 over the sorted JSON of the hyperparameters without CONFIG_EXCLUDE, and the code's
+    code_hash when known."""
+    kept = {k: v for k, v in hyperparameters.items() if k not in CONFIG_EXCLUDE} | ({"code": code} if code else {})
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -369,7 +377,8 @@ def _parse_ours(path: Path, lines: list[str]) -> Run:
     stop = next((int(m[1]) for m in map(_STOP_AT.match, body) if m), None)  # resumed past it: dropped with its branch
     final, at_n = _final(val, stop or n)
     # the config of what ran: stop_at as the run ended (a stopped-then-resumed run is the uninterrupted run's config)
-    config = config_hash(dict(hp, stop_at=stop or 0) if "stop_at" in hp else hp) if hp else "unknown"
+    code = code_hash("\n".join(lines[marks[0] + 1:marks[1]])) if len(marks) > 1 else ""
+    config = config_hash(dict(hp, stop_at=stop or 0) if "stop_at" in hp else hp, code) if hp else "unknown"
     return Run(path=str(path), format="ours", optimizer=str(hp.get("optimizer", "unknown")),
                label=str(hp.get("label", "")), config=config, hyperparameters=hp,
                val=val, train=train, num_iterations=n, final_val_loss=final, step_avg=step_avg, peak_mib=peak,
@@ -377,7 +386,7 @@ def _parse_ours(path: Path, lines: list[str]) -> Run:
                resumed_at=resumed, diverged_at=int(diverged[1]) if diverged else None,
                last_good_step=int(diverged[3]) if diverged else None, stopped_at=stop, mfu=mfu,
                blocks={step: v for step, _, f in _step_lines(body) if "blocks_ms" in f
-                       and (v := _number(f["blocks_ms"])) is not None})
+                       and (v := _number(f["blocks_ms"])) is not None}, code=code)
 
 
 def _parse_upstream(path: Path, lines: list[str]) -> Run:
@@ -386,11 +395,14 @@ def _parse_upstream(path: Path, lines: list[str]) -> Run:
     header = "\n".join(lines[:seps[0]]) if seps else ""  # the source printed before the first `====` line
     val, train, n, step_avg = _parse_steps(lines, opt_ms=False)
     final, at_n = _final(val, n)
-    config = "upstream-" + hashlib.sha256(header.encode()).hexdigest()[:8] if header.strip() else "upstream"
     optimizer = upstream_optimizer(header) or unknown_optimizer(path)
+    # its code and the optimizer it builds are its config: a header that builds no known optimizer (no code printed,
+    # or only versions) is a config of its own, as its optimizer group is
+    config = "upstream-" + code_hash(header + "\n" + optimizer)[:8]
     return Run(path=str(path), format="upstream", optimizer=optimizer, label=path.parent.name,
                config=config, hyperparameters={}, val=val, train=train, num_iterations=n, final_val_loss=final,
-               step_avg=step_avg, peak_mib=_peak(lines), complete=at_n, timestamp=_timestamp(path, "upstream"))
+               step_avg=step_avg, peak_mib=_peak(lines), complete=at_n, timestamp=_timestamp(path, "upstream"),
+               code=code_hash(header))
 
 
 def _parse_upstream_old(path: Path, lines: list[str]) -> Run:
@@ -537,12 +549,16 @@ def welch_line(a: str, b: str, w: dict | None) -> str:
 
 def config_differences(groups: dict[str, list[Run]]) -> dict[str, dict]:
     """For `--by config`: per group, the settings (of its first run with hyperparameters) whose values are not the
-    same in every group; empty dicts where no group has hyperparameters (upstream logs)."""
+    same in every group, and `code` (its code_hash) where the groups' code differs; empty dicts where no group has
+    hyperparameters (upstream logs)."""
     first = {name: next((r.hyperparameters for r in runs if r.hyperparameters), {}) for name, runs in groups.items()}
     known = [hp for hp in first.values() if hp]
     keys = sorted({k for hp in known for k in hp} - set(CONFIG_EXCLUDE))
     differ = [k for k in keys if len({json.dumps(hp.get(k), sort_keys=True) for hp in known}) > 1]
-    return {name: {k: hp.get(k) for k in differ} if hp else {} for name, hp in first.items()}
+    codes = {name: runs[0].code for name, runs in groups.items() if first[name]}
+    code = {"code": codes} if len(set(codes.values())) > 1 else {}
+    return {name: ({k: hp.get(k) for k in differ} | {k: v[name] for k, v in code.items()}) if hp else {}
+            for name, hp in first.items()}
 
 
 # ----------------------------------------------------------------------------- sweeps, steps to a target, track rules
@@ -879,6 +895,14 @@ def plot_runs(runs: list[Run], by: str, path: str | os.PathLike | None = None, t
 # ----------------------------------------------------------------------------- command line
 
 
+def plot_path(path: str) -> str:
+    """Where --plot PATH writes: PATH, PATH/compare.png for a folder, PATH.png without an extension (as matplotlib
+    would)."""
+    if os.path.isdir(path):
+        return os.path.join(path, "compare.png")
+    return path if os.path.splitext(path)[1] else path.rstrip(".") + ".png"
+
+
 def find_files(items: list[str]) -> tuple[list[Path], list[str]]:
     """Files named, *.txt under folders (recursively) and glob matches; and the items that matched nothing."""
     found, missing = [], []
@@ -992,10 +1016,14 @@ def main(argv: list[str] | None = None) -> int:
         kept = [r for r in runs if r.timestamp is None or r.timestamp.date() >= args.since]
         left_out, runs = len(runs) - len(kept), kept
 
+    # runs that `--stop_at K` ended: the first K steps of a longer schedule, listed apart, never in a mean with
+    # runs that ran theirs to the end (with --at every run is cut to one step, so all count)
+    stopped = [r for r in runs if r.stopped_at is not None and r.complete] if args.at is None else []
     if args.at is not None:
         runs = [at_step(r, args.at) for r in runs]
+    compared = [r for r in runs if not any(r is x for x in stopped)]
     if runs:
-        groups = group_runs(runs, args.by)
+        groups = group_runs(compared, args.by)
         rows = summarize(groups, args.target)
         try:
             print(format_table(rows, args.by, args.target, args.baseline))
@@ -1048,6 +1076,11 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(format_sweep(table, args.sweep) if any(table.values()) else
                   f"--sweep {args.sweep}: no complete run says this setting")
+        if stopped:
+            print("\nstopped by --stop_at (the first K steps of an N-step schedule: not in the table's means):")
+            for r in stopped:
+                print(f"  {r.path} [{r.key(args.by)}]: step {r.stopped_at}/{r.num_iterations}, val_loss "
+                      f"{_fmt(r.final_val_loss)}{_timing(r)}")
         incomplete = [r for r in runs if not r.complete]
         if incomplete:
             print("\nincomplete (stopped, crashed, diverged or still going):")
@@ -1058,17 +1091,18 @@ def main(argv: list[str] | None = None) -> int:
                        if r.diverged_at is not None else f"reached step {r.last_step}/{n}")
                 print(f"  {r.path} [{r.key(args.by)}]: {how}{last}{_timing(r)}")
         if args.plot:
+            out = plot_path(args.plot)
             try:
                 if args.sweep:
-                    plot_sweep(sweep_rows(groups, args.sweep), args.sweep, args.plot)
+                    plot_sweep(sweep_rows(groups, args.sweep), args.sweep, out)
                 else:
-                    plot_runs(runs, args.by, args.plot, target=args.target)
+                    plot_runs(runs, args.by, out, target=args.target)
             except (OSError, ValueError) as e:  # a read-only or missing folder; a file type matplotlib cannot write
                 why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
                 print(f"error: --plot {args.plot}: cannot write it ({why}); pass a writable path ending in .png",
                       file=sys.stderr)
                 return 2
-            print(f"\nplot: {args.plot}")
+            print(f"\nplot: {out}")
     else:
         print("no records found")
     if left_out:

@@ -145,7 +145,7 @@ def test_parse_ours(tmp_path):
     args = t.Hyperparameters(optimizer="adamw", label="base", seed=0, num_iterations=40, val_loss_every=10,
                              preset="smoke", batch_size=8, device_batch_size=4, sequence_length=128)
     assert run.hyperparameters == json.loads(json.dumps(dataclasses.asdict(args)))
-    assert run.config == c.config_hash(json.loads(json.dumps(dataclasses.asdict(args))))
+    assert run.config == c.config_hash(json.loads(json.dumps(dataclasses.asdict(args))), run.code)
     assert run.val == [(s, val_curve(s, 40, 3.31), 50.0 * max(s - 10, 0)) for s in (0, 10, 20, 30, 40)]
     assert run.final_val_loss == val_curve(40, 40, 3.31) == 3.31
     assert len(run.train) == 40
@@ -452,7 +452,7 @@ def test_parse_resumed_record(tmp_path, capsys):
     assert run.complete and run.resumed_at == [20] and run.diverged_at is None
     assert c.config_hash({**ref.hyperparameters, "save_every": 500, "keep_checkpoints": 3, "checkpoint_dir": "/c",
                           "resume": "/c/step_000020", "final_checkpoint": not ref.hyperparameters["final_checkpoint"]}
-                         ) == ref.config  # checkpointing is not a configuration
+                         , ref.code) == ref.config  # checkpointing is not a configuration
     assert run.val == ref.val and run.train == ref.train and [s for s, *_ in run.train] == list(range(1, 41))
     assert c.main([str(path)]) == 0 and "incomplete" not in capsys.readouterr().out
 

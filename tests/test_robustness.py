@@ -188,7 +188,7 @@ BROKEN = [
      ["has 'world_size' = '1', not a int"]),
     ("meta.json step beyond the run", lambda ck: edit_meta(ck, lambda m: {**m, "step": 9}), ["says step 9 of 4"]),
     ("meta.json shard list damaged", lambda ck: edit_meta(ck, lambda m: {**m, "train_files": [["a"]]}),
-     ["'train_files' that is not a list of [shard name, token count]"]),
+     ["'train_files' that is not a list of [shard name, token count, fingerprint]"]),
     ("meta.json setting of the wrong type", lambda ck: edit_meta(ck, lambda m: {**m, "args": {**m["args"],
                                                                                                 "n_layer": "two"}}),
      ["args.n_layer = 'two', not a int"]),
@@ -237,7 +237,7 @@ def test_intact_copy_resumes(stopped, tmp_path):
     record = tmp_path / Path(stopped["record"]).name
     record.write_bytes(Path(stopped["record"]).read_bytes())
     edit_meta(ck, lambda m: {**m, "record": str(record)})
-    assert train_here(["--resume", str(ck)])[0] == str(record)
+    assert train_here(["--resume", str(ck), "--records_dir", str(tmp_path)])[0] == str(record)
     assert compare.parse_record(record).complete and compare.parse_record(record).resumed_at == [2]
 
 
@@ -387,16 +387,19 @@ def test_attention_backend_the_cpu_lacks_is_refused_before_the_record(tiny_args,
 # ----------------------------------------------------------------------------- a crafted checkpoint
 
 
-@pytest.mark.parametrize("victim", ["another name", "the run's name, not a record", "another run's record"])
+@pytest.mark.parametrize("victim", ["another name", "the run's name, not a record", "another run's record",
+                                    "the run's name, a record in another folder"])
 def test_checkpoint_cannot_append_to_a_file_outside_its_run(stopped, tmp_path, victim):
-    """meta.json names the file a resumed run appends to: only its own run's record (<run folder>.txt, a record) is
-    accepted; the file named is left as it was."""
+    """meta.json names the file a resumed run appends to: only its own run's record (<run folder>.txt, a record, in
+    --records_dir) is accepted; the file named is left as it was."""
     ck = copy_checkpoint(stopped, tmp_path)
     target = {"another name": tmp_path / "victim" / ".bashrc",
               "the run's name, not a record": tmp_path / "victim" / (ck.parent.name + ".txt"),
-              "another run's record": tmp_path / "victim" / "20200101-000000-smoke-muon-00000000.txt"}[victim]
+              "another run's record": tmp_path / "victim" / "20200101-000000-smoke-muon-00000000.txt",
+              "the run's name, a record in another folder": tmp_path / "victim" / (ck.parent.name + ".txt")}[victim]
     target.parent.mkdir()
-    target.write_text(t.RECORD_MARK + "\nsome record\n" if victim == "another run's record" else "precious\n")
+    target.write_text(t.RECORD_MARK + "\nsome record\n" if "record" in victim.split(", ")[-1] and "not" not in victim
+                      else "precious\n")
     edit_meta(ck, lambda m: {**m, "record": str(target)})
     before = target.read_bytes()
     with pytest.raises(SystemExit) as refused:
