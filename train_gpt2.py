@@ -545,22 +545,26 @@ def inner_steps_polynomial(C: torch.Tensor, lam, nu, K: int, mode: str) -> torch
 
 class MatrixOptimizer(torch.optim.Optimizer):
     """Base of the rules, and what a rule may rely on. build_optimizers gives every matrix inside
-    the blocks (the model's block_matrices) to one rule (train's `blocks`); each matrix is owned by one process (greedy by
-    `cost`), which runs `update` on all its matrices of one batch_key as a batch; then one
-    all_gather shares the new parameters, so every process ends the step identical and the work
-    falls ~W-fold with W processes. Declared per class, merged over its bases:
+    the blocks (the model's block_matrices) to one rule (train's `blocks`); each matrix is owned by
+    one process (greedy by `cost`), which runs `update` on all its matrices of one batch_key as a
+    batch; then one all_gather shares the new parameters, so every process ends the step identical
+    and the work falls ~W-fold with W processes. Declared per class, merged over its bases:
       settings          group key -> Setting: the constructor's keywords, each group's entries,
                         Hyperparameters' fields and the command line (build reads them from args)
       fast_path         the FAST_PATHS entry that runs `rule` once fast paths are on (CUDA and
                         --compile 1)
       state_like_param  the state entries shaped like their parameter, which a resume shape-checks
       refresh_every     steps between refreshes of the feature Gram C (refresh_gram); 0: never
+      linear_in_g       the step is linear in G (not scale-free): with a loss summed over the
+                        step's n tokens (the model's loss_sum) build_optimizers gives it lr / n and
+                        weight_decay x n, so its step and decay are those of the mean loss
     Checkpoints save self.state as a state_dict: each process saves and loads the state of the
     matrices it owns (holds); any tensor state is saved, whatever its name."""
     settings: dict[str, Setting] = {}
     fast_path = "eager"
     state_like_param: tuple[str, ...] = ("momentum_buffer",)
     refresh_every = 0
+    linear_in_g = False
 
     def __init__(self, params, **settings):
         declared = self.declared()
@@ -654,7 +658,9 @@ def setting_values(settings: dict[str, Setting], args) -> dict:
 class Muon(MatrixOptimizer):
     """Muon (modded-nanogpt b9979e6's OrthogonalNesterov), per matrix:
     buf = m buf + G;  D = G + m buf (Nesterov) or buf;  p -= lr s msign(D),
-    s = max(1, rows/cols)^0.5 with shape_scale, else 1."""
+    s = max(1, rows/cols)^0.5 with shape_scale, else 1. lerp (the optimization track's
+    train_gpt_simple.py): buf = lerp(buf, G, 1 - m), D = lerp(G, buf, m) (Nesterov) or buf.
+    weight_decay: p <- p (1 - lr wd) first."""
     settings = dict(
         lr=positive("muon_lr", 0.018, "step size"),
         momentum=fraction("muon_momentum", 0.95, "m of buf = m buf + G"),
@@ -662,6 +668,8 @@ class Muon(MatrixOptimizer):
         coeffs=choice("ns_coeffs", "simple", NS_COEFFS, "Newton-Schulz coefficients (NS_COEFFS)",
                       want=f"a Newton-Schulz set: choose one of {', '.join(NS_COEFFS)}"),
         shape_scale=flag("muon_shape_scale", False, "multiply the step by max(1, rows/cols)^0.5"),
+        lerp=flag("muon_lerp", False, "buf = lerp(buf, G, 1 - m), D = lerp(G, buf, m) (track3's)"),
+        weight_decay=nonnegative("muon_weight_decay", 0.0, "p <- p (1 - lr wd) before the step"),
     )
     fast_path = "compiled"
 
@@ -672,8 +680,14 @@ class Muon(MatrixOptimizer):
     def update(self, params, group):
         grads, bufs = self.gradients(params, group), self.momentum_buffers(params)
         self.run_rule(Muon.rule, params, grads, bufs, self.lr_tensor(group, params[0]),
-                      group["momentum"], group["nesterov"], group["coeffs"],
-                      Muon.scales(params, group))
+                      *Muon.hyper(params, group))
+
+    @staticmethod
+    def hyper(params: list[torch.Tensor], group: dict) -> tuple:
+        """Muon.rule's arguments after lr: momentum, nesterov, coeffs, scales, lerp,
+        weight_decay."""
+        return (group["momentum"], group["nesterov"], group["coeffs"], Muon.scales(params, group),
+                group["lerp"], group["weight_decay"])
 
     @staticmethod
     def scales(params: list[torch.Tensor], group: dict) -> list[float]:
@@ -682,37 +696,51 @@ class Muon(MatrixOptimizer):
                 for p in params]
 
     @staticmethod
-    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, transform=None) -> None:
+    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, lerp=False,
+             weight_decay=0.0, transform=None) -> None:
         """Muon on matrices of one transposition class: momentum and Nesterov (nesterov_stack:
-        buf = m buf + G; D = G + m buf or buf), D <- transform(i, D) if given (Newton-Muon),
-        O = orthogonalize(D), p -= lr s O. One graph per class when compiled (lr a tensor: the
-        schedule never recompiles it)."""
-        D = Muon.nesterov_stack(grads, bufs, momentum, nesterov, transform)
+        buf = m buf + G; D = G + m buf or buf; or their lerp forms), D <- transform(i, D) if given
+        (Newton-Muon), O = orthogonalize(D), p <- p (1 - lr wd), p -= lr s O. One graph per class
+        when compiled (lr a tensor: the schedule never recompiles it)."""
+        D = Muon.nesterov_stack(grads, bufs, momentum, nesterov, transform, lerp)
         O = orthogonalize(D, coeffs).to(params[0].dtype)
         s = torch.tensor(scales, dtype=O.dtype, device=O.device)
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
         torch._foreach_add_(params, unstack_like(O * (-lr * s)[:, None, None], params))
 
     @staticmethod
     def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float,
-                       nesterov: bool,
-                       transform: Callable | None = None) -> torch.Tensor:
+                       nesterov: bool, transform: Callable | None = None,
+                       lerp: bool = False) -> torch.Tensor:
         """buf = m buf + G in place; returns stack_wide of D = G + m buf (Nesterov) or buf, each D
-        first through transform(i, D) if given, in NS_DTYPE. Wide matrices one at a time (compiled:
-        one kernel each, reading G and buf, writing buf and the bf16 slice); tall ones by foreach
-        ops, then the transposing stack."""
+        first through transform(i, D) if given, in NS_DTYPE. lerp: buf = lerp(buf, G, 1 - m),
+        D = lerp(G, buf, m) (Nesterov) or buf. Wide matrices one at a time (compiled: one kernel
+        each, reading G and buf, writing buf and the bf16 slice); tall ones by foreach ops, then the
+        transposing stack."""
         post = transform or (lambda i, x: x)
         xs: list[torch.Tensor | None] = [None] * len(grads)
         tall = [i for i, g in enumerate(grads) if g.size(-2) > g.size(-1)]
         if tall:
             tb, tg = [bufs[i] for i in tall], [grads[i] for i in tall]
-            torch._foreach_mul_(tb, momentum)
-            torch._foreach_add_(tb, tg)
-            for i, x in zip(tall, torch._foreach_add(tg, tb, alpha=momentum) if nesterov else tb):
+            if lerp:
+                torch._foreach_lerp_(tb, tg, 1 - momentum)
+                ds = torch._foreach_lerp(tg, tb, momentum) if nesterov else tb
+            else:
+                torch._foreach_mul_(tb, momentum)
+                torch._foreach_add_(tb, tg)
+                ds = torch._foreach_add(tg, tb, alpha=momentum) if nesterov else tb
+            for i, x in zip(tall, ds):
                 xs[i] = post(i, x).to(NS_DTYPE)
         for i, (b, g) in enumerate(zip(bufs, grads)):
             if xs[i] is None:
-                b.mul_(momentum).add_(g)
-                xs[i] = post(i, torch.add(g, b, alpha=momentum) if nesterov else b).to(NS_DTYPE)
+                if lerp:
+                    b.lerp_(g, 1 - momentum)
+                    d = torch.lerp(g, b, momentum) if nesterov else b
+                else:
+                    b.mul_(momentum).add_(g)
+                    d = torch.add(g, b, alpha=momentum) if nesterov else b
+                xs[i] = post(i, d).to(NS_DTYPE)
         return stack_wide(xs)
 
 
@@ -736,6 +764,7 @@ class PolarGrad(MatrixOptimizer):
                       want=f"a Newton-Schulz set: choose one of {', '.join(NS_COEFFS)}"),
     )
     fast_path = "compiled"
+    linear_in_g = True  # ||D||_* O
 
     @staticmethod
     def batch_key(p: torch.Tensor) -> tuple:
@@ -994,8 +1023,7 @@ class NewtonMuon(FeatureGram, Muon):
 
     def update(self, params, group):
         factors = [self.state[p].get("factor") for p in params]
-        lr, scales = self.lr_tensor(group, params[0]), Muon.scales(params, group)
-        muon = (group["momentum"], group["nesterov"], group["coeffs"], scales)
+        lr, muon = self.lr_tensor(group, params[0]), Muon.hyper(params, group)
         bufs = self.momentum_buffers(params)
         if not all(f is not None for f in factors):  # before the first refresh: Muon's rule
             return self.run_rule(Muon.rule, params, self.gradients(params, group), bufs, lr, *muon)
@@ -1003,15 +1031,16 @@ class NewtonMuon(FeatureGram, Muon):
                       factors, group["gram"], group["precondition"])
 
     @staticmethod
-    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, factors, gram,
-             precondition) -> None:
+    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, lerp, weight_decay,
+             factors, gram, precondition) -> None:
         """Muon's rule on G R (before), or with D R in place of D (after); in one graph when
         compiled, so on CUDA the bf16 product feeds the momentum update (before) or Newton-Schulz
         (after) directly."""
+        muon = (momentum, nesterov, coeffs, scales, lerp, weight_decay)
         if precondition == "before":
             grads = [right_precondition(g, R, gram) for g, R in zip(grads, factors)]
-            return Muon.rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales)
-        return Muon.rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales,
+            return Muon.rule(params, grads, bufs, lr, *muon)
+        return Muon.rule(params, grads, bufs, lr, *muon,
                          lambda i, D: right_precondition(D, factors[i], gram))
 
 
@@ -1026,7 +1055,8 @@ class LocoPropS(FeatureGram):
     -eta G's component / a_i times 1 - (1 - nu a_i / L)^K: for nu in (0, 2) it converges to the
     minimizer for every C (|1 - nu a_i / L| < 1), for nu <= 1 monotonically in K. (A step nu not
     scaled by 1/L diverges: records/feature-gram-sweep/README.md.) G may first go through heavy-ball
-    momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
+    momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A.
+    weight_decay: p <- p (1 - lr wd) first."""
     settings = dict(
         lr=positive("locoprop_lr", 0.3, "eta: best of 0.3 / 1 / 3 (records/feature-gram-sweep)"),
         lam=positive("locoprop_lambda", 1.0, "lambda of C + lambda I"),
@@ -1038,7 +1068,10 @@ class LocoPropS(FeatureGram):
                    "in (0, 2) (the inner step is locoprop_nu / L, L >= lambda_max(C + lambda I))",
                    lambda v, a: 0 < v < 2),
         momentum=fraction("locoprop_momentum", 0.0, "heavy-ball momentum on G; 0: none"),
+        weight_decay=nonnegative("locoprop_weight_decay", 0.0, "p <- p (1 - lr wd) before the "
+                                 "step"),
     )
+    linear_in_g = True  # eta G A^-1
 
     def damping(self, C, group):
         """lambda of A = C + lambda I: absolute, the setting itself; relative, setting * tr(C)/d
@@ -1066,6 +1099,8 @@ class LocoPropS(FeatureGram):
         # G R, the identity before the first refresh
         dirs = [right_precondition(g, self.state[p]["factor"], group["gram"])
                 if "factor" in self.state[p] else g for p, g in zip(params, grads)]
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
         torch._foreach_add_(params, dirs, alpha=-group["lr"])
 
 
@@ -1123,12 +1158,19 @@ EMBEDDING = dict(
 
 def build_optimizers(model: nn.Module, args) -> list[torch.optim.Optimizer]:
     """[AdamW on the model's adam_groups, the --optimizer rule on its block_matrices (every matrix
-    inside the blocks)]; each group's base_lr is its lr, which the schedule multiplies."""
+    inside the blocks)]; each group's base_lr is its lr, which the schedule multiplies. With the
+    model's loss_sum, G is a sum over the step's n = batch_size x sequence_length tokens: a
+    linear_in_g rule takes lr / n and weight_decay x n (the others are scale-free but for their
+    eps)."""
     rule = optimizer_class(args.optimizer)
     fused = next(model.parameters()).is_cuda
     embed = torch.optim.AdamW(model.adam_groups(args), betas=args.embed_betas, eps=args.embed_eps,
                               weight_decay=args.embed_weight_decay, fused=fused)
     blocks = rule.build(model, args)
+    if model.loss_sum and getattr(rule, "linear_in_g", False):  # AdamW's declaration has none
+        n = args.batch_size * args.sequence_length
+        for g in blocks.param_groups:
+            g["lr"], g["weight_decay"] = g["lr"] / n, g["weight_decay"] * n
     for opt in (embed, blocks):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
