@@ -505,3 +505,27 @@ def test_every_optimizer_swaps_in_for_the_blocks_matrices(tmp_path, optimizer):
         assert torch.isfinite(p).all(), name
         if name.endswith("proj.weight") and name.startswith("transformer.h"):
             assert p.abs().max() > 0, name
+
+
+def test_weight_decay_of_locoprop_and_newton_muon_scales_the_parameters_first():
+    """locoprop_weight_decay: p <- p (1 - lr wd) - lr G R (R = I before the first refresh);
+    muon_weight_decay reaches Newton-Muon (Muon's rule, its settings shared): with and without it
+    the parameters differ by lr wd p0, whatever the step."""
+    torch.manual_seed(0)
+    layers = [t.Linear(16, 8), t.Linear(8, 16)]
+    p0 = [m.weight.detach().clone() for m in layers]
+    grads = [torch.randn_like(p) for p in p0]
+    for rule, lr in ((t.LocoPropS, 0.3), (t.NewtonMuon, 0.02)):
+        after = {}
+        for wd in (0.0, 0.5):
+            with torch.no_grad():
+                for m, p in zip(layers, p0):
+                    m.weight.copy_(p)
+            for m, g in zip(layers, grads):
+                m.weight.grad = g.clone()
+            rule([m.weight for m in layers], layers, lr=lr, weight_decay=wd).step()
+            after[wd] = [m.weight.detach().clone() for m in layers]
+        for p, g, a, b in zip(p0, grads, after[0.0], after[0.5]):
+            torch.testing.assert_close(a - b, lr * 0.5 * p, rtol=1e-5, atol=1e-6)
+            if rule is t.LocoPropS:
+                torch.testing.assert_close(b, p * (1 - lr * 0.5) - lr * g)
