@@ -3252,6 +3252,11 @@ class Checkpoints:
             self.model.load_state_dict(main["model"])
             for opt, state, groups in zip(self.optimizers, states, main["param_groups"],
                                           strict=True):
+                now = opt.state_dict()["param_groups"]
+                if isinstance(groups, list) and len(groups) == len(now):
+                    # a key the saved group lacks (a setting added since): the current value,
+                    # its default as in checkpoint_settings
+                    groups = [{**n, **g} for n, g in zip(now, groups)]
                 opt.load_state_dict({"state": state, "param_groups": groups})
             self.loader.load_state(main["loader"])
             set_rng_state(rng, self.device)
