@@ -321,7 +321,8 @@ def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(small_vo
 def test_a_checkpoint_saved_before_a_setting_existed_resumes_with_its_default(small_vocab_args,
                                                                              tmp_path):
     """A checkpoint whose settings and Muon group lack muon_lerp and muon_weight_decay (saved by a
-    train_gpt2.py before they existed) resumes with their defaults, bitwise as an uninterrupted run."""
+    train_gpt2.py before they existed) resumes with their defaults, bitwise as an uninterrupted
+    run."""
     args = small_vocab_args + ["--num_iterations", str(N), "--warmup_iters", "4",
                                "--warmdown_iters", "2"]
     train_here(args + ["--records_dir", str(tmp_path / "ref")])
