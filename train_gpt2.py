@@ -71,13 +71,17 @@ class RunSettings:
     warmup_iters: int = 250  # steps of linear LR warmup from 1/warmup_iters
     warmdown_iters: int = 2000  # last steps of linear LR decay to 0
     val_loss_every: int = 125  # steps between validations; 0: only at the end
+    # > 0: every this many steps from 0.9 num_iterations on (val_due; track3: 25)
+    val_tail_every: int = 0
     val_tokens: int = 10485760  # tokens a validation reads (a multiple of the val batch)
     # the init's random draws, and only those (0 .. 2^32-1): data order, val tokens and the updates
     # draw nothing from it
     seed: int = 0
     # bit-identical reruns on one GPU: deterministic kernels (Determinism); off: fastest
     deterministic: bool = False
-    # model (GPT-2 small)
+    # model (GPT-2 small, MODELS): gpt2, the 2024 speedrun's (GPT); track3, the optimization
+    # track's (Track3GPT)
+    model: str = "gpt2"
     vocab_size: int = 50257  # token ids 0 .. vocab_size-1 (GPT-2's)
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads a block
@@ -133,6 +137,17 @@ PRESETS: dict[str, dict] = {
     # steps) on 1,048,576 tokens
     "compare": dict(batch_size=64, num_iterations=400, warmup_iters=15, warmdown_iters=115,
                     val_loss_every=25, val_tokens=1048576),
+    # modded-nanogpt's optimization track, records/track_3_optimization/train_gpt_simple.py at
+    # f411b3d: its model (Track3GPT), AdamW groups and Muon, 3250 steps of 512 x 1024 tokens, lr 1
+    # then linear to 0 over the last 70%, val on 10,485,760 tokens every 125 steps, every 25 in the
+    # last 10%
+    "track3": dict(
+        model="track3", vocab_size=50304, n_head=6, loss_chunk=0, num_iterations=3250,
+        warmup_iters=0, warmdown_iters=2275, val_loss_every=125, val_tail_every=25, embed_lr=0.7,
+        head_lr=0.004, scalar_lr=0.015, embed_betas=(0.8, 0.95), embed_eps=1e-10,
+        embed_weight_decay=0.001, muon_lr=0.025, muon_weight_decay=0.05, muon_lerp=True,
+        ns_coeffs="convergent", muon_shape_scale=True,
+    ),
 }
 
 
@@ -224,6 +239,15 @@ def lr_multiplier(it: int, args: Hyperparameters) -> float:
     if it < args.num_iterations - args.warmdown_iters:
         return 1.0
     return (args.num_iterations - it) / args.warmdown_iters
+
+
+def val_due(step: int, args: Hyperparameters) -> bool:
+    """Whether step (before its update) validates: the last step; every val_loss_every steps (0:
+    none), or from step / num_iterations >= 0.9 on every val_tail_every steps if > 0 (the track's
+    loop: 125, then 25)."""
+    tail = args.val_tail_every > 0 and not step / args.num_iterations < 0.9
+    every = args.val_tail_every if tail else args.val_loss_every
+    return step == args.num_iterations or (every > 0 and step % every == 0)
 
 # ----------------------------------------------------------------------------- rules
 # A rule: a MatrixOptimizer subclass registered with @optimizer(name), its settings declared beside
@@ -317,6 +341,7 @@ def optimizer_class(name: str) -> type:
 # ||X||_F before the first step
 NS_COEFFS: dict[str, tuple[list[tuple[float, float, float]], float]] = {
     "simple": ([(3.4445, -4.7750, 2.0315)] * 5, 1.0),
+    "convergent": ([(2.0, -1.5, 0.5)] * 12, 1.0),  # the optimization track's: p(1) = 1, p'(1) = 0
     "quintic": ([(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
                  (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)], 1.0),
     # Polar Express (Amsel et al. 2025), the first 5 of the paper's code's coefficient list, each
@@ -338,6 +363,7 @@ NS_COEFFS: dict[str, tuple[list[tuple[float, float, float]], float]] = {
 # (a1 a2 ... a5) for x << x0, e.g. 487 x for "simple".
 NS_BANDS: dict[str, dict[float, tuple[float, float]]] = {
     "simple": {1e-2: (0.67, 1.15), 2e-3: (0.67, 1.22)},
+    "convergent": {1e-2: (0.99, 1.01), 2e-3: (0.99, 1.01)},
     "quintic": {1e-2: (0.96, 1.05), 2e-3: (0.84, 1.16)},
     "polar_express": {1e-2: (0.85, 1.15), 2e-3: (0.85, 1.15)},
 }
@@ -542,22 +568,26 @@ def inner_steps_polynomial(C: torch.Tensor, lam, nu, K: int, mode: str) -> torch
 
 class MatrixOptimizer(torch.optim.Optimizer):
     """Base of the rules, and what a rule may rely on. build_optimizers gives every matrix inside
-    the blocks to one rule (train's `blocks`); each matrix is owned by one process (greedy by
-    `cost`), which runs `update` on all its matrices of one batch_key as a batch; then one
-    all_gather shares the new parameters, so every process ends the step identical and the work
-    falls ~W-fold with W processes. Declared per class, merged over its bases:
+    the blocks (the model's block_matrices) to one rule (train's `blocks`); each matrix is owned by
+    one process (greedy by `cost`), which runs `update` on all its matrices of one batch_key as a
+    batch; then one all_gather shares the new parameters, so every process ends the step identical
+    and the work falls ~W-fold with W processes. Declared per class, merged over its bases:
       settings          group key -> Setting: the constructor's keywords, each group's entries,
                         Hyperparameters' fields and the command line (build reads them from args)
       fast_path         the FAST_PATHS entry that runs `rule` once fast paths are on (CUDA and
                         --compile 1)
       state_like_param  the state entries shaped like their parameter, which a resume shape-checks
       refresh_every     steps between refreshes of the feature Gram C (refresh_gram); 0: never
+      linear_in_g       the step is linear in G (not scale-free): with a loss summed over the
+                        step's n tokens (the model's loss_sum) build_optimizers gives it lr / n and
+                        weight_decay x n, so its step and decay are those of the mean loss
     Checkpoints save self.state as a state_dict: each process saves and loads the state of the
     matrices it owns (holds); any tensor state is saved, whatever its name."""
     settings: dict[str, Setting] = {}
     fast_path = "eager"
     state_like_param: tuple[str, ...] = ("momentum_buffer",)
     refresh_every = 0
+    linear_in_g = False
 
     def __init__(self, params, **settings):
         declared = self.declared()
@@ -580,8 +610,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def build(cls, model: nn.Module, args) -> MatrixOptimizer:
-        """The rule on every matrix inside the model's blocks, its settings from args."""
-        return cls(list(model.transformer.h.parameters()), **setting_values(cls.declared(), args))
+        """The rule on the model's block_matrices (every matrix inside its blocks), its settings
+        from args."""
+        return cls(model.block_matrices(), **setting_values(cls.declared(), args))
 
     def _params(self) -> list[torch.Tensor]:
         return optimizer_params(self)
@@ -650,7 +681,9 @@ def setting_values(settings: dict[str, Setting], args) -> dict:
 class Muon(MatrixOptimizer):
     """Muon (modded-nanogpt b9979e6's OrthogonalNesterov), per matrix:
     buf = m buf + G;  D = G + m buf (Nesterov) or buf;  p -= lr s msign(D),
-    s = max(1, rows/cols)^0.5 with shape_scale, else 1."""
+    s = max(1, rows/cols)^0.5 with shape_scale, else 1. lerp (the optimization track's
+    train_gpt_simple.py): buf = lerp(buf, G, 1 - m), D = lerp(G, buf, m) (Nesterov) or buf.
+    weight_decay: p <- p (1 - lr wd) first."""
     settings = dict(
         lr=positive("muon_lr", 0.018, "step size"),
         momentum=fraction("muon_momentum", 0.95, "m of buf = m buf + G"),
@@ -658,6 +691,8 @@ class Muon(MatrixOptimizer):
         coeffs=choice("ns_coeffs", "simple", NS_COEFFS, "Newton-Schulz coefficients (NS_COEFFS)",
                       want=f"a Newton-Schulz set: choose one of {', '.join(NS_COEFFS)}"),
         shape_scale=flag("muon_shape_scale", False, "multiply the step by max(1, rows/cols)^0.5"),
+        lerp=flag("muon_lerp", False, "buf = lerp(buf, G, 1 - m), D = lerp(G, buf, m) (track3's)"),
+        weight_decay=nonnegative("muon_weight_decay", 0.0, "p <- p (1 - lr wd) before the step"),
     )
     fast_path = "compiled"
 
@@ -668,8 +703,14 @@ class Muon(MatrixOptimizer):
     def update(self, params, group):
         grads, bufs = self.gradients(params, group), self.momentum_buffers(params)
         self.run_rule(Muon.rule, params, grads, bufs, self.lr_tensor(group, params[0]),
-                      group["momentum"], group["nesterov"], group["coeffs"],
-                      Muon.scales(params, group))
+                      *Muon.hyper(params, group))
+
+    @staticmethod
+    def hyper(params: list[torch.Tensor], group: dict) -> tuple:
+        """Muon.rule's arguments after lr: momentum, nesterov, coeffs, scales, lerp,
+        weight_decay."""
+        return (group["momentum"], group["nesterov"], group["coeffs"], Muon.scales(params, group),
+                group["lerp"], group["weight_decay"])
 
     @staticmethod
     def scales(params: list[torch.Tensor], group: dict) -> list[float]:
@@ -678,37 +719,51 @@ class Muon(MatrixOptimizer):
                 for p in params]
 
     @staticmethod
-    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, transform=None) -> None:
+    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, lerp=False,
+             weight_decay=0.0, transform=None) -> None:
         """Muon on matrices of one transposition class: momentum and Nesterov (nesterov_stack:
-        buf = m buf + G; D = G + m buf or buf), D <- transform(i, D) if given (Newton-Muon),
-        O = orthogonalize(D), p -= lr s O. One graph per class when compiled (lr a tensor: the
-        schedule never recompiles it)."""
-        D = Muon.nesterov_stack(grads, bufs, momentum, nesterov, transform)
+        buf = m buf + G; D = G + m buf or buf; or their lerp forms), D <- transform(i, D) if given
+        (Newton-Muon), O = orthogonalize(D), p <- p (1 - lr wd), p -= lr s O. One graph per class
+        when compiled (lr a tensor: the schedule never recompiles it)."""
+        D = Muon.nesterov_stack(grads, bufs, momentum, nesterov, transform, lerp)
         O = orthogonalize(D, coeffs).to(params[0].dtype)
         s = torch.tensor(scales, dtype=O.dtype, device=O.device)
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
         torch._foreach_add_(params, unstack_like(O * (-lr * s)[:, None, None], params))
 
     @staticmethod
     def nesterov_stack(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float,
-                       nesterov: bool,
-                       transform: Callable | None = None) -> torch.Tensor:
+                       nesterov: bool, transform: Callable | None = None,
+                       lerp: bool = False) -> torch.Tensor:
         """buf = m buf + G in place; returns stack_wide of D = G + m buf (Nesterov) or buf, each D
-        first through transform(i, D) if given, in NS_DTYPE. Wide matrices one at a time (compiled:
-        one kernel each, reading G and buf, writing buf and the bf16 slice); tall ones by foreach
-        ops, then the transposing stack."""
+        first through transform(i, D) if given, in NS_DTYPE. lerp: buf = lerp(buf, G, 1 - m),
+        D = lerp(G, buf, m) (Nesterov) or buf. Wide matrices one at a time (compiled: one kernel
+        each, reading G and buf, writing buf and the bf16 slice); tall ones by foreach ops, then the
+        transposing stack."""
         post = transform or (lambda i, x: x)
         xs: list[torch.Tensor | None] = [None] * len(grads)
         tall = [i for i, g in enumerate(grads) if g.size(-2) > g.size(-1)]
         if tall:
             tb, tg = [bufs[i] for i in tall], [grads[i] for i in tall]
-            torch._foreach_mul_(tb, momentum)
-            torch._foreach_add_(tb, tg)
-            for i, x in zip(tall, torch._foreach_add(tg, tb, alpha=momentum) if nesterov else tb):
+            if lerp:
+                torch._foreach_lerp_(tb, tg, 1 - momentum)
+                ds = torch._foreach_lerp(tg, tb, momentum) if nesterov else tb
+            else:
+                torch._foreach_mul_(tb, momentum)
+                torch._foreach_add_(tb, tg)
+                ds = torch._foreach_add(tg, tb, alpha=momentum) if nesterov else tb
+            for i, x in zip(tall, ds):
                 xs[i] = post(i, x).to(NS_DTYPE)
         for i, (b, g) in enumerate(zip(bufs, grads)):
             if xs[i] is None:
-                b.mul_(momentum).add_(g)
-                xs[i] = post(i, torch.add(g, b, alpha=momentum) if nesterov else b).to(NS_DTYPE)
+                if lerp:
+                    b.lerp_(g, 1 - momentum)
+                    d = torch.lerp(g, b, momentum) if nesterov else b
+                else:
+                    b.mul_(momentum).add_(g)
+                    d = torch.add(g, b, alpha=momentum) if nesterov else b
+                xs[i] = post(i, d).to(NS_DTYPE)
         return stack_wide(xs)
 
 
@@ -736,6 +791,7 @@ class PolarGrad(MatrixOptimizer):
                       want=f"a Newton-Schulz set: choose one of {', '.join(NS_COEFFS)}"),
     )
     fast_path = "compiled"
+    linear_in_g = True  # ||D||_* O
 
     @staticmethod
     def batch_key(p: torch.Tensor) -> tuple:
@@ -998,8 +1054,7 @@ class NewtonMuon(FeatureGram, Muon):
 
     def update(self, params, group):
         factors = [self.state[p].get("factor") for p in params]
-        lr, scales = self.lr_tensor(group, params[0]), Muon.scales(params, group)
-        muon = (group["momentum"], group["nesterov"], group["coeffs"], scales)
+        lr, muon = self.lr_tensor(group, params[0]), Muon.hyper(params, group)
         bufs = self.momentum_buffers(params)
         if not all(f is not None for f in factors):  # before the first refresh: Muon's rule
             return self.run_rule(Muon.rule, params, self.gradients(params, group), bufs, lr, *muon)
@@ -1007,15 +1062,16 @@ class NewtonMuon(FeatureGram, Muon):
                       factors, group["gram"], group["precondition"])
 
     @staticmethod
-    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, factors, gram,
-             precondition) -> None:
+    def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, lerp, weight_decay,
+             factors, gram, precondition) -> None:
         """Muon's rule on G R (before), or with D R in place of D (after); in one graph when
         compiled, so on CUDA the bf16 product feeds the momentum update (before) or Newton-Schulz
         (after) directly."""
+        muon = (momentum, nesterov, coeffs, scales, lerp, weight_decay)
         if precondition == "before":
             grads = [right_precondition(g, R, gram) for g, R in zip(grads, factors)]
-            return Muon.rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales)
-        return Muon.rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales,
+            return Muon.rule(params, grads, bufs, lr, *muon)
+        return Muon.rule(params, grads, bufs, lr, *muon,
                          lambda i, D: right_precondition(D, factors[i], gram))
 
 
@@ -1030,7 +1086,8 @@ class LocoPropS(FeatureGram):
     -eta G's component / a_i times 1 - (1 - nu a_i / L)^K: for nu in (0, 2) it converges to the
     minimizer for every C (|1 - nu a_i / L| < 1), for nu <= 1 monotonically in K. (A step nu not
     scaled by 1/L diverges: records/feature-gram-sweep/README.md.) G may first go through heavy-ball
-    momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A."""
+    momentum M = mu M + G. Diagonal and block C give the diagonal and block-diagonal A.
+    weight_decay: p <- p (1 - lr wd) first."""
     settings = dict(
         lr=positive("locoprop_lr", 0.3, "eta: best of 0.3 / 1 / 3 (records/feature-gram-sweep)"),
         lam=positive("locoprop_lambda", 1.0, "lambda of C + lambda I"),
@@ -1042,7 +1099,10 @@ class LocoPropS(FeatureGram):
                    "in (0, 2) (the inner step is locoprop_nu / L, L >= lambda_max(C + lambda I))",
                    lambda v, a: 0 < v < 2),
         momentum=fraction("locoprop_momentum", 0.0, "heavy-ball momentum on G; 0: none"),
+        weight_decay=nonnegative("locoprop_weight_decay", 0.0, "p <- p (1 - lr wd) before the "
+                                 "step"),
     )
+    linear_in_g = True  # eta G A^-1
 
     def damping(self, C, group):
         """lambda of A = C + lambda I: absolute, the setting itself; relative, setting * tr(C)/d
@@ -1070,6 +1130,8 @@ class LocoPropS(FeatureGram):
         # G R, the identity before the first refresh
         dirs = [right_precondition(g, self.state[p]["factor"], group["gram"])
                 if "factor" in self.state[p] else g for p, g in zip(params, grads)]
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
         torch._foreach_add_(params, dirs, alpha=-group["lr"])
 
 
@@ -1090,7 +1152,7 @@ class AdamW:
     @classmethod
     def build(cls, model: nn.Module, args) -> torch.optim.AdamW:
         fused = next(model.parameters()).is_cuda
-        return torch.optim.AdamW(list(model.transformer.h.parameters()), fused=fused,
+        return torch.optim.AdamW(model.block_matrices(), fused=fused,
                                  **setting_values(cls.settings, args))
 
 
@@ -1113,21 +1175,33 @@ def fast_rule(rule: Callable, path: str) -> Callable:
 FAST_RULES: dict[tuple[Callable, str], Callable] = {}
 
 
-# the tied embedding/head's AdamW (whatever --optimizer is)
+# the AdamW on the model's other parameters (whatever --optimizer is): its adam_groups, the 2024
+# model's tied embedding/head; track3's embedding, head and 1-D parameters
 EMBEDDING = dict(
     lr=positive("embed_lr", 0.0018, "the embedding/head's AdamW step size"),
     betas=betas("embed_betas", (0.9, 0.95), "the embedding/head's AdamW b1, b2"),
+    eps=positive("embed_eps", 1e-8, "the embedding/head's AdamW eps"),
+    weight_decay=nonnegative("embed_weight_decay", 0.0, "the embedding/head's AdamW weight decay"),
+    head_lr=positive("head_lr", 0.004, "track3: its untied head's AdamW step size"),
+    scalar_lr=positive("scalar_lr", 0.015, "track3: every 1-D parameter's AdamW step size"),
 )
 
 
 def build_optimizers(model: nn.Module, args) -> list[torch.optim.Optimizer]:
-    """[AdamW on the tied embedding/head, the --optimizer rule on every matrix inside the blocks];
-    each group's base_lr is its lr, which the schedule multiplies."""
+    """[AdamW on the model's adam_groups, the --optimizer rule on its block_matrices (every matrix
+    inside the blocks)]; each group's base_lr is its lr, which the schedule multiplies. With the
+    model's loss_sum, G is a sum over the step's n = batch_size x sequence_length tokens: a
+    linear_in_g rule takes lr / n and weight_decay x n (the others are scale-free but for their
+    eps)."""
     rule = optimizer_class(args.optimizer)
     fused = next(model.parameters()).is_cuda
-    embed = torch.optim.AdamW([model.lm_head.weight], lr=args.embed_lr, betas=args.embed_betas,
-                              weight_decay=0.0, fused=fused)
+    embed = torch.optim.AdamW(model.adam_groups(args), betas=args.embed_betas, eps=args.embed_eps,
+                              weight_decay=args.embed_weight_decay, fused=fused)
     blocks = rule.build(model, args)
+    if model.loss_sum and getattr(rule, "linear_in_g", False):  # AdamW's declaration has none
+        n = args.batch_size * args.sequence_length
+        for g in blocks.param_groups:
+            g["lr"], g["weight_decay"] = g["lr"] / n, g["weight_decay"] * n
     for opt in (embed, blocks):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
@@ -1170,12 +1244,12 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """Bias-free nn.Linear that, while `collect` is on, also adds the Gram matrix X^T X of its input
-    into its `gram` buffer (GPT.setup_gram makes it; see gram_sum). With `collect` off it is
-    nn.Linear: no extra kernels."""
+    """nn.Linear (bias-free unless asked) that, while `collect` is on, also adds the Gram matrix
+    X^T X of its input into its `gram` buffer (GPT.setup_gram makes it; see gram_sum). With
+    `collect` off it is nn.Linear: no extra kernels."""
 
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__(d_in, d_out, bias=False)
+    def __init__(self, d_in: int, d_out: int, bias: bool = False):
+        super().__init__(d_in, d_out, bias=bias)
         self.collect, self.gram_mode = False, "full"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1198,13 +1272,15 @@ class Linear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    """cos, sin of t * inv_freq with inv_freq = 1 / 10000^(arange(0, d, 2) / d) for t < max_len,
-    made once in fp32 as buffers (not saved; why: records/speed/README.md, Measurements behind the
-    code)."""
+    """cos, sin of t * inv_freq with inv_freq = 1 / 10000^(arange(0, d, 2) / d) (or the given
+    inv_freq) for t < max_len, made once in fp32 as buffers (not saved; why:
+    records/speed/README.md, Measurements behind the code)."""
 
-    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0,
+                 inv_freq: torch.Tensor | None = None):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        if inv_freq is None:
+            inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", freqs.cos()[None, :, None, :], persistent=False)
         self.register_buffer("sin", freqs.sin()[None, :, None, :], persistent=False)
@@ -1302,7 +1378,14 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """Token embedding tied to lm_head (Linear init), rotary attention, no positional embedding,
-    biases or norm weights."""
+    biases or norm weights. The loss is the mean over tokens; the optimizers take the mean's
+    gradient (loss_sum False)."""
+    loss_sum = False
+
+    @staticmethod
+    def refusal(args: Hyperparameters) -> str:
+        """'' if the model can be built with args, else the one-line refusal (validate_args)."""
+        return ""
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -1315,6 +1398,14 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.loss_chunk = args.loss_chunk
         make_loss_eager()
+
+    def adam_groups(self, args: Hyperparameters) -> list[dict]:
+        """The AdamW's parameter groups (build_optimizers): the tied embedding/head at embed_lr."""
+        return [dict(params=[self.lm_head.weight], lr=args.embed_lr)]
+
+    def block_matrices(self) -> list[nn.Parameter]:
+        """What --optimizer updates: every parameter inside the blocks (all matrices)."""
+        return list(self.transformer.h.parameters())
 
     def gram_layers(self) -> list[Linear]:
         """The block matrices' layers, in parameter order; each one's input Gram matrix
@@ -1353,6 +1444,142 @@ class GPT(nn.Module):
                                         self.loss_chunk)
         logits = self.lm_head(x).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+# --model track3: the optimization track's GPT (modded-nanogpt
+# records/track_3_optimization/train_gpt_simple.py at f411b3d): all that differs from GPT above is
+# in the five classes below; Linear, Rotary, the Gram collection, the data and the training loop are
+# shared. Its original runs every activation in bf16 (a bf16 embedding); here the weights are fp32
+# under bf16 autocast on CUDA, and the norms take the eps torch gives the original's bf16 (RMSNorm).
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * gains, eps = torch's default for the dtype the matmuls take x in
+    (finfo.eps: 2^-7 under bf16 autocast, as the original's bf16 activations get; fp32's on CPU)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.gains = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(matmul_dtype(x)).eps
+        return F.rms_norm(x, (x.size(-1),), self.gains.type_as(x), eps=eps)
+
+
+class Track3Attention(nn.Module):
+    """q, k, v, proj with biases; q and k RMS-normed (no gains); rotary of d/2 frequencies (d the
+    head dim), (1/1024)^(i / (d/4 - 1)) for i < d/4 and 0 for the other d/4 (their pairs not
+    rotated); softmax scale 0.12."""
+
+    def __init__(self, n_embd: int, n_head: int, max_len: int):
+        super().__init__()
+        self.n_head, d = n_head, n_embd // n_head
+        self.q, self.k, self.v, self.proj = (Linear(n_embd, n_embd, bias=True) for _ in range(4))
+        freqs = (1 / 1024) ** torch.linspace(0, 1, steps=d // 4, dtype=torch.float32)
+        self.rotary = Rotary(d, max_len, inv_freq=torch.cat([freqs, freqs.new_zeros(d // 4)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (m(x).view(B, T, self.n_head, C // self.n_head) for m in (self.q, self.k, self.v))
+        q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        cos, sin = self.rotary(T)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           scale=0.12, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Track3MLP(nn.Module):
+    """proj(relu(fc(x))^2), both with biases."""
+
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.fc = Linear(n_embd, 4 * n_embd, bias=True)
+        self.proj = Linear(4 * n_embd, n_embd, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Track3Block(nn.Module):
+    """x = x + attn(norm1(x)); x = x + mlp(norm2(x)) (norms with gains, no residual scale)."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.attn = Track3Attention(args.n_embd, args.n_head, args.sequence_length)
+        self.mlp = Track3MLP(args.n_embd)
+        self.norm1, self.norm2 = RMSNorm(args.n_embd), RMSNorm(args.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Track3GPT(GPT):
+    """The track's model: untied embedding and head (with a bias), RMSNorm with gains on the
+    embedding's output and before the head, Track3Blocks, logits soft-capped 15 z / sqrt(z^2 +
+    15^2), in fp32. Init: every proj weight (attention's, the MLP's) and the head zero, the
+    embedding N(0, 1), other weights N(0, 0.33 / fan_in), biases 0, gains 1. Its original sums the
+    loss over tokens: the forward returns the mean, and the trainer's backward takes the sum
+    (loss_sum), so the optimizers see the original's gradient. AdamW groups: the embedding
+    (embed_lr), the head (head_lr), every 1-D parameter (scalar_lr); --optimizer updates the blocks'
+    matrices."""
+    loss_sum = True
+
+    @staticmethod
+    def refusal(args: Hyperparameters) -> str:
+        """The whole fp32 logits (the fused loss has no soft cap or head bias); a head dim
+        divisible by 4 (the rotary uses a quarter of it)."""
+        if args.loss_chunk:
+            return (f"--loss_chunk {args.loss_chunk}: the fused loss has no soft cap or head bias, "
+                    f"which --model track3 has; use --loss_chunk 0 (fp32 logits, as its original)")
+        if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 4:
+            return (f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head} with a "
+                    f"head dim divisible by 4 (--model track3's rotary uses a quarter of it)")
+        return ""
+
+    def __init__(self, args: Hyperparameters):
+        nn.Module.__init__(self)
+        d = args.n_embd
+        blocks = nn.ModuleList([Track3Block(args) for _ in range(args.n_layer)])
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(args.vocab_size, d), h=blocks))
+        self.lm_head = nn.Linear(d, args.vocab_size, bias=True)
+        self.norm_in, self.norm_out = RMSNorm(d), RMSNorm(d)
+        self.loss_chunk = 0
+        zero = {id(m.weight) for b in blocks for m in (b.attn.proj, b.mlp.proj)}
+        zero.add(id(self.lm_head.weight))
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("gains"):
+                    p.fill_(1)
+                elif name.endswith("bias") or id(p) in zero:
+                    p.zero_()
+                elif p is self.transformer.wte.weight:
+                    p.normal_()
+                else:
+                    p.normal_(std=0.33**0.5 / p.size(-1)**0.5)
+
+    def adam_groups(self, args: Hyperparameters) -> list[dict]:
+        """The embedding at embed_lr, the head at head_lr, every 1-D parameter at scalar_lr."""
+        return [dict(params=[self.transformer.wte.weight], lr=args.embed_lr),
+                dict(params=[self.lm_head.weight], lr=args.head_lr),
+                dict(params=[p for p in self.parameters() if p.ndim < 2], lr=args.scalar_lr)]
+
+    def block_matrices(self) -> list[nn.Parameter]:
+        """The blocks' matrices (their biases and gains are adam_groups')."""
+        return [p for p in self.transformer.h.parameters() if p.ndim >= 2]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over tokens of cross-entropy(15 z / sqrt(z^2 + 15^2)), z the head's fp32 logits."""
+        x = self.norm_in(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x)
+        z = self.lm_head(self.norm_out(x)).float()
+        z = 15 * z * (z.square() + 15**2).rsqrt()
+        return F.cross_entropy(z.view(-1, z.size(-1)), targets.view(-1))
+
+
+MODELS = {"gpt2": GPT, "track3": Track3GPT}  # --model
 
 # ----------------------------------------------------------------------------- data
 
@@ -1513,7 +1740,7 @@ def val_batches(tokens: np.ndarray, B: int, T: int, rank: int, world: int, devic
 
 def train(args: Hyperparameters) -> tuple[str, nn.Module]:
     """Train, validate, write a record and checkpoints; returns the record's path on process 0 (''
-    elsewhere) and the model. Per step: a validation when due (val_loss_every, and the last step),
+    elsewhere) and the model. Per step: a validation when due (val_due),
     `accum` micro-batches forward and backward, the schedule, every optimizer's step, the divergence
     check, the record's step line, a checkpoint when due. Stops early on SIGTERM/SIGINT with a
     checkpoint (exit code 128 + the signal; a second SIGINT: at once, without), and when the train
@@ -1529,6 +1756,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         B, T = args.device_batch_size, args.sequence_length
         train_files, val_files, resume, meta = check_inputs(args, world)
         val_tokens = load_val_tokens(val_files, args.val_tokens, args.vocab_size)
+        step_tokens = args.batch_size * T  # over every process
         run_name = [record_name(args) if master else ""]
         if world > 1:
             dist.broadcast_object_list(run_name, src=0)
@@ -1538,7 +1766,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         random.seed(args.seed)
-        model = raw_model = GPT(args).to(device)
+        model = raw_model = MODELS[args.model](args).to(device)
         optimizers = build_optimizers(raw_model, args)  # before compiling: they may add buffers
         blocks = optimizers[1]
         gram_every = getattr(blocks, "refresh_every", 0)  # torch's AdamW has none
@@ -1589,7 +1817,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         for step in range(progress["step"], args.num_iterations + 1):
             last = step == args.num_iterations or step == args.stop_at > 0
             clock.start_step(step)
-            if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+            if last or val_due(step, args):
                 clock.pause(step)
                 val_loss = mean_val_loss(model, val_tokens, args, rank, world, device, autocast,
                                          attention)
@@ -1614,8 +1842,10 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
                         blocks.refresh_gram(n_tokens=args.batch_size * args.sequence_length,
                                             stream=gram_stream)
                     x, y = loader.next_batch()  # the next batch is read while the GPU works
+                    # the gradient of the step's mean loss, or of its sum (loss_sum)
+                    scaled = loss * step_tokens if raw_model.loss_sum else loss
                     with determinism.backward():
-                        (loss / accum).backward()
+                        (scaled / accum).backward()
                 train_loss += loss.detach() / accum
 
             # the schedule, then every optimizer's step
@@ -2246,6 +2476,12 @@ def make_loss_eager() -> None:
 
 def validate_args(args: Hyperparameters, world: int) -> int:
     """Refuse bad settings before any model is built; returns the gradient accumulation steps."""
+    if args.model not in MODELS:
+        raise SystemExit(f"--model: unknown model {args.model!r}; choose one of "
+                         f"{', '.join(MODELS)}")
+    refusal = MODELS[args.model].refusal(args)
+    if refusal:
+        raise SystemExit(refusal)
     check_optimizer_args(args)
     if args.compile_mode not in COMPILE_MODES:
         raise SystemExit(f"--compile_mode: unknown {args.compile_mode!r}; choose one of "
@@ -2298,15 +2534,16 @@ def validate_args(args: Hyperparameters, world: int) -> int:
 def check_run_args(args: Hyperparameters) -> None:
     """Refuse a schedule or checkpoint setting out of range: learning rates below the float32
     maximum; warmup, warmdown >= 0 with warmup + warmdown <= num_iterations; val_loss_every,
-    save_every >= 0; keep_checkpoints >= 1; a --resume checkpoint that exists, is complete, has its
-    record, and was saved with the same settings except RESUME_MAY_CHANGE, and not at the run's last
-    step already (RunComplete)."""
+    val_tail_every, save_every >= 0; keep_checkpoints >= 1; a --resume checkpoint that exists, is
+    complete, has its record, and was saved with the same settings except RESUME_MAY_CHANGE, and
+    not at the run's last step already (RunComplete)."""
     f32_max = torch.finfo(torch.float32).max
     for name in (f.name for f in fields(Hyperparameters) if f.name.endswith("_lr")):
         if not getattr(args, name) < f32_max:  # check_optimizer_args refuses the non-positive ones
             raise SystemExit(f"--{name}: must be below {f32_max:.4g} (the float32 maximum), got "
                              f"{getattr(args, name)}")
-    for name in ("warmup_iters", "warmdown_iters", "val_loss_every", "save_every", "stop_at"):
+    for name in ("warmup_iters", "warmdown_iters", "val_loss_every", "val_tail_every", "save_every",
+                 "stop_at"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name}: must be >= 0, got {getattr(args, name)}")
     if args.warmup_iters + args.warmdown_iters > args.num_iterations:

@@ -8,6 +8,9 @@
 --originals holds the user's copies (never committed):
     modded-nanogpt/train_gpt2.py                  KellerJordan/modded-nanogpt at b9979e6 (Muon, as OrthogonalNesterov)
     modded-nanogpt-SOAP/train_gpt2.py + soap.py   nikhilvyas/modded-nanogpt-SOAP (SOAP)
+    modded-nanogpt-track3/train_gpt_simple.py     KellerJordan/modded-nanogpt at f411b3d,
+                                                  records/track_3_optimization/ (the optimization
+                                                  track's baseline: --which track3 --preset track3)
 The project's protocol (--preset and the settings after --) is mapped onto each original's command line
 (original_args): its d12 model, --batch_size = the project's device batch, --accumulation the rest of its batch,
 --sequence_length, --num_iterations, --warmup_iters, --warmdown_iters, --learning_rate, --val_loss_every, and
@@ -34,6 +37,19 @@ beside (the SOAP fork holds ~64 GiB at 64 x 1024: two of it and a project run do
 run's own error line is printed.
 Last, compare.py --by optimizer over <out> (the originals as upstream-<opt>), and per optimizer whether the
 project's mean lies within two standard errors of the original's.
+
+train_gpt_simple.py (track3) has no command line: its settings are literals. Each run gets a copy
+in its folder under --work, made by track3_source with track3_edits (the shard patterns, made
+absolute; train_steps, batch_size, val_tokens; torch.manual_seed(i) before its model, since
+unseeded all its runs would start from torch's default seed and one init), its other settings
+checked against the project's (ORIGINALS["track3"].fixed; its cooldown_frac 0.7: --warmdown_iters
+= 0.7 x --num_iterations). The compare shape beside it, one 64 x 1024 micro-batch a step for 400
+steps with the track's schedule scaled:
+    python records/originals.py --originals .originals --out records/EXP --which track3 \
+        --preset track3 --input_bin ... --input_val_bin ... -- --batch_size 64 \
+        --num_iterations 400 --warmdown_iters 280 --val_tokens 4194304
+Its log (logs/<id>.txt: its code, then `step:N/M val_loss:X train_time:Ys` lines) is copied into
+<out>/original-track3/ below the header lines a converted log has.
 
 The originals seed nothing, and their runs do not start from one init: two runs of b9979e6 on one H200 began at
 val loss 10.9895 and 11.0351 (step 0), so their spread includes the init's, as the project's runs with --seed 0 .. n-1
@@ -83,6 +99,14 @@ class Original:
     fixed: dict = field(default_factory=dict)
 
 
+# what track3_edits replaces in train_gpt_simple.py
+TRACK3_LITERALS = dict(train="data/fineweb10B/fineweb_train_*.bin",
+                       val="data/fineweb10B/fineweb_val_*.bin",
+                       steps="train_steps = 3250", batch="batch_size = 8 * 64 * 1024",
+                       val_tokens="val_tokens = 20 * 524288",
+                       model="model = GPT(vocab_size=50304, num_layers=12, model_dim=768).cuda()",
+                       glob="files = sorted(Path.cwd().glob(filename_pattern))")
+TRACK3_MBS = 64  # its micro-batch (sequences): a step's and the val tokens come in whole ones
 ORIGINALS = {
     "muon": Original("muon", "KellerJordan/modded-nanogpt", "b9979e6df16c7e18c3bb4da0070ad88bae530de4",
                      ["modded-nanogpt/train_gpt2.py"],
@@ -95,7 +119,23 @@ ORIGINALS = {
                      dict(optimizer="soap", embed_lr=0.0018, soap_lr="lr", soap_betas=(0.95, 0.95),
                           soap_shampoo_beta=-1.0, soap_eps=1e-8, soap_weight_decay=0.0,
                           soap_precondition_frequency=10, soap_max_precond_dim=10000, embed_betas=(0.9, 0.95))),
+    "track3": Original("track3", "KellerJordan/modded-nanogpt",
+                       "f411b3d346aa52d3504324ca93c230fd84c6c07f",
+                       ["modded-nanogpt-track3/train_gpt_simple.py"],
+                       "d39470e5b0535baf9c6caf7dbcd15efa79d8eacc9badf6e7c45b536e8537deec",
+                       dict(model="track3", vocab_size=50304, n_layer=12, n_head=6, n_embd=768,
+                            sequence_length=1024, optimizer="muon", embed_lr=0.7, head_lr=0.004,
+                            scalar_lr=0.015, embed_betas=(0.8, 0.95), embed_eps=1e-10,
+                            embed_weight_decay=0.001, muon_lr=0.025, muon_weight_decay=0.05,
+                            muon_momentum=0.95, muon_nesterov=True, muon_lerp=True,
+                            ns_coeffs="convergent", muon_shape_scale=True, warmup_iters=0,
+                            val_loss_every=125, val_tail_every=25)),
 }
+
+
+def optimizer_of(name: str) -> str:
+    """The project's --optimizer for an original (track3: its Muon)."""
+    return ORIGINALS[name].fixed["optimizer"]
 
 
 def sha256(path: Path) -> str:
@@ -107,10 +147,74 @@ def project_settings(preset: str, extra: list[str], optimizer: str) -> train_gpt
     return train_gpt2.parse_args(["--preset", preset, *extra, "--optimizer", optimizer])
 
 
+def refuse_unlike(args: train_gpt2.Hyperparameters, original: Original,
+                  lr: float | None = None) -> None:
+    """SystemExit (one line) at the first setting `original` hard-codes that the project's `args`
+    set otherwise ("lr": the original's --learning_rate `lr`, "10lr": 10x that)."""
+    for name, want in original.fixed.items():
+        if isinstance(want, str) and want.endswith("lr"):
+            want = {"lr": lr, "10lr": 10 * (lr or 0)}.get(want, want)
+        have = getattr(args, name)
+        if (math.isclose(have, want, rel_tol=1e-12)
+                if isinstance(want, float) and not isinstance(have, bool) else have == want):
+            continue
+        raise SystemExit(f"--{name} {have}: {original.repo} at {original.commit[:7]} hard-codes "
+                         f"{want}" + (f" (with --learning_rate {lr})" if lr is not None else "")
+                         + f"; set --{name} {want} to compare like with like")
+
+
+def track3_edits(args: train_gpt2.Hyperparameters, seed: int) -> list[tuple[str, str, str]]:
+    """(old, new, why) of the copy of train_gpt_simple.py that runs the project's settings `args`
+    on one GPU (each old text occurs once); refuses (SystemExit, one line) what it cannot run as
+    the project does: a setting it hard-codes set otherwise, a cooldown other than 0.7 of the run,
+    --stop_at, a step or val tokens not in whole micro-batches of 64 sequences."""
+    refuse_unlike(args, ORIGINALS["track3"])
+    n, cooldown = args.num_iterations, args.warmdown_iters
+    if cooldown != round(0.7 * n) or not math.isclose(cooldown, 0.7 * n, rel_tol=1e-12):
+        raise SystemExit(f"--warmdown_iters {cooldown}: train_gpt_simple.py cools down over 0.7 "
+                         f"of the run; with --num_iterations {n} that is {0.7 * n:g} steps (it "
+                         f"must be whole)")
+    if args.stop_at:
+        raise SystemExit("--stop_at: the originals have no such setting; run the whole schedule")
+    T = args.sequence_length
+    for name, tokens in (("batch_size", args.batch_size * T), ("val_tokens", args.val_tokens)):
+        if tokens % (TRACK3_MBS * T):
+            raise SystemExit(f"--{name}: train_gpt_simple.py takes {tokens} tokens in "
+                             f"micro-batches of {TRACK3_MBS} x {T}; make it a multiple of that")
+    L = TRACK3_LITERALS
+    return [(L["train"], args.input_bin, "the train shards (--input_bin)"),
+            (L["val"], args.input_val_bin, "the val shards (--input_val_bin)"),
+            (L["glob"], "files = sorted(Path('/').glob(filename_pattern.lstrip('/')))",
+             "absolute shard patterns (Path.glob takes relative ones only)"),
+            (L["steps"], f"train_steps = {n}", "the run's steps (--num_iterations)"),
+            (L["batch"], f"batch_size = {args.batch_size * T}",
+             "the step's tokens (--batch_size x --sequence_length)"),
+            (L["val_tokens"], f"val_tokens = {args.val_tokens}", "the val tokens (--val_tokens)"),
+            (L["model"], f"torch.manual_seed({seed})\n" + L["model"],
+             "a seed: unseeded, every run starts from torch's default seed (one init); the "
+             "project's --seed")]
+
+
+def track3_source(text: str, edits: list[tuple[str, str, str]]) -> str:
+    """train_gpt_simple.py's `text` with `edits` made, each old text found exactly once (else
+    SystemExit)."""
+    for old, new, _ in edits:
+        if text.count(old) != 1:
+            raise SystemExit(f"train_gpt_simple.py: {old!r} occurs {text.count(old)} times, "
+                             f"expected once (is it {ORIGINALS['track3'].repo} at "
+                             f"{ORIGINALS['track3'].commit[:7]}?)")
+        text = text.replace(old, new)
+    return text
+
+
 def original_args(args: train_gpt2.Hyperparameters, original: Original) -> list[str]:
     """The original's command-line arguments for the project's settings `args` on one GPU; refuses (SystemExit, one
     line) what an original cannot run as the project does: another model, --stop_at, val tokens not whole batches,
-    or a setting the original hard-codes set otherwise in the project."""
+    or a setting the original hard-codes set otherwise in the project. track3 has no command line
+    (none; its copy is edited: track3_edits, which does its checks)."""
+    if original.name == "track3":
+        track3_edits(args, 0)
+        return []
     model = MODELS.get((args.n_layer, args.n_head, args.n_embd, args.vocab_size))
     if model is None:
         raise SystemExit(f"--n_layer {args.n_layer} --n_head {args.n_head} --n_embd {args.n_embd} --vocab_size "
@@ -124,14 +228,7 @@ def original_args(args: train_gpt2.Hyperparameters, original: Original) -> list[
         raise SystemExit(f"--val_tokens {args.val_tokens}: the originals validate on whole batches of {per_batch} "
                          f"tokens (--device_batch_size x --sequence_length)")
     lr = args.embed_lr if original.fixed.get("embed_lr") == "lr" else getattr(args, f"{original.name}_lr")
-    for name, want in original.fixed.items():
-        want = {"lr": lr, "10lr": 10 * lr}.get(want, want) if isinstance(want, str) and want.endswith("lr") else want
-        have = getattr(args, name)
-        if (math.isclose(have, want, rel_tol=1e-12) if isinstance(want, float) and not isinstance(have, bool)
-                else have == want):
-            continue
-        raise SystemExit(f"--{name} {have}: {original.repo} at {original.commit[:7]} hard-codes {want} "
-                         f"(with --learning_rate {lr}); set --{name} {want} to compare like with like")
+    refuse_unlike(args, original, lr)
     return ["--input_bin", args.input_bin, "--input_val_bin", args.input_val_bin, "--model", model,
             "--batch_size", str(args.device_batch_size),
             "--accumulation", str(args.batch_size // args.device_batch_size),
@@ -173,11 +270,13 @@ def project_records(folder: Path, ns: argparse.Namespace) -> tuple[dict[str, lis
         run = compare.parse_record(path)
         if run is None or run.format != "ours":
             continue
-        name = run.hyperparameters.get("optimizer")
+        hp = run.hyperparameters
+        # the original it stands beside
+        name = "track3" if hp.get("model") == "track3" else hp.get("optimizer")
         if name not in found:
             continue
-        why = ("incomplete" if not run.complete else
-               same_protocol(project_settings(ns.preset, ns.project, name), run.hyperparameters, ORIGINALS[name]))
+        protocol = project_settings(ns.preset, ns.project, optimizer_of(name))
+        why = "incomplete" if not run.complete else same_protocol(protocol, hp, ORIGINALS[name])
         if why:
             skipped.append(f"{path}: {why}")
         else:
@@ -186,8 +285,9 @@ def project_records(folder: Path, ns: argparse.Namespace) -> tuple[dict[str, lis
 
 
 def plan(ns: argparse.Namespace) -> list[Job]:
-    """The jobs: per optimizer, --seeds runs of the original (each in its folder under ns.work), then as many of the
-    project (checkpoints under ns.work); every run's output in <out>/stdout/<label>-<i>.log."""
+    """The jobs: per optimizer, --seeds runs of the original (each in its folder under ns.work;
+    track3: the copy track3_copy writes there, unless ns.dry_run), then as many of the project
+    (checkpoints under ns.work); every run's output in <out>/stdout/<label>-<i>.log."""
     root, out, work = Path(ns.originals), Path(ns.out), Path(ns.work)
     jobs = []
     for name in ns.which:
@@ -195,23 +295,42 @@ def plan(ns: argparse.Namespace) -> list[Job]:
         missing = [f for f in original.files if not (root / f).is_file()]
         if missing:
             raise SystemExit(f"{root / missing[0]}: missing; put {original.repo} (commit {original.commit[:7]}) there")
-        args = project_settings(ns.preset, ns.project, name)
+        args = project_settings(ns.preset, ns.project, optimizer_of(name))
         oargs = original_args(args, original)
         script = (root / original.files[0]).resolve()
         for k in range(ns.seeds):
             i = ns.first_seed + k
-            cmd = [*shlex.split(ns.launcher), str(script), *oargs]
-            jobs.append(Job(f"original-{name} run {i}", cmd, work / f"original-{name}-{i}",
+            cwd = work / f"original-{name}-{i}"
+            if name == "track3":
+                copy = track3_copy(script, cwd, args, i, ns.dry_run)
+                cmd, after = [*shlex.split(ns.launcher), str(copy)], collect_track3
+            else:
+                cmd, after = [*shlex.split(ns.launcher), str(script), *oargs], collect
+            jobs.append(Job(f"original-{name} run {i}", cmd, cwd,
                             out / "stdout" / f"original-{name}-{i}.log",
-                            after=lambda job, name=name, i=i: collect(job, ORIGINALS[name], root, out, i),
+                            after=lambda job, name=name, i=i, after=after: after(
+                                job, ORIGINALS[name], root, out, i),
                             kind=f"original-{name}", first=jobs[-k] if k else None))
         for i in range(ns.first_seed, ns.first_seed + (0 if ns.project_records else ns.seeds)):
             label = f"project-{name}"
-            cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--preset", ns.preset, *ns.project, "--optimizer",
-                   name, "--seed", str(i), "--label", label, "--records_dir", str((out / label).resolve()),
+            cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--preset", ns.preset, *ns.project,
+                   "--optimizer", optimizer_of(name), "--seed", str(i), "--label", label,
+                   "--records_dir", str((out / label).resolve()),
                    "--checkpoint_dir", str((work / "checkpoints").resolve())]
             jobs.append(Job(f"{label} seed {i}", cmd, REPO, out / "stdout" / f"{label}-{i}.log", kind=label))
     return jobs
+
+
+def track3_copy(script: Path, folder: Path, args: train_gpt2.Hyperparameters, seed: int,
+                dry_run: bool) -> Path:
+    """folder/train_gpt_simple.py: `script` with track3_edits(args, seed) made (written unless
+    dry_run)."""
+    path = folder / script.name
+    text = track3_source(script.read_text(), track3_edits(args, seed))
+    if not dry_run:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
 
 
 _STDOUT_STEP = re.compile(r"^step\s+(\d+)/(\d+) \| train loss (\S+) \|.*\(([\d.]+) ms \|")
@@ -287,6 +406,24 @@ def collect(job: Job, original: Original, root: Path, out: Path, i: int) -> Path
     path.write_text(text)
     for state in job.cwd.glob("logs/*/state_step*.pt"):  # the original saves its model at the end
         state.unlink()
+    print(f"{job.what}: {path}", flush=True)
+    return path
+
+
+def collect_track3(job: Job, original: Original, root: Path, out: Path, i: int) -> Path | None:
+    """Copy the run's newest logs/<id>.txt (its code, then its `step:N/M val_loss:X ...` lines)
+    into <out>/original-track3/ below header_lines; the copied path, or None (said) when the run
+    left no log."""
+    logs = sorted(job.cwd.glob("logs/*.txt"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        print(f"{job.what}: no logs/<id>.txt in {job.cwd}; its output: {job.stdout}")
+        return None
+    folder = out / f"original-{original.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-original-{original.name}-{i}.txt"
+    header = header_lines(original, root, job.cmd)[:-1]
+    header.append(f"seed: {i} (torch.manual_seed({i}) in its copy)")
+    path.write_text("\n".join(header) + "\n" + logs[-1].read_text())
     print(f"{job.what}: {path}", flush=True)
     return path
 
@@ -379,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     if ns.dry_run:
         for job in jobs:
             print(f"{job.what} (in {job.cwd}): {shlex.join(job.cmd)}")
+        if "track3" in ns.which:  # what its copies change (run i: torch.manual_seed(i))
+            args = project_settings(ns.preset, ns.project, optimizer_of("track3"))
+            for old, new, why in track3_edits(args, ns.first_seed):
+                print(f"train_gpt_simple.py: {old!r} -> {new!r} ({why})")
         return 0
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)

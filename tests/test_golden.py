@@ -1,7 +1,9 @@
 """The project's Muon, SOAP and PolarGrad against figures their originals produced (tests/golden/*.json, made by
-tests/golden/make_golden.py from modded-nanogpt b9979e6, the SOAP fork's soap.py and NVIDIA Emerging-Optimizers, in
-float64 on CPU): the same gradient stream gives the same parameters after every step, to 1e-10; a changed rule (a
-Newton-Schulz coefficient, a beta, the refresh's sort, the nuclear norm) misses them by far more."""
+tests/golden/make_golden.py from modded-nanogpt b9979e6, the SOAP fork's soap.py, NVIDIA
+Emerging-Optimizers and the optimization track's train_gpt_simple.py (track3_muon), in float64 on
+CPU): the same gradient stream gives the same parameters after every step, to 1e-10 (the track's
+Muon: to TRACK3_TOLERANCE); a changed rule (a Newton-Schulz coefficient, a beta, the refresh's
+sort, the nuclear norm) misses them by far more."""
 import json
 from pathlib import Path
 
@@ -12,6 +14,10 @@ import train_gpt2 as t
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 TOLERANCE = 1e-10
+# the track's Muon in float64: 2.2e-16 measured (the same arithmetic but for the order of
+# Newton-Schulz's products); its momentum's lerp form, which differs from buf = m buf + G only
+# through Newton-Schulz's 1e-7, is told apart (9.8e-9)
+TRACK3_TOLERANCE = 2e-15
 
 
 def golden(name: str) -> dict:
@@ -22,6 +28,11 @@ def make(name: str, params: list[torch.Tensor], s: dict):
     """The project's optimizer for a golden file's settings (betas as the project takes them: a tuple)."""
     if name == "muon":
         return t.Muon(params, lr=s["lr"], momentum=s["momentum"], nesterov=s["nesterov"], coeffs="simple")
+    if name == "track3_muon":  # the track3 preset's Muon
+        a = t.parse_args(["--preset", "track3"])
+        return t.Muon(params, lr=s["lr"], momentum=s["momentum"], nesterov=s["nesterov"],
+                      coeffs=a.ns_coeffs, shape_scale=s.get("shape_scale", a.muon_shape_scale),
+                      lerp=s.get("lerp", a.muon_lerp), weight_decay=s["weight_decay"])
     if name == "soap":
         return t.SOAP(params, lr=s["lr"], betas=tuple(s["betas"]), eps=s["eps"], weight_decay=s["weight_decay"],
                       precondition_frequency=s["precondition_frequency"])
@@ -50,7 +61,7 @@ def project_error(name: str, monkeypatch, settings: dict | None = None) -> float
     return worst
 
 
-@pytest.mark.parametrize("name", ["muon", "soap", "polargrad"])
+@pytest.mark.parametrize("name", ["muon", "soap", "polargrad", "track3_muon"])
 def test_golden_figures_have_provenance(name):
     """Each file names the original's repository, commit, files and hashes, what was changed to run it in float64,
     and holds a stream that moves the parameters (so equality is not trivial) across SOAP's refreshes."""
@@ -70,6 +81,16 @@ def test_project_equals_the_original(name, monkeypatch):
     assert project_error(name, monkeypatch) <= TOLERANCE
 
 
+def test_track3_muon_equals_the_original(monkeypatch):
+    """The track3 preset's Muon (lerp momentum, Nesterov, 12 convergent Newton-Schulz steps, shape
+    scale, weight decay) against train_gpt_simple.py's Muon on the golden stream, in float64; its
+    settings are the preset's."""
+    a, s = t.parse_args(["--preset", "track3"]), golden("track3_muon")["settings"]
+    assert (a.muon_lr, a.muon_weight_decay, a.muon_momentum, a.muon_nesterov) == (
+        s["lr"], s["weight_decay"], s["momentum"], s["nesterov"])
+    assert project_error("track3_muon", monkeypatch) <= TRACK3_TOLERANCE
+
+
 MUTATIONS = {
     "muon: Newton-Schulz c 2.0315 -> 2.0316": ("muon", lambda m: m.setitem(t.NS_COEFFS, "simple",
                                                                            ([(3.4445, -4.7750, 2.0316)] * 5, 1.0)), {}),
@@ -84,6 +105,12 @@ MUTATIONS = {
     "polargrad: quintic a 4.0848 -> 4.0849": ("polargrad", lambda m: m.setitem(t.NS_COEFFS, "quintic", (
         [(4.0849, -6.8946, 2.9270)] + t.NS_COEFFS["quintic"][0][1:], 1.0)), {}),
     "polargrad: momentum 0.95 -> 0.9": ("polargrad", None, {"momentum": 0.9}),
+    "track3_muon: no weight decay": ("track3_muon", None, {"weight_decay": 0.0}),
+    "track3_muon: buf = m buf + G, not the lerp form": ("track3_muon", None, {"lerp": False}),
+    "track3_muon: 11 Newton-Schulz steps": ("track3_muon", lambda m: m.setitem(
+        t.NS_COEFFS, "convergent", ([(2.0, -1.5, 0.5)] * 11, 1.0)), {}),
+    "track3_muon: no Nesterov": ("track3_muon", None, {"nesterov": False}),
+    "track3_muon: no max(1, rows/cols)^0.5": ("track3_muon", None, {"shape_scale": False}),
 }
 
 
@@ -93,4 +120,5 @@ def test_a_changed_rule_misses_the_golden_figures(case, monkeypatch):
     name, mutate, settings = MUTATIONS[case]
     if mutate is not None:
         mutate(monkeypatch)
-    assert project_error(name, monkeypatch, settings) > 1e4 * TOLERANCE
+    tolerance = TRACK3_TOLERANCE if name == "track3_muon" else TOLERANCE
+    assert project_error(name, monkeypatch, settings) > 1e4 * tolerance

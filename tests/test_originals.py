@@ -377,3 +377,230 @@ def test_deadline_lets_a_run_past_its_last_step_finish_its_final_val(tmp_path, c
     printed = capsys.readouterr().out
     assert "deadline: z is past its last step, left 5 s to finish" in printed and "deadline: stopping y" in printed
     assert o.finishing(z) and not o.finishing(y)
+
+
+# ------------------------------------------------------------- the optimization track (track3)
+
+TRACK3_COMPARE = [
+    "--batch_size",
+    "64",
+    "--num_iterations",
+    "400",
+    "--warmdown_iters",
+    "280",
+    "--val_tokens",
+    "4194304",
+]
+
+
+def track3_settings(*extra: str) -> t.Hyperparameters:
+    return o.project_settings(
+        "track3",
+        ["--input_bin", "/d/tr_*.bin", "--input_val_bin", "/d/va_*.bin", *TRACK3_COMPARE, *extra],
+        "muon",
+    )
+
+
+def fake_track3(root: Path) -> Path:
+    """An --originals folder whose train_gpt_simple.py holds each literal track3_edits replaces,
+    once."""
+    (root / "modded-nanogpt-track3").mkdir(parents=True)
+    L = o.TRACK3_LITERALS
+    text = "\n".join(
+        [
+            L["glob"],
+            f'a = "{L["val"]}"',
+            f'b = "{L["train"]}"',
+            L["steps"],
+            L["batch"],
+            L["val_tokens"],
+            L["model"],
+            "optimizer2 = Muon(params, lr=0.025, weight_decay=0.05)",
+            "",
+        ]
+    )
+    (root / "modded-nanogpt-track3" / "train_gpt_simple.py").write_text(text)
+    return root
+
+
+def test_track3_compare_shape_maps_onto_its_edits():
+    """The compare shape (one 64 x 1024 micro-batch a step, 400 steps, cooldown 280 = 0.7 x 400,
+    4,194,304 val tokens) is train_gpt_simple.py with those literals, the shard patterns, an
+    absolute glob and a seed; it has no command line."""
+    args = track3_settings()
+    assert o.original_args(args, o.ORIGINALS["track3"]) == []
+    edits = {old: new for old, new, _ in o.track3_edits(args, 2)}
+    assert edits == {
+        "data/fineweb10B/fineweb_train_*.bin": "/d/tr_*.bin",
+        "data/fineweb10B/fineweb_val_*.bin": "/d/va_*.bin",
+        "files = sorted(Path.cwd().glob(filename_pattern))":
+            "files = sorted(Path('/').glob(filename_pattern.lstrip('/')))",
+        "train_steps = 3250": "train_steps = 400",
+        "batch_size = 8 * 64 * 1024": "batch_size = 65536",
+        "val_tokens = 20 * 524288": "val_tokens = 4194304",
+        o.TRACK3_LITERALS["model"]: "torch.manual_seed(2)\n" + o.TRACK3_LITERALS["model"],
+    }
+    full = o.project_settings(
+        "track3", ["--input_bin", "/d/tr_*.bin", "--input_val_bin", "/d/va_*.bin"], "muon"
+    )
+    edits = {
+        old: new for old, new, _ in o.track3_edits(full, 0)
+    }  # the track's own run: its literals' values
+    assert (
+        edits["train_steps = 3250"],
+        edits["batch_size = 8 * 64 * 1024"],
+        edits["val_tokens = 20 * 524288"],
+    ) == ("train_steps = 3250", "batch_size = 524288", "val_tokens = 10485760")
+
+
+@pytest.mark.parametrize(
+    "extra,fragments",
+    [
+        (["--warmdown_iters", "279"], ["--warmdown_iters 279", "0.7 of the run", "280 steps"]),
+        (["--num_iterations", "401", "--warmdown_iters", "281"], ["0.7 of the run", "280.7 steps"]),
+        (["--muon_lr", "0.02"], ["--muon_lr 0.02", "hard-codes 0.025", "set --muon_lr 0.025"]),
+        (["--muon_lerp", "0"], ["--muon_lerp False", "hard-codes True"]),
+        (["--val_tail_every", "0"], ["--val_tail_every 0", "hard-codes 25"]),
+        (["--n_layer", "2"], ["--n_layer 2", "hard-codes 12"]),
+        (["--stop_at", "100"], ["--stop_at", "run the whole schedule"]),
+        (
+            ["--batch_size", "32", "--device_batch_size", "32"],
+            ["--batch_size", "micro-batches of 64 x 1024"],
+        ),
+        (["--val_tokens", "1048000"], ["--val_tokens", "micro-batches of 64 x 1024"]),
+    ],
+)
+def test_what_track3_cannot_run_as_the_project_is_refused(extra, fragments):
+    with pytest.raises(SystemExit) as refused:
+        o.original_args(track3_settings(*extra), o.ORIGINALS["track3"])
+    for fragment in fragments:
+        assert fragment in refused.value.code
+
+
+def test_track3_beside_the_project_dry_run(tmp_path, capsys):
+    """--which track3 --preset track3 --dry_run: per seed the original's copy (in its run folder,
+    not written) under torchrun without arguments, and the project's --preset track3 --optimizer
+    muon runs; the edits are listed."""
+    root = fake_track3(tmp_path / "orig")
+    work = tmp_path / "work"
+    code = o.main(
+        [
+            "--originals",
+            str(root),
+            "--out",
+            str(tmp_path / "exp"),
+            "--work",
+            str(work),
+            "--input_bin",
+            "/d/tr_*.bin",
+            "--input_val_bin",
+            "/d/va_*.bin",
+            "--which",
+            "track3",
+            "--preset",
+            "track3",
+            "--seeds",
+            "2",
+            "--dry_run",
+            "--",
+            *TRACK3_COMPARE,
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    lines = printed.splitlines()
+    assert lines[0] == (
+        f"original-track3 run 0 (in {work}/original-track3-0): torchrun --standalone "
+        f"--nproc_per_node=1 {work}/original-track3-0/train_gpt_simple.py"
+    )
+    assert lines[2].startswith(f"project-track3 seed 0 (in {o.REPO}): ") and lines[2].endswith(
+        "--preset track3 --input_bin '/d/tr_*.bin' --input_val_bin '/d/va_*.bin' --batch_size 64 "
+        "--num_iterations 400 --warmdown_iters 280 --val_tokens 4194304 --optimizer muon --seed 0 "
+        f"--label project-track3 --records_dir {(tmp_path / 'exp' / 'project-track3').resolve()} "
+        f"--checkpoint_dir {(work / 'checkpoints').resolve()}"
+    )
+    assert (
+        "train_gpt_simple.py: 'train_steps = 3250' -> 'train_steps = 400' (the run's steps"
+        in printed
+    )
+    assert not work.exists() and not (tmp_path / "exp").exists()
+    assert (
+        o.main(
+            [
+                "--originals",
+                str(root),
+                "--out",
+                str(tmp_path / "exp"),
+                "--input_bin",
+                "/d/tr_*.bin",
+                "--input_val_bin",
+                "/d/va_*.bin",
+                "--which",
+                "track3",
+                "--dry_run",
+            ]
+        )
+        == 2
+    )  # preset compare
+    assert (
+        "--model gpt2: KellerJordan/modded-nanogpt at f411b3d hard-codes track3"
+        in capsys.readouterr().err
+    )
+
+
+def test_track3_copy_and_its_collected_log(tmp_path):
+    """The copy a run gets is the original with the edits made (each found once; a file without one
+    is refused); the run's logs/<id>.txt is copied into original-track3/ below the header naming the
+    original and the seed."""
+    root = fake_track3(tmp_path / "orig")
+    script = root / "modded-nanogpt-track3" / "train_gpt_simple.py"
+    copy = o.track3_copy(script, tmp_path / "run-1", track3_settings(), 1, dry_run=False)
+    text = copy.read_text()
+    assert (
+        "train_steps = 400" in text
+        and "torch.manual_seed(1)\nmodel = GPT(" in text
+        and "/d/va_*.bin" in text
+    )
+    script.write_text(script.read_text().replace("train_steps = 3250", "train_steps = 3000"))
+    with pytest.raises(SystemExit, match="'train_steps = 3250' occurs 0 times, expected once"):
+        o.track3_copy(script, tmp_path / "run-2", track3_settings(), 2, dry_run=True)
+    (tmp_path / "run-1" / "logs").mkdir()
+    (tmp_path / "run-1" / "logs" / "u.txt").write_text(
+        "code\n" + "=" * 100 + "\nstep:0/400 val_loss:10.8 " "train_time:0.000s step_avg:nanms\n"
+    )
+    job = o.Job(
+        "original-track3 run 1", ["torchrun", str(copy)], tmp_path / "run-1", tmp_path / "1.log"
+    )
+    path = o.collect_track3(job, o.ORIGINALS["track3"], root, tmp_path / "exp", 1)
+    lines = path.read_text().splitlines()
+    assert path.parent.name == "original-track3" and lines[0] == (
+        "original: KellerJordan/modded-nanogpt at " "f411b3d346aa52d3504324ca93c230fd84c6c07f"
+    )
+    assert "seed: 1 (torch.manual_seed(1) in its copy)" in lines and lines[-1].startswith(
+        "step:0/400 val_loss:10.8"
+    )
+
+
+TRACK3_ORIGINAL = (
+    Path(__file__).resolve().parents[1] / ".originals" / o.ORIGINALS["track3"].files[0]
+)
+
+
+@pytest.mark.skipif(
+    not TRACK3_ORIGINAL.is_file(),
+    reason=f"no copy of train_gpt_simple.py at {TRACK3_ORIGINAL} "
+    "(KellerJordan/modded-nanogpt at f411b3d)",
+)
+def test_track3_edits_apply_to_the_original():
+    """On train_gpt_simple.py itself (its sha256 that of f411b3d) every edit applies once, the copy
+    compiles and differs from it in those lines only."""
+    import difflib
+
+    assert o.sha256(TRACK3_ORIGINAL) == o.ORIGINALS["track3"].sha256
+    before = TRACK3_ORIGINAL.read_text()
+    after = o.track3_source(before, o.track3_edits(track3_settings(), 0))
+    compile(after, "train_gpt_simple.py", "exec")
+    changed = [
+        line for line in difflib.ndiff(before.splitlines(), after.splitlines()) if line[:1] in "+-"
+    ]
+    assert len([line for line in changed if line[0] == "-"]) == 6 and len(changed) == 6 + 7

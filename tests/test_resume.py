@@ -311,3 +311,25 @@ def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(small_vo
     assert r.stdout == (f"--resume {run / 'step_000005'}: the run is complete (step 5/5, record {record}); nothing to "
                         f"do\n")
     assert (Path(record).read_bytes(), sorted(p.name for p in run.iterdir())) == before
+
+
+def test_a_checkpoint_saved_before_a_setting_existed_resumes_with_its_default(small_vocab_args,
+                                                                             tmp_path):
+    """A checkpoint whose settings and Muon group lack muon_lerp and muon_weight_decay (saved by a
+    train_gpt2.py before they existed) resumes with their defaults, bitwise as an uninterrupted
+    run."""
+    args = small_vocab_args + ["--num_iterations", str(N), "--warmup_iters", "4",
+                               "--warmdown_iters", "2"]
+    train_here(args + ["--records_dir", str(tmp_path / "ref")])
+    train_here(args + ["--records_dir", str(tmp_path / "old"), "--stop_at", "3"])
+    (folder,) = (tmp_path / "old" / "checkpoints").glob("*/step_000003")
+    meta = json.loads((folder / "meta.json").read_text())
+    for k in ("muon_lerp", "muon_weight_decay"):
+        del meta["args"][k]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    main = torch.load(folder / "main.pt", weights_only=False)
+    for k in ("lerp", "weight_decay"):
+        del main["param_groups"][1][0][k]
+    torch.save(main, folder / "main.pt")
+    train_here(["--resume", "latest", "--records_dir", str(tmp_path / "old")])
+    assert_bitwise(final_state(tmp_path / "ref"), final_state(tmp_path / "old"))

@@ -63,7 +63,7 @@ def start(args) -> Run:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
-    model = raw_model = t.GPT(args).to(device)
+    model = raw_model = t.MODELS[args.model](args).to(device)
     optimizers = t.build_optimizers(raw_model, args)
     loader = t.DataLoader(train_files, args.device_batch_size, args.sequence_length, rank, world,
                           accum, args.vocab_size, device)

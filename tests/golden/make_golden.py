@@ -7,23 +7,35 @@ The originals are the user's copies (git-ignored, never committed), under --orig
                                                   and zeroth_power_via_newtonschulz5)
     modded-nanogpt-SOAP/soap.py                   nikhilvyas/modded-nanogpt-SOAP at 618af27 (SOAP)
     Emerging-Optimizers/emerging_optimizers/      NVIDIA-NeMo/Emerging-Optimizers at fd77292 (PolarGrad)
+    modded-nanogpt-track3/train_gpt_simple.py     KellerJordan/modded-nanogpt at f411b3d, records/
+                                                  track_3_optimization/train_gpt_simple.py (the
+                                                  optimization track: Muon, model, schedule)
 Each file must be the version named in ORIGINALS (its sha256 is checked). Each original optimizer runs in float64 on
 CPU on one fixed gradient stream (stream(): seeded normal parameters and gradients of a few shapes, wide, tall and
 square); what had to change in its code to run so is only the dtype, listed per file in PATCHES and in the data's
 provenance. Writes tests/golden/<name>.json: provenance, settings, shapes, the initial parameters, the gradients and
 the parameters after every step (and for SOAP the bases of its first step, which the project's run adopts: on the
 null space of a rank-deficient first L or R the eigenbasis is arbitrary in both codes).
+From train_gpt_simple.py also (its code above the Setup banner: the classes, loaded without CUDA or
+torchrun): track3_model.json, the summed loss and each parameter's gradient norm of its GPT in fp32
+for weights and tokens made by track3_weights / track3_tokens (splitmix64, no RNG: the test makes
+the same ones); track3_schedule.json, the lr factor set_hparams gives at every step and the steps
+its loop validates at, for 3250 and 400 steps (the function and the loop's two statements taken
+from its source by ast).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
+import math
 import sys
 import types
 import typing
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -40,6 +52,14 @@ SETTINGS = {
     # 0.01 on unit gradients, and 9e-16 with NVIDIA's normalization put in); at this scale it is ~3e-11
     "polargrad": dict(steps=5, lr=2e-5, momentum=0.95, nesterov=False, weight_decay=0.01, ns_coeffs="quintic",
                       grad_scale=1000.0),
+    # the track's Muon(lr=0.025, weight_decay=0.05), its mu default 0.95, Nesterov
+    # (grad_spread: singular values over ~1e5, so the 12th step and the momentum's lerp form,
+    # which reaches the update only through Newton-Schulz's 1e-7, still matter)
+    "track3_muon": dict(steps=5, lr=0.025, weight_decay=0.05, momentum=0.95, nesterov=True,
+                        grad_spread=5.0),
+    # its GPT at a small size (model_dim a multiple of its head_dim 128), batch x sequence tokens
+    "track3_model": dict(vocab_size=512, num_layers=2, model_dim=256, batch=2, sequence=64),
+    "track3_schedule": dict(num_iterations=[3250, 400]),
 }
 
 # repo, commit, path under --originals, path in the repo, sha256 of the copy these figures were made from
@@ -60,6 +80,11 @@ ORIGINALS = {
                         "c098769ecbf2f1dccba562863f388c8f24401d6fe76b64bd9653d7cc80714f50"),
                        ("mixin.py", "7453acd6013dec97b1cc160e486cb7e884d1d792f1db774e8b7cc659585d15cc")]],
 }
+TRACK3_FILE = "modded-nanogpt-track3/train_gpt_simple.py"
+for _name in ("track3_muon", "track3_model", "track3_schedule"):
+    ORIGINALS[_name] = [("KellerJordan/modded-nanogpt", "f411b3d346aa52d3504324ca93c230fd84c6c07f",
+                         TRACK3_FILE, "records/track_3_optimization/train_gpt_simple.py",
+                         "d39470e5b0535baf9c6caf7dbcd15efa79d8eacc9badf6e7c45b536e8537deec")]
 
 # (file under --originals, old text, new text, times it occurs): all dtype changes, nothing else
 PATCHES = {
@@ -68,6 +93,10 @@ PATCHES = {
               "no torch.compile (Inductor on CPU; the same math eagerly)"),
              ("modded-nanogpt/train_gpt2.py", "X = G.bfloat16() / (G.norm() + eps)",
               "X = G.double() / (G.norm() + eps)", 1, "Newton-Schulz in float64, not bfloat16")],
+    "track3_muon": [(TRACK3_FILE, "@torch.compile\ndef muon_update", "def muon_update", 1,
+                     "no torch.compile (Inductor on CPU; the same math eagerly)"),
+                    (TRACK3_FILE, "X = G.bfloat16()", "X = G.double()", 1,
+                     "Newton-Schulz in float64, not bfloat16")],
     "soap": [("modded-nanogpt-SOAP/soap.py", ".float()", ".double()", 5,
               "eigh and the refresh's QR in float64, not float32"),
              ("modded-nanogpt-SOAP/soap.py", "torch.zeros(sh, sh, device=grad.device)",
@@ -78,7 +107,16 @@ PATCHES = {
                   ("Emerging-Optimizers/emerging_optimizers/orthogonalized_optimizers/muon_utils.py",
                    "X = X.to(torch.float32)", "X = X.to(torch.float64)", 1, "and returns float64")],
 }
-SHIMS = {"polargrad": "absl.logging replaced by no-op functions (absl-py not needed: logging only); "
+TRACK3_SHIM = ("only the code above its Setup banner is run (the rest needs CUDA and "
+               "torchrun); torch.distributed replaced by one process (get_world_size 1, "
+               "get_rank 0, all_gather a no-op: its own parameter); sys.argv[0] its own path while "
+               "it loads (it reads its code from there for its log)")
+SHIMS = {"track3_muon": TRACK3_SHIM, "track3_model": TRACK3_SHIM,
+         "track3_schedule": "set_hparams and the first two statements of the training loop "
+                            "(val_step_freq and the condition validating) taken from its source "
+                            "by ast and run with train_steps set and one optimizer group of "
+                            "initial_lr 1",
+         "polargrad": "absl.logging replaced by no-op functions (absl-py not needed: logging only); "
                       "emerging_optimizers.registry replaced by a decorator that returns the class (its PEP 695 "
                       "syntax needs Python >= 3.12; name registration only); typing.override = identity on "
                       "Python < 3.12"}
@@ -97,6 +135,16 @@ NOTES = {
                  "no 1.01 on the norm) and is not compared. The project normalizes D by ||D||_F + 1e-7, NVIDIA by "
                  "max(||D||_F, 1e-15): ~1.7e-6 lr on the parameters for this stream (3e-11 here; 1.7e-8 at lr 0.01 "
                  "on unit gradients; 9e-16 with NVIDIA's normalization put into the project)",
+    "track3_muon": "the track's Muon: momentum m.lerp_(g, 1 - mu), Nesterov g.lerp_(m, mu), "
+                   "Newton-Schulz (2, -1.5, 0.5) x 12, scale max(1, rows/cols)^0.5, "
+                   "p <- p (1 - lr wd) - lr update; the project's Muon with lerp, weight_decay, "
+                   "coeffs convergent, shape_scale and NS_DTYPE float64",
+    "track3_model": "its GPT with the embedding cast to fp32 (it makes it bf16, so every "
+                    "activation would be bf16), on CPU; loss_sum: its forward (cross-entropy "
+                    "summed over tokens); grad_norms: the Frobenius norm of each parameter's "
+                    "gradient of that sum, by its parameter names",
+    "track3_schedule": "lr: set_hparams(step)'s factor on initial_lr for step 0 .. N-1; "
+                       "val_steps: the steps 0 .. N at which its loop validates",
 }
 
 
@@ -118,7 +166,7 @@ def check_copies(root: Path, name: str) -> None:
 def patched_source(root: Path, rel: str, name: str) -> str:
     """The file's text with PATCHES[name] for it applied, each found exactly as often as listed."""
     text = (root / rel).read_text()
-    for path, old, new, count, _ in PATCHES[name]:
+    for path, old, new, count, _ in PATCHES.get(name, []):
         if path == rel:
             if text.count(old) != count:
                 raise SystemExit(f"{root / rel}: {old!r} occurs {text.count(old)} times, expected {count}")
@@ -134,18 +182,24 @@ def load_module(name: str, source: str, filename: str) -> types.ModuleType:
     return module
 
 
-def stream(steps: int, scale: float = 1.0) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+def stream(steps: int, scale: float = 1.0,
+           spread: float = 0.0) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """Initial parameters and `steps` gradients per parameter, float64 normals from one seeded generator (gradients
-    times scale)."""
+    times scale; spread > 0: column j of an n-column gradient also times 10^(-spread j / (n - 1)),
+    so its singular values span ~10^spread and Newton-Schulz leaves the small ones unconverged)."""
     gen = torch.Generator().manual_seed(SEED)
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     grads = [[scale * torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES] for _ in range(steps)]
+    if spread:
+        grads = [[g * torch.logspace(0, -spread, g.size(-1), dtype=torch.float64) for g in step]
+                 for step in grads]
     return params, grads
 
 
-def run(make, steps: int, scale: float = 1.0):
-    """Parameters after each step of an optimizer made by make(params) on stream(steps, scale)."""
-    init, grads = stream(steps, scale)
+def run(make, steps: int, scale: float = 1.0, spread: float = 0.0):
+    """Parameters after each step of an optimizer made by make(params) on stream(steps, scale,
+    spread)."""
+    init, grads = stream(steps, scale, spread)
     params = [torch.nn.Parameter(p.clone()) for p in init]
     opt = make(params)
     trajectory = []
@@ -203,10 +257,120 @@ def original_polargrad(root: Path):
                s["steps"], s["grad_scale"])[:3], {}
 
 
+TRACK3_SETUP = "########################################\n#                Setup"
+
+
+def track3_module(root: Path, name: str) -> types.ModuleType:
+    """train_gpt_simple.py above its Setup banner (PATCHES[name] applied) as a module,
+    torch.distributed replaced by one process."""
+    text = patched_source(root, TRACK3_FILE, name)
+    argv, sys.argv = sys.argv, [str(root / TRACK3_FILE)]  # it reads its own code for its log
+    try:
+        mod = load_module(f"original_track3_{name}", text[:text.index(TRACK3_SETUP)],
+                          str(root / TRACK3_FILE))
+    finally:
+        sys.argv = argv
+    mod.dist = types.SimpleNamespace(get_world_size=lambda: 1, get_rank=lambda: 0,
+                                     all_gather=lambda out, x: None)
+    return mod
+
+
+def original_track3_muon(root: Path):
+    mod = track3_module(root, "track3_muon")
+    s = SETTINGS["track3_muon"]
+    # its Muon sorts its parameters by size (an order only); Nesterov is muon_update's default
+    make = lambda ps: mod.Muon(ps, lr=s["lr"], weight_decay=s["weight_decay"], mu=s["momentum"])
+    return run(make, s["steps"], spread=s["grad_spread"])[:3], {}
+
+
+def splitmix(i: np.ndarray) -> np.ndarray:
+    """splitmix64 of each uint64 in i (wrapping arithmetic): a fixed pseudo-random hash, the same on
+    any machine."""
+    with np.errstate(over="ignore"):
+        z = i + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def uniform(n: int, k: int) -> np.ndarray:
+    """n numbers in [0, 1) from splitmix64 of (k << 32) + 0 .. n-1 (53 bits each)."""
+    return (splitmix(np.arange(n, dtype=np.uint64) + np.uint64(k << 32)) >> np.uint64(11)) / 2.0**53
+
+
+def track3_weights(shapes: list[tuple[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """fp32 weights for (name, shape) by the original's names, k-th of them from uniform(., k):
+    offset + std sqrt(3) (2u - 1): gains 1 + 0.1 u', biases std 0.1, the embedding std 1, the head
+    (proj.weight) std 3 / sqrt(fan_in) (its logits reach the soft cap), other weights std 1 /
+    sqrt(fan_in)."""
+    out = {}
+    for k, (name, shape) in enumerate(shapes):
+        if name.endswith("gains") or name.endswith("bias"):
+            offset, std = (1.0 if name.endswith("gains") else 0.0), 0.1
+        else:
+            offset = 0.0
+            scale = 3.0 if name == "proj.weight" else 1.0
+            std = 1.0 if name == "embed.weight" else scale / shape[-1] ** 0.5
+        u = uniform(math.prod(shape), k)
+        out[name] = torch.from_numpy(offset + std * 3**0.5 * (2 * u - 1)).view(*shape).float()
+    return out
+
+
+def track3_tokens(n: int, vocab: int) -> torch.Tensor:
+    """n + 1 token ids < vocab (inputs are the first n, targets the last n)."""
+    ids = splitmix(np.arange(n + 1, dtype=np.uint64) + np.uint64(7 << 40)) % np.uint64(vocab)
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+def original_track3_model(root: Path):
+    mod = track3_module(root, "track3_model")
+    s = SETTINGS["track3_model"]
+    model = mod.GPT(vocab_size=s["vocab_size"], num_layers=s["num_layers"],
+                    model_dim=s["model_dim"]).float()
+    shapes = [(name, list(p.shape)) for name, p in model.named_parameters()]
+    weights = track3_weights(shapes)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    tokens = track3_tokens(s["batch"] * s["sequence"], s["vocab_size"])
+    x, y = tokens[:-1].view(s["batch"], s["sequence"]), tokens[1:].view(s["batch"], s["sequence"])
+    loss = model(x, y)
+    loss.backward()
+    return dict(shapes=shapes, loss_sum=loss.item(),
+                grad_norms={n: p.grad.double().norm().item() for n, p in model.named_parameters()})
+
+
+def original_track3_schedule(root: Path):
+    tree = ast.parse((root / TRACK3_FILE).read_text())
+    nodes = list(ast.walk(tree))
+    (fn,) = [n for n in nodes if isinstance(n, ast.FunctionDef) and n.name == "set_hparams"]
+    (loop,) = [n for n in nodes if isinstance(n, ast.For) and ast.unparse(n.target) == "step"]
+    freq, due = loop.body[0], loop.body[1]
+    assert ast.unparse(freq).startswith("val_step_freq =") and isinstance(due, ast.If), "changed"
+    runs = []
+    for n in SETTINGS["track3_schedule"]["num_iterations"]:
+        group = {"initial_lr": 1.0}
+        env = dict(train_steps=n, optimizers=[types.SimpleNamespace(param_groups=[group])])
+        exec(compile(ast.Module([fn], []), TRACK3_FILE, "exec"), env)
+        lr = []
+        for step in range(n):
+            env["set_hparams"](step)
+            lr.append(group["lr"])
+        val = []
+        for step in range(n + 1):
+            env["step"] = step
+            exec(compile(ast.Module([freq], []), TRACK3_FILE, "exec"), env)
+            if eval(compile(ast.Expression(due.test), TRACK3_FILE, "eval"), env):
+                val.append(step)
+        runs.append(dict(num_iterations=n, lr=lr, val_steps=val))
+    return dict(runs=runs)
+
+
 def provenance(root: Path, name: str) -> dict:
     return dict(
         files=[dict(repo=repo, commit=commit, path=path, sha256=sha) for repo, commit, _, path, sha in ORIGINALS[name]],
-        changed=[dict(file=rel.split("/", 1)[1], old=old, new=new, why=why) for rel, old, new, _, why in PATCHES[name]],
+        changed=[dict(file=rel.split("/", 1)[1], old=old, new=new, why=why)
+                 for rel, old, new, _, why in PATCHES.get(name, [])],
         shims=SHIMS.get(name, ""), note=NOTES[name], run="float64 on CPU, torch " + torch.__version__,
         made_by="tests/golden/make_golden.py")
 
@@ -221,6 +385,16 @@ def write(name: str, root: Path, result, extra: dict) -> Path:
     return path
 
 
+def write_track3(name: str, root: Path, data: dict) -> Path:
+    path = HERE / f"{name}.json"
+    fp32 = "fp32 on CPU, torch " + torch.__version__
+    run_on = fp32 if name == "track3_model" else "Python floats"
+    prov = dict(provenance(root, name), run=run_on)
+    path.write_text(json.dumps(dict(provenance=prov, settings=SETTINGS[name], **data),
+                               separators=(",", ":")) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--originals", default=str(HERE.parents[1] / ".originals"),
@@ -230,7 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.originals)
     for name in args.only or list(ORIGINALS):
         check_copies(root, name)
-        result, extra = {"muon": original_muon, "soap": original_soap, "polargrad": original_polargrad}[name](root)
+        if name in ("track3_model", "track3_schedule"):
+            make = original_track3_model if name == "track3_model" else original_track3_schedule
+            data = make(root)
+            print(f"{name}: {write_track3(name, root, data)}")
+            continue
+        result, extra = {"muon": original_muon, "soap": original_soap, "polargrad": original_polargrad,
+                         "track3_muon": original_track3_muon}[name](root)
         print(f"{name}: {write(name, root, result, extra)}")
     return 0
 
