@@ -435,12 +435,25 @@ def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str,
     return (X @ R).to(G.dtype)
 
 
-def trace_over_d(C: torch.Tensor, mode: str) -> torch.Tensor:
-    """tr(C) / d per matrix for C full (..., d, d), block (..., d/b, b, b) or diag (..., d)."""
+def trace_over_d(C: torch.Tensor, mode: str, per_block: bool = False) -> torch.Tensor:
+    """tr(C) / d per matrix for C full (..., d, d), block (..., d/b, b, b) or diag (..., d); with
+    per_block, for block C, tr(C_k) / b per block instead (..., d/b)."""
     if mode == "diag":
         return C.mean(-1)
     D = C.diagonal(dim1=-2, dim2=-1)
-    return D.flatten(-2).mean(-1) if mode == "block" else D.mean(-1)
+    if mode == "block" and not per_block:
+        return D.flatten(-2).mean(-1)
+    return D.mean(-1)
+
+
+def scaled_identity(like: torch.Tensor, mode: str, s: float) -> torch.Tensor:
+    """s I in the layout of C `like`: full (..., d, d), block (..., d/b, b, b) (s I per block), diag
+    (..., d)."""
+    if mode == "diag":
+        return torch.full_like(like, s)
+    out = torch.zeros_like(like)
+    out.diagonal(dim1=-2, dim2=-1).fill_(s)
+    return out
 
 
 def eigenbasis(P: torch.Tensor) -> torch.Tensor:
@@ -941,9 +954,10 @@ class SOAP(MatrixOptimizer):
 class FeatureGram(MatrixOptimizer):
     """Base of the feature-gram rules: each block matrix W (out x d) is preconditioned on the right
     by the Gram matrix of its layer's input X, C = X^T X / n_tokens (full, block-diagonal or
-    diagonal), which the model collects on refresh steps, every gram_every steps (GPT.collect_gram).
-    On a refresh, refresh_gram averages the collected sums over processes (one all-reduce), keeps
-    C <- beta C + (1 - beta) C_new (beta = 0: replace) and caches the right preconditioner
+    diagonal), which the model collects on refresh steps, the steps with (step + gram_phase) %
+    gram_every == 0 (GPT.collect_gram). On a refresh, refresh_gram averages the collected sums over
+    processes (one all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace; C before
+    the first refresh: gram_start I, or none) and caches the right preconditioner
     R = factor(C) (batched over the matrices of one shape; on CUDA stored in bf16, the operand dtype
     right_precondition gives it there) for the matrices this process owns; each step then costs one
     matmul per matrix (right_precondition). Before the first refresh R is the identity."""
@@ -955,7 +969,14 @@ class FeatureGram(MatrixOptimizer):
             lambda a: f"a divisor of every layer's input width ({a.n_embd} and {4 * a.n_embd})",
             lambda v, a: a.gram != "block" or (v >= 1 and a.n_embd % v == 0)),
         gram_every=at_least("gram_every", 8, 1, "steps between refreshes of C (and at step 0)"),
+        gram_phase=Setting(
+            "gram_phase", 0, "refresh on the steps with (step + phase) % gram_every == 0 (0: steps "
+            "0, E, 2E, ...; 1: E - 1, 2E - 1, ..., as the Newton-Muon paper's code)",
+            lambda a: f"in [0, {a.gram_every}) (--gram_every)",
+            lambda v, a: 0 <= v < a.gram_every),
         gram_beta=fraction("gram_beta", 0.0, "C <- beta C + (1 - beta) C_new; 0: replace"),
+        gram_start=nonnegative("gram_start", 0.0, "C before the first refresh: s I (per block), so "
+                               "the first C = beta s I + (1 - beta) C_new; 0: the first C_new"),
     )
 
     def __init__(self, params, layers: list[nn.Module], **settings):
@@ -982,6 +1003,10 @@ class FeatureGram(MatrixOptimizer):
     @property
     def refresh_every(self) -> int:
         return self.param_groups[0]["gram_every"]
+
+    @property
+    def refresh_phase(self) -> int:
+        return self.param_groups[0]["gram_phase"]
 
     def damping(self, C: torch.Tensor, group: dict) -> torch.Tensor | float:
         """gamma of C + gamma I, for C batched over its first dim."""
@@ -1030,16 +1055,25 @@ class FeatureGram(MatrixOptimizer):
 @optimizer("newton_muon")
 class NewtonMuon(FeatureGram, Muon):
     """Newton-Muon (arXiv:2604.01472): Muon (its settings too) on the right-preconditioned gradient,
-    R = (C + gamma I)^-1 (or its square root, f) with gamma = damping tr(C)/d, R the one of the last
-    refresh;
+    R = (C + gamma I)^-1 (or its square root, f) with gamma = damping tr(C)/d + damping_eps (ridge
+    block: on each block C_k of a block-diagonal C its own, damping tr(C_k)/b + damping_eps), R the
+    one of the last refresh;
       precondition before:  buf = m buf + G R;  p -= lr s msign(G R + m buf)
                             (Nesterov; msign(buf) without);
       precondition after:   buf = m buf + G;  p -= lr s msign((G + m buf) R)
                             (Nesterov; msign(buf R) without).
     They differ only after a refresh (before: buf's older terms keep their older R). With C = c I
-    both are Muon (msign is scale-free)."""
+    both are Muon (msign is scale-free). The paper's code (zhehangdu/Newton-Muon) is, per
+    tests/golden/newton_muon.json: precondition before, gram block with gram_block = n_embd,
+    gram_every 32, gram_phase 1, gram_beta 0.95, gram_start 0.001, gram_ridge block, gram_damping
+    0.2, gram_damping_eps 1e-8."""
     settings = dict(
         damping=positive("gram_damping", 0.2, "delta of gamma = delta tr(C)/d"),
+        ridge=choice("gram_ridge", "matrix", ("matrix", "block"),
+                     "gamma one per matrix, delta tr(C)/d, or per block of --gram block, delta "
+                     "tr(C_k)/b (the paper's code)"),
+        damping_eps=nonnegative("gram_damping_eps", 0.0,
+                                "gamma + eps (the paper's code: 1e-8)"),
         f=choice("gram_f", "solve", ("solve", "inverse_sqrt"),
                  "R = (C + gamma I)^-1 or its square root"),
         precondition=choice("newton_muon_precondition", "before", ("before", "after"),
@@ -1047,7 +1081,8 @@ class NewtonMuon(FeatureGram, Muon):
     )
 
     def damping(self, C, group):
-        return group["damping"] * trace_over_d(C, group["gram"])
+        gamma = group["damping"] * trace_over_d(C, group["gram"], group["ridge"] == "block")
+        return gamma + group["damping_eps"] if group["damping_eps"] else gamma
 
     def factor(self, C, group, wait=True, boosts=None):
         return gram_factor(C, self.damping(C, group), group["gram"], group["f"], wait, boosts)
@@ -1770,6 +1805,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
         optimizers = build_optimizers(raw_model, args)  # before compiling: they may add buffers
         blocks = optimizers[1]
         gram_every = getattr(blocks, "refresh_every", 0)  # torch's AdamW has none
+        gram_phase = getattr(blocks, "refresh_phase", 0)
         loader = DataLoader(train_files, B, T, rank, world, accum, args.vocab_size, device)
         record_path = (checkpoint_record(resume, meta, args.records_dir) if resume else
                        os.path.join(args.records_dir, run_name[0] + ".txt"))
@@ -1829,7 +1865,7 @@ def train(args: Hyperparameters) -> tuple[str, nn.Module]:
             # accum micro-batches forward and backward; on a refresh step the block layers also
             # collect their input's Gram C, factored during the last backward (on gram_stream)
             train_loss = torch.zeros((), device=device)
-            refresh = gram_every > 0 and step % gram_every == 0
+            refresh = gram_every > 0 and (step + gram_phase) % gram_every == 0
             if refresh:
                 raw_model.collect_gram(True)
             for micro in range(accum):
@@ -2259,6 +2295,8 @@ def refresh_gram_factors(opt: FeatureGram, n_tokens: int,
             for p in group["params"]:
                 if opt.owner[p] == opt.rank:
                     st, new = opt.state[p], opt.layers[id(p)].gram / n_tokens
+                    if "gram" not in st and group["gram_start"] > 0:
+                        st["gram"] = scaled_identity(new, group["gram"], group["gram_start"])
                     st["gram"] = (new if "gram" not in st else
                                   st["gram"].lerp_(new, 1 - group["gram_beta"]))
                     by_shape.setdefault(st["gram"].shape, []).append(p)

@@ -152,6 +152,13 @@ class Run:
             hp.get("optimizer"))
         return int(hp[name]) if name and hp.get(name) else None
 
+    def refreshes(self, s: int) -> bool:
+        """Whether logged step s (step s - 1) refreshed: (s - 1 + gram_phase) % refresh_period == 0 (gram_phase of the
+        feature-gram runs; 0 when the record has none)."""
+        phase = int(self.hyperparameters.get("gram_phase", 0) or 0) if self.refresh_period and \
+            self.hyperparameters.get("optimizer") in ("newton_muon", "locoprop") else 0
+        return (s - 1 + phase) % self.refresh_period == 0
+
     def _late_steps(self) -> dict[int, tuple[float | None, float]]:
         """Logged step -> (train_time_ms, opt_ms) for the steps that logged opt_ms, less the first WARMUP_STEPS of
         the run and of each resume (compile warm-up: the trainer leaves them out of train_time too)."""
@@ -167,7 +174,7 @@ class Run:
             return None
         kind: dict[bool, list[float]] = {True: [], False: []}
         for s, (_, o) in self._late_steps().items():
-            kind[(s - 1) % every == 0].append(o)
+            kind[self.refreshes(s)].append(o)
         return (float(np.mean(kind[False])), float(np.mean(kind[True]))) if kind[True] and kind[False] else None
 
     @property
@@ -177,8 +184,8 @@ class Run:
         the backward does not hide), per step averaged over a refresh period, from the training time the optimizer
         timer leaves out: (mean of dt - opt_ms over refresh steps - the
         same over plain steps) / E, dt the train_time difference of consecutive timed steps (_late_steps; the trainer
-        stops its clock for validation and checkpoints; step s, logged as s + 1, refreshes when s % E == 0). None for
-        other runs or without both kinds of step."""
+        stops its clock for validation and checkpoints; step s, logged as s + 1, refreshes when (s + gram_phase) % E
+        == 0). None for other runs or without both kinds of step."""
         every = self.refresh_period
         if self.hyperparameters.get("optimizer") not in ("newton_muon", "locoprop") or not every:
             return None
@@ -186,7 +193,7 @@ class Run:
         cost: dict[bool, list[float]] = {True: [], False: []}
         for s, (t, o) in timed.items():
             if s - 1 in timed:
-                cost[(s - 1) % every == 0].append(t - timed[s - 1][0] - o)
+                cost[self.refreshes(s)].append(t - timed[s - 1][0] - o)
         if not cost[True] or not cost[False]:
             return None
         return (float(np.mean(cost[True])) - float(np.mean(cost[False]))) / every

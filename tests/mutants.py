@@ -6,7 +6,7 @@ temporary folder and those tests run there (pytest -x -q); the table says which 
 Exit status 1 if a mutant survives, its string is not found exactly once, its tests error instead of
 failing, or the unmutated copy does not pass them all.
 
-    python tests/mutants.py            # every mutant (45)
+    python tests/mutants.py            # every mutant (50)
     python tests/mutants.py -k soap    # those whose name holds "soap"
     python tests/mutants.py --list     # names and tests only
 """
@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OPT, GRAM, RULES, LOOP = ("tests/test_optimizers.py", "tests/test_gram.py", "tests/test_gram_rules.py",
-                          "tests/test_gram_loop.py")
+OPT, GRAM, RULES, LOOP, GOLDEN = ("tests/test_optimizers.py", "tests/test_gram.py", "tests/test_gram_rules.py",
+                                  "tests/test_gram_loop.py", "tests/test_golden.py")
 AUDIT = "tests/test_audit.py"
 
 # (name, what it breaks, old text of train_gpt2.py (exactly once), new text, tests that must kill it)
@@ -78,7 +78,8 @@ MUTANTS = [
      'if precondition == "before":', 'if precondition == "after":',
      [f"{RULES}::test_newton_muon_precondition_rule"]),
     ("newton-muon-absolute-damping", "Newton-Muon's gamma = damping, not damping tr(C)/d",
-     'return group["damping"] * trace_over_d(C, group["gram"])', 'return group["damping"]', [f"{RULES}::test_newton_muon_precondition_rule"]),
+     'gamma = group["damping"] * trace_over_d(C, group["gram"], group["ridge"] == "block")',
+     'gamma = group["damping"]', [f"{RULES}::test_newton_muon_precondition_rule"]),
     ("inverse-sqrt-as-inverse", "gram_f inverse_sqrt computes (C + gamma I)^-1",
      "(l.clamp(min=0) + gamma.squeeze(-1)).rsqrt()", "(l.clamp(min=0) + gamma.squeeze(-1)).reciprocal()",
      [f"{RULES}::test_newton_muon_gram_f"]),
@@ -114,7 +115,7 @@ MUTANTS = [
      [f"{GRAM}::test_collected_gram_equals_hooked_inputs",
       f"{LOOP}::test_refresh_every_gram_every_steps_with_the_steps_tokens_and_the_ema"]),
     ("gram-refresh-only-at-step-0", "C refreshed at step 0 only",
-     "refresh = gram_every > 0 and step % gram_every == 0",
+     "refresh = gram_every > 0 and (step + gram_phase) % gram_every == 0",
      "refresh = gram_every > 0 and step == 0",
      [f"{LOOP}::test_refresh_every_gram_every_steps_with_the_steps_tokens_and_the_ema"]),
     ("gram-ema-frozen", "the EMA keeps C from its first refresh",
@@ -127,6 +128,26 @@ MUTANTS = [
     ("gram-not-mirrored", "the upper-triangle Gram sum not mirrored below the diagonal",
      "gram.copy_(gram.triu() + gram.triu(1).mT)", "gram.copy_(gram.triu())",
      [f"{GRAM}::test_collected_gram_equals_hooked_inputs"]),
+    # the Newton-Muon paper's choices (settings; their golden: tests/golden/newton_muon.json)
+    ("gram-start-ignored", "gram_start ignored: the first refresh keeps C_new",
+     'if "gram" not in st and group["gram_start"] > 0:', 'if False:',
+     [f"{RULES}::test_gram_start_is_the_first_refreshes_ema_start",
+      f"{GOLDEN}::test_newton_muon_equals_the_papers_code"]),
+    ("gram-start-not-per-block", "gram_start's s I filled on the first block only (block mode)",
+     "out.diagonal(dim1=-2, dim2=-1).fill_(s)", "out[..., :1, :, :].diagonal(dim1=-2, dim2=-1).fill_(s)",
+     [f"{RULES}::test_gram_start_is_the_first_refreshes_ema_start",
+      f"{GOLDEN}::test_newton_muon_equals_the_papers_code"]),
+    ("gram-phase-ignored", "gram_phase ignored by the loop: refreshes at steps 0, E, 2E, ...",
+     "gram_phase = getattr(blocks, \"refresh_phase\", 0)", "gram_phase = 0",
+     [f"{LOOP}::test_gram_phase_moves_the_refreshes"]),
+    ("gram-ridge-per-matrix", "gram_ridge block ignored: one gamma per matrix",
+     'trace_over_d(C, group["gram"], group["ridge"] == "block")', 'trace_over_d(C, group["gram"])',
+     [f"{RULES}::test_gram_ridge_block_damps_each_block_by_its_own_trace",
+      f"{GOLDEN}::test_newton_muon_equals_the_papers_code"]),
+    ("gram-damping-eps-ignored", "gram_damping_eps not added to gamma",
+     'return gamma + group["damping_eps"] if group["damping_eps"] else gamma', "return gamma",
+     [f"{RULES}::test_gram_ridge_block_damps_each_block_by_its_own_trace",
+      f"{GOLDEN}::test_newton_muon_equals_the_papers_code"]),
     ("cholesky-fallbacks-uncounted", "a Cholesky fallback not counted",
      "used = torch.where(failed, boost, used)", "used = used",
      [f"{RULES}::test_cholesky_fallbacks_are_counted_by_the_damping_that_held",

@@ -375,6 +375,8 @@ DEFAULTS = {
     "model": "gpt2", "val_tail_every": 0, "embed_eps": 1e-8, "embed_weight_decay": 0.0,
     "head_lr": 0.004, "scalar_lr": 0.015, "muon_lerp": False, "muon_weight_decay": 0.0,
     "locoprop_weight_decay": 0.0,
+    # the Newton-Muon paper's choices (off by default: tests/test_golden.py sets them)
+    "gram_phase": 0, "gram_start": 0.0, "gram_ridge": "matrix", "gram_damping_eps": 0.0,
     "num_iterations": 7000, "stop_at": 0, "warmup_iters": 250, "warmdown_iters": 2000,
     "val_loss_every": 125, "val_tokens": 10485760, "seed": 0, "deterministic": False,
     "vocab_size": 50257, "n_layer": 12, "n_head": 12, "n_embd": 768,

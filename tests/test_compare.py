@@ -491,6 +491,16 @@ def test_collect_ms_of_a_feature_gram_run(tmp_path):
     assert "collect" not in c.format_table(rows[:1], "optimizer", 3.28)  # no feature-gram run: no such column
 
 
+def test_collect_ms_follows_gram_phase(tmp_path):
+    """gram_phase 1 (refresh when (s + 1) % gram_every == 0, s logged as s + 1): the refresh steps are those, so the
+    collection cost and the opt ms split are those of the phase-0 case above; read as phase 0 they would mix."""
+    refresh = lambda s: s % 4 == 0
+    run = c.parse_record(write_ours(tmp_path, optimizer="newton_muon", n=40, gram_every=4, gram_phase=1, tag="ph",
+                                    step_ms=lambda s: 150.0 + 24.0 * refresh(s),
+                                    opt_ms=lambda s: 6.0 + 10.0 * refresh(s)))
+    assert run.collect_ms == pytest.approx(3.5) and run.opt_ms_split == pytest.approx((6.0, 16.0))
+
+
 def test_opt_ms_split_into_plain_and_refresh_steps(tmp_path):
     """SOAP refreshes at step s (logged s + 1) with s % soap_precondition_frequency == 0: opt ms of those steps and
     of the others apart, in the table's opt column; Muon has no split and the column keeps its plain header."""

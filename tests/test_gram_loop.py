@@ -1,5 +1,6 @@
-"""The feature-gram optimizers inside the training loop: C refreshed at every gram_every-th step, normalized by the
-step's tokens (all micro-batches), kept as an EMA with gram_beta; Cholesky fallbacks written to the record."""
+"""The feature-gram optimizers inside the training loop: C refreshed at every gram_every-th step (shifted by
+gram_phase), normalized by the step's tokens (all micro-batches), kept as an EMA with gram_beta; Cholesky fallbacks
+written to the record."""
 import subprocess
 import sys
 
@@ -41,6 +42,19 @@ def test_refresh_every_gram_every_steps_with_the_steps_tokens_and_the_ema(small_
             want = s / n_tokens if b is None else 0.5 * b + 0.5 * s / n_tokens
             torch.testing.assert_close(a, want, rtol=1e-6, atol=1e-7)
             assert b is None or (a - b).norm() > 1e-3 * a.norm()
+
+
+def test_gram_phase_moves_the_refreshes(small_vocab_args, tmp_path, monkeypatch):
+    """gram_every 2, gram_phase 1 (the Newton-Muon paper's (step + 1) % every == 0): refresh_gram runs before the
+    updates of steps 1 and 3 of 5, not at step 0."""
+    steps, seen = [], []
+    real_refresh, real_multiplier = t.FeatureGram.refresh_gram, t.lr_multiplier
+    monkeypatch.setattr(t.FeatureGram, "refresh_gram",
+                        lambda self, n_tokens, stream=None: seen.append(len(steps)) or real_refresh(self, n_tokens,
+                                                                                                 stream))
+    monkeypatch.setattr(t, "lr_multiplier", lambda it, args: steps.append(it) or real_multiplier(it, args))
+    t.train(t.parse_args(small_vocab_args + LOOP + ["--gram_phase", "1", "--records_dir", str(tmp_path)]))
+    assert seen == [1, 3] and steps == [0, 1, 2, 3, 4]
 
 
 def fallback_lines(record_dir) -> list[str]:

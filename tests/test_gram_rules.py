@@ -194,6 +194,13 @@ def test_locoprop_lambda_mode(mode):
     ("locoprop_lambda_mode", "scaled", "absolute or relative", "'scaled'"),
     ("locoprop_nu", "2", "in (0, 2) (the inner step is locoprop_nu / L, L >= lambda_max(C + lambda I))", "2.0"),
     ("locoprop_nu", "0", "in (0, 2)", "0.0"),
+    ("gram_phase", "8", "in [0, 8) (--gram_every)", "8"),
+    ("gram_phase", "-1", "in [0, 8) (--gram_every)", "-1"),
+    ("gram_start", "-0.001", ">= 0", "-0.001"),
+    ("gram_start", "inf", ">= 0", "inf"),
+    ("gram_ridge", "layer", "matrix or block", "'layer'"),
+    ("gram_damping_eps", "-1e-8", ">= 0", "-1e-08"),
+    ("gram_damping_eps", "nan", ">= 0", "nan"),
 ])
 def test_optimizer_settings_refuse_values_out_of_range(setting, value, allowed, got):
     with pytest.raises(SystemExit) as e:
@@ -424,3 +431,58 @@ def test_locoprop_gram_beta_over_several_refreshes():
     assert worst_step_error(a, run_reference(lambda: RefLocoProp(**kw), grams, gs, p0), p0) > 0.05
     frozen = {0: grams[0]}
     assert worst_step_error(a, run_reference(lambda: RefLocoProp(**kw), frozen, gs, p0), p0) > 0.05
+
+
+def test_gram_phase_range_follows_gram_every():
+    """gram_phase may be any of 0 ... gram_every - 1: 31 with gram_every 32 (the paper's 1 too), not 32."""
+    for phase in ("1", "31"):
+        t.check_optimizer_args(t.parse_args(["--gram_every", "32", "--gram_phase", phase]))
+    with pytest.raises(SystemExit, match=r"^--gram_phase: must be in \[0, 32\)"):
+        t.check_optimizer_args(t.parse_args(["--gram_every", "32", "--gram_phase", "32"]))
+
+
+def test_the_papers_choices_are_off_by_default():
+    """gram_phase 0, gram_start 0, gram_ridge matrix, gram_damping_eps 0: the refresh at steps 0, E, 2E, ..., C the
+    first C_new, gamma = delta tr(C)/d per matrix (the project's rule before these settings existed)."""
+    a = t.parse_args([])
+    assert (a.gram_phase, a.gram_start, a.gram_ridge, a.gram_damping_eps) == (0, 0.0, "matrix", 0.0)
+
+
+@pytest.mark.parametrize("mode", ["full", "block", "diag"])
+def test_gram_start_is_the_first_refreshes_ema_start(mode):
+    """gram_start s, gram_beta b: the first refresh keeps C = b s I + (1 - b) C_new in the mode's layout (s I per
+    block, a vector of s for diag), the second b C + (1 - b) C_new; s = 0 keeps C_new itself."""
+    d, b, s = 8, 0.9, 0.01
+    C1, C2 = (as_mode(spd(d, seed), mode) for seed in (1, 2))
+    eye = as_mode(torch.eye(d, dtype=torch.float64), mode)
+    for start, want1 in ((s, b * s * eye + (1 - b) * C1), (0.0, C1)):
+        p = torch.nn.Parameter(torch.zeros(4, d, dtype=torch.float64))
+        layer = torch.nn.Module()
+        layer.weight = p
+        opt = t.NewtonMuon([p], [layer], gram=mode, gram_block=4, gram_beta=b, gram_start=start)
+        layer.gram = C1 * N_TOKENS
+        opt.refresh_gram(n_tokens=N_TOKENS)
+        torch.testing.assert_close(opt.state[p]["gram"], want1, rtol=1e-14, atol=1e-16)
+        layer.gram = C2 * N_TOKENS
+        opt.refresh_gram(n_tokens=N_TOKENS)
+        torch.testing.assert_close(opt.state[p]["gram"], b * want1 + (1 - b) * C2, rtol=1e-14, atol=1e-16)
+
+
+def test_gram_ridge_block_damps_each_block_by_its_own_trace():
+    """gram block: gram_ridge block gives block k its own gamma_k = delta tr(C_k)/b + eps, so R's block k is
+    (C_k + gamma_k I)^-1; gram_ridge matrix one gamma = delta tr(C)/d + eps for all blocks (here the blocks' traces
+    differ 1000-fold, so the two differ)."""
+    d, blk, delta, eps = 12, 4, 0.2, 1e-3
+    C = torch.stack([spd(blk, k) * 10.0 ** (-k) for k in range(d // blk)])
+    traces = C.diagonal(dim1=-2, dim2=-1).sum(-1)
+    for ridge, gammas in (("block", delta * traces / blk + eps), ("matrix", delta * traces.sum() / d + eps
+                                                                   + torch.zeros(d // blk, dtype=torch.float64))):
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(torch.zeros(3, d, dtype=torch.float64))
+        opt = t.NewtonMuon([layer.weight], [layer], gram="block", gram_block=blk, ridge=ridge, damping=delta,
+                           damping_eps=eps)
+        group = opt.param_groups[0]
+        R = opt.factor(C[None], group)[0]
+        want = torch.stack([torch.linalg.inv(Ck + g * torch.eye(blk, dtype=torch.float64))
+                            for Ck, g in zip(C, gammas)])
+        torch.testing.assert_close(R, want, rtol=1e-10, atol=0)

@@ -10,6 +10,8 @@ The originals are the user's copies (git-ignored, never committed), under --orig
     modded-nanogpt-track3/train_gpt_simple.py     KellerJordan/modded-nanogpt at f411b3d, records/
                                                   track_3_optimization/train_gpt_simple.py (the
                                                   optimization track: Muon, model, schedule)
+    Newton-Muon/train_gpt_newton_muon_1.py        zhehangdu/Newton-Muon at df78af0 (Newton-Muon: its Muon class,
+    Newton-Muon/triton_kernels.py                 the preconditioner on the GPT-2 124M run of the paper)
 Each file must be the version named in ORIGINALS (its sha256 is checked). Each original optimizer runs in float64 on
 CPU on one fixed gradient stream (stream(): seeded normal parameters and gradients of a few shapes, wide, tall and
 square); what had to change in its code to run so is only the dtype, listed per file in PATCHES and in the data's
@@ -22,6 +24,10 @@ for weights and tokens made by track3_weights / track3_tokens (splitmix64, no RN
 the same ones); track3_schedule.json, the lr factor set_hparams gives at every step and the steps
 its loop validates at, for 3250 and 400 steps (the function and the loop's two statements taken
 from its source by ast).
+Newton-Muon runs on its own
+stream (newton_muon_stream(): the four block matrices of a model of width 3, gradients and, on the original's
+refresh steps, each layer's input Gram C_new) for 96 steps (3 refreshes of C, every 32 steps), its parameters kept
+after every 4th step.
 """
 from __future__ import annotations
 
@@ -60,6 +66,11 @@ SETTINGS = {
     # its GPT at a small size (model_dim a multiple of its head_dim 128), batch x sequence tokens
     "track3_model": dict(vocab_size=512, num_layers=2, model_dim=256, batch=2, sequence=64),
     "track3_schedule": dict(num_iterations=[3250, 400]),
+    # the original's constructor defaults (precond_*) and its fixed schedule (refresh when (step + 1) % 32 == 0, C an
+    # EMA with weight 0.95), at lr 0.02; its step is lr sqrt(max(rows, cols)) msign (sqrt(d) for each third of qkv)
+    "newton_muon": dict(steps=96, lr=0.02, momentum=0.95, nesterov=True, backend_steps=5, precond_init_diag=0.001,
+                        precond_ridge_mult=0.2, precond_eps=1e-8, refresh_every=32, ewma=0.95, d=3, tokens=8,
+                        keep_every=4),
 }
 
 # repo, commit, path under --originals, path in the repo, sha256 of the copy these figures were made from
@@ -79,6 +90,20 @@ ORIGINALS = {
                        ("orthogonalized_optimizers/muon_utils.py",
                         "c098769ecbf2f1dccba562863f388c8f24401d6fe76b64bd9653d7cc80714f50"),
                        ("mixin.py", "7453acd6013dec97b1cc160e486cb7e884d1d792f1db774e8b7cc659585d15cc")]],
+    "newton_muon": [("zhehangdu/Newton-Muon", "df78af0db523d8bceb25af4919a3e3e7082b80f3", f"Newton-Muon/{p}", p, sha)
+                    for p, sha in [
+                        ("train_gpt_newton_muon_1.py",
+                         "48383e333334e4f29bbae3365ac4142226c27750ede5739ab53c0dafbbcb7730"),
+                        ("triton_kernels.py", "b51ac50c699b05306619d92cb9ec6edadd266d8118c53f5b9726db76480ea16d")]],
+}
+
+RULE = "# " + "-" * 77
+# the part of a file that runs (start marker, end marker): the rest of it trains a model on CUDA at import
+EXCERPTS = {
+    "newton_muon": ("Newton-Muon/train_gpt_newton_muon_1.py",
+                    RULE + "\n# Custom operators", RULE + "\n# Muon optimizer", RULE + "\n# PyTorch nn.Module",
+                    "its imports and its Muon section (zeropower_via_newtonschulz5 and the Muon class), not the custom "
+                    "ops that collect X^T X on CUDA (the stream gives C_new) nor the training script"),
 }
 TRACK3_FILE = "modded-nanogpt-track3/train_gpt_simple.py"
 for _name in ("track3_muon", "track3_model", "track3_schedule"):
@@ -106,6 +131,17 @@ PATCHES = {
                    "newton_schulz takes float64 (it refuses anything but float32)"),
                   ("Emerging-Optimizers/emerging_optimizers/orthogonalized_optimizers/muon_utils.py",
                    "X = X.to(torch.float32)", "X = X.to(torch.float64)", 1, "and returns float64")],
+    "newton_muon": [("Newton-Muon/train_gpt_newton_muon_1.py", "@torch.compile\ndef zeropower_via_newtonschulz5",
+                     "def zeropower_via_newtonschulz5", 1, "no torch.compile (Inductor on CPU; the same math eagerly)"),
+                    ("Newton-Muon/train_gpt_newton_muon_1.py", "X = G.bfloat16() / (G.norm() + eps)",
+                     "X = G.double() / (G.norm() + eps)", 1, "Newton-Schulz in float64, not bfloat16"),
+                    ("Newton-Muon/train_gpt_newton_muon_1.py", "dtype=torch.float32", "dtype=torch.float64", 11,
+                     "C, its inverse and the gradient buffers in float64, not float32"),
+                    ("Newton-Muon/train_gpt_newton_muon_1.py", 'torch.bmm(G, plan["inv_',
+                     'G.copy_(torch.bmm(G, plan["inv_', 3,
+                     "G <- G R out of place: torch.bmm(G, R, out=G) writes G while reading it, which gives wrong "
+                     "products on CPU (pytorch/pytorch#87551, #85852; cuBLAS leaves aliased operands undefined)"),
+                    ("Newton-Muon/train_gpt_newton_muon_1.py", '"], out=G)', '"]))', 3, "(the same three calls)")],
 }
 TRACK3_SHIM = ("only the code above its Setup banner is run (the rest needs CUDA and "
                "torchrun); torch.distributed replaced by one process (get_world_size 1, "
@@ -119,7 +155,12 @@ SHIMS = {"track3_muon": TRACK3_SHIM, "track3_model": TRACK3_SHIM,
          "polargrad": "absl.logging replaced by no-op functions (absl-py not needed: logging only); "
                       "emerging_optimizers.registry replaced by a decorator that returns the class (its PEP 695 "
                       "syntax needs Python >= 3.12; name registration only); typing.override = identity on "
-                      "Python < 3.12"}
+                      "Python < 3.12",
+         "newton_muon": "triton_kernels replaced by torch: XXT(A, out) is out = A A^T, "
+                        "ba_plus_cAA(A, alpha, beta, out) is out = alpha A A^T + beta A (the Triton kernels' math, "
+                        "there accumulated in fp32); torch's "
+                        "default dtype float64, so that the EMA weight (count > 0) * (1 - 0.95) is not rounded to "
+                        "float32"}
 
 
 NOTES = {
@@ -130,6 +171,16 @@ NOTES = {
             "and carries it over at a refresh: the same rule; the fork's refresh QR is Householder's, the project's "
             "CholeskyQR3 (equal up to column signs, to which SOAP is invariant); first_bases: the fork's eigh bases "
             "after step 1, which the project adopts (arbitrary on the null space of the rank-deficient first L or R)",
+    "newton_muon": "the original's Muon class (train_gpt_newton_muon_1.py) on the block matrices of a model of width "
+                   "d = 3: qkv (3d x d, its three thirds orthogonalized apart, each stepped lr sqrt(d)), o (d x d), "
+                   "c_fc (4d x d), c_proj (d x 4d, C block-diagonal: 4 blocks of d x d, as accum_xtx_blocks4), each "
+                   "step lr sqrt(max(rows, cols)) msign. Before step k with (k + 1) % 32 == 0 each layer's accum is "
+                   "grams[r] (C_new, count 1). The project matches it with newton_muon_precondition before, gram "
+                   "block, gram_block d, gram_phase 1, gram_every 32, gram_beta 0.95, gram_start 0.001, gram_ridge "
+                   "block, gram_damping 0.2, gram_damping_eps 1e-8, coeffs simple, shape_scale off and lr "
+                   "0.02 sqrt(max(rows, cols)) per matrix, qkv as three d x d matrices sharing C. Not compared: the "
+                   "original's fallback on a failed Cholesky (it writes the identity into K[bad], a copy, so the "
+                   "inverse of the failed factor stays; the project retries with 10x, 100x, 1000x gamma)",
     "polargrad": "NVIDIA's default coefficient set quintic (5 steps), the project's quintic with nuclear inner; the "
                  "project's polar_express differs from NVIDIA's (theirs rounded to 4 decimals, all 5 divided by 1.01, "
                  "no 1.01 on the norm) and is not compared. The project normalizes D by ||D||_F + 1e-7, NVIDIA by "
@@ -164,8 +215,14 @@ def check_copies(root: Path, name: str) -> None:
 
 
 def patched_source(root: Path, rel: str, name: str) -> str:
-    """The file's text with PATCHES[name] for it applied, each found exactly as often as listed."""
+    """The file's text (its EXCERPTS[name] if listed: the text before the first marker, then from the second to the
+    third) with PATCHES[name] for it applied, each found exactly as often as listed."""
     text = (root / rel).read_text()
+    if name in EXCERPTS and EXCERPTS[name][0] == rel:
+        _, head, start, end, _ = EXCERPTS[name]
+        if not all(text.count(m) == 1 for m in (head, start, end)):
+            raise SystemExit(f"{root / rel}: an excerpt marker is not found exactly once")
+        text = text[:text.index(head)] + text[text.index(start):text.index(end)]
     for path, old, new, count, _ in PATCHES.get(name, []):
         if path == rel:
             if text.count(old) != count:
@@ -364,13 +421,77 @@ def original_track3_schedule(root: Path):
                 val.append(step)
         runs.append(dict(num_iterations=n, lr=lr, val_steps=val))
     return dict(runs=runs)
+def newton_muon_stream() -> dict:
+    """Newton-Muon's stream, float64 from one seeded generator: the block matrices of a width-d layer (kind, shape),
+    initial parameters ~ N(0, 1), gradients ~ N(0, 1) rounded to 4 decimals, and before each refresh step r (k + 1 a
+    multiple of refresh_every) each layer's C_new = X^T X / tokens of an input X of `tokens` rows with columns scaled
+    by exp(linspace(-1.5, 1.5)) (c_proj: the 4 diagonal d x d blocks of its 4d-wide input's, as accum_xtx_blocks4)."""
+    s = SETTINGS["newton_muon"]
+    d, n = s["d"], s["tokens"]
+    gen = torch.Generator().manual_seed(SEED)
+    kinds = [("qkv", (3 * d, d)), ("o", (d, d)), ("c_fc", (4 * d, d)), ("c_proj", (d, 4 * d))]
+    params = [torch.randn(shape, generator=gen, dtype=torch.float64) for _, shape in kinds]
+    grads = [[torch.round(torch.randn(shape, generator=gen, dtype=torch.float64) * 1e4) / 1e4 for _, shape in kinds]
+             for _ in range(s["steps"])]
+    refreshes = [k for k in range(s["steps"]) if (k + 1) % s["refresh_every"] == 0]
+    grams = []
+    for _ in refreshes:
+        step = {}
+        for kind, width in [("qkv", d), ("o", d), ("c_fc", d), ("c_proj", 4 * d)]:
+            X = torch.randn(n, width, generator=gen, dtype=torch.float64) * torch.linspace(
+                -1.5, 1.5, width, dtype=torch.float64).exp()
+            step[kind] = (X.T @ X / n if width == d else
+                          torch.stack([X[:, j * d:(j + 1) * d].T @ X[:, j * d:(j + 1) * d] / n for j in range(4)]))
+        grams.append(step)
+    return dict(kinds=kinds, params=params, grads=grads, refreshes=refreshes, grams=grams)
+
+
+def original_newton_muon(root: Path):
+    kernels = types.ModuleType("triton_kernels")
+    kernels.XXT = lambda A, out: out.copy_(A @ A.mT)
+    kernels.ba_plus_cAA = lambda A, alpha, beta, out: out.copy_(alpha * (A @ A.mT) + beta * A)
+    sys.modules["triton_kernels"] = kernels
+    torch.set_default_dtype(torch.float64)
+    rel = "Newton-Muon/train_gpt_newton_muon_1.py"
+    mod = load_module("original_newton_muon", patched_source(root, rel, "newton_muon"), str(root / rel))
+    s, st = SETTINGS["newton_muon"], newton_muon_stream()
+    params = [torch.nn.Parameter(p.clone()) for p in st["params"]]
+    stats = {}
+    for (kind, _), p in zip(st["kinds"], params):
+        shape = (4, s["d"], s["d"]) if kind == "c_proj" else (s["d"], s["d"])
+        stats[kind] = dict(kind=kind, d=s["d"], accum=torch.zeros(shape), count=torch.zeros(()))
+        p._stats_ref = stats[kind]
+    opt = mod.Muon(params, lr=s["lr"], momentum=s["momentum"], nesterov=s["nesterov"], backend_steps=s["backend_steps"],
+                   precond_init_diag=s["precond_init_diag"], precond_ridge_mult=s["precond_ridge_mult"],
+                   precond_eps=s["precond_eps"])
+    opt.attach_preconditioner()
+    kept, refreshed = {}, []
+    for k, g in enumerate(st["grads"]):
+        opt.global_step = k  # as its training loop sets it
+        if opt.precond_flag_for_step(k):  # the forward collects: here the stream's C_new, one micro-batch
+            refreshed.append(k)
+            for kind, ref in stats.items():
+                ref["accum"].copy_(st["grams"][len(refreshed) - 1][kind])
+                ref["count"].fill_(1.0)
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+        opt.step()
+        if (k + 1) % s["keep_every"] == 0:
+            kept[k] = [p.detach().clone() for p in params]
+    torch.set_default_dtype(torch.float32)
+    assert refreshed == st["refreshes"]
+    return dict(kinds=[[kind, list(shape)] for kind, shape in st["kinds"]], init=[p.tolist() for p in st["params"]],
+                grads=[[g.tolist() for g in step] for step in st["grads"]], refreshes=st["refreshes"],
+                grams=[{kind: C.tolist() for kind, C in step.items()} for step in st["grams"]],
+                kept_steps=list(kept), params=[[p.tolist() for p in ps] for ps in kept.values()])
 
 
 def provenance(root: Path, name: str) -> dict:
     return dict(
         files=[dict(repo=repo, commit=commit, path=path, sha256=sha) for repo, commit, _, path, sha in ORIGINALS[name]],
-        changed=[dict(file=rel.split("/", 1)[1], old=old, new=new, why=why)
-                 for rel, old, new, _, why in PATCHES.get(name, [])],
+        changed=[dict(file=rel.split("/", 1)[1], old=old, new=new, why=why) for rel, old, new, _, why in PATCHES.get(name, [])],
+        excerpt=(dict(file=EXCERPTS[name][0].split("/", 1)[1], markers=list(EXCERPTS[name][1:4]),
+                      runs=EXCERPTS[name][4]) if name in EXCERPTS else None),
         shims=SHIMS.get(name, ""), note=NOTES[name], run="float64 on CPU, torch " + torch.__version__,
         made_by="tests/golden/make_golden.py")
 
@@ -408,6 +529,13 @@ def main(argv: list[str] | None = None) -> int:
             make = original_track3_model if name == "track3_model" else original_track3_schedule
             data = make(root)
             print(f"{name}: {write_track3(name, root, data)}")
+            continue
+        if name == "newton_muon":
+            data = dict(provenance=provenance(root, name), settings=SETTINGS[name], seed=SEED,
+                        **original_newton_muon(root))
+            path = HERE / f"{name}.json"
+            path.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+            print(f"{name}: {path}")
             continue
         result, extra = {"muon": original_muon, "soap": original_soap, "polargrad": original_polargrad,
                          "track3_muon": original_track3_muon}[name](root)
