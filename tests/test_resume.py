@@ -61,9 +61,10 @@ def launch_runs(nproc: int, runs: list[list[str]], folder: Path) -> subprocess.C
 
 
 def saved(records: Path) -> list[str]:
-    """What the single run folder under records/checkpoints holds."""
+    """What the single run folder under records/checkpoints holds, less the .lock a killed resumed run
+    leaves (train_gpt2.run_lock: a file whose lock went with the process)."""
     (run,) = (records / "checkpoints").iterdir()
-    return sorted(p.name for p in run.iterdir())
+    return sorted(p.name for p in run.iterdir() if p.name != ".lock")
 
 
 def final_state(records: Path, step: int = N) -> dict:
