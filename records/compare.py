@@ -570,15 +570,21 @@ def config_differences(groups: dict[str, list[Run]]) -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------- sweeps, steps to a target, track rules
 
-# each optimizer's learning rate (its block matrices'): `--sweep lr` reads this setting of each run
+# each optimizer's learning rate (its block matrices'), as train_gpt2.py declares it (`lr` of the rule's
+# settings; tests/test_compare_track.py checks the two agree): `--sweep lr` reads this setting of each run;
+# a rule not named here is read as <optimizer>_lr
 LR_SETTING = {"muon": "muon_lr", "polargrad": "polargrad_lr", "soap": "soap_lr", "newton_muon": "muon_lr",
               "locoprop": "locoprop_lr", "adamw": "adamw_lr"}
 
 
+def lr_setting(optimizer: str) -> str:
+    return LR_SETTING.get(optimizer, f"{optimizer}_lr")
+
+
 def sweep_value(run: Run, setting: str):
-    """The run's value of `setting` (`lr`: its optimizer's LR_SETTING); None where the record does not say it."""
+    """The run's value of `setting` (`lr`: its optimizer's lr_setting); None where the record does not say it."""
     hp = run.hyperparameters
-    name = LR_SETTING.get(str(hp.get("optimizer"))) if setting == "lr" else setting
+    name = lr_setting(str(hp.get("optimizer"))) if setting == "lr" else setting
     value = hp.get(name) if name else None
     return tuple(value) if isinstance(value, list) else value
 
@@ -593,7 +599,7 @@ def sweep_rows(groups: dict[str, list[Run]], setting: str) -> dict[str, list[dic
         rest = {}
         for r in runs:
             hp = {k: v for k, v in r.hyperparameters.items()
-                  if k not in (*CONFIG_EXCLUDE, setting, LR_SETTING.get(r.hyperparameters.get("optimizer")))}
+                  if k not in (*CONFIG_EXCLUDE, setting, lr_setting(str(r.hyperparameters.get("optimizer"))))}
             rest.setdefault(json.dumps(hp, sort_keys=True), []).append(r)
         differ = config_differences({k: v for k, v in rest.items()}) if len(rest) > 1 else {}
         for key, members in rest.items():

@@ -47,7 +47,8 @@ import compare  # noqa: E402
 import train_gpt2  # noqa: E402
 from jobs import Job, local_gpus, run_jobs  # noqa: E402
 
-LR_SETTING = compare.LR_SETTING  # each optimizer's learning rate: --grid lr=... sweeps this setting
+# each optimizer's learning rate, as its rule declares it: --grid lr=... sweeps this setting
+LR_SETTING = {name: train_gpt2.optimizer_class(name).declared()["lr"].name for name in train_gpt2.OPTIMIZERS}
 # peak GPU memory (MiB) of a `compare` run of each optimizer on one GPU (records/noise-400, H200): the need of a run
 # before the experiment has a record of its optimizer
 MEM_MIB = {"muon": 21408, "polargrad": 21408, "soap": 24219, "newton_muon": 24588, "locoprop": 24264,

@@ -147,6 +147,8 @@ def test_the_tracks_published_logs(tmp_path):
     assert round(sum(r.final_val_loss for r in runs) / 10, 4) == 3.2787
 
 
-def test_lr_settings_name_real_fields():
-    fields = {f.name for f in t.dataclasses.fields(t.Hyperparameters)}
-    assert set(c.LR_SETTING.values()) <= fields and set(c.LR_SETTING) == set(t.OPTIMIZERS)
+def test_lr_settings_are_the_rules_declared_lr():
+    """compare.py (which does not import the trainer) names each rule's learning rate as the rule declares it."""
+    assert {n: c.lr_setting(n) for n in t.OPTIMIZERS} == {
+        n: t.optimizer_class(n).declared()["lr"].name for n in t.OPTIMIZERS}
+    assert c.lr_setting("lion") == "lion_lr"
