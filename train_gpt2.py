@@ -3905,7 +3905,9 @@ def main(argv: list[str]) -> None:
     already, the message and 1 for refused settings, data errors and a divergence, 128 + the signal
     after a stop signal."""
     try:
-        train(parse_args(argv))
+        # the record and model stay referenced until exit_now: freeing a DDP model on gloo can
+        # deadlock (its group's destructor joins a worker thread that waits for the GIL)
+        done = train(parse_args(argv))  # noqa: F841
     except RunComplete as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(e.message)
