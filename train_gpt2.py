@@ -133,8 +133,8 @@ PRESETS: dict[str, dict] = {
     "bench": dict(num_iterations=50, warmup_iters=10, warmdown_iters=10, val_loss_every=0,
                   val_tokens=1048576),
     # the optimizer-comparison protocol: the record's model, one 64 x 1024 micro-batch a step (26.2M
-    # tokens), the record's schedule scaled to 400 steps; val every 25 steps (steps to a target to 25
-    # steps) on 1,048,576 tokens
+    # tokens), the record's schedule scaled to 400 steps; val every 25 steps (steps to a target to
+    # 25 steps) on 1,048,576 tokens
     "compare": dict(batch_size=64, num_iterations=400, warmup_iters=15, warmdown_iters=115,
                     val_loss_every=25, val_tokens=1048576),
     # modded-nanogpt's optimization track, records/track_3_optimization/train_gpt_simple.py at
@@ -1042,8 +1042,8 @@ class FeatureGram(MatrixOptimizer):
 
     def step(self) -> None:
         self.finish_refresh()  # a no-op unless a refresh_gram is still pending
-        # not super(): for NewtonMuon that is Muon.step, which torch wraps with the step hooks once a
-        # Muon is built, so the hooks would run twice a step
+        # not super(): for NewtonMuon that is Muon.step, which torch wraps with the step hooks
+        # once a Muon is built, so the hooks would run twice a step
         MatrixOptimizer.step(self)
 
     def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
@@ -3711,10 +3711,10 @@ class StopSignals:
 
 class Record:
     """<records_dir>/<time>-<preset>-<optimizer>-<id>.txt: the source, the settings as JSON,
-    versions and devices, then modded-nanogpt's `step:s/N val_loss:... train_time:...ms step_avg:...ms` lines,
-    train-loss lines, peak memory. Also `checkpoint: step:s/N PATH` after each save,
-    `resumed: step:s/N from PATH ...` where a resumed run continues (lines of steps after s above it
-    were redone), `stopped: step:s/N by SIGTERM; ...` and
+    versions and devices, then modded-nanogpt's `step:s/N val_loss:... train_time:...ms
+    step_avg:...ms` lines, train-loss lines, peak memory. Also `checkpoint: step:s/N PATH` after
+    each save, `resumed: step:s/N from PATH ...` where a resumed run continues (lines of steps after
+    s above it were redone), `stopped: step:s/N by SIGTERM; ...` and
     `diverged: step:s/N last_good_step:g optimizer:NAME ...` where a run ended early, and
     `gram_fallbacks: step:s/N k of M matrices ...` before the step line of a Gram refresh at which k
     Choleskys of C + damping I failed (counts by the damping factor that then held)."""
