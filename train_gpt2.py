@@ -106,7 +106,7 @@ class RunSettings:
     matmul_check: bool = True
     records_dir: str = "runs"  # the run's record (and checkpoints/, by default); git-ignored
     label: str = ""  # a tag in the record: records/compare.py --by label groups by it
-    preset: str = "speedrun"  # a named set of settings applied first (PRESETS); given ones win
+    preset: str = "speedrun"  # named settings applied first (PRESETS, PRESET_TUNED); given ones win
     # checkpoints (README: Checkpoints, resume, divergence): at the end (final_checkpoint) and on
     # SIGTERM/SIGINT
     save_every: int = 0  # also every this many steps; 0: never in between
@@ -150,6 +150,17 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
+# a preset's settings per --optimizer, applied after the preset and before the given ones: the
+# `compare` preset's learning rate of the block matrices is each optimizer's best of a grid a
+# factor 2 apart under it (records/lr-sweep-400/README.md); an optimizer not listed keeps its
+# declared default
+PRESET_TUNED: dict[str, dict[str, dict]] = {
+    "compare": {
+        "muon": dict(muon_lr=0.036),
+        "adamw": dict(adamw_lr=0.00015),
+    },
+}
+
 
 def _parse_value(name: str, kind, text: str):
     kind = str(kind)
@@ -185,7 +196,7 @@ def run_setting_help() -> dict[str, str]:
 
 def parse_args(argv: list[str]) -> Hyperparameters:
     """`--field value` for every Hyperparameters field; `--preset name` applies a named set first,
-    explicit fields win. With `--resume`, the checkpoint's settings are the base and only
+    then its PRESET_TUNED settings for the --optimizer; explicit fields win. With `--resume`, the checkpoint's settings are the base and only
     RESUME_MAY_CHANGE may differ (resume_settings)."""
     kinds = {f.name: f.type for f in fields(Hyperparameters)}
     given: dict[str, str] = {}
@@ -225,6 +236,8 @@ def parse_args(argv: list[str]) -> Hyperparameters:
         raise SystemExit(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[preset], preset=preset)
     typed = {k: _parse_value(k, kinds[k], v) for k, v in given.items()}
+    optimizer = typed.get("optimizer", values.get("optimizer", Hyperparameters.optimizer))
+    values.update(PRESET_TUNED.get(preset, {}).get(optimizer, {}))
     values.update(typed)
     if typed.get("resume"):  # the checkpoint's settings, with the few given ones that may change
         return resume_settings(Hyperparameters(**values), typed)

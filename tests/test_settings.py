@@ -188,6 +188,29 @@ def test_every_preset_is_a_valid_setting(preset, world):
     assert t.validate_args(args, world) == args.batch_size // (world * args.device_batch_size)
 
 
+# the compare preset's tuned learning rates: records/lr-sweep-400/README.md (the best of each grid);
+# a changed rate must change this table and that record
+TUNED_LR = {"compare": {"muon": ("muon_lr", 0.036), "adamw": ("adamw_lr", 0.00015)}}
+
+
+def test_preset_tuned_rates_are_the_swept_bests_and_given_ones_win():
+    """PRESET_TUNED holds exactly TUNED_LR; each entry sets its optimizer's own declared lr (so Newton-Muon,
+    which shares muon_lr, gets its own row), applies only with that optimizer, and a given lr wins."""
+    assert {p: {o: tuple(*d.items()) for o, d in per.items()} for p, per in t.PRESET_TUNED.items()} == TUNED_LR
+    for preset, per in TUNED_LR.items():
+        for name, (setting, lr) in per.items():
+            assert t.optimizer_class(name).declared()["lr"].name == setting
+            assert getattr(t.parse_args(["--preset", preset, "--optimizer", name]), setting) == lr
+            assert getattr(t.parse_args(["--preset", preset, "--optimizer", name, f"--{setting}", "0.5"]),
+                           setting) == 0.5
+            others = [o for o in t.OPTIMIZERS if o not in per]
+            for other in others:  # an optimizer without a row keeps its declared default
+                lr_name = t.optimizer_class(other).declared()["lr"].name
+                default = t.parse_args(["--optimizer", other])
+                assert getattr(t.parse_args(["--preset", preset, "--optimizer", other]), lr_name) == \
+                    getattr(default, lr_name)
+
+
 @pytest.mark.parametrize("mode", t.COMPILE_MODES)
 def test_compile_mode_reaches_torch_compile(mode, monkeypatch):
     """--compile_mode is the mode torch.compile gets for the model."""
