@@ -330,13 +330,14 @@ def test_factor_stored_in_the_operand_dtype(mode, monkeypatch):
 @pytest.mark.parametrize("optimizer", ["newton_muon", "locoprop"])
 @pytest.mark.parametrize("apply", [None, "bf16", "fp32"])
 def test_gram_apply_chooses_the_factor_dtype_and_the_product(optimizer, apply, monkeypatch):
-    """--gram_apply, where bf16 operands are available (CUDA; forced here on CPU): bf16 (the default, None here)
-    stores R in bf16 and multiplies G R with bf16 operands; fp32 keeps R fp32 and multiplies in fp32. Both rules'
-    steps equal the one that applies R with the chosen operands, bit for bit."""
+    """--gram_apply, where bf16 operands are available (CUDA; forced here on CPU): bf16 stores R in bf16 and
+    multiplies G R with bf16 operands; fp32 keeps R fp32 and multiplies in fp32; the default (None here) does what its
+    declaration's value says. Both rules' steps equal the one that applies R with the chosen operands, bit for bit."""
     monkeypatch.setattr(t, "bf16_operands", lambda G: True)
     extra = ["--locoprop_lr", "0.3"] if optimizer == "locoprop" else ["--muon_momentum", "0"]
     args, model, opts = tiny_model("full", optimizer, extra + (["--gram_apply", apply] if apply else []))
-    assert args.gram_apply == (apply or "bf16") == opts[-1].param_groups[0]["gram_apply"]
+    declared = t.FeatureGram.declared()["gram_apply"].default
+    assert args.gram_apply == (apply or declared) == opts[-1].param_groups[0]["gram_apply"]
     low = args.gram_apply == "bf16"
     opt = opts[-1]
     idx = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
