@@ -289,11 +289,17 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(agg: list[dict], timing: dict, runs: dict) -> str:
-    """The table: one line per step and layer type, each cell `max / median` over its layers."""
+# the printed table's columns (DIR/table.md has all)
+SHORT = ("cond_R", "err_bf16", "err_fp32", "msign_bf16", "ns_bf16", "ns_fp32", "step_bf16", "step_fp32",
+         "top_err_bf16", "top_err_fp32", "top_step_bf16", "top_step_fp32")
+
+
+def markdown(agg: list[dict], timing: dict, runs: dict, columns=None) -> str:
+    """The table: one line per step and layer type, each cell `max / median` over its layers; `columns` (those
+    present), or all."""
     if not agg:
         return "no rows\n"
-    cols = [k for k in agg[0] if k not in ("step", "layer", "n")]
+    cols = [k for k in agg[0] if k not in ("step", "layer", "n") and (columns is None or k in columns)]
     lines = ["| step | layer | n | " + " | ".join(cols) + " |", "|" + "---|" * (3 + len(cols))]
     for a in agg:
         cells = [f"{a[c][0]:.2e} / {a[c][1]:.2e}" for c in cols]
@@ -322,6 +328,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return ap.parse_args(own), rest
 
 
+def write(out: Path, result: dict, agg: list[dict]) -> str:
+    """DIR/measure.json and DIR/table.md (every column); returns the short table that is printed."""
+    (out / "measure.json").write_text(json.dumps(result, indent=1))
+    (out / "table.md").write_text(markdown(agg, result["timing"], result["runs"]))
+    return markdown(agg, result["timing"], result["runs"], SHORT)
+
+
 def main(argv: list[str]) -> dict:
     opts, rest = parse(argv)
     out = Path(opts.out)
@@ -332,7 +345,7 @@ def main(argv: list[str]) -> dict:
     args = t.parse_args(base + rest)
     steps = sorted({min(int(s), args.num_iterations - 1) for s in opts.steps.split(",")})
     cap = Capture(steps)
-    t0 = time.perf_counter()
+    start = t0 = time.perf_counter()
     try:
         record, model = t.train(args)
     finally:
@@ -341,24 +354,32 @@ def main(argv: list[str]) -> dict:
     t0 = time.perf_counter()
     rows = measure_rows(cap, layer_names(model), opts.top)
     print(f"errors: {time.perf_counter() - t0:.0f} s, {len(rows)} rows", flush=True)
+    t0 = time.perf_counter()
     timing = time_step(cap, opts.repeats)
-    runs = {}
+    print(f"timing: {time.perf_counter() - t0:.0f} s", flush=True)
+    agg = aggregate(rows)
+    result = dict(settings={k: getattr(args, k) for k in ("optimizer", "preset", "gram", "gram_apply",
+                                                           "num_iterations")},
+                  steps=steps, top=opts.top, rows=rows, timing=timing, runs={})
+    write(out, result, agg)  # kept if the second run fails
     if opts.time_steps > 0 and record:
+        t0 = time.perf_counter()
         at = min(opts.time_steps, args.num_iterations - 1)
         other = "fp32" if args.gram_apply == "bf16" else "bf16"
-        runs[args.gram_apply] = record_at(record, at)
+        result["runs"][args.gram_apply] = record_at(record, at)
         cap.taken.clear()
         second = t.parse_args(base + rest + ["--gram_apply", other, "--stop_at", str(at),
                                              "--final_checkpoint", "0"])
-        runs[other] = record_at(t.train(second)[0], at)
+        try:
+            result["runs"][other] = record_at(t.train(second)[0], at)
+        except Exception as e:  # the errors and the timing above stand
+            result["runs_error"] = f"{type(e).__name__}: {e}"
+            print(f"second run failed: {result['runs_error']}", flush=True)
+        print(f"second run: {time.perf_counter() - t0:.0f} s", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    table = markdown(aggregate(rows), timing, runs)
-    result = dict(settings={k: getattr(args, k) for k in ("optimizer", "preset", "gram", "gram_apply",
-                                                           "num_iterations")},
-                  steps=steps, top=opts.top, rows=rows, timing=timing, runs=runs)
-    (out / "measure.json").write_text(json.dumps(result, indent=1))
-    (out / "table.md").write_text(table)
-    print(table)
+    short = write(out, result, agg)
+    print(f"total: {time.perf_counter() - start:.0f} s\n", flush=True)
+    print(short)
     return result
 
 
