@@ -10,9 +10,15 @@ import torch
 import train_gpt2 as t
 from conftest import REPO
 
-spec = importlib.util.spec_from_file_location("bf16_measure", REPO / "records" / "bf16-preconditioner" / "measure.py")
-measure = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(measure)
+
+@pytest.fixture(scope="module")
+def measure():
+    """records/bf16-preconditioner/measure.py as a module."""
+    spec = importlib.util.spec_from_file_location("bf16_measure",
+                                                  REPO / "records" / "bf16-preconditioner" / "measure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def c_fc_like(d: int = 768, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +76,7 @@ def test_gram_apply_is_declared_once_with_its_choices():
     assert not t.gram_low(cpu, "bf16") and not t.gram_low(cpu, "fp32")
 
 
-def test_polar_is_the_svd_polar_factor_and_keeps_the_largest_rank():
+def test_polar_is_the_svd_polar_factor_and_keeps_the_largest_rank(measure):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(12, 30, dtype=torch.float64, generator=g)
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
@@ -79,7 +85,7 @@ def test_polar_is_the_svd_polar_factor_and_keeps_the_largest_rank():
     torch.testing.assert_close(measure.polar(X, rank=3), U[:, :3] @ Vh[:3])
 
 
-def test_errors_on_a_synthetic_c_rank_the_paths():
+def test_errors_on_a_synthetic_c_rank_the_paths(measure):
     """measure.errors on a tiny Newton-Muon's own factor: fp32 application within 1e-5, bf16 worse and worse still for
     G on C's top eigenvectors; msign and Newton-Schulz columns present; the stored fp32 factor is R32."""
     args = t.parse_args(["--n_layer", "1", "--n_head", "2", "--n_embd", "64", "--optimizer", "newton_muon"])
@@ -104,7 +110,7 @@ def test_errors_on_a_synthetic_c_rank_the_paths():
     assert "| 5 | mlp.c_fc | 2 |" in measure.markdown(agg, {}, {})
 
 
-def test_record_at_reads_step_avg_and_blocks_ms(tmp_path):
+def test_record_at_reads_step_avg_and_blocks_ms(measure, tmp_path):
     path = tmp_path / "r.txt"
     path.write_text("".join(f"step:{s}/400 train_loss:5.0 train_time:{s}ms step_avg:{100 + s}.00ms opt_ms:7.00 "
                             f"blocks_ms:{s}.00\n" for s in range(1, 21)) + "step:20/400 val_loss:5.0 x\n")
@@ -112,7 +118,7 @@ def test_record_at_reads_step_avg_and_blocks_ms(tmp_path):
     assert (got["step_avg_ms"], got["blocks_ms_median"]) == (115.0, 13.0)  # blocks_ms of steps 11 ... 15
 
 
-def test_measure_runs_end_to_end_on_a_tiny_run(tiny_args, tmp_path):
+def test_measure_runs_end_to_end_on_a_tiny_run(measure, tiny_args, tmp_path):
     """main on a tiny run: captures both steps (a step past the run is its last), a row per block matrix and step,
     the timing, a second run at --time_steps with the other --gram_apply, the JSON and the table."""
     out = tmp_path / "out"
