@@ -358,8 +358,11 @@ def main(argv: list[str]) -> dict:
     timing = time_step(cap, opts.repeats)
     print(f"timing: {time.perf_counter() - t0:.0f} s", flush=True)
     agg = aggregate(rows)
+    # fp32 means IEEE fp32 only if these stay off / "highest" (err_fp32 would show TF32's ~1e-3)
+    matmul = dict(allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                  float32_matmul_precision=torch.get_float32_matmul_precision())
     result = dict(settings={k: getattr(args, k) for k in ("optimizer", "preset", "gram", "gram_apply",
-                                                           "num_iterations")},
+                                                           "num_iterations")} | matmul,
                   steps=steps, top=opts.top, rows=rows, timing=timing, runs={})
     write(out, result, agg)  # kept if the second run fails
     if opts.time_steps > 0 and record:
@@ -378,7 +381,7 @@ def main(argv: list[str]) -> dict:
         print(f"second run: {time.perf_counter() - t0:.0f} s", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
     short = write(out, result, agg)
-    print(f"total: {time.perf_counter() - start:.0f} s\n", flush=True)
+    print(f"total: {time.perf_counter() - start:.0f} s; fp32 matmuls: {matmul}\n", flush=True)
     print(short)
     return result
 
