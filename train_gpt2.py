@@ -1103,7 +1103,7 @@ class NewtonMuon(FeatureGram, Muon):
 
     @staticmethod
     def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, lerp, weight_decay,
-             factors, gram, precondition, apply="bf16") -> None:
+             factors, gram, precondition, apply) -> None:
         """Muon's rule on G R (before), or with D R in place of D (after), G R's operands by
         gram_low(G, apply); in one graph when compiled, so on CUDA the product feeds the momentum
         update (before) or Newton-Schulz (after) directly."""
