@@ -971,9 +971,10 @@ class FeatureGram(MatrixOptimizer):
     gram_every == 0 (GPT.collect_gram). On a refresh, refresh_gram averages the collected sums over
     processes (one all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace; C before
     the first refresh: gram_start I, or none) and caches the right preconditioner
-    R = factor(C) (batched over the matrices of one shape; on CUDA stored in bf16, the operand dtype
-    right_precondition gives it there) for the matrices this process owns; each step then costs one
-    matmul per matrix (right_precondition). Before the first refresh R is the identity."""
+    R = factor(C) (batched over the matrices of one shape; stored in the operand dtype of its
+    application, gram_low: bf16 with gram_apply bf16 on CUDA, else fp32) for the matrices this
+    process owns; each step then costs one matmul per matrix (right_precondition). Before the first
+    refresh R is the identity."""
     settings = dict(
         gram=choice("gram", "full", ("full", "block", "diag"),
                     "C full, block-diagonal or diagonal"),
@@ -990,6 +991,9 @@ class FeatureGram(MatrixOptimizer):
         gram_beta=fraction("gram_beta", 0.0, "C <- beta C + (1 - beta) C_new; 0: replace"),
         gram_start=nonnegative("gram_start", 0.0, "C before the first refresh: s I (per block), so "
                                "the first C = beta s I + (1 - beta) C_new; 0: the first C_new"),
+        gram_apply=choice("gram_apply", "bf16", ("bf16", "fp32"),
+                          "G R with bf16 operands on CUDA (R stored bf16; fp32 on CPU) or in fp32 "
+                          "(R stored fp32, IEEE fp32 matmul: the trainer leaves TF32 off)"),
     )
 
     def __init__(self, params, layers: list[nn.Module], **settings):
@@ -1033,7 +1037,7 @@ class FeatureGram(MatrixOptimizer):
     def _store_factors(self, ps: list[torch.Tensor], Rs: torch.Tensor, group: dict) -> None:
         for p, R in zip(ps, Rs):
             # stored as right_precondition's operand
-            low = bf16_operands(p) and group["gram"] != "diag"
+            low = gram_low(p, group["gram_apply"]) and group["gram"] != "diag"
             self.state[p]["factor"] = R.bfloat16() if low else R
 
     def _stacked_grams(self, ps: list[torch.Tensor]) -> torch.Tensor:
@@ -1061,7 +1065,8 @@ class FeatureGram(MatrixOptimizer):
 
     def gradients(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """G R for each matrix that has a factor R; G itself before the first refresh."""
-        return [right_precondition(p.grad, self.state[p]["factor"], group["gram"])
+        return [right_precondition(p.grad, self.state[p]["factor"], group["gram"],
+                                   gram_low(p, group["gram_apply"]))
                 if "factor" in self.state[p] else p.grad for p in params]
 
 
@@ -1107,20 +1112,21 @@ class NewtonMuon(FeatureGram, Muon):
         if not all(f is not None for f in factors):  # before the first refresh: Muon's rule
             return self.run_rule(Muon.rule, params, self.gradients(params, group), bufs, lr, *muon)
         self.run_rule(NewtonMuon.rule, params, [p.grad for p in params], bufs, lr, *muon,
-                      factors, group["gram"], group["precondition"])
+                      factors, group["gram"], group["precondition"], group["gram_apply"])
 
     @staticmethod
     def rule(params, grads, bufs, lr, momentum, nesterov, coeffs, scales, lerp, weight_decay,
-             factors, gram, precondition) -> None:
-        """Muon's rule on G R (before), or with D R in place of D (after); in one graph when
-        compiled, so on CUDA the bf16 product feeds the momentum update (before) or Newton-Schulz
-        (after) directly."""
+             factors, gram, precondition, apply) -> None:
+        """Muon's rule on G R (before), or with D R in place of D (after), G R's operands by
+        gram_low(G, apply); in one graph when compiled, so on CUDA the product feeds the momentum
+        update (before) or Newton-Schulz (after) directly."""
         muon = (momentum, nesterov, coeffs, scales, lerp, weight_decay)
+        low = [gram_low(g, apply) for g in grads]
         if precondition == "before":
-            grads = [right_precondition(g, R, gram) for g, R in zip(grads, factors)]
+            grads = [right_precondition(g, R, gram, lo) for g, R, lo in zip(grads, factors, low)]
             return Muon.rule(params, grads, bufs, lr, *muon)
         return Muon.rule(params, grads, bufs, lr, *muon,
-                         lambda i, D: right_precondition(D, factors[i], gram))
+                         lambda i, D: right_precondition(D, factors[i], gram, low[i]))
 
 
 @optimizer("locoprop")
@@ -1176,7 +1182,8 @@ class LocoPropS(FeatureGram):
             torch._foreach_add_(bufs, grads)
             grads = bufs
         # G R, the identity before the first refresh
-        dirs = [right_precondition(g, self.state[p]["factor"], group["gram"])
+        dirs = [right_precondition(g, self.state[p]["factor"], group["gram"],
+                                   gram_low(p, group["gram_apply"]))
                 if "factor" in self.state[p] else g for p, g in zip(params, grads)]
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
@@ -2049,6 +2056,15 @@ def bf16_operands(G: torch.Tensor) -> bool:
     """Whether right_precondition multiplies in bf16 by default: on CUDA, where it then costs a bf16
     matmul."""
     return G.is_cuda
+
+
+def gram_low(G: torch.Tensor, apply: str) -> bool:
+    """Whether the feature-gram rules apply R (G R, right_precondition) with bf16 operands:
+    --gram_apply bf16 where bf16_operands (CUDA). fp32: R kept fp32 and G R an IEEE fp32 matmul
+    (fp64 for fp64 G), not TF32: nothing in the trainer sets torch.backends.cuda.matmul.allow_tf32
+    outside SOAP's tf32_matmuls. Each one's error on real gradients and C, and its cost:
+    records/bf16-preconditioner/README.md."""
+    return apply == "bf16" and bf16_operands(G)
 
 
 def wide_key(p: torch.Tensor) -> tuple:

@@ -6,7 +6,7 @@ temporary folder and those tests run there (pytest -x -q); the table says which 
 Exit status 1 if a mutant survives, its string is not found exactly once, its tests error instead of
 failing, or the unmutated copy does not pass them all.
 
-    python tests/mutants.py            # every mutant (50)
+    python tests/mutants.py            # every mutant (52)
     python tests/mutants.py -k soap    # those whose name holds "soap"
     python tests/mutants.py --list     # names and tests only
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 OPT, GRAM, RULES, LOOP, GOLDEN = ("tests/test_optimizers.py", "tests/test_gram.py", "tests/test_gram_rules.py",
                                   "tests/test_gram_loop.py", "tests/test_golden.py")
-AUDIT = "tests/test_audit.py"
+AUDIT, BF16 = "tests/test_audit.py", "tests/test_bf16_preconditioner.py"
 
 # (name, what it breaks, old text of train_gpt2.py (exactly once), new text, tests that must kill it)
 MUTANTS = [
@@ -152,6 +152,15 @@ MUTANTS = [
      "used = torch.where(failed, boost, used)", "used = used",
      [f"{RULES}::test_cholesky_fallbacks_are_counted_by_the_damping_that_held",
       f"{LOOP}::test_cholesky_fallbacks_are_written_to_the_record"]),
+    # R's application (--gram_apply)
+    ("gram-apply-fp32-ignored", "--gram_apply fp32 still applies R with bf16 operands on CUDA",
+     'return apply == "bf16" and bf16_operands(G)', "return bf16_operands(G)",
+     [f"{GRAM}::test_gram_apply_chooses_the_factor_dtype_and_the_product",
+      f"{BF16}::test_fp32_application_is_exact_where_bf16_fails_for_g_aligned_with_c"]),
+    ("gram-apply-rule-default-operands", "Newton-Muon's rule multiplies G R with the default operands "
+     "whatever --gram_apply says", "low = [gram_low(g, apply) for g in grads]",
+     "low = [bf16_operands(g) for g in grads]",
+     [f"{GRAM}::test_gram_apply_chooses_the_factor_dtype_and_the_product"]),
     # the AdamW groups
     ("embed-adamw-takes-adamw-betas", "the embedding's AdamW takes --adamw_betas",
      "betas=args.embed_betas", "betas=args.adamw_betas", [f"{OPT}::test_adamw_groups_take_their_own_settings"]),

@@ -327,6 +327,37 @@ def test_factor_stored_in_the_operand_dtype(mode, monkeypatch):
     assert torch.equal(p.detach(), expect)
 
 
+@pytest.mark.parametrize("optimizer", ["newton_muon", "locoprop"])
+@pytest.mark.parametrize("apply", [None, "bf16", "fp32"])
+def test_gram_apply_chooses_the_factor_dtype_and_the_product(optimizer, apply, monkeypatch):
+    """--gram_apply, where bf16 operands are available (CUDA; forced here on CPU): bf16 stores R in bf16 and
+    multiplies G R with bf16 operands; fp32 keeps R fp32 and multiplies in fp32; the default (None here) does what its
+    declaration's value says. Both rules' steps equal the one that applies R with the chosen operands, bit for bit."""
+    monkeypatch.setattr(t, "bf16_operands", lambda G: True)
+    extra = ["--locoprop_lr", "0.3"] if optimizer == "locoprop" else ["--muon_momentum", "0"]
+    args, model, opts = tiny_model("full", optimizer, extra + (["--gram_apply", apply] if apply else []))
+    declared = t.FeatureGram.declared()["gram_apply"].default
+    assert args.gram_apply == (apply or declared) == opts[-1].param_groups[0]["gram_apply"]
+    low = args.gram_apply == "bf16"
+    opt = opts[-1]
+    idx = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.collect_gram(True)
+    model(idx, idx).backward()
+    model.collect_gram(False)
+    opt.refresh_gram(n_tokens=idx.numel())
+    p = model.gram_layers()[3].weight
+    R = opt.state[p]["factor"]
+    assert R.dtype == (torch.bfloat16 if low else torch.float32)
+    GR = t.right_precondition(p.grad, R, "full", low_precision=low)
+    assert (GR != t.right_precondition(p.grad, R.float(), "full", low_precision=not low)).any()
+    if optimizer == "locoprop":
+        expect = p.detach().clone().add_(GR, alpha=-0.3)
+    else:
+        expect = p.detach() - args.muon_lr * t.orthogonalize(GR[None], args.ns_coeffs)[0].to(p.dtype)
+    opt.step()
+    assert torch.equal(p.detach(), expect)
+
+
 def test_refresh_redoes_a_failed_cholesky_with_more_damping_at_the_next_step():
     """refresh_gram factors each batch once without a host sync; a batch in which a Cholesky failed (here one
     C + gamma I is not positive definite) is redone by finish_refresh, which step() calls, with gram_factor's

@@ -199,6 +199,7 @@ def test_locoprop_lambda_mode(mode):
     ("gram_start", "-0.001", ">= 0", "-0.001"),
     ("gram_start", "inf", ">= 0", "inf"),
     ("gram_ridge", "layer", "matrix or block", "'layer'"),
+    ("gram_apply", "fp16", "bf16 or fp32", "'fp16'"),
     ("gram_damping_eps", "-1e-8", ">= 0", "-1e-08"),
     ("gram_damping_eps", "nan", ">= 0", "nan"),
 ])
