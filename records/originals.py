@@ -15,7 +15,8 @@ The project's protocol (--preset and the settings after --) is mapped onto each 
 (original_args): its d12 model, --batch_size = the project's device batch, --accumulation the rest of its batch,
 --sequence_length, --num_iterations, --warmup_iters, --warmdown_iters, --learning_rate, --val_loss_every, and
 --val_max_steps = val_tokens / (device batch x sequence length); settings an original hard-codes (its learning-rate
-ratios, betas, SOAP's refresh period, no weight decay) must match the project's or the script refuses. Runs go one
+ratios, betas, SOAP's refresh period, no weight decay) must match the project's or the script refuses;
+the preset's tuned rates (PRESET_TUNED) are not applied here: both sides run the record's (untuned). Runs go one
 after the other on one GPU (--parallel k: k at once; the later runs of an original wait until its first has compiled,
 ~2 min for b9979e6, and load its compile cache), each original in its own folder under --work (its
 logs/<id>/log.txt, kept, and its final checkpoint, deleted: ~1.5 GB each), then its log is converted into <out>/
@@ -142,9 +143,22 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def untuned(preset: str, extra: list[str], optimizer: str) -> list[str]:
+    """`--name value` for each setting the preset's PRESET_TUNED row gives `optimizer` and `extra`
+    does not: its value without that row (the preset's, else the default). The originals hard-code
+    the record's rates, so beside them the project runs those, not the preset's tuned ones."""
+    given = {a[2:].partition("=")[0] for a in extra if a.startswith("--")}
+    row = train_gpt2.PRESET_TUNED.get(preset, {}).get(optimizer, {})
+    plain = train_gpt2.Hyperparameters(**train_gpt2.PRESETS[preset])
+    return [x for name in row if name not in given
+            for x in (f"--{name}", str(getattr(plain, name)))]
+
+
 def project_settings(preset: str, extra: list[str], optimizer: str) -> train_gpt2.Hyperparameters:
-    """The project's settings for one optimizer: --preset, the settings after --, --optimizer."""
-    return train_gpt2.parse_args(["--preset", preset, *extra, "--optimizer", optimizer])
+    """The project's settings for one optimizer: --preset, the settings after --, --optimizer; the
+    preset's tuned rates left out (untuned)."""
+    return train_gpt2.parse_args(["--preset", preset, *extra, *untuned(preset, extra, optimizer),
+                                  "--optimizer", optimizer])
 
 
 def refuse_unlike(args: train_gpt2.Hyperparameters, original: Original,
@@ -314,7 +328,7 @@ def plan(ns: argparse.Namespace) -> list[Job]:
         for i in range(ns.first_seed, ns.first_seed + (0 if ns.project_records else ns.seeds)):
             label = f"project-{name}"
             cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--preset", ns.preset, *ns.project,
-                   "--optimizer", optimizer_of(name), "--seed", str(i), "--label", label,
+                   *untuned(ns.preset, ns.project, optimizer_of(name)), "--optimizer", optimizer_of(name), "--seed", str(i), "--label", label,
                    "--records_dir", str((out / label).resolve()),
                    "--checkpoint_dir", str((work / "checkpoints").resolve())]
             jobs.append(Job(f"{label} seed {i}", cmd, REPO, out / "stdout" / f"{label}-{i}.log", kind=label))

@@ -68,7 +68,10 @@ def fake_originals(root: Path) -> Path:
 def test_compare_preset_maps_onto_the_originals_command_line():
     """--preset compare is the originals' `--batch_size 64 --num_iterations 400 --warmup_iters 15 --warmdown_iters 115
     --learning_rate 0.0018 --val_loss_every 25 --val_max_steps 16`, with their d12 model and 1024-token sequences
-    (their default is 64) on one GPU without accumulation."""
+    (their default is 64) on one GPU without accumulation: the record's Muon rate 0.018 (b9979e6's is 10 x its
+    --learning_rate), not the preset's tuned one (PRESET_TUNED), unless given."""
+    assert o.untuned("compare", [], "muon") == ["--muon_lr", "0.018"]
+    assert o.untuned("compare", ["--muon_lr=0.02"], "muon") == [] == o.untuned("compare", [], "soap")
     args = o.project_settings("compare", ["--input_bin", "/d/tr_*.bin", "--input_val_bin", "/d/va_*.bin"], "muon")
     want = ["--input_bin", "/d/tr_*.bin", "--input_val_bin", "/d/va_*.bin", "--model", "d12", "--batch_size", "64",
             "--accumulation", "1", "--sequence_length", "1024", "--num_iterations", "400", "--warmup_iters", "15",
