@@ -116,6 +116,16 @@ class Run:
         timed += [(s, t) for s, _, t, _ in self.train if t is not None]
         return max(timed)[1] if timed else None
 
+    def ms_per_step(self, a: int, b: int) -> float | None:
+        """(train_time at logged step b - at step a) / (b - a): the steady step time between two steps past the
+        compile warm-up, from any line that logs both the step and train_time (the track's per-step console lines
+        included); None unless both steps have a time."""
+        times = {s: t for s, _, t in self.val if t is not None}
+        times.update({s: t for s, _, t, _ in self.train if t is not None})
+        if a not in times or b not in times or b <= a:
+            return None
+        return (times[b] - times[a]) / (b - a)
+
     @property
     def tokens(self) -> int | None:
         """end_step * batch_size * sequence_length when the record says them (ours), else None."""
@@ -722,6 +732,23 @@ def format_steps(rows: list[dict], target: float, by: str, baseline: str | None)
            f"counted in the mean):\n" + "\n".join(out)
 
 
+def format_step_time(groups: dict[str, list[Run]], a: int, b: int, by: str, baseline: str | None) -> str:
+    """Per group: ms a step between logged steps a and b (Run.ms_per_step), mean ± std (n runs that logged both),
+    and its ratio to --baseline's mean."""
+    means = {name: [m for m in (r.ms_per_step(a, b) for r in runs) if m is not None] for name, runs in groups.items()}
+    base = np.mean(means[baseline]) if means.get(baseline) else None
+    lines = [f"ms a step from step {a} to {b}:", f"| {by} | ms a step | n | over {baseline or '—'} |",
+             "|---|---|---|---|"]
+    for name, ms in means.items():
+        if not ms:
+            lines.append(f"| {name} | — (no run logs a train_time at both steps) | 0 | — |")
+            continue
+        std = f" ± {np.std(ms, ddof=1):.2f}" if len(ms) > 1 else ""
+        ratio = f"{np.mean(ms) / base:.4f}" if base else "—"
+        lines.append(f"| {name} | {np.mean(ms):.2f}{std} | {len(ms)} | {ratio} |")
+    return "\n".join(lines)
+
+
 def format_runs(groups: dict[str, list[Run]], by: str) -> str:
     """One line per run, by group: final val loss (or how it ended), the step of it, training time, the file."""
     lines = [f"each run ({by}, final val loss, at step, training time, file):"]
@@ -1002,6 +1029,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              "sqrt(n) >= 0.004 per group, and the pairwise rule")
     parser.add_argument("--runs", action="store_true", help="also list each run: group, final val loss, its step "
                                                             "and training time, the file")
+    parser.add_argument("--step_time", metavar="A:B", help="ms a step between logged steps A and B (from "
+                                                             "train_time) per group, and the ratio to --baseline")
     parser.add_argument("--per_100_steps", type=float, default=TRACK_LOSS_PER_100_STEPS,
                         help="--track's val loss worth 100 steps (default 0.0045, the track's)")
     args = parser.parse_args(argv)
@@ -1084,6 +1113,13 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
             print()
             print(format_steps(steps_rows(groups, target, args.baseline), target, args.by, args.baseline))
+        if args.step_time:
+            a, _, b = args.step_time.partition(":")
+            if not (a.isdigit() and b.isdigit() and int(a) < int(b)):
+                print(f"error: --step_time {args.step_time}: want A:B, two steps with A < B", file=sys.stderr)
+                return 2
+            print()
+            print(format_step_time(groups, int(a), int(b), args.by, args.baseline))
         if args.sweep:
             table = sweep_rows(groups, args.sweep)
             print()

@@ -426,8 +426,9 @@ def collect(job: Job, original: Original, root: Path, out: Path, i: int) -> Path
 
 def collect_track3(job: Job, original: Original, root: Path, out: Path, i: int) -> Path | None:
     """Copy the run's newest logs/<id>.txt (its code, then its `step:N/M val_loss:X ...` lines)
-    into <out>/original-track3/ below header_lines; the copied path, or None (said) when the run
-    left no log."""
+    into <out>/original-track3/ below header_lines, then the `step:N/M train_time:Xs ...` lines it
+    printed only to the console (job.stdout: the time of every step, for compare.py --step_time);
+    the copied path, or None (said) when the run left no log."""
     logs = sorted(job.cwd.glob("logs/*.txt"), key=lambda p: p.stat().st_mtime)
     if not logs:
         print(f"{job.what}: no logs/<id>.txt in {job.cwd}; its output: {job.stdout}")
@@ -437,7 +438,11 @@ def collect_track3(job: Job, original: Original, root: Path, out: Path, i: int) 
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-original-{original.name}-{i}.txt"
     header = header_lines(original, root, job.cmd)[:-1]
     header.append(f"seed: {i} (torch.manual_seed({i}) in its copy)")
-    path.write_text("\n".join(header) + "\n" + logs[-1].read_text())
+    console = job.stdout.read_text(errors="replace").splitlines() if job.stdout.is_file() else []
+    steps = [line for line in console if re.match(r"step:\d+/\d+ train_time:", line)]
+    log = logs[-1].read_text()
+    path.write_text("\n".join(header) + "\n" + log + ("" if log.endswith("\n") else "\n")
+                    + "".join(line + "\n" for line in steps))
     print(f"{job.what}: {path}", flush=True)
     return path
 

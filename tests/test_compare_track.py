@@ -125,6 +125,25 @@ def test_a_track_log_reads_with_its_final_loss_steps_and_time(tmp_path, capsys):
     assert "8.39m" in out
 
 
+def test_step_time_between_two_steps_per_group_and_over_the_baseline(tmp_path, capsys):
+    """--step_time A:B: (train_time at B - at A) / (B - A) per run, mean ± std per group, ratio to --baseline; the
+    track's seconds and the project's ms alike; a group whose runs lack a step says so; a bad A:B is refused."""
+    def log(name, ms_a_step, unit):  # compile in the first step: 50 s
+        times = [50000 + ms_a_step * s for s in range(1, 61)]
+        lines = [f"step:{s}/60 train_time:" + (f"{t / 1000:.3f}s" if unit == "s" else f"{t:.1f}ms")
+                 for s, t in zip(range(1, 61), times)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.txt").write_text("code\n" + "=" * 100 + "\n" + "\n".join(lines) + "\n")
+    log("original", 1000.0, "s")
+    log("project", 900.0, "ms")
+    assert c.main([str(tmp_path), "--by", "label", "--step_time", "20:60", "--baseline", "original"]) == 0
+    out = capsys.readouterr().out
+    assert "| original | 1000.00 | 1 | 1.0000 |" in out and "| project | 900.00 | 1 | 0.9000 |" in out
+    assert c.main([str(tmp_path), "--by", "label", "--step_time", "20:61"]) == 0
+    assert "| project | — (no run logs a train_time at both steps) | 0 | — |" in capsys.readouterr().out
+    assert c.main([str(tmp_path), "--step_time", "60:20"]) == 2
+
+
 TRACK_RESULTS = os.environ.get("MODDED_NANOGPT_GIT", "")  # a clone of KellerJordan/modded-nanogpt (its .git)
 
 

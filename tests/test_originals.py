@@ -582,6 +582,15 @@ def test_track3_copy_and_its_collected_log(tmp_path):
     assert "seed: 1 (torch.manual_seed(1) in its copy)" in lines and lines[-1].startswith(
         "step:0/400 val_loss:10.8"
     )
+    # its console's per-step lines (not in its log) follow, so compare.py --step_time reads its step time
+    (tmp_path / "1.log").write_text("logs/u.txt\n" + "".join(
+        f"step:{s}/400 train_time:{60 + 1.25 * s:.3f}s step_avg:1.0ms\n" for s in range(1, 41)) + "noise\n")
+    path = o.collect_track3(job, o.ORIGINALS["track3"], root, tmp_path / "exp", 1)
+    lines = path.read_text().splitlines()
+    assert lines[-1] == "step:40/400 train_time:110.000s step_avg:1.0ms" and "noise" not in lines
+    run = c.parse_record(path)
+    assert run.format == "upstream" and not run.complete and run.val == [(0, 10.8, 0.0)]
+    assert run.ms_per_step(20, 40) == pytest.approx(1250.0) and run.ms_per_step(20, 41) is None
 
 
 TRACK3_ORIGINAL = (
