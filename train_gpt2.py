@@ -196,8 +196,8 @@ def run_setting_help() -> dict[str, str]:
 
 def parse_args(argv: list[str]) -> Hyperparameters:
     """`--field value` for every Hyperparameters field; `--preset name` applies a named set first,
-    then its PRESET_TUNED settings for the --optimizer; explicit fields win. With `--resume`, the checkpoint's settings are the base and only
-    RESUME_MAY_CHANGE may differ (resume_settings)."""
+    then its PRESET_TUNED settings for the --optimizer; explicit fields win. With `--resume`, the
+    checkpoint's settings are the base and only RESUME_MAY_CHANGE may differ (resume_settings)."""
     kinds = {f.name: f.type for f in fields(Hyperparameters)}
     given: dict[str, str] = {}
     i = 0
