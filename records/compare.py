@@ -630,6 +630,25 @@ def sweep_rows(groups: dict[str, list[Run]], setting: str) -> dict[str, list[dic
     return out
 
 
+def at_best(groups: dict[str, list[Run]], setting: str) -> tuple[dict[str, list[Run]], dict[str, tuple]]:
+    """Each group cut to its runs at its best value of `setting` (`lr`: each optimizer's own): the value whose
+    complete runs have the lowest mean final val loss (a diverged run counts as infinite, as in sweep_rows); and per
+    group (best value, its complete runs). A group with no complete run that says the setting is left out."""
+    kept, best = {}, {}
+    for name, runs in groups.items():
+        by_value: dict = {}
+        for r in runs:
+            if sweep_value(r, setting) is not None and (r.complete or r.diverged_at is not None):
+                loss = math.inf if r.diverged_at is not None else r.final_val_loss
+                by_value.setdefault(sweep_value(r, setting), []).append(loss)
+        if not by_value:
+            continue
+        value = min(by_value, key=lambda v: (np.mean(by_value[v]), v))
+        kept[name] = [r for r in runs if sweep_value(r, setting) == value]
+        best[name] = (value, len(by_value[value]))
+    return kept, best
+
+
 def format_sweep(rows: dict[str, list[dict]], setting: str) -> str:
     """Per group: the val loss at each value (mean ± std (n)), the best value and, where the best lies at the first
     or last value tried, a warning that the optimum may lie outside the grid."""
@@ -682,8 +701,24 @@ def plot_sweep(rows: dict[str, list[dict]], setting: str, path: str | os.PathLik
 def steps_to(run: Run, target: float) -> tuple[float, float | None] | None:
     """(step, train_time_ms or None) at which the run's val loss first reaches `target`, interpolated linearly
     between the val point before (above the target) and the first at or below it; None if it never does."""
+    return _crossing(sorted(run.val), target)
+
+
+def mean_curve(runs: list[Run]) -> list[tuple[int, float, float | None]]:
+    """(step, mean val loss, mean train_time_ms or None) at every val step all `runs` logged."""
+    common = set.intersection(*({s for s, _, _ in r.val} for r in runs)) if runs else set()
+    at = [{s: (v, ms) for s, v, ms in r.val} for r in runs]
+    curve = []
+    for step in sorted(common):
+        times = [a[step][1] for a in at]
+        curve.append((step, float(np.mean([a[step][0] for a in at])),
+                      None if None in times else float(np.mean(times))))
+    return curve
+
+
+def _crossing(points: list[tuple[int, float, float | None]], target: float) -> tuple[float, float | None] | None:
     prev = None
-    for step, loss, ms in sorted(run.val):
+    for step, loss, ms in points:
         if loss <= target:
             if prev is None or prev[1] == loss:
                 return float(step), ms
@@ -697,8 +732,11 @@ def steps_to(run: Run, target: float) -> tuple[float, float | None] | None:
 
 def steps_rows(groups: dict[str, list[Run]], target: float, baseline: str | None) -> list[dict]:
     """Per group over its complete runs: runs, reached (how many reach the target), steps mean ± std over those,
-    tokens (steps x the run's tokens a step, where known), train time (ms), speedup = the baseline's mean steps /
-    the group's (None without a baseline or where either never reaches it)."""
+    tokens (steps x the run's tokens a step, where known), train time (ms); curve: the step at which the group's
+    mean curve (mean_curve) reaches the target; speedup = the baseline's curve step / the group's (None without a
+    baseline or where either curve never reaches it). The curves, not the runs: with the default target (the
+    baseline's own mean final loss) about half the baseline's runs end above it, while its mean curve reaches it
+    at its last val step."""
     rows = []
     for name, runs in groups.items():
         done = [r for r in runs if r.complete]
@@ -710,18 +748,20 @@ def steps_rows(groups: dict[str, list[Run]], target: float, baseline: str | None
                          mean=float(np.mean(steps)) if steps else None,
                          std=float(np.std(steps, ddof=1)) if len(steps) > 1 else None,
                          tokens=float(np.mean(steps)) * float(np.mean(per_step)) if steps and per_step else None,
-                         time_ms=float(np.mean(times)) if times else None))
+                         time_ms=float(np.mean(times)) if times else None,
+                         curve=(_crossing(mean_curve(done), target) or (None,))[0]))
     base = next((r for r in rows if r["group"] == baseline), None)
     for r in rows:
-        r["speedup"] = (base["mean"] / r["mean"] if base and base["mean"] and r["mean"] and
-                        r["reached"] == r["runs"] and base["reached"] == base["runs"] else None)
+        r["speedup"] = base["curve"] / r["curve"] if base and base["curve"] and r["curve"] else None
     return rows
 
 
 def format_steps(rows: list[dict], target: float, by: str, baseline: str | None) -> str:
-    head = [by, "reached", "steps to target", "tokens", "time", f"speedup over {baseline}" if baseline else "speedup"]
+    head = [by, "reached", "steps to target", "mean curve", "tokens", "time",
+            f"speedup over {baseline}" if baseline else "speedup"]
     body = [[r["group"], f"{r['reached']}/{r['runs']}",
              "-" if r["mean"] is None else f"{r['mean']:.1f}" + ("" if r["std"] is None else f" ± {r['std']:.1f}"),
+             "-" if r["curve"] is None else f"{r['curve']:.1f}",
              _count(r["tokens"]), "-" if r["time_ms"] is None else f"{r['time_ms'] / 60000:.2f}m",
              "-" if r["speedup"] is None else f"{r['speedup']:.3f}x"] for r in rows]
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
@@ -729,7 +769,8 @@ def format_steps(rows: list[dict], target: float, by: str, baseline: str | None)
            for row in [head] + body]
     out.insert(1, "  ".join("-" * w for w in widths))
     return f"steps to val loss {target:.4f} (interpolated between val points; a run that never reaches it is not " \
-           f"counted in the mean):\n" + "\n".join(out)
+           f"counted in the mean; mean curve: where the group's mean val loss reaches it, the speedup's steps):\n" \
+           + "\n".join(out)
 
 
 def format_step_time(groups: dict[str, list[Run]], a: int, b: int, by: str, baseline: str | None) -> str:
@@ -1021,6 +1062,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", metavar="SETTING", help="val loss against SETTING's value per group (lr: each "
                                                            "optimizer's own), the best value, a warning when it is "
                                                            "at the edge; with --plot, that plot (log axis)")
+    parser.add_argument("--best", metavar="SETTING", help="each group at its best value of SETTING (lr: each "
+                                                         "optimizer's own): only those runs in the table, the "
+                                                         "tests, --steps_to and --track")
     parser.add_argument("--steps_to", metavar="LOSS", nargs="?", const="baseline",
                         help="the step (interpolated between val points), tokens and time at which each run first "
                              "reaches LOSS (default: --baseline's mean final val loss), and the speedup over "
@@ -1065,7 +1109,11 @@ def main(argv: list[str] | None = None) -> int:
         runs = [at_step(r, args.at) for r in runs]
     compared = [r for r in runs if not any(r is x for x in stopped)]
     if runs:
-        groups = group_runs(compared, args.by)
+        groups = everything = group_runs(compared, args.by)
+        if args.best:
+            groups, best = at_best(everything, args.best)
+            print(f"each {args.by} at its best {args.best}: " + (", ".join(
+                f"{name} {value} (n={n})" for name, (value, n) in best.items()) or "no complete run says it"))
         rows = summarize(groups, args.target)
         try:
             print(format_table(rows, args.by, args.target, args.baseline))
@@ -1121,7 +1169,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(format_step_time(groups, int(a), int(b), args.by, args.baseline))
         if args.sweep:
-            table = sweep_rows(groups, args.sweep)
+            table = sweep_rows(everything, args.sweep)
             print()
             print(format_sweep(table, args.sweep) if any(table.values()) else
                   f"--sweep {args.sweep}: no complete run says this setting")
@@ -1143,9 +1191,10 @@ def main(argv: list[str] | None = None) -> int:
             out = plot_path(args.plot)
             try:
                 if args.sweep:
-                    plot_sweep(sweep_rows(groups, args.sweep), args.sweep, out)
+                    plot_sweep(sweep_rows(everything, args.sweep), args.sweep, out)
                 else:
-                    plot_runs(runs, args.by, out, target=args.target)
+                    shown = [r for g in groups.values() for r in g] if args.best else runs
+                    plot_runs(shown, args.by, out, target=args.target)
             except (OSError, ValueError) as e:  # a read-only or missing folder; a file type matplotlib cannot write
                 why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
                 print(f"error: --plot {args.plot}: cannot write it ({why}); pass a writable path ending in .png",

@@ -58,8 +58,23 @@ def test_steps_rows_speedup_over_the_baseline():
     never = [run_with([(0, 11.0, 0.0), (200, 6.0, 200.0)])]
     rows = {r["group"]: r for r in c.steps_rows({"fast": fast, "slow": slow, "never": never}, 5.0, "slow")}
     assert rows["slow"]["mean"] == 200.0 and rows["fast"]["mean"] == pytest.approx((100 + 100 * 6 / 7) / 2)
-    assert rows["fast"]["speedup"] == pytest.approx(200.0 / rows["fast"]["mean"])
+    # the speedup compares mean curves: fast's mean curve (0, 11), (100, 4.5) reaches 5.0 at 100 * 6 / 6.5
+    assert rows["fast"]["curve"] == pytest.approx(100 * 6 / 6.5) and rows["slow"]["curve"] == 200.0
+    assert rows["fast"]["speedup"] == pytest.approx(200.0 / (100 * 6 / 6.5))
     assert rows["never"]["reached"] == 0 and rows["never"]["speedup"] is None
+
+
+def test_speedup_with_the_baselines_own_mean_as_the_target():
+    """The default target is the baseline's mean final loss: one of its two runs ends above it and never reaches it,
+    but its mean curve does, at its last val step, so the speedup is defined."""
+    base = [run_with([(0, 11.0, 0.0), (100, 6.0, 100.0), (200, 5.0, 200.0)]),
+            run_with([(0, 11.0, 0.0), (100, 6.2, 100.0), (200, 5.2, 200.0)])]
+    other = [run_with([(0, 11.0, 0.0), (100, 5.0, 100.0), (200, 4.0, 200.0)])]
+    assert c.mean_curve(base) == [(0, 11.0, 0.0), (100, 6.1, 100.0), (200, 5.1, 200.0)]
+    rows = {r["group"]: r for r in c.steps_rows({"base": base, "other": other}, 5.1, "base")}
+    assert rows["base"]["reached"] == 1 and rows["base"]["curve"] == pytest.approx(200.0)
+    assert rows["other"]["curve"] == pytest.approx(100 * 5.9 / 6) and rows["other"]["speedup"] == \
+        pytest.approx(200.0 / (100 * 5.9 / 6))
 
 
 def test_sweep_table_best_edge_warning_and_plot(tmp_path):
@@ -84,6 +99,29 @@ def test_sweep_table_best_edge_warning_and_plot(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 0
     assert fig.axes[0].get_xscale() == "log"
     assert sorted(ax.get_label() for ax in fig.axes[0].containers) == ["adamw", "muon"]
+
+
+def test_best_keeps_each_group_at_its_best_setting(tmp_path, capsys):
+    """--best lr: each optimizer's runs at its best lr only (a diverged run counts as infinite), so the table, Welch,
+    --steps_to and --track compare optimizers at their best; --sweep still sees every value."""
+    out = tmp_path / "exp"
+    for seed, loss in enumerate([4.70, 4.72, 4.71]):
+        fake_record(out, "muon", 0.036, seed, loss)
+    fake_record(out, "muon", 0.018, 0, 4.69)  # one lucky run at another lr: the mean of 0.036's three is lower
+    fake_record(out, "muon", 0.018, 1, 4.80)
+    for seed, loss in enumerate([5.13, 5.15, 5.14]):
+        fake_record(out, "adamw", 0.00015, seed, loss)
+    fake_record(out, "adamw", 0.0003, 0, 5.0, diverged=True)
+    runs = [c.parse_record(p) for p in sorted(out.glob("*.txt"))]
+    kept, best = c.at_best(c.group_runs(runs), "lr")
+    assert best == {"muon": (0.036, 3), "adamw": (0.00015, 3)}
+    assert sorted(r.final_val_loss for r in kept["muon"]) == [4.70, 4.71, 4.72]
+    assert c.main([str(out), "--best", "lr", "--baseline", "adamw", "--steps_to", "--sweep", "lr"]) == 0
+    text = capsys.readouterr().out
+    assert "each optimizer at its best lr: adamw 0.00015 (n=3), muon 0.036 (n=3)" in text
+    assert "muon          3      4.7100 ± 0.0100" in text and "0.018  4.7450 ± 0.0778 (n=2)" in text
+    assert "adamw          2/3      399.5 ± 0.7       400.0" in text
+    assert "muon           3/3      357.0 ± 1.0       357.0" in text and "1.120x" in text
 
 
 def test_sweep_splits_runs_that_differ_in_another_setting(tmp_path):
