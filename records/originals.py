@@ -328,7 +328,8 @@ def plan(ns: argparse.Namespace) -> list[Job]:
         for i in range(ns.first_seed, ns.first_seed + (0 if ns.project_records else ns.seeds)):
             label = f"project-{name}"
             cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--preset", ns.preset, *ns.project,
-                   *untuned(ns.preset, ns.project, optimizer_of(name)), "--optimizer", optimizer_of(name), "--seed", str(i), "--label", label,
+                   *untuned(ns.preset, ns.project, optimizer_of(name)),
+                   "--optimizer", optimizer_of(name), "--seed", str(i), "--label", label,
                    "--records_dir", str((out / label).resolve()),
                    "--checkpoint_dir", str((work / "checkpoints").resolve())]
             jobs.append(Job(f"{label} seed {i}", cmd, REPO, out / "stdout" / f"{label}-{i}.log", kind=label))
