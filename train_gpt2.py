@@ -1583,11 +1583,7 @@ class Track3GPT(GPT):
 
     @staticmethod
     def refusal(args: Hyperparameters) -> str:
-        """The whole fp32 logits (the fused loss has no soft cap or head bias); a head dim
-        divisible by 4 (the rotary uses a quarter of it)."""
-        if args.loss_chunk:
-            return (f"--loss_chunk {args.loss_chunk}: the fused loss has no soft cap or head bias, "
-                    f"which --model track3 has; use --loss_chunk 0 (fp32 logits, as its original)")
+        """A head dim divisible by 4 (the rotary uses a quarter of it)."""
         if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 4:
             return (f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head} with a "
                     f"head dim divisible by 4 (--model track3's rotary uses a quarter of it)")
@@ -1600,7 +1596,8 @@ class Track3GPT(GPT):
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(args.vocab_size, d), h=blocks))
         self.lm_head = nn.Linear(d, args.vocab_size, bias=True)
         self.norm_in, self.norm_out = RMSNorm(d), RMSNorm(d)
-        self.loss_chunk = 0
+        self.loss_chunk = args.loss_chunk
+        make_loss_eager()
         zero = {id(m.weight) for b in blocks for m in (b.attn.proj, b.mlp.proj)}
         zero.add(id(self.lm_head.weight))
         with torch.no_grad():
@@ -1625,11 +1622,16 @@ class Track3GPT(GPT):
         return [p for p in self.transformer.h.parameters() if p.ndim >= 2]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean over tokens of cross-entropy(15 z / sqrt(z^2 + 15^2)), z the head's fp32 logits."""
+        """Mean over tokens of cross-entropy(15 z / sqrt(z^2 + 15^2)), z the head's fp32 logits
+        (with loss_chunk: the fused loss, soft cap and bias included, without the logits)."""
         x = self.norm_in(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x)
-        z = self.lm_head(self.norm_out(x)).float()
+        x = self.norm_out(x)
+        if self.loss_chunk:
+            return linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight,
+                                        targets.view(-1), self.loss_chunk, self.lm_head.bias, 15.0)
+        z = self.lm_head(x).float()
         z = 15 * z * (z.square() + 15**2).rsqrt()
         return F.cross_entropy(z.view(-1, z.size(-1)), targets.view(-1))
 
@@ -2424,15 +2426,17 @@ LOSS_TILE = dict(BLOCK=4096, num_warps=16)
 
 if triton is not None:
     @triton.jit
-    def _softmax_xent_kernel(Z, T, L, V, Vp, stride, scale, BLOCK: tl.constexpr):
+    def _softmax_xent_kernel(Z, T, L, V, Vp, stride, scale, cap, BLOCK: tl.constexpr,
+                             CAP: tl.constexpr = False):
         """Row r of Z (N, Vp), logits in columns < V (the rest padding), target T[r]: L[r] = lse(z)
         - z[T[r]] in fp32, and in place Z[r] <- scale (softmax(z) - onehot(T[r])) (0 in the
-        padding). Two passes over the row (the second reads it back from L2): an online max m and
-        sum s = sum exp(z - m) per lane, one exp per element (a new max:
-        s <- s e^(m - z) + 1; else s <- s + e^(z - m)), combined across lanes at the end, and
-        z[T[r]] taken from the lane that holds it; then the write. z[T[r]] is read in the first
-        pass: read after it, a warp could see the dz another warp of the row has already written
-        there."""
+        padding). CAP: z soft-capped first, z <- cap u / sqrt(u^2 + cap^2) of the stored u, and the
+        written gradient times its derivative cap^3 / (u^2 + cap^2)^(3/2). Two passes over the row
+        (the second reads it back from L2): an online max m and sum s = sum exp(z - m) per lane, one
+        exp per element (a new max: s <- s e^(m - z) + 1; else s <- s + e^(z - m)), combined across
+        lanes at the end, and z[T[r]] taken from the lane that holds it; then the write. z[T[r]] is
+        read in the first pass: read after it, a warp could see the dz another warp of the row has
+        already written there."""
         r = tl.program_id(0).to(tl.int64)
         Z += r * stride
         cols = tl.arange(0, BLOCK)
@@ -2442,7 +2446,10 @@ if triton is not None:
         zt = tl.zeros((BLOCK,), tl.float32)
         for c in range(0, V, BLOCK):
             valid = cols < V - c
-            z = tl.load(Z + c + cols, mask=valid, other=-float("inf")).to(tl.float32)
+            z = tl.load(Z + c + cols, mask=valid, other=0.0).to(tl.float32)
+            if CAP:
+                z = cap * z * tl.rsqrt(z * z + cap * cap)
+            z = tl.where(valid, z, -float("inf"))
             # e^(m - z) past a new max, else e^(z - m)
             e = tl.where(valid, tl.exp(-tl.abs(z - m)), 0.0)
             s = tl.where(z > m, s * e + 1.0, s + e)
@@ -2453,31 +2460,45 @@ if triton is not None:
         tl.store(L + r, lse - tl.sum(zt, 0))
         for c in range(0, Vp, BLOCK):
             z = tl.load(Z + c + cols, mask=cols < Vp - c, other=0.0).to(tl.float32)
+            if CAP:
+                r = tl.rsqrt(z * z + cap * cap)
+                z, dcap = cap * z * r, cap * cap * cap * r * r * r
             p = tl.where(cols < V - c, tl.exp(z - lse), 0.0)
             p = tl.where(cols == t - c, p - 1.0, p) * scale
+            if CAP:
+                p = p * dcap
             tl.store(Z + c + cols, p.to(Z.dtype.element_ty), mask=cols < Vp - c)
 
 
-def _ce_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, V: int):
-    """One chunk of linear_cross_entropy, W's rows zero-padded from V to w.size(0): z = x W^T in x's
-    dtype, read in fp32, its padded columns out of the softmax; returns
-    (sum_i lse(z_i) - z_i[t_i], dz W, (dz^T x)[:V]) with dz = scale (softmax(z) - onehot(t)) in x's
-    dtype (0 in the padded columns). With Triton on CUDA (or interpreted) the softmax is one kernel
-    (_softmax_xent_kernel) that writes dz over z; else (CPU builds) these torch ops."""
+def _ce_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, V: int,
+              b: torch.Tensor | None = None, cap: float = 0.0):
+    """One chunk of linear_cross_entropy, W's rows (and b) zero-padded from V to w.size(0):
+    u = x W^T (+ b) in x's dtype, read in fp32, z = u or, with cap > 0, cap u / sqrt(u^2 + cap^2),
+    its padded columns out of the softmax; returns (sum_i lse(z_i) - z_i[t_i], du W, (du^T x)[:V],
+    sum_i du_i[:V] in fp32 or None) with du = scale (softmax(z) - onehot(t)) dz/du in x's dtype (0
+    in the padded columns). With Triton on CUDA (or interpreted) the softmax is one kernel
+    (_softmax_xent_kernel) that writes du over u; else (CPU builds) these torch ops."""
+    u = x @ w.mT if b is None else torch.addmm(b, x, w.mT)
     if triton is not None and (x.is_cuda or TRITON_INTERPRETED):
-        dz = x @ w.mT  # z, which the kernel overwrites with dz
-        rows = torch.empty(dz.size(0), dtype=torch.float32, device=dz.device)
-        _softmax_xent_kernel[(dz.size(0),)](dz, t, rows, V, dz.size(1), dz.stride(0), scale,
-                                            **LOSS_TILE)
-        return rows.sum(), dz @ w, (dz.mT @ x)[:V]
-    z = (x @ w.mT).float()
-    cols = torch.arange(z.size(-1), device=z.device)
-    z = z.masked_fill(cols >= V, float("-inf"))
-    lse = z.logsumexp(-1, keepdim=True)
-    hit = cols == t[:, None]
-    loss = (lse.squeeze(-1) - z.masked_fill(~hit, 0).sum(-1)).sum()
-    dz = ((z - lse).exp() - hit.float()).mul(scale).to(x.dtype)
-    return loss, dz @ w, (dz.mT @ x)[:V]
+        rows = torch.empty(u.size(0), dtype=torch.float32, device=u.device)
+        _softmax_xent_kernel[(u.size(0),)](u, t, rows, V, u.size(1), u.stride(0), scale,
+                                           float(cap), CAP=cap > 0, **LOSS_TILE)
+        du = u  # overwritten in place
+        loss = rows.sum()
+    else:
+        z = u.float()
+        if cap:
+            r = (z.square() + cap**2).rsqrt()
+            z = cap * z * r
+        cols = torch.arange(z.size(-1), device=z.device)
+        z = z.masked_fill(cols >= V, float("-inf"))
+        lse = z.logsumexp(-1, keepdim=True)
+        hit = cols == t[:, None]
+        loss = (lse.squeeze(-1) - z.masked_fill(~hit, 0).sum(-1)).sum()
+        dz = ((z - lse).exp() - hit.float()).mul(scale)
+        du = (dz * (cap**3 * r**3) if cap else dz).to(x.dtype)
+    db = None if b is None else du[:, :V].float().sum(0)
+    return loss, du @ w, (du.mT @ x)[:V], db
 
 
 # the fused loss pads W's rows (the vocabulary) to a multiple of this, so the logits' rows start at
@@ -2486,47 +2507,60 @@ LOSS_VOCAB_PAD = 128
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """mean_i CE(x_i W^T, t_i) for x (N, d), W (V, d) without the N x V logits: `chunk` rows at a
-    time, the forward also forms dL/dx and dL/dW (operands in x's dtype, bf16 under autocast, logits
-    and softmax in fp32, dL/dW summed in fp32), and the backward scales them by the incoming
-    gradient. Under no_grad only the loss is computed. W's rows are zero-padded to a multiple of
+    """mean_i CE(z_i, t_i), z_i = x_i W^T (+ b), soft-capped cap z / sqrt(z^2 + cap^2) if cap > 0,
+    for x (N, d), W (V, d) without the N x V logits: `chunk` rows at a time, the forward also forms
+    dL/dx, dL/dW and dL/db (operands in x's dtype, bf16 under autocast, logits and softmax in fp32,
+    dL/dW and dL/db summed in fp32), and the backward scales them by the incoming gradient. Under
+    no_grad only the loss is computed. W's rows (and b) are zero-padded to a multiple of
     LOSS_VOCAB_PAD, and the padded logits left out of the softmax (_ce_chunk)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int,
+                b: torch.Tensor | None = None, cap: float = 0.0) -> torch.Tensor:
         dtype, (V, N) = matmul_dtype(x), (w.size(0), x.size(0))
-        xc, wc = x.to(dtype), w.new_empty((V + -V % LOSS_VOCAB_PAD, w.size(1)), dtype=dtype)
+        Vp = V + -V % LOSS_VOCAB_PAD
+        xc, wc = x.to(dtype), w.new_empty((Vp, w.size(1)), dtype=dtype)
         wc[:V], wc[V:] = w, 0  # W in the operand dtype and its padding, in one pass over W
-        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        bc = None if b is None else torch.cat([b.to(dtype), b.new_zeros(Vp - V, dtype=dtype)])
+        needs = ctx.needs_input_grad
+        grads = needs[0] or needs[1] or (b is not None and needs[4])
         loss = torch.zeros((), device=x.device)
         dx = torch.empty_like(xc) if grads else None
         dw = torch.zeros(w.shape, device=w.device) if grads else None
+        db = torch.zeros(V, device=w.device) if grads and b is not None else None
         with torch.autocast(x.device.type, enabled=False):
             for s in range(0, N, chunk):
                 if grads:
-                    l, dxs, dws = _ce_chunk(xc[s: s + chunk], wc, t[s: s + chunk], 1.0 / N, V)
+                    l, dxs, dws, dbs = _ce_chunk(xc[s: s + chunk], wc, t[s: s + chunk], 1.0 / N, V,
+                                                 bc, cap)
                     dx[s: s + chunk] = dxs
                     dw += dws
+                    if db is not None:
+                        db += dbs
                 else:
-                    z = (xc[s: s + chunk] @ wc.mT).float()[:, :V]
+                    u = xc[s: s + chunk] @ wc.mT if bc is None else \
+                        torch.addmm(bc, xc[s: s + chunk], wc.mT)
+                    z = u.float()[:, :V]
+                    z = cap * z * (z.square() + cap**2).rsqrt() if cap else z
                     l = F.cross_entropy(z, t[s: s + chunk], reduction="sum")
                 loss += l
         if grads:
-            ctx.save_for_backward(dx, dw)
-            ctx.dtypes = x.dtype, w.dtype
+            ctx.save_for_backward(dx, dw, db)
+            ctx.dtypes = x.dtype, w.dtype, None if b is None else b.dtype
         return loss / N
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        dx, dw = ctx.saved_tensors
-        return dx.to(ctx.dtypes[0]) * grad, (dw * grad).to(ctx.dtypes[1]), None, None
+        dx, dw, db = ctx.saved_tensors
+        db = None if db is None else (db * grad).to(ctx.dtypes[2])
+        return dx.to(ctx.dtypes[0]) * grad, (dw * grad).to(ctx.dtypes[1]), None, None, db, None
 
 
-def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor,
-                         chunk: int) -> torch.Tensor:
-    """mean_i CE(x_i W^T, t_i), `chunk` rows of logits at a time (LinearCrossEntropy). Eager under
-    torch.compile once a GPT is built (make_loss_eager)."""
-    return LinearCrossEntropy.apply(x, w, t, chunk)
+def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int,
+                         b: torch.Tensor | None = None, cap: float = 0.0) -> torch.Tensor:
+    """mean_i CE(x_i W^T (+ b), soft-capped by cap if > 0, t_i), `chunk` rows of logits at a time
+    (LinearCrossEntropy). Eager under torch.compile once a GPT is built (make_loss_eager)."""
+    return LinearCrossEntropy.apply(x, w, t, chunk, b, cap)
 
 
 def make_loss_eager() -> None:

@@ -6,7 +6,7 @@ temporary folder and those tests run there (pytest -x -q); the table says which 
 Exit status 1 if a mutant survives, its string is not found exactly once, its tests error instead of
 failing, or the unmutated copy does not pass them all.
 
-    python tests/mutants.py            # every mutant (52)
+    python tests/mutants.py            # every mutant (54)
     python tests/mutants.py -k soap    # those whose name holds "soap"
     python tests/mutants.py --list     # names and tests only
 """
@@ -218,6 +218,12 @@ MUTANTS = [
     ("loss-one-padded-column", "the first padded vocabulary column (logit 0) inside the softmax",
      'z = z.masked_fill(cols >= V, float("-inf"))', 'z = z.masked_fill(cols > V, float("-inf"))',
      [f"{AUDIT}::test_fused_loss_padding_with_a_trained_heads_logits"]),
+    ("loss-cap-no-derivative", "the fused loss's soft cap (track3) without its derivative in the gradient",
+     "du = (dz * (cap**3 * r**3) if cap else dz).to(x.dtype)", "du = dz.to(x.dtype)",
+     ["tests/test_track3.py::test_model_summed_loss_and_gradients_equal_the_golden_figures"]),
+    ("track3-fused-cap", "the track's fused loss capped at 14 instead of 15",
+     "self.loss_chunk, self.lm_head.bias, 15.0)", "self.loss_chunk, self.lm_head.bias, 14.0)",
+     ["tests/test_track3.py::test_model_summed_loss_and_gradients_equal_the_golden_figures"]),
 ]
 
 

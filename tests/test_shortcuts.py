@@ -83,7 +83,7 @@ y = torch.tensor([0, 999, 5, 500, 17])
 z64, rows = z[:, :1000].double(), torch.empty(5)
 ref = torch.softmax(z64, -1)
 ref[torch.arange(5), y] -= 1
-kernel[(5,)](z, y, rows, 1000, 1024, z.stride(0), 0.5, **t.LOSS_TILE)
+kernel[(5,)](z, y, rows, 1000, 1024, z.stride(0), 0.5, 0.0, **t.LOSS_TILE)
 assert torch.equal(z[:, 1000:], torch.zeros(5, 24)), "padding out of dz"
 torch.testing.assert_close(z[:, :1000].double(), 0.5 * ref, rtol=0, atol=1e-7)
 torch.testing.assert_close(rows.double(), torch.logsumexp(z64, -1) - z64[torch.arange(5), y], rtol=1e-6, atol=1e-6)
@@ -95,8 +95,36 @@ kern = t._ce_chunk(x, w, y, 1 / 64, 1000)
 t.TRITON_INTERPRETED = False
 ops = t._ce_chunk(x, w, y, 1 / 64, 1000)
 torch.testing.assert_close(kern[0], ops[0], rtol=1e-6, atol=1e-5)
-for a, b in zip(kern[1:], ops[1:]):
+for a, b in zip(kern[1:3], ops[1:3]):
     assert ((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+assert kern[3] is None and ops[3] is None
+# the track's head: a bias and the soft cap 15 u / sqrt(u^2 + 15^2), in fp32 against autograd and in bf16 against the
+# torch ops of the CPU path
+t.TRITON_INTERPRETED = True
+for V, chunk in ((1000, 7), (1024, 128)):
+    N = 300
+    x = torch.randn(N, 32, generator=g, requires_grad=True)
+    w = (3 * torch.randn(V, 32, generator=g)).requires_grad_()
+    b = torch.randn(V, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (N,), generator=g)
+    u = x @ w.T + b
+    ref = F.cross_entropy(15 * u * (u.square() + 225).rsqrt(), y)
+    want = torch.autograd.grad(3 * ref, (x, w, b))
+    loss = t.linear_cross_entropy(x, w, y, chunk, b, 15.0)
+    got = torch.autograd.grad(3 * loss, (x, w, b))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+assert len(grids) == 2 * (43 + 1 + 3) + 1 + (43 + 3), len(grids)
+x, w = torch.randn(64, 32, generator=g).bfloat16(), (3 * torch.randn(1024, 32, generator=g)).bfloat16()
+b = torch.randn(1024, generator=g).bfloat16()
+w[1000:], b[1000:] = 0, 0
+kern = t._ce_chunk(x, w, y[:64] % 1000, 1 / 64, 1000, b, 15.0)
+t.TRITON_INTERPRETED = False
+ops = t._ce_chunk(x, w, y[:64] % 1000, 1 / 64, 1000, b, 15.0)
+torch.testing.assert_close(kern[0], ops[0], rtol=1e-6, atol=1e-5)
+for a, c in zip(kern[1:], ops[1:]):
+    assert ((a.float() - c.float()).norm() / c.float().norm()) < 1e-2
 print("loss kernel ok")
 """
 
