@@ -972,7 +972,7 @@ class FeatureGram(MatrixOptimizer):
     processes (one all-reduce), keeps C <- beta C + (1 - beta) C_new (beta = 0: replace; C before
     the first refresh: gram_start I, or none) and caches the right preconditioner
     R = factor(C) (batched over the matrices of one shape; stored in the operand dtype of its
-    application, gram_low: bf16 with gram_apply bf16 on CUDA, else fp32) for the matrices this
+    application, gram_low: fp32, or bf16 with gram_apply bf16 on CUDA) for the matrices this
     process owns; each step then costs one matmul per matrix (right_precondition). Before the first
     refresh R is the identity."""
     settings = dict(
@@ -991,9 +991,9 @@ class FeatureGram(MatrixOptimizer):
         gram_beta=fraction("gram_beta", 0.0, "C <- beta C + (1 - beta) C_new; 0: replace"),
         gram_start=nonnegative("gram_start", 0.0, "C before the first refresh: s I (per block), so "
                                "the first C = beta s I + (1 - beta) C_new; 0: the first C_new"),
-        gram_apply=choice("gram_apply", "bf16", ("bf16", "fp32"),
-                          "G R with bf16 operands on CUDA (R stored bf16; fp32 on CPU) or in fp32 "
-                          "(R stored fp32, IEEE fp32 matmul: the trainer leaves TF32 off)"),
+        gram_apply=choice("gram_apply", "fp32", ("bf16", "fp32"),
+                          "G R in fp32 (R stored fp32, IEEE fp32 matmul: the trainer leaves TF32 "
+                          "off) or with bf16 operands on CUDA (R stored bf16; fp32 on CPU)"),
     )
 
     def __init__(self, params, layers: list[nn.Module], **settings):

@@ -392,8 +392,8 @@ DEFAULTS = {
     "soap_tf32": False,
     "gram": "full", "gram_block": 128, "gram_every": 8, "gram_beta": 0.0, "gram_damping": 0.2,
     "gram_f": "solve", "newton_muon_precondition": "before",
-    # bf16 operands on CUDA (records/bf16-preconditioner)
-    "gram_apply": "bf16",
+    # fp32, as the Newton-Muon paper's code (records/bf16-preconditioner: bf16 operands' error)
+    "gram_apply": "fp32",
     "locoprop_lr": 0.3, "locoprop_lambda": 1.0, "locoprop_lambda_mode": "absolute",
     "locoprop_steps": 0, "locoprop_nu": 1.0, "locoprop_momentum": 0.0,
     "loss_chunk": 8192, "attention": "auto", "activation_budget": 1.0, "recompute_gelu": True,

@@ -304,10 +304,10 @@ def test_newton_muon_with_isotropic_c_is_muon():
 
 @pytest.mark.parametrize("mode", ["full", "block", "diag"])
 def test_factor_stored_in_the_operand_dtype(mode, monkeypatch):
-    """Where right_precondition multiplies in bf16 (CUDA; forced here on CPU), refresh_gram stores the full and block
-    factors in bf16 once, and the step equals the one that converts the fp32 factor at every step, bit for bit;
-    the diag factor (an elementwise product) stays fp32."""
-    args, model, opts = tiny_model(mode, "locoprop", ["--locoprop_lr", "0.3"])
+    """With --gram_apply bf16, where right_precondition multiplies in bf16 (CUDA; forced here on CPU),
+    refresh_gram stores the full and block factors in bf16 once, and the step equals the one that converts the
+    fp32 factor at every step, bit for bit; the diag factor (an elementwise product) stays fp32."""
+    args, model, opts = tiny_model(mode, "locoprop", ["--locoprop_lr", "0.3", "--gram_apply", "bf16"])
     opt = opts[-1]
     idx = torch.randint(0, args.vocab_size, (2, 16))
     model.collect_gram(True)
