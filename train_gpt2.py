@@ -430,15 +430,13 @@ def nuclear_norm(M: torch.Tensor, mode: str = "exact",
 
 
 def right_precondition(G: torch.Tensor, R: torch.Tensor, mode: str,
-                       low_precision: bool | None = None) -> torch.Tensor:
+                       low_precision: bool = False) -> torch.Tensor:
     """G R for G (out, d) and gram_factor's R: full G @ R; block: each b-column block of G times its
-    (b, b) block; diag: G * R. In fp32 (fp64 for fp64), or with bf16 operands (low_precision;
-    default: on CUDA, where R's application then costs a bf16 matmul like the model's own), returned
-    in G's dtype."""
+    (b, b) block; diag: G * R. In fp32 (fp64 for fp64), or with bf16 operands (low_precision: the
+    rules pass gram_low, --gram_apply bf16 on CUDA), returned in G's dtype."""
     if mode == "diag":
         return (G * R).to(G.dtype)
-    low = bf16_operands(G) if low_precision is None else low_precision
-    dtype = torch.bfloat16 if low else torch.promote_types(G.dtype, torch.float32)
+    dtype = torch.bfloat16 if low_precision else torch.promote_types(G.dtype, torch.float32)
     X, R = G.to(dtype), R.to(dtype)
     if mode == "block":  # (out, d) -> (d/b, out, b) @ (d/b, b, b) -> (out, d)
         out, d = G.shape
@@ -2055,8 +2053,7 @@ def half_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def bf16_operands(G: torch.Tensor) -> bool:
-    """Whether right_precondition multiplies in bf16 by default: on CUDA, where it then costs a bf16
-    matmul."""
+    """Whether --gram_apply bf16 multiplies in bf16: on CUDA (there a bf16 matmul)."""
     return G.is_cuda
 
 
